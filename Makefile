@@ -1,0 +1,18 @@
+.PHONY: test services-up services-down fmt lint
+
+# Starts the project's own Postgres and Redis, runs every test against them, stops them.
+test:
+	infra/local/test.sh
+
+services-up:
+	infra/local/services.sh up
+
+services-down:
+	infra/local/services.sh down
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings

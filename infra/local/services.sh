@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Throwaway Postgres and Redis for this project, on their own ports and in a project-local
+# directory, so nothing depends on what else runs on the machine.
+#
+#   infra/local/services.sh up      start both (installs the Debian packages if missing), wait
+#                                   until they answer, print the environment to use them
+#   infra/local/services.sh env     print that environment (DATABASE_URL, REDIS_URL, ...)
+#   infra/local/services.sh down    stop both; the data stays for the next `up`
+#   infra/local/services.sh reset   stop both and delete their data
+#
+# Settings: KONSTRUCT_LOCAL_DIR (default .local/dev under the project), KONSTRUCT_PG_PORT
+# (default 54329), KONSTRUCT_REDIS_PORT (default 63799). Every command is safe to repeat.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+dir=${KONSTRUCT_LOCAL_DIR:-$root/.local/dev}
+pg_port=${KONSTRUCT_PG_PORT:-54329}
+redis_port=${KONSTRUCT_REDIS_PORT:-63799}
+app_role=konstruct
+app_db=konstruct
+
+log() { echo "services: $*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# initdb and postgres refuse to run as root: as root, the server runs as the postgres OS user.
+pg_user() {
+  if [ "$(id -u)" = 0 ]; then echo postgres; else id -un; fi
+}
+
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+pg_bindir() {
+  local d
+  for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+    [ -x "$d/initdb" ] && { echo "$d"; return; }
+  done
+  if command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ]; then
+    pg_config --bindir
+  fi
+}
+
+install_missing() {
+  local packages=()
+  [ -n "$(pg_bindir)" ] || packages+=(postgresql)
+  command -v redis-server >/dev/null || packages+=(redis-server)
+  [ ${#packages[@]} -eq 0 ] && return
+  log "installing ${packages[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${packages[@]}" >/dev/null
+}
+
+pg_up() {
+  local bin data=$dir/postgres
+  bin=$(pg_bindir)
+  mkdir -p "$dir"
+  if [ ! -s "$data/PG_VERSION" ]; then
+    log "initdb $data"
+    mkdir -p "$data"
+    [ "$(id -u)" = 0 ] && chown postgres: "$data"
+    chmod 700 "$data"
+    as_pg test -w "$data" || {
+      log "the $(pg_user) user cannot write $data; set KONSTRUCT_LOCAL_DIR to a directory it can reach"
+      exit 1
+    }
+    as_pg "$bin/initdb" -D "$data" -U postgres --auth=trust --encoding=UTF8 --no-locale >/dev/null
+  fi
+  if ! as_pg "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    log "postgres on 127.0.0.1:$pg_port"
+    as_pg "$bin/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 start \
+      -o "-p $pg_port -k '' -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200" >/dev/null \
+      || { tail -n 20 "$data/server.log" >&2; exit 1; }
+  fi
+  local i
+  for i in $(seq 1 60); do
+    "$bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break
+    sleep 0.5
+  done
+  "$bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || { log "postgres did not answer"; exit 1; }
+  # The application role may create databases (one per test) but is neither superuser nor
+  # BYPASSRLS, so row-level security holds for everything it does.
+  "$bin/psql" -q -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres -v ON_ERROR_STOP=1 <<SQL >/dev/null
+select 'create role $app_role login createdb nosuperuser nobypassrls'
+where not exists (select from pg_roles where rolname = '$app_role') \gexec
+alter role $app_role nosuperuser nobypassrls createdb;
+select 'create database $app_db owner $app_role'
+where not exists (select from pg_database where datname = '$app_db') \gexec
+SQL
+}
+
+redis_up() {
+  mkdir -p "$dir/redis"
+  if redis-cli -h 127.0.0.1 -p "$redis_port" ping >/dev/null 2>&1; then return; fi
+  log "redis on 127.0.0.1:$redis_port"
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+    --daemonize yes --dir "$dir/redis" --pidfile "$dir/redis/redis.pid" \
+    --logfile "$dir/redis/redis.log"
+  local i
+  for i in $(seq 1 60); do
+    redis-cli -h 127.0.0.1 -p "$redis_port" ping >/dev/null 2>&1 && return
+    sleep 0.2
+  done
+  log "redis did not answer"; exit 1
+}
+
+pg_down() {
+  local bin data=$dir/postgres
+  bin=$(pg_bindir)
+  [ -n "$bin" ] && [ -s "$data/PG_VERSION" ] || return 0
+  as_pg "$bin/pg_ctl" -D "$data" -m fast -w stop >/dev/null 2>&1 || true
+}
+
+redis_down() {
+  redis-cli -h 127.0.0.1 -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
+}
+
+print_env() {
+  cat <<ENV
+export DATABASE_URL=postgres://$app_role@127.0.0.1:$pg_port/$app_db
+export REDIS_URL=redis://127.0.0.1:$redis_port
+ENV
+}
+
+case "${1:-}" in
+  up) install_missing; pg_up; redis_up; print_env ;;
+  env) print_env ;;
+  down) pg_down; redis_down ;;
+  reset) pg_down; redis_down; rm -rf "$dir" ;;
+  *) echo "usage: $0 up|env|down|reset" >&2; exit 2 ;;
+esac

@@ -1,0 +1,125 @@
+//! Portal session tokens (PROTOCOL §1): HS256 JWTs that prove who the caller is. They never
+//! prove tenant access; that is read from the database (see `rbac`).
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+
+use crate::Error;
+use crate::config::AuthConfig;
+use crate::domain::{Role, UserId};
+
+/// Longer tokens are refused before any decoding work; real portal tokens are a few hundred
+/// bytes.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// A caller whose token verified. Only [`TokenVerifier::verify`] makes one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortalCaller {
+    user_id: UserId,
+    role: Role,
+}
+
+impl PortalCaller {
+    pub fn user_id(&self) -> UserId {
+        self.user_id
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Proof that this caller is a platform admin, for the few paths that widen access.
+    pub fn platform_admin(&self) -> Option<PlatformAdmin> {
+        (self.role == Role::PlatformAdmin).then_some(PlatformAdmin(()))
+    }
+}
+
+/// Held only by code acting for a verified `platform_admin` caller; the database's
+/// cross-tenant read scope can only be opened with one.
+#[derive(Debug, Clone, Copy)]
+pub struct PlatformAdmin(());
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: UserId,
+    role: Role,
+}
+
+/// Verifies portal tokens; built once per process from [`AuthConfig`].
+#[derive(Clone)]
+pub struct TokenVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for TokenVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenVerifier").finish_non_exhaustive()
+    }
+}
+
+impl TokenVerifier {
+    pub fn new(config: &AuthConfig) -> Self {
+        // The algorithm is pinned: a token whose header names any other (or `none`) is refused.
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.leeway = 0;
+        match &config.issuer {
+            Some(issuer) => validation.set_issuer(&[issuer]),
+            None => validation.iss = None,
+        }
+        match &config.audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            None => validation.validate_aud = false,
+        }
+        Self {
+            key: DecodingKey::from_secret(config.secret.expose_secret().as_bytes()),
+            validation,
+        }
+    }
+
+    pub fn verify(&self, token: &str) -> Result<PortalCaller, Error> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(Error::Unauthenticated("missing token".into()));
+        }
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(Error::Unauthenticated("token is too long".into()));
+        }
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|e| {
+                let reason = match e.kind() {
+                    ErrorKind::ExpiredSignature => "token has expired",
+                    ErrorKind::ImmatureSignature => "token is not valid yet",
+                    ErrorKind::InvalidSignature => "token signature does not verify",
+                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                        "token must be signed with HS256"
+                    }
+                    ErrorKind::InvalidIssuer => "token has the wrong issuer",
+                    ErrorKind::InvalidAudience => "token has the wrong audience",
+                    ErrorKind::MissingRequiredClaim(_) => "token lacks a required claim",
+                    _ => "token is malformed",
+                };
+                Error::Unauthenticated(reason.into())
+            })?
+            .claims;
+        Ok(PortalCaller {
+            user_id: claims.sub,
+            role: claims.role,
+        })
+    }
+
+    /// Reads `Authorization: Bearer <token>`.
+    pub fn verify_bearer(&self, header: Option<&str>) -> Result<PortalCaller, Error> {
+        let header = header.ok_or_else(|| Error::Unauthenticated("missing bearer token".into()))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or_else(|| Error::Unauthenticated("expected a bearer token".into()))?;
+        self.verify(token)
+    }
+}

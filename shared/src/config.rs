@@ -1,0 +1,297 @@
+//! Typed configuration from the environment (PROTOCOL §4).
+//!
+//! Each part reads its variables through a lookup function, so a process reads the real
+//! environment ([`from_env`](AuthConfig::from_env)) and a test hands in a map. A missing or
+//! malformed variable fails with an error naming it.
+
+use std::str::FromStr;
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::PgConnectOptions;
+
+/// A variable that is missing or malformed; the message names it.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {var} {problem}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            var,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Where configuration values come from: the process environment or, in tests, a map.
+pub trait Lookup: Fn(&str) -> Option<String> {}
+impl<F: Fn(&str) -> Option<String>> Lookup for F {}
+
+fn env_lookup(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn optional(lookup: &impl Lookup, var: &'static str) -> Option<String> {
+    lookup(var).filter(|v| !v.trim().is_empty())
+}
+
+fn required(lookup: &impl Lookup, var: &'static str) -> Result<String, ConfigError> {
+    optional(lookup, var).ok_or_else(|| ConfigError::new(var, "is not set"))
+}
+
+/// Portal token checks (PROTOCOL §1).
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub secret: SecretString,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+}
+
+impl AuthConfig {
+    /// HS256 keys shorter than the hash output are guessable; the contract asks for 32 bytes.
+    pub const MIN_SECRET_BYTES: usize = 32;
+
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(env_lookup)
+    }
+
+    pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
+        let secret = required(&lookup, "PORTAL_JWT_SECRET")?;
+        if secret.len() < Self::MIN_SECRET_BYTES {
+            return Err(ConfigError::new(
+                "PORTAL_JWT_SECRET",
+                format!("must be at least {} bytes", Self::MIN_SECRET_BYTES),
+            ));
+        }
+        Ok(Self {
+            secret: secret.into(),
+            issuer: optional(&lookup, "PORTAL_JWT_ISSUER"),
+            audience: optional(&lookup, "PORTAL_JWT_AUDIENCE"),
+        })
+    }
+}
+
+/// The Postgres connection. Lambdas keep their pools tiny: Postgres, not Lambda, is what does
+/// not scale by itself (RDS Proxy sits in front in AWS).
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub options: PgConnectOptions,
+    pub max_connections: u32,
+}
+
+impl DatabaseConfig {
+    pub const DEFAULT_MAX_CONNECTIONS: u32 = 2;
+
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(env_lookup)
+    }
+
+    pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
+        let url = SecretString::from(required(&lookup, "DATABASE_URL")?);
+        if !["postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| url.expose_secret().starts_with(scheme))
+        {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "must be a postgres:// URL",
+            ));
+        }
+        let options = PgConnectOptions::from_str(url.expose_secret())
+            .map_err(|e| ConfigError::new("DATABASE_URL", format!("is not a Postgres URL: {e}")))?;
+        let max_connections = match optional(&lookup, "DATABASE_MAX_CONNECTIONS") {
+            None => Self::DEFAULT_MAX_CONNECTIONS,
+            Some(raw) => raw.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                ConfigError::new("DATABASE_MAX_CONNECTIONS", "must be a positive integer")
+            })?,
+        };
+        Ok(Self {
+            options,
+            max_connections,
+        })
+    }
+}
+
+/// Which edges the process uses: AWS's (SQS, connection-management API) or the laptop's (Redis).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    Aws {
+        queue_url: String,
+        /// `https://{api-id}.execute-api.{region}.amazonaws.com/{stage}`; when absent, the
+        /// endpoint is taken from each event's domain and stage.
+        ws_management_endpoint: Option<String>,
+    },
+    Local {
+        redis_url: String,
+    },
+}
+
+impl Mode {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(env_lookup)
+    }
+
+    pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
+        match required(&lookup, "KONSTRUCT_MODE")?.trim() {
+            "aws" => {
+                let queue_url = required(&lookup, "QUEUE_URL")?;
+                if !queue_url.starts_with("https://") && !queue_url.starts_with("http://") {
+                    return Err(ConfigError::new("QUEUE_URL", "must be an http(s) URL"));
+                }
+                if !queue_url.ends_with(".fifo") {
+                    return Err(ConfigError::new(
+                        "QUEUE_URL",
+                        "must name a FIFO queue (.fifo)",
+                    ));
+                }
+                let ws_management_endpoint = optional(&lookup, "WS_MANAGEMENT_ENDPOINT");
+                if let Some(endpoint) = &ws_management_endpoint
+                    && !endpoint.starts_with("https://")
+                    && !endpoint.starts_with("http://")
+                {
+                    return Err(ConfigError::new(
+                        "WS_MANAGEMENT_ENDPOINT",
+                        "must be an http(s) URL",
+                    ));
+                }
+                Ok(Self::Aws {
+                    queue_url,
+                    ws_management_endpoint,
+                })
+            }
+            "local" => {
+                let redis_url = required(&lookup, "REDIS_URL")?;
+                if !redis_url.starts_with("redis://") && !redis_url.starts_with("rediss://") {
+                    return Err(ConfigError::new("REDIS_URL", "must be a redis:// URL"));
+                }
+                Ok(Self::Local { redis_url })
+            }
+            other => Err(ConfigError::new(
+                "KONSTRUCT_MODE",
+                format!("must be `aws` or `local`, not `{other}`"),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Lookup {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k: &str| map.get(k).cloned()
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn auth_config_requires_a_long_secret() {
+        let err = AuthConfig::from_lookup(vars(&[])).unwrap_err();
+        assert_eq!(err.var, "PORTAL_JWT_SECRET");
+        let err = AuthConfig::from_lookup(vars(&[("PORTAL_JWT_SECRET", "short")])).unwrap_err();
+        assert_eq!(err.var, "PORTAL_JWT_SECRET");
+        assert!(err.to_string().contains("32 bytes"));
+        let ok = AuthConfig::from_lookup(vars(&[
+            ("PORTAL_JWT_SECRET", SECRET),
+            ("PORTAL_JWT_ISSUER", "https://portal.example"),
+            ("PORTAL_JWT_AUDIENCE", ""),
+        ]))
+        .unwrap();
+        assert_eq!(ok.issuer.as_deref(), Some("https://portal.example"));
+        assert_eq!(ok.audience, None);
+    }
+
+    #[test]
+    fn database_config_names_the_bad_variable() {
+        assert_eq!(
+            DatabaseConfig::from_lookup(vars(&[])).unwrap_err().var,
+            "DATABASE_URL"
+        );
+        assert_eq!(
+            DatabaseConfig::from_lookup(vars(&[("DATABASE_URL", "mysql://x")]))
+                .unwrap_err()
+                .var,
+            "DATABASE_URL"
+        );
+        let err = DatabaseConfig::from_lookup(vars(&[
+            ("DATABASE_URL", "postgres://app@127.0.0.1:5432/app"),
+            ("DATABASE_MAX_CONNECTIONS", "zero"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.var, "DATABASE_MAX_CONNECTIONS");
+        let ok = DatabaseConfig::from_lookup(vars(&[(
+            "DATABASE_URL",
+            "postgres://app@127.0.0.1:5432/app",
+        )]))
+        .unwrap();
+        assert_eq!(ok.max_connections, DatabaseConfig::DEFAULT_MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn mode_needs_its_edges() {
+        assert_eq!(
+            Mode::from_lookup(vars(&[])).unwrap_err().var,
+            "KONSTRUCT_MODE"
+        );
+        assert_eq!(
+            Mode::from_lookup(vars(&[("KONSTRUCT_MODE", "cloud")]))
+                .unwrap_err()
+                .var,
+            "KONSTRUCT_MODE"
+        );
+        assert_eq!(
+            Mode::from_lookup(vars(&[("KONSTRUCT_MODE", "aws")]))
+                .unwrap_err()
+                .var,
+            "QUEUE_URL"
+        );
+        assert_eq!(
+            Mode::from_lookup(vars(&[
+                ("KONSTRUCT_MODE", "aws"),
+                ("QUEUE_URL", "https://sqs.eu-west-1.amazonaws.com/1/work"),
+            ]))
+            .unwrap_err()
+            .var,
+            "QUEUE_URL"
+        );
+        assert_eq!(
+            Mode::from_lookup(vars(&[("KONSTRUCT_MODE", "local")]))
+                .unwrap_err()
+                .var,
+            "REDIS_URL"
+        );
+        assert_eq!(
+            Mode::from_lookup(vars(&[
+                ("KONSTRUCT_MODE", "aws"),
+                (
+                    "QUEUE_URL",
+                    "https://sqs.eu-west-1.amazonaws.com/1/work.fifo"
+                ),
+            ]))
+            .unwrap(),
+            Mode::Aws {
+                queue_url: "https://sqs.eu-west-1.amazonaws.com/1/work.fifo".into(),
+                ws_management_endpoint: None
+            }
+        );
+        assert_eq!(
+            Mode::from_lookup(vars(&[
+                ("KONSTRUCT_MODE", "local"),
+                ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ]))
+            .unwrap(),
+            Mode::Local {
+                redis_url: "redis://127.0.0.1:6379".into()
+            }
+        );
+    }
+}

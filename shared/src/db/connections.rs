@@ -1,0 +1,150 @@
+//! `ws_connections`: the open WebSockets. A row is created at `$connect` knowing only its
+//! conversation, bound to a user, tenant and role by `auth`, and deleted at `$disconnect` or
+//! when delivery finds it gone.
+//!
+//! Open a [`Scope::Connection`](super::Scope::Connection) to reach one row by its id, or a
+//! tenant scope to list a conversation's connections.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use crate::Error;
+use crate::domain::{ConnectionId, ConversationId, Role, TenantId, UserId};
+use crate::error::ResultExt;
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Connection {
+    pub connection_id: ConnectionId,
+    pub conversation_id: ConversationId,
+    pub endpoint: String,
+    pub connected_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    #[sqlx(flatten)]
+    binding: BindingRow,
+}
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+struct BindingRow {
+    tenant_id: Option<TenantId>,
+    user_id: Option<UserId>,
+    role: Option<Role>,
+    authenticated_at: Option<DateTime<Utc>>,
+}
+
+/// Who a connection belongs to, once `auth` has succeeded on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    pub tenant_id: TenantId,
+    pub user_id: UserId,
+    pub role: Role,
+    pub authenticated_at: DateTime<Utc>,
+}
+
+impl Connection {
+    /// `None` until the connection has authenticated.
+    pub fn binding(&self) -> Option<Binding> {
+        let b = &self.binding;
+        Some(Binding {
+            tenant_id: b.tenant_id?,
+            user_id: b.user_id?,
+            role: b.role?,
+            authenticated_at: b.authenticated_at?,
+        })
+    }
+}
+
+/// Records a new connection (`$connect`).
+pub async fn insert(
+    conn: &mut PgConnection,
+    id: &ConnectionId,
+    conversation_id: ConversationId,
+    endpoint: &str,
+) -> Result<Connection, Error> {
+    sqlx::query_as(
+        "insert into ws_connections (connection_id, conversation_id, endpoint)
+         values ($1, $2, $3) returning *",
+    )
+    .bind(id)
+    .bind(conversation_id)
+    .bind(endpoint)
+    .fetch_one(conn)
+    .await
+    .on_constraint("ws_connections_pkey", || {
+        Error::Conflict("connection id is already recorded".into())
+    })
+}
+
+pub async fn find(conn: &mut PgConnection, id: &ConnectionId) -> Result<Option<Connection>, Error> {
+    Ok(
+        sqlx::query_as("select * from ws_connections where connection_id = $1")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
+/// Binds an authenticated caller to the connection (`auth`). Its conversation must be in
+/// `tenant_id`, which the foreign key checks.
+pub async fn bind(
+    conn: &mut PgConnection,
+    id: &ConnectionId,
+    tenant_id: TenantId,
+    user_id: UserId,
+    role: Role,
+) -> Result<(), Error> {
+    let updated = sqlx::query(
+        "update ws_connections
+         set tenant_id = $2, user_id = $3, role = $4,
+             authenticated_at = now(), last_seen_at = now()
+         where connection_id = $1",
+    )
+    .bind(id)
+    .bind(tenant_id)
+    .bind(user_id)
+    .bind(role)
+    .execute(conn)
+    .await
+    .on_constraint("ws_connections_conversation_fkey", || {
+        Error::NotFound("no such conversation in this tenant".into())
+    })?
+    .rows_affected();
+    if updated == 0 {
+        return Err(Error::NotFound("no such connection".into()));
+    }
+    Ok(())
+}
+
+/// Notes activity on the connection.
+pub async fn touch(conn: &mut PgConnection, id: &ConnectionId) -> Result<(), Error> {
+    sqlx::query("update ws_connections set last_seen_at = now() where connection_id = $1")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Forgets the connection; `false` when it was not recorded (or not visible in this scope).
+pub async fn delete(conn: &mut PgConnection, id: &ConnectionId) -> Result<bool, Error> {
+    let deleted = sqlx::query("delete from ws_connections where connection_id = $1")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(deleted.rows_affected() > 0)
+}
+
+/// The authenticated connections open on a conversation: where its replies go.
+pub async fn list_authenticated(
+    conn: &mut PgConnection,
+    tenant_id: TenantId,
+    conversation_id: ConversationId,
+) -> Result<Vec<Connection>, Error> {
+    Ok(sqlx::query_as(
+        "select * from ws_connections
+         where tenant_id = $1 and conversation_id = $2 and authenticated_at is not null
+         order by connected_at",
+    )
+    .bind(tenant_id)
+    .bind(conversation_id)
+    .fetch_all(conn)
+    .await?)
+}

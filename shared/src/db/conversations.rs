@@ -1,0 +1,74 @@
+//! `web_conversations`: one per (tenant, agent, user).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgConnection;
+
+use super::Upserted;
+use crate::Error;
+use crate::domain::{AgentId, ConversationId, TenantId, UserId};
+use crate::error::ResultExt;
+
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Conversation {
+    pub id: ConversationId,
+    pub tenant_id: TenantId,
+    pub agent_id: AgentId,
+    pub user_id: UserId,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The user's conversation with the agent, created if it does not exist yet. Safe under
+/// concurrent calls: the unique key decides, and a loser of the race reads the winner's row
+/// (under READ COMMITTED, the conflicting insert has committed by the time it is seen).
+pub async fn get_or_create(
+    conn: &mut PgConnection,
+    tenant_id: TenantId,
+    agent_id: AgentId,
+    user_id: UserId,
+) -> Result<Upserted<Conversation>, Error> {
+    let created: Option<Conversation> = sqlx::query_as(
+        "insert into web_conversations (tenant_id, agent_id, user_id) values ($1, $2, $3)
+         on conflict (tenant_id, agent_id, user_id) do nothing
+         returning *",
+    )
+    .bind(tenant_id)
+    .bind(agent_id)
+    .bind(user_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .on_constraint("web_conversations_agent_fkey", || {
+        Error::NotFound("no such agent in this tenant".into())
+    })
+    .on_constraint("web_conversations_user_id_fkey", || {
+        Error::NotFound("no such user".into())
+    })?;
+    if let Some(row) = created {
+        return Ok(Upserted { row, created: true });
+    }
+    let row = sqlx::query_as(
+        "select * from web_conversations where tenant_id = $1 and agent_id = $2 and user_id = $3",
+    )
+    .bind(tenant_id)
+    .bind(agent_id)
+    .bind(user_id)
+    .fetch_one(conn)
+    .await?;
+    Ok(Upserted {
+        row,
+        created: false,
+    })
+}
+
+pub async fn find(
+    conn: &mut PgConnection,
+    id: ConversationId,
+) -> Result<Option<Conversation>, Error> {
+    Ok(
+        sqlx::query_as("select * from web_conversations where id = $1")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?,
+    )
+}

@@ -1,0 +1,192 @@
+//! `web_conversation_messages`: idempotent writes and cursor pagination.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+
+use super::Upserted;
+use super::conversations::Conversation;
+use crate::Error;
+use crate::domain::{ClientMessageId, ConversationId, MessageId, MessageText, PageLimit, TenantId};
+use crate::error::ResultExt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum MessageRole {
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Message {
+    pub id: MessageId,
+    pub conversation_id: ConversationId,
+    pub tenant_id: TenantId,
+    pub role: MessageRole,
+    pub content: String,
+    pub client_message_id: Option<ClientMessageId>,
+    pub reply_to: Option<MessageId>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Stores a user message. With a `client_message_id` already stored in this conversation, the
+/// earlier message comes back (`created: false`) and nothing is written. A new message bumps
+/// the conversation's `updated_at` to its own time.
+pub async fn insert_user(
+    conn: &mut PgConnection,
+    conversation: &Conversation,
+    text: &MessageText,
+    client_message_id: Option<ClientMessageId>,
+) -> Result<Upserted<Message>, Error> {
+    let created: Option<Message> = sqlx::query_as(
+        "with inserted as (
+             insert into web_conversation_messages
+                 (conversation_id, tenant_id, role, content, client_message_id)
+             values ($1, $2, 'user', $3, $4)
+             on conflict (conversation_id, client_message_id) do nothing
+             returning *
+         ), touched as (
+             update web_conversations c set updated_at = i.created_at
+             from inserted i where c.id = i.conversation_id
+         )
+         select * from inserted",
+    )
+    .bind(conversation.id)
+    .bind(conversation.tenant_id)
+    .bind(text.as_str())
+    .bind(client_message_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(row) = created {
+        return Ok(Upserted { row, created: true });
+    }
+    let row = sqlx::query_as(
+        "select * from web_conversation_messages
+         where conversation_id = $1 and client_message_id = $2",
+    )
+    .bind(conversation.id)
+    .bind(client_message_id)
+    .fetch_one(conn)
+    .await?;
+    Ok(Upserted {
+        row,
+        created: false,
+    })
+}
+
+/// Stores the agent's reply to a user message, at most once: when a reply to `reply_to` is
+/// already stored, that one comes back (`created: false`).
+pub async fn insert_reply(
+    conn: &mut PgConnection,
+    conversation: &Conversation,
+    reply_to: MessageId,
+    content: &str,
+) -> Result<Upserted<Message>, Error> {
+    let created: Option<Message> = sqlx::query_as(
+        "with inserted as (
+             insert into web_conversation_messages
+                 (conversation_id, tenant_id, role, content, reply_to)
+             values ($1, $2, 'assistant', $3, $4)
+             on conflict (conversation_id, reply_to) do nothing
+             returning *
+         ), touched as (
+             update web_conversations c set updated_at = i.created_at
+             from inserted i where c.id = i.conversation_id
+         )
+         select * from inserted",
+    )
+    .bind(conversation.id)
+    .bind(conversation.tenant_id)
+    .bind(content)
+    .bind(reply_to)
+    .fetch_optional(&mut *conn)
+    .await
+    .on_constraint("web_conversation_messages_reply_to_fkey", || {
+        Error::NotFound("the message replied to is not in this conversation".into())
+    })?;
+    if let Some(row) = created {
+        return Ok(Upserted { row, created: true });
+    }
+    let row = find_reply(conn, conversation.id, reply_to)
+        .await?
+        .ok_or_else(|| Error::Internal("reply conflicted but cannot be read".into()))?;
+    Ok(Upserted {
+        row,
+        created: false,
+    })
+}
+
+/// The stored reply to a user message, if there is one.
+pub async fn find_reply(
+    conn: &mut PgConnection,
+    conversation_id: ConversationId,
+    reply_to: MessageId,
+) -> Result<Option<Message>, Error> {
+    Ok(sqlx::query_as(
+        "select * from web_conversation_messages
+         where conversation_id = $1 and reply_to = $2",
+    )
+    .bind(conversation_id)
+    .bind(reply_to)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// One page of history in ascending order: the `limit` messages just older than `before`, or
+/// the newest ones without it. Messages are totally ordered by `(created_at, id)`.
+pub async fn page(
+    conn: &mut PgConnection,
+    conversation_id: ConversationId,
+    before: Option<MessageId>,
+    limit: PageLimit,
+) -> Result<Vec<Message>, Error> {
+    let cursor: Option<(DateTime<Utc>, MessageId)> = match before {
+        None => None,
+        Some(before) => Some(
+            sqlx::query_as(
+                "select created_at, id from web_conversation_messages
+                 where conversation_id = $1 and id = $2",
+            )
+            .bind(conversation_id)
+            .bind(before)
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or_else(|| {
+                Error::BadRequest("before is not a message of this conversation".into())
+            })?,
+        ),
+    };
+    let (cursor_at, cursor_id) = cursor.unzip();
+    Ok(sqlx::query_as(
+        "select * from (
+             select * from web_conversation_messages
+             where conversation_id = $1
+               and ($2::timestamptz is null or (created_at, id) < ($2, $3))
+             order by created_at desc, id desc
+             limit $4
+         ) newest
+         order by created_at, id",
+    )
+    .bind(conversation_id)
+    .bind(cursor_at)
+    .bind(cursor_id)
+    .bind(i64::from(limit.get()))
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Deletes every message of the conversation and bumps its `updated_at`; the conversation
+/// itself stays. Returns how many messages were deleted.
+pub async fn reset(conn: &mut PgConnection, conversation_id: ConversationId) -> Result<u64, Error> {
+    let deleted = sqlx::query("delete from web_conversation_messages where conversation_id = $1")
+        .bind(conversation_id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    sqlx::query("update web_conversations set updated_at = clock_timestamp() where id = $1")
+        .bind(conversation_id)
+        .execute(conn)
+        .await?;
+    Ok(deleted)
+}

@@ -1,0 +1,287 @@
+//! Domain types, parsed once at the edge: what passes the parser is valid everywhere inside.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::Error;
+
+macro_rules! uuid_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+            sqlx::Type,
+        )]
+        #[serde(transparent)]
+        #[sqlx(transparent)]
+        pub struct $name(Uuid);
+
+        impl $name {
+            /// A fresh, time-ordered id.
+            pub fn new() -> Self {
+                Self(Uuid::now_v7())
+            }
+
+            pub fn as_uuid(&self) -> Uuid {
+                self.0
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl From<Uuid> for $name {
+            fn from(id: Uuid) -> Self {
+                Self(id)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Error;
+
+            fn from_str(s: &str) -> Result<Self, Error> {
+                Uuid::try_parse(s)
+                    .map(Self)
+                    .map_err(|_| Error::BadRequest(concat!($what, " must be a UUID").to_owned()))
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+uuid_id!(TenantId, "tenant_id");
+uuid_id!(
+    /// A portal user (`portal_users.id`, the token's `sub`).
+    UserId,
+    "user_id"
+);
+uuid_id!(AgentId, "agent_id");
+uuid_id!(ConversationId, "conversation_id");
+uuid_id!(
+    /// A stored message (`web_conversation_messages.id`).
+    MessageId,
+    "message_id"
+);
+uuid_id!(
+    /// The browser's own id for a user message, which makes a repeated frame idempotent.
+    ClientMessageId,
+    "client_message_id"
+);
+
+/// The roles a portal token may carry (PROTOCOL §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum Role {
+    PlatformAdmin,
+    CustomerAdmin,
+    CustomerOperator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PlatformAdmin => "platform_admin",
+            Self::CustomerAdmin => "customer_admin",
+            Self::CustomerOperator => "customer_operator",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "platform_admin" => Ok(Self::PlatformAdmin),
+            "customer_admin" => Ok(Self::CustomerAdmin),
+            "customer_operator" => Ok(Self::CustomerOperator),
+            other => Err(Error::BadRequest(format!("unknown role `{other}`"))),
+        }
+    }
+}
+
+/// A user's role inside one tenant (`user_tenant_roles.role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum TenantRole {
+    CustomerAdmin,
+    CustomerOperator,
+}
+
+/// An API Gateway WebSocket connection id (for example `L0SM9cOFvHcCIhw=`), or the local
+/// gateway's equivalent. It is used in URLs of the connection-management API, so only URL-safe
+/// characters of API Gateway's alphabet are accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[serde(try_from = "String", into = "String")]
+#[sqlx(transparent)]
+pub struct ConnectionId(String);
+
+impl ConnectionId {
+    pub const MAX_LEN: usize = 128;
+
+    pub fn parse(raw: &str) -> Result<Self, Error> {
+        let valid = !raw.is_empty()
+            && raw.len() <= Self::MAX_LEN
+            && raw.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'=' | b'+' | b'/' | b'_' | b'-')
+            });
+        if valid {
+            Ok(Self(raw.to_owned()))
+        } else {
+            Err(Error::BadRequest("malformed connection id".to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ConnectionId {
+    type Error = Error;
+
+    fn try_from(raw: String) -> Result<Self, Error> {
+        Self::parse(&raw)
+    }
+}
+
+impl From<ConnectionId> for String {
+    fn from(id: ConnectionId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The text of a user message: trimmed, 1..=8000 characters (PROTOCOL §2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageText(String);
+
+impl MessageText {
+    pub const MAX_CHARS: usize = 8000;
+
+    pub fn parse(raw: &str) -> Result<Self, Error> {
+        let text = raw.trim();
+        if text.is_empty() {
+            return Err(Error::BadRequest("text must not be empty".to_owned()));
+        }
+        // Counting stops one past the limit, so a huge text costs no more than a legal one.
+        if text.chars().take(Self::MAX_CHARS + 1).count() > Self::MAX_CHARS {
+            return Err(Error::TooLarge(format!(
+                "text is longer than {} characters",
+                Self::MAX_CHARS
+            )));
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// How many messages one history page holds: 1..=200, 50 when not given (PROTOCOL §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageLimit(u16);
+
+impl PageLimit {
+    pub const MAX: u16 = 200;
+
+    pub fn new(limit: i64) -> Result<Self, Error> {
+        match u16::try_from(limit) {
+            Ok(n) if (1..=Self::MAX).contains(&n) => Ok(Self(n)),
+            _ => Err(Error::BadRequest(format!(
+                "limit must be between 1 and {}",
+                Self::MAX
+            ))),
+        }
+    }
+
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+impl Default for PageLimit {
+    fn default() -> Self {
+        Self(50)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_parse_only_uuids_and_name_the_field() {
+        let id: ConversationId = "0b9a2b1e-4f6f-4c4e-9d0e-2a8f3c1d5e7f".parse().unwrap();
+        assert_eq!(id.to_string(), "0b9a2b1e-4f6f-4c4e-9d0e-2a8f3c1d5e7f");
+        let err = "not-a-uuid".parse::<ConversationId>().unwrap_err();
+        assert_eq!(err.code(), crate::ErrorCode::BadRequest);
+        assert!(err.to_string().contains("conversation_id"));
+    }
+
+    #[test]
+    fn message_text_is_trimmed_and_bounded() {
+        assert_eq!(MessageText::parse("  hi \n").unwrap().as_str(), "hi");
+        assert_eq!(
+            MessageText::parse(" \t\n ").unwrap_err().code(),
+            crate::ErrorCode::BadRequest
+        );
+        let max = "é".repeat(MessageText::MAX_CHARS);
+        assert!(MessageText::parse(&max).is_ok());
+        let over = "a".repeat(MessageText::MAX_CHARS + 1);
+        assert_eq!(
+            MessageText::parse(&over).unwrap_err().code(),
+            crate::ErrorCode::TooLarge
+        );
+    }
+
+    #[test]
+    fn connection_ids_are_url_safe_and_bounded() {
+        assert!(ConnectionId::parse("L0SM9cOFvHcCIhw=").is_ok());
+        assert!(ConnectionId::parse("").is_err());
+        assert!(ConnectionId::parse("a b").is_err());
+        assert!(ConnectionId::parse("../x?y").is_err());
+        assert!(ConnectionId::parse(&"a".repeat(ConnectionId::MAX_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn page_limit_accepts_1_to_200() {
+        assert_eq!(PageLimit::default().get(), 50);
+        assert_eq!(PageLimit::new(1).unwrap().get(), 1);
+        assert_eq!(PageLimit::new(200).unwrap().get(), 200);
+        for bad in [0, -1, 201, 1000, i64::MAX] {
+            assert!(PageLimit::new(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn roles_use_the_protocol_words() {
+        for role in [
+            Role::PlatformAdmin,
+            Role::CustomerAdmin,
+            Role::CustomerOperator,
+        ] {
+            assert_eq!(role.as_str().parse::<Role>().unwrap(), role);
+        }
+        assert!("root".parse::<Role>().is_err());
+    }
+}

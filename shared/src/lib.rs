@@ -1,0 +1,16 @@
+//! Everything of Konstruct web chat that is not process start-up.
+//!
+//! Handlers are plain async functions over a state struct and typed events, so a Lambda, the
+//! local runtime and a test all call the very same code. Raw input becomes a domain type once,
+//! at the edge (`domain`), and every failure is one [`Error`] with the contract's error code.
+
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod error;
+pub mod message;
+pub mod rbac;
+pub mod redis_keys;
+
+pub use error::{Error, ErrorCode};
