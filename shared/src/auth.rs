@@ -64,18 +64,25 @@ impl TokenVerifier {
     pub fn new(config: &AuthConfig) -> Self {
         // The algorithm is pinned: a token whose header names any other (or `none`) is refused.
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_exp = true;
         validation.validate_nbf = true;
         validation.leeway = 0;
+        let mut required = vec!["exp", "sub"];
         match &config.issuer {
-            Some(issuer) => validation.set_issuer(&[issuer]),
+            Some(issuer) => {
+                validation.set_issuer(&[issuer]);
+                required.push("iss");
+            }
             None => validation.iss = None,
         }
         match &config.audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
+        validation.set_required_spec_claims(&required);
         Self {
             key: DecodingKey::from_secret(config.secret.expose_secret().as_bytes()),
             validation,

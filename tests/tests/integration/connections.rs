@@ -1,0 +1,98 @@
+use shared::Error;
+use shared::db::{Scope, connections};
+use shared::domain::{ConnectionId, ConversationId, Role};
+
+use crate::helpers::{TestDb, seed};
+
+fn id(s: &str) -> ConnectionId {
+    ConnectionId::parse(s).unwrap()
+}
+
+#[tokio::test]
+async fn a_connection_is_recorded_bound_listed_and_forgotten() {
+    let (_test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let conn_id = id("L0SM9cOFvHcCIhw=");
+
+    let mut tx = db.begin(Scope::Connection(&conn_id)).await.unwrap();
+    let recorded = connections::insert(&mut tx, &conn_id, s.conversation, "https://x/prod")
+        .await
+        .unwrap();
+    assert_eq!(recorded.binding(), None, "not authenticated yet");
+    tx.commit().await.unwrap();
+
+    // Unauthenticated connections receive nothing.
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    assert!(
+        connections::list_authenticated(&mut tx, s.tenant, s.conversation)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop(tx);
+
+    let mut tx = db.begin(Scope::Connection(&conn_id)).await.unwrap();
+    connections::bind(&mut tx, &conn_id, s.tenant, s.user, Role::CustomerOperator)
+        .await
+        .unwrap();
+    let bound = connections::find(&mut tx, &conn_id).await.unwrap().unwrap();
+    let binding = bound.binding().expect("bound");
+    assert_eq!(
+        (binding.tenant_id, binding.user_id, binding.role),
+        (s.tenant, s.user, Role::CustomerOperator)
+    );
+    assert_eq!(bound.endpoint, "https://x/prod");
+    tx.commit().await.unwrap();
+
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    let listed = connections::list_authenticated(&mut tx, s.tenant, s.conversation)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].connection_id, conn_id);
+    assert!(
+        connections::delete(&mut tx, &conn_id).await.unwrap(),
+        "the stale one goes"
+    );
+    assert!(
+        !connections::delete(&mut tx, &conn_id).await.unwrap(),
+        "already gone"
+    );
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn binding_checks_the_conversation_belongs_to_the_tenant() {
+    let (_test, db) = TestDb::migrated().await;
+    let a = seed(&db, "alpha").await;
+    let b = seed(&db, "beta").await;
+    for (conversation, name) in [
+        (a.conversation, "wrong-tenant"),
+        (ConversationId::new(), "missing"),
+    ] {
+        let conn_id = id(name);
+        let mut tx = db.begin(Scope::Connection(&conn_id)).await.unwrap();
+        connections::insert(&mut tx, &conn_id, conversation, "https://x/prod")
+            .await
+            .unwrap();
+        let err = connections::bind(&mut tx, &conn_id, b.tenant, b.user, Role::CustomerOperator)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)), "{name}: {err:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_connection_id_is_recorded_once() {
+    let (_test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let conn_id = id("dup");
+    let mut tx = db.begin(Scope::Connection(&conn_id)).await.unwrap();
+    connections::insert(&mut tx, &conn_id, s.conversation, "e")
+        .await
+        .unwrap();
+    let err = connections::insert(&mut tx, &conn_id, s.conversation, "e")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)), "{err:?}");
+}

@@ -1,0 +1,192 @@
+//! What every integration test needs: a fresh migrated database, a Redis key prefix, seeded
+//! rows and tokens. The servers come from `make test` (infra/local/services.sh), which exports
+//! `DATABASE_URL` (the application role's maintenance database) and `REDIS_URL`.
+
+use std::str::FromStr;
+use std::sync::Once;
+
+use jsonwebtoken::{EncodingKey, Header};
+use serde_json::{Value, json};
+use shared::auth::{PortalCaller, TokenVerifier};
+use shared::config::AuthConfig;
+use shared::db::agents::{self, NewAgent, Provider};
+use shared::db::{Db, Scope, conversations, memberships, tenants, users};
+use shared::domain::{AgentId, ConversationId, Role, TenantId, TenantRole, UserId};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
+use uuid::Uuid;
+
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests through `make test`, which starts the services")
+    })
+}
+
+pub fn init_tracing() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .init();
+        }
+    });
+}
+
+/// A database of its own for one test, created by the application role (not a superuser, not
+/// BYPASSRLS) and dropped by nobody: `make test` throws the whole server away.
+pub struct TestDb {
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    /// An empty database, not migrated.
+    pub async fn empty() -> Self {
+        init_tracing();
+        let admin = PgConnectOptions::from_str(&env("DATABASE_URL")).expect("DATABASE_URL");
+        let name = format!("test_{}", Uuid::new_v4().simple());
+        let mut conn = admin.connect().await.expect("connect to the test Postgres");
+        sqlx::query(AssertSqlSafe(format!("create database {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create the test database");
+        conn.close().await.ok();
+        let pool = PgPoolOptions::new()
+            .max_connections(25)
+            .connect_with(admin.database(&name))
+            .await
+            .expect("connect to the test database");
+        Self { pool }
+    }
+
+    /// A database with every migration applied, and the application's handle on it.
+    pub async fn migrated() -> (Self, Db) {
+        let test = Self::empty().await;
+        let db = Db::from_pool(test.pool.clone());
+        db.migrate().await.expect("migrations apply");
+        (test, db)
+    }
+}
+
+/// A Redis key prefix of its own for one test.
+pub fn redis_prefix() -> String {
+    format!("test:{}:", Uuid::new_v4().simple())
+}
+
+pub fn redis_client() -> redis::Client {
+    redis::Client::open(env("REDIS_URL")).expect("REDIS_URL")
+}
+
+pub async fn redis() -> redis::aio::MultiplexedConnection {
+    redis_client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the test Redis")
+}
+
+pub fn auth_config() -> AuthConfig {
+    AuthConfig::from_lookup(|name| (name == "PORTAL_JWT_SECRET").then(|| SECRET.to_owned()))
+        .unwrap()
+}
+
+pub fn verifier() -> TokenVerifier {
+    TokenVerifier::new(&auth_config())
+}
+
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Signs arbitrary claims with the test secret and HS256.
+pub fn sign(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &Header::default(),
+        claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn token(user: UserId, role: Role) -> String {
+    sign(&json!({ "sub": user, "role": role, "exp": now() + 600 }))
+}
+
+/// A verified caller, made the only way callers are made: from a token.
+pub fn caller(user: UserId, role: Role) -> PortalCaller {
+    verifier().verify(&token(user, role)).unwrap()
+}
+
+/// One tenant with a member (customer_operator unless changed), an echo agent and the
+/// member's conversation with it.
+pub struct Seed {
+    pub tenant: TenantId,
+    pub user: UserId,
+    pub agent: AgentId,
+    pub conversation: ConversationId,
+}
+
+pub async fn seed_tenant(db: &Db, name: &str) -> TenantId {
+    let id = TenantId::new();
+    let mut tx = db.begin(Scope::Tenant(id)).await.unwrap();
+    tenants::insert(&mut tx, id, name).await.unwrap();
+    tx.commit().await.unwrap();
+    id
+}
+
+pub async fn seed_user(db: &Db, name: &str) -> UserId {
+    let email = format!("{name}-{}@example.test", Uuid::new_v4().simple());
+    users::insert(&mut db.pool().acquire().await.unwrap(), &email, name)
+        .await
+        .unwrap()
+        .id
+}
+
+pub async fn seed_member(db: &Db, tenant: TenantId, user: UserId, role: TenantRole) {
+    let mut tx = db.begin(Scope::Tenant(tenant)).await.unwrap();
+    memberships::grant(&mut tx, tenant, user, role)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
+pub async fn seed_agent(db: &Db, tenant: TenantId, name: &str) -> AgentId {
+    let mut tx = db.begin(Scope::Tenant(tenant)).await.unwrap();
+    let agent = agents::insert(
+        &mut tx,
+        NewAgent {
+            tenant_id: tenant,
+            name,
+            system_prompt: "You are helpful.",
+            provider: Provider::Echo,
+            model: "",
+            settings: json!({}),
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    agent.id
+}
+
+pub async fn seed(db: &Db, name: &str) -> Seed {
+    let tenant = seed_tenant(db, name).await;
+    let user = seed_user(db, name).await;
+    seed_member(db, tenant, user, TenantRole::CustomerOperator).await;
+    let agent = seed_agent(db, tenant, &format!("{name} agent")).await;
+    let mut tx = db.begin(Scope::Tenant(tenant)).await.unwrap();
+    let conversation = conversations::get_or_create(&mut tx, tenant, agent, user)
+        .await
+        .unwrap()
+        .row
+        .id;
+    tx.commit().await.unwrap();
+    Seed {
+        tenant,
+        user,
+        agent,
+        conversation,
+    }
+}

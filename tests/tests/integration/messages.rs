@@ -1,0 +1,215 @@
+use shared::Error;
+use shared::db::conversations::{self, Conversation};
+use shared::db::messages::{self, MessageRole};
+use shared::db::{Db, Scope};
+use shared::domain::{ClientMessageId, MessageId, MessageText, PageLimit};
+
+use crate::helpers::{Seed, TestDb, seed};
+
+async fn conversation(db: &Db, s: &Seed) -> Conversation {
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    conversations::find(&mut tx, s.conversation)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+fn text(s: &str) -> MessageText {
+    MessageText::parse(s).unwrap()
+}
+
+/// Stores `n` user messages and returns their ids in the order stored.
+async fn store(db: &Db, s: &Seed, n: usize) -> Vec<MessageId> {
+    let conversation = conversation(db, s).await;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+        let stored = messages::insert_user(&mut tx, &conversation, &text(&format!("m{i}")), None)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        ids.push(stored.row.id);
+    }
+    ids
+}
+
+async fn page(db: &Db, s: &Seed, before: Option<MessageId>, limit: i64) -> Vec<MessageId> {
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    messages::page(
+        &mut tx,
+        s.conversation,
+        before,
+        PageLimit::new(limit).unwrap(),
+    )
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|m| m.id)
+    .collect()
+}
+
+#[tokio::test]
+async fn a_repeated_client_message_id_stores_one_row() {
+    let (_test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let conversation = conversation(&db, &s).await;
+    let client_id = ClientMessageId::new();
+
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    let first = messages::insert_user(&mut tx, &conversation, &text("hi"), Some(client_id))
+        .await
+        .unwrap();
+    let again = messages::insert_user(&mut tx, &conversation, &text("hi"), Some(client_id))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    assert!(first.created);
+    assert!(!again.created);
+    assert_eq!(first.row, again.row);
+    assert_eq!(first.row.client_message_id, Some(client_id));
+    assert_eq!(first.row.role, MessageRole::User);
+    assert_eq!(page(&db, &s, None, 200).await, vec![first.row.id]);
+
+    // Without a client id, every message is a new one.
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    for _ in 0..2 {
+        let stored = messages::insert_user(&mut tx, &conversation, &text("hi"), None)
+            .await
+            .unwrap();
+        assert!(stored.created);
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(page(&db, &s, None, 200).await.len(), 3);
+}
+
+#[tokio::test]
+async fn a_new_message_bumps_the_conversation() {
+    let (_test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let before = conversation(&db, &s).await.updated_at;
+    let ids = store(&db, &s, 1).await;
+    let after = conversation(&db, &s).await.updated_at;
+    assert!(after > before);
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    let stored = messages::page(&mut tx, s.conversation, None, PageLimit::default())
+        .await
+        .unwrap();
+    assert_eq!(stored[0].id, ids[0]);
+    assert_eq!(stored[0].created_at, after);
+}
+
+#[tokio::test]
+async fn pagination_is_ascending_with_a_before_cursor_and_respects_limits() {
+    let (_test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let ids = store(&db, &s, 7).await;
+
+    assert_eq!(page(&db, &s, None, 50).await, ids, "all, oldest first");
+    let newest = page(&db, &s, None, 3).await;
+    assert_eq!(newest, ids[4..7], "the newest three, ascending");
+    let older = page(&db, &s, Some(newest[0]), 3).await;
+    assert_eq!(older, ids[1..4], "the three just older than the cursor");
+    let oldest = page(&db, &s, Some(older[0]), 3).await;
+    assert_eq!(oldest, ids[0..1], "what is left");
+    assert!(
+        page(&db, &s, Some(ids[0]), 3).await.is_empty(),
+        "nothing before the first"
+    );
+    assert_eq!(page(&db, &s, Some(ids[6]), 1).await, ids[5..6]);
+}
+
+#[tokio::test]
+async fn messages_written_in_one_transaction_keep_their_order() {
+    let (_test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let conversation = conversation(&db, &s).await;
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let stored = messages::insert_user(&mut tx, &conversation, &text(&format!("m{i}")), None)
+            .await
+            .unwrap();
+        ids.push(stored.row.id);
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(page(&db, &s, None, 50).await, ids);
+    assert_eq!(page(&db, &s, Some(ids[3]), 2).await, ids[1..3]);
+}
+
+#[tokio::test]
+async fn a_cursor_from_another_conversation_is_a_bad_request() {
+    let (_test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let other = seed(&db, "other").await;
+    let foreign = store(&db, &other, 1).await[0];
+    store(&db, &s, 2).await;
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    for before in [foreign, MessageId::new()] {
+        let err = messages::page(&mut tx, s.conversation, Some(before), PageLimit::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::BadRequest(_)), "{err:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_reply_is_stored_once_per_user_message() {
+    let (_test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let conversation = conversation(&db, &s).await;
+    let question = store(&db, &s, 1).await[0];
+
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    assert_eq!(
+        messages::find_reply(&mut tx, s.conversation, question)
+            .await
+            .unwrap(),
+        None
+    );
+    let first = messages::insert_reply(&mut tx, &conversation, question, "answer")
+        .await
+        .unwrap();
+    let again = messages::insert_reply(&mut tx, &conversation, question, "another answer")
+        .await
+        .unwrap();
+    assert!(first.created);
+    assert!(!again.created);
+    assert_eq!(again.row, first.row, "the first reply stands");
+    assert_eq!(first.row.role, MessageRole::Assistant);
+    assert_eq!(first.row.reply_to, Some(question));
+    assert_eq!(
+        messages::find_reply(&mut tx, s.conversation, question)
+            .await
+            .unwrap(),
+        Some(first.row.clone())
+    );
+    let err = messages::insert_reply(&mut tx, &conversation, MessageId::new(), "orphan")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn reset_deletes_the_messages_and_keeps_the_conversation() {
+    let (_test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let other = seed(&db, "other").await;
+    store(&db, &s, 3).await;
+    store(&db, &other, 2).await;
+    let before = conversation(&db, &s).await;
+
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    assert_eq!(messages::reset(&mut tx, s.conversation).await.unwrap(), 3);
+    tx.commit().await.unwrap();
+
+    let after = conversation(&db, &s).await;
+    assert_eq!(after.id, before.id);
+    assert!(after.updated_at > before.updated_at);
+    assert!(page(&db, &s, None, 50).await.is_empty());
+    assert_eq!(
+        page(&db, &other, None, 50).await.len(),
+        2,
+        "other conversations untouched"
+    );
+}
