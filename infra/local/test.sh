@@ -11,7 +11,8 @@ export KONSTRUCT_REDIS_PORT=${KONSTRUCT_TEST_REDIS_PORT:-63809}
 
 infra/local/services.sh reset
 trap 'infra/local/services.sh down' EXIT
-eval "$(infra/local/services.sh up)"
+services_env=$(infra/local/services.sh up)
+eval "$services_env"
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
