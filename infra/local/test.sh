@@ -13,6 +13,8 @@ infra/local/services.sh reset
 trap 'infra/local/services.sh down' EXIT
 services_env=$(infra/local/services.sh up)
 eval "$services_env"
+tools_env=$(infra/local/tools.sh)
+eval "$tools_env"
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"

@@ -177,6 +177,44 @@ impl Mode {
     }
 }
 
+/// Which browser origins may call the REST API (`CORS_ALLOWED_ORIGINS`: a comma-separated list
+/// of origins, or `*`). Unset means none: the portal is then served from the API's own origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsConfig {
+    Any,
+    Origins(Vec<String>),
+}
+
+impl CorsConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(env_lookup)
+    }
+
+    pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
+        let Some(raw) = optional(&lookup, "CORS_ALLOWED_ORIGINS") else {
+            return Ok(Self::Origins(Vec::new()));
+        };
+        if raw.trim() == "*" {
+            return Ok(Self::Any);
+        }
+        let origins: Vec<String> = raw
+            .split(',')
+            .map(|o| o.trim().trim_end_matches('/').to_owned())
+            .filter(|o| !o.is_empty())
+            .collect();
+        if let Some(bad) = origins.iter().find(|o| {
+            !(o.starts_with("https://") || o.starts_with("http://"))
+                || http::HeaderValue::from_str(o).is_err()
+        }) {
+            return Err(ConfigError::new(
+                "CORS_ALLOWED_ORIGINS",
+                format!("has `{bad}`, which is not an http(s) origin"),
+            ));
+        }
+        Ok(Self::Origins(origins))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -234,6 +272,32 @@ mod tests {
         )]))
         .unwrap();
         assert_eq!(ok.max_connections, DatabaseConfig::DEFAULT_MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn cors_origins_are_checked() {
+        assert_eq!(
+            CorsConfig::from_lookup(vars(&[])).unwrap(),
+            CorsConfig::Origins(vec![])
+        );
+        assert_eq!(
+            CorsConfig::from_lookup(vars(&[("CORS_ALLOWED_ORIGINS", "*")])).unwrap(),
+            CorsConfig::Any
+        );
+        assert_eq!(
+            CorsConfig::from_lookup(vars(&[(
+                "CORS_ALLOWED_ORIGINS",
+                "http://localhost:3000, https://portal.example/"
+            )]))
+            .unwrap(),
+            CorsConfig::Origins(vec![
+                "http://localhost:3000".into(),
+                "https://portal.example".into()
+            ])
+        );
+        let err = CorsConfig::from_lookup(vars(&[("CORS_ALLOWED_ORIGINS", "portal.example")]))
+            .unwrap_err();
+        assert_eq!(err.var, "CORS_ALLOWED_ORIGINS");
     }
 
     #[test]

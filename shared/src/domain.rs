@@ -13,7 +13,7 @@ macro_rules! uuid_id {
         $(#[$doc])*
         #[derive(
             Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-            sqlx::Type,
+            sqlx::Type, utoipa::ToSchema,
         )]
         #[serde(transparent)]
         #[sqlx(transparent)]
@@ -80,7 +80,9 @@ uuid_id!(
 );
 
 /// The roles a portal token may carry (PROTOCOL §1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum Role {
@@ -197,20 +199,37 @@ impl MessageText {
     }
 }
 
-/// How many messages one history page holds: 1..=200, 50 when not given (PROTOCOL §3).
+/// A number of rows to return, `1..=MAX`, `DEFAULT` when not given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageLimit(u16);
+pub struct Limit<const MAX: u16, const DEFAULT: u16>(u16);
 
-impl PageLimit {
-    pub const MAX: u16 = 200;
+/// How many messages one history page holds (PROTOCOL §3).
+pub type PageLimit = Limit<200, 50>;
+
+/// How many conversations one list holds.
+pub type ListLimit = Limit<500, 100>;
+
+impl<const MAX: u16, const DEFAULT: u16> Limit<MAX, DEFAULT> {
+    pub const MAX: u16 = MAX;
 
     pub fn new(limit: i64) -> Result<Self, Error> {
         match u16::try_from(limit) {
-            Ok(n) if (1..=Self::MAX).contains(&n) => Ok(Self(n)),
+            Ok(n) if (1..=MAX).contains(&n) => Ok(Self(n)),
             _ => Err(Error::BadRequest(format!(
-                "limit must be between 1 and {}",
-                Self::MAX
+                "limit must be between 1 and {MAX}"
             ))),
+        }
+    }
+
+    /// Parses an optional query-string value.
+    pub fn parse(raw: Option<&str>) -> Result<Self, Error> {
+        match raw {
+            None => Ok(Self::default()),
+            Some(raw) => Self::new(
+                raw.trim()
+                    .parse()
+                    .map_err(|_| Error::BadRequest(format!("limit must be between 1 and {MAX}")))?,
+            ),
         }
     }
 
@@ -219,9 +238,9 @@ impl PageLimit {
     }
 }
 
-impl Default for PageLimit {
+impl<const MAX: u16, const DEFAULT: u16> Default for Limit<MAX, DEFAULT> {
     fn default() -> Self {
-        Self(50)
+        Self(DEFAULT)
     }
 }
 
@@ -271,6 +290,12 @@ mod tests {
         for bad in [0, -1, 201, 1000, i64::MAX] {
             assert!(PageLimit::new(bad).is_err(), "{bad}");
         }
+        assert_eq!(PageLimit::parse(None).unwrap().get(), 50);
+        assert_eq!(PageLimit::parse(Some("7")).unwrap().get(), 7);
+        for bad in ["", "x", "1.5", "0", "201", "99999999999999999999"] {
+            assert!(PageLimit::parse(Some(bad)).is_err(), "{bad}");
+        }
+        assert_eq!(ListLimit::default().get(), 100);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 /// The error codes of PROTOCOL §2/§3, shared by `error` frames and REST error bodies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     BadRequest,

@@ -4,6 +4,7 @@
 //! local runtime and a test all call the very same code. Raw input becomes a domain type once,
 //! at the edge (`domain`), and every failure is one [`Error`] with the contract's error code.
 
+pub mod api;
 pub mod auth;
 pub mod config;
 pub mod db;

@@ -8,9 +8,9 @@ use sqlx::PgConnection;
 
 use crate::Error;
 use crate::auth::PortalCaller;
-use crate::db::conversations::Conversation;
-use crate::db::memberships;
-use crate::domain::{TenantId, TenantRole};
+use crate::db::conversations::{self, Conversation};
+use crate::db::{Db, Scope, Tx, memberships};
+use crate::domain::{ConversationId, TenantId, TenantRole};
 
 /// Why a caller may act in a tenant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,4 +61,29 @@ pub async fn require_conversation_access(
     } else {
         Err(Error::Forbidden("not your conversation".into()))
     }
+}
+
+/// Opens a transaction in the conversation's tenant once the caller may see the conversation:
+/// `not_found` when there is no such conversation, `forbidden` when it is not theirs.
+///
+/// The tenant comes from the row itself, read through the conversation's own narrow scope.
+pub async fn open_conversation(
+    db: &Db,
+    caller: &PortalCaller,
+    id: ConversationId,
+) -> Result<(Tx, Conversation), Error> {
+    let not_found = || Error::NotFound("no such conversation".into());
+    let mut probe = db.begin(Scope::Conversation(id)).await?;
+    let tenant_id = conversations::find(&mut probe, id)
+        .await?
+        .ok_or_else(not_found)?
+        .tenant_id;
+    probe.rollback().await?;
+
+    let mut tx = db.begin(Scope::Tenant(tenant_id)).await?;
+    let conversation = conversations::find(&mut tx, id)
+        .await?
+        .ok_or_else(not_found)?;
+    require_conversation_access(&mut tx, caller, &conversation).await?;
+    Ok((tx, conversation))
 }

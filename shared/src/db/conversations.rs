@@ -6,10 +6,10 @@ use sqlx::PgConnection;
 
 use super::Upserted;
 use crate::Error;
-use crate::domain::{AgentId, ConversationId, TenantId, UserId};
+use crate::domain::{AgentId, ConversationId, ListLimit, TenantId, UserId};
 use crate::error::ResultExt;
 
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Conversation {
     pub id: ConversationId,
     pub tenant_id: TenantId,
@@ -71,4 +71,55 @@ pub async fn find(
             .fetch_optional(conn)
             .await?,
     )
+}
+
+/// A line of the conversation list: the conversation, its agent's name and the start of its
+/// newest message.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct ConversationSummary {
+    pub id: ConversationId,
+    pub tenant_id: TenantId,
+    pub agent_id: AgentId,
+    pub agent_name: String,
+    pub user_id: UserId,
+    pub updated_at: DateTime<Utc>,
+    /// The first characters of the newest message; `null` for an empty conversation.
+    pub last_message_preview: Option<String>,
+}
+
+/// How many characters of the newest message a list line shows.
+pub const PREVIEW_CHARS: i32 = 120;
+
+/// Which conversations a list shows; row-level security bounds it further to the transaction's
+/// scope.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ListFilter {
+    pub tenant_id: Option<TenantId>,
+    pub user_id: Option<UserId>,
+    pub limit: ListLimit,
+}
+
+/// Conversations, most recently updated first.
+pub async fn list(
+    conn: &mut PgConnection,
+    filter: ListFilter,
+) -> Result<Vec<ConversationSummary>, Error> {
+    Ok(sqlx::query_as(
+        "select c.id, c.tenant_id, c.agent_id, a.name as agent_name, c.user_id, c.updated_at,
+                (select left(m.content, $4) from web_conversation_messages m
+                 where m.conversation_id = c.id
+                 order by m.created_at desc, m.id desc limit 1) as last_message_preview
+         from web_conversations c
+         join agents a on a.id = c.agent_id
+         where ($1::uuid is null or c.tenant_id = $1)
+           and ($2::uuid is null or c.user_id = $2)
+         order by c.updated_at desc, c.id desc
+         limit $3",
+    )
+    .bind(filter.tenant_id)
+    .bind(filter.user_id)
+    .bind(i64::from(filter.limit.get()))
+    .bind(PREVIEW_CHARS)
+    .fetch_all(conn)
+    .await?)
 }

@@ -10,7 +10,9 @@ use crate::Error;
 use crate::domain::{ClientMessageId, ConversationId, MessageId, MessageText, PageLimit, TenantId};
 use crate::error::ResultExt;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum MessageRole {

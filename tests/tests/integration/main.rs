@@ -2,6 +2,8 @@
 
 mod helpers;
 
+mod api;
+mod chat_api_lambda;
 mod connections;
 mod conversations;
 mod messages;
@@ -9,4 +11,5 @@ mod migrations;
 mod rbac;
 mod redis_keys;
 mod rls;
+mod schemathesis;
 mod tokens;

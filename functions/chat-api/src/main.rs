@@ -1,0 +1,10 @@
+use shared::api::{self, ApiState};
+use shared::config::CorsConfig;
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_http::Error> {
+    lambda_http::tracing::init_default_subscriber();
+    let state = ApiState::from_env()?;
+    let cors = CorsConfig::from_env()?;
+    lambda_http::run(api::router(state).layer(api::cors(&cors))).await
+}

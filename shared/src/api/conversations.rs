@@ -1,0 +1,213 @@
+//! `/api/portal/chat/conversations`: list, get-or-create, history, reset.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::{ApiState, ErrorBody, Json, Path, Query};
+use crate::Error;
+use crate::auth::PortalCaller;
+use crate::db::conversations::{self, Conversation, ConversationSummary, ListFilter};
+use crate::db::messages::{self, Message, MessageRole};
+use crate::db::{Scope, agents};
+use crate::domain::{AgentId, ConversationId, ListLimit, MessageId, PageLimit, TenantId};
+use crate::rbac::{open_conversation, require_tenant_member};
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// The tenant whose conversations to list. Required, except for platform admins, who
+    /// list every tenant's conversations without it.
+    #[param(value_type = Option<Uuid>)]
+    tenant_id: Option<String>,
+    /// How many conversations at most, newest first.
+    #[param(value_type = Option<u16>, minimum = 1, maximum = 500, default = 100)]
+    limit: Option<String>,
+}
+
+/// The caller's conversations in a tenant, most recently updated first; a platform admin sees
+/// every user's.
+#[utoipa::path(
+    get,
+    path = "/api/portal/chat/conversations",
+    tag = "conversations",
+    params(ListParams),
+    responses(
+        (status = 200, description = "Conversations, newest `updated_at` first", body = [ConversationSummary]),
+        (status = 400, description = "Bad `tenant_id` or `limit`", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not a member of the tenant", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    )
+)]
+pub async fn list(
+    State(state): State<ApiState>,
+    caller: PortalCaller,
+    Query(params): Query<ListParams>,
+) -> Result<Json<Vec<ConversationSummary>>, Error> {
+    let tenant_id = params
+        .tenant_id
+        .as_deref()
+        .map(str::parse::<TenantId>)
+        .transpose()?;
+    let limit = ListLimit::parse(params.limit.as_deref())?;
+    let admin = caller.platform_admin();
+    let mut tx = match (tenant_id, admin) {
+        (Some(tenant_id), _) => {
+            let mut tx = state.db.begin(Scope::Tenant(tenant_id)).await?;
+            require_tenant_member(&mut tx, &caller, tenant_id).await?;
+            tx
+        }
+        (None, Some(admin)) => state.db.begin(Scope::AllTenants(admin)).await?,
+        (None, None) => return Err(Error::BadRequest("tenant_id is required".into())),
+    };
+    let filter = ListFilter {
+        tenant_id,
+        user_id: admin.is_none().then(|| caller.user_id()),
+        limit,
+    };
+    let rows = conversations::list(&mut tx, filter).await?;
+    tx.commit().await?;
+    Ok(Json(rows))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateConversation {
+    tenant_id: TenantId,
+    agent_id: AgentId,
+}
+
+/// The caller's conversation with an agent, created when it does not exist yet.
+#[utoipa::path(
+    post,
+    path = "/api/portal/chat/conversations",
+    tag = "conversations",
+    request_body = CreateConversation,
+    responses(
+        (status = 200, description = "The conversation existed", body = Conversation),
+        (status = 201, description = "The conversation was created", body = Conversation),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not a member of the tenant", body = ErrorBody),
+        (status = 404, description = "No such agent in the tenant", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    )
+)]
+pub async fn create(
+    State(state): State<ApiState>,
+    caller: PortalCaller,
+    Json(body): Json<CreateConversation>,
+) -> Result<(StatusCode, Json<Conversation>), Error> {
+    let mut tx = state.db.begin(Scope::Tenant(body.tenant_id)).await?;
+    require_tenant_member(&mut tx, &caller, body.tenant_id).await?;
+    let agent = agents::find(&mut tx, body.agent_id)
+        .await?
+        .filter(|agent| agent.is_active)
+        .ok_or_else(|| Error::NotFound("no such agent in this tenant".into()))?;
+    let got =
+        conversations::get_or_create(&mut tx, body.tenant_id, agent.id, caller.user_id()).await?;
+    tx.commit().await?;
+    let status = if got.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(got.row)))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryParams {
+    /// How many messages, at most.
+    #[param(value_type = Option<u16>, minimum = 1, maximum = 200, default = 50)]
+    limit: Option<String>,
+    /// A message id of this conversation: the page ends just before it. Without it, the
+    /// newest messages.
+    #[param(value_type = Option<Uuid>)]
+    before: Option<String>,
+}
+
+/// A message as the history shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HistoryMessage {
+    id: MessageId,
+    role: MessageRole,
+    content: String,
+    created_at: DateTime<Utc>,
+}
+
+impl From<Message> for HistoryMessage {
+    fn from(m: Message) -> Self {
+        Self {
+            id: m.id,
+            role: m.role,
+            content: m.content,
+            created_at: m.created_at,
+        }
+    }
+}
+
+/// One page of a conversation's messages, oldest first.
+#[utoipa::path(
+    get,
+    path = "/api/portal/chat/conversations/{id}/messages",
+    tag = "conversations",
+    params(("id" = Uuid, Path, description = "The conversation"), HistoryParams),
+    responses(
+        (status = 200, description = "Messages in ascending `created_at`", body = [HistoryMessage]),
+        (status = 400, description = "Bad id, `limit` or `before`", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not your conversation", body = ErrorBody),
+        (status = 404, description = "No such conversation", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    )
+)]
+pub async fn history(
+    State(state): State<ApiState>,
+    caller: PortalCaller,
+    Path(id): Path<String>,
+    Query(params): Query<HistoryParams>,
+) -> Result<Json<Vec<HistoryMessage>>, Error> {
+    let id: ConversationId = id.parse()?;
+    let limit = PageLimit::parse(params.limit.as_deref())?;
+    let before = params
+        .before
+        .as_deref()
+        .map(str::parse::<MessageId>)
+        .transpose()?;
+    let (mut tx, conversation) = open_conversation(&state.db, &caller, id).await?;
+    let page = messages::page(&mut tx, conversation.id, before, limit).await?;
+    tx.commit().await?;
+    Ok(Json(page.into_iter().map(HistoryMessage::from).collect()))
+}
+
+/// Deletes the conversation's messages; the conversation stays, with a new `updated_at`.
+#[utoipa::path(
+    delete,
+    path = "/api/portal/chat/conversations/{id}",
+    tag = "conversations",
+    params(("id" = Uuid, Path, description = "The conversation")),
+    responses(
+        (status = 204, description = "The messages are gone"),
+        (status = 400, description = "Bad id", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not your conversation", body = ErrorBody),
+        (status = 404, description = "No such conversation", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    )
+)]
+pub async fn reset(
+    State(state): State<ApiState>,
+    caller: PortalCaller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Error> {
+    let id: ConversationId = id.parse()?;
+    let (mut tx, conversation) = open_conversation(&state.db, &caller, id).await?;
+    messages::reset(&mut tx, conversation.id).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

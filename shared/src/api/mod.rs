@@ -1,0 +1,193 @@
+//! The REST API of PROTOCOL §3 as one axum [`Router`]: `chat-api` serves it through
+//! `lambda_http`, the local runtime and the tests mount it as is.
+
+mod conversations;
+mod error;
+
+use std::sync::LazyLock;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use serde::Serialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+
+pub use error::{ErrorBody, Json, Path, Query};
+
+use crate::Error;
+use crate::auth::{PortalCaller, TokenVerifier};
+use crate::config::{AuthConfig, ConfigError, CorsConfig, DatabaseConfig};
+use crate::db::Db;
+
+/// Request bodies here are a few UUIDs; anything larger is refused unread.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// What the REST handlers need.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub db: Db,
+    pub tokens: TokenVerifier,
+}
+
+impl ApiState {
+    /// From `DATABASE_URL` and the `PORTAL_JWT_*` variables; connects to nothing yet.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            db: Db::connect_lazy(&DatabaseConfig::from_env()?),
+            tokens: TokenVerifier::new(&AuthConfig::from_env()?),
+        })
+    }
+}
+
+/// `Authorization: Bearer <jwt>` → the verified caller; `401` otherwise.
+impl FromRequestParts<ApiState> for PortalCaller {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Error> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(|value| {
+                value
+                    .to_str()
+                    .map_err(|_| Error::Unauthenticated("malformed Authorization header".into()))
+            })
+            .transpose()?;
+        state.tokens.verify_bearer(header)
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route(
+            "/api/portal/chat/conversations",
+            get(conversations::list).post(conversations::create),
+        )
+        .route(
+            "/api/portal/chat/conversations/{id}/messages",
+            get(conversations::history),
+        )
+        .route(
+            "/api/portal/chat/conversations/{id}",
+            axum::routing::delete(conversations::reset),
+        )
+        .route("/api/portal/chat/openapi.json", get(openapi))
+        .route("/healthz", get(health))
+        .fallback(|| async { Error::NotFound("no such route".into()) })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// CORS for the portal's origins (`CORS_ALLOWED_ORIGINS`); none configured means same-origin
+/// only.
+pub fn cors(config: &CorsConfig) -> CorsLayer {
+    let origins = match config {
+        CorsConfig::Any => AllowOrigin::any(),
+        CorsConfig::Origins(list) => AllowOrigin::list(
+            list.iter()
+                .filter_map(|origin| HeaderValue::from_str(origin).ok()),
+        ),
+    };
+    CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+struct Health {
+    status: &'static str,
+}
+
+/// Whether the database answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    security(()),
+    responses(
+        (status = 200, description = "The database answers", body = Health),
+        (status = 503, description = "The database does not answer", body = ErrorBody),
+    )
+)]
+async fn health(State(state): State<ApiState>) -> axum::response::Response {
+    match state.db.ping().await {
+        Ok(()) => Json(Health { status: "ok" }).into_response(),
+        Err(err) => {
+            tracing::warn!(
+                error = &err as &dyn std::error::Error,
+                "health check failed"
+            );
+            let body = ErrorBody {
+                detail: "database unavailable".into(),
+                code: crate::ErrorCode::Internal,
+            };
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/api/portal/chat/openapi.json",
+    tag = "operations",
+    security(()),
+    responses((status = 200, description = "The OpenAPI document of this API"))
+)]
+async fn openapi() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(&OPENAPI)
+}
+
+static OPENAPI: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(ApiDoc::openapi);
+
+/// The OpenAPI document, generated from the handlers and types above.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    OPENAPI.clone()
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Konstruct web chat",
+        description = "Conversations between portal users and a tenant's AI agents: list, open, \
+                       page through and reset them. Every call but the health check and this \
+                       document needs a portal token (`Authorization: Bearer <jwt>`)."
+    ),
+    paths(
+        conversations::list,
+        conversations::create,
+        conversations::history,
+        conversations::reset,
+        openapi,
+        health,
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some("A portal session token (HS256)"))
+                    .build(),
+            ),
+        );
+    }
+}
