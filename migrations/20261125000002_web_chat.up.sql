@@ -81,6 +81,10 @@ create table ws_connections (
     connected_at     timestamptz not null default now(),
     authenticated_at timestamptz,
     last_seen_at     timestamptz not null default now(),
+    -- A fixed-window rate limit per connection, kept here because route Lambdas share nothing
+    -- else: the window's start and how many messages it has seen.
+    window_started_at timestamptz not null default now(),
+    window_messages   integer not null default 0,
     constraint ws_connections_conversation_fkey foreign key (tenant_id, conversation_id)
         references web_conversations (tenant_id, id) on delete cascade,
     constraint ws_connections_binding check (

@@ -36,3 +36,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 echo "export SCHEMATHESIS=$venv/bin/st"
+echo "export MOTO_SERVER=$venv/bin/moto_server"

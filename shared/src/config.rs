@@ -18,7 +18,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(var: &'static str, problem: impl Into<String>) -> Self {
+    pub fn new(var: &'static str, problem: impl Into<String>) -> Self {
         Self {
             var,
             problem: problem.into(),
@@ -118,15 +118,8 @@ impl DatabaseConfig {
 /// Which edges the process uses: AWS's (SQS, connection-management API) or the laptop's (Redis).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
-    Aws {
-        queue_url: String,
-        /// `https://{api-id}.execute-api.{region}.amazonaws.com/{stage}`; when absent, the
-        /// endpoint is taken from each event's domain and stage.
-        ws_management_endpoint: Option<String>,
-    },
-    Local {
-        redis_url: String,
-    },
+    Aws { queue_url: String },
+    Local { redis_url: String },
 }
 
 impl Mode {
@@ -137,30 +130,15 @@ impl Mode {
     pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
         match required(&lookup, "KONSTRUCT_MODE")?.trim() {
             "aws" => {
-                let queue_url = required(&lookup, "QUEUE_URL")?;
-                if !queue_url.starts_with("https://") && !queue_url.starts_with("http://") {
-                    return Err(ConfigError::new("QUEUE_URL", "must be an http(s) URL"));
-                }
+                let queue_url = http_url(&lookup, "QUEUE_URL")?
+                    .ok_or_else(|| ConfigError::new("QUEUE_URL", "is not set"))?;
                 if !queue_url.ends_with(".fifo") {
                     return Err(ConfigError::new(
                         "QUEUE_URL",
                         "must name a FIFO queue (.fifo)",
                     ));
                 }
-                let ws_management_endpoint = optional(&lookup, "WS_MANAGEMENT_ENDPOINT");
-                if let Some(endpoint) = &ws_management_endpoint
-                    && !endpoint.starts_with("https://")
-                    && !endpoint.starts_with("http://")
-                {
-                    return Err(ConfigError::new(
-                        "WS_MANAGEMENT_ENDPOINT",
-                        "must be an http(s) URL",
-                    ));
-                }
-                Ok(Self::Aws {
-                    queue_url,
-                    ws_management_endpoint,
-                })
+                Ok(Self::Aws { queue_url })
             }
             "local" => {
                 let redis_url = required(&lookup, "REDIS_URL")?;
@@ -174,6 +152,39 @@ impl Mode {
                 format!("must be `aws` or `local`, not `{other}`"),
             )),
         }
+    }
+}
+
+fn http_url(lookup: &impl Lookup, var: &'static str) -> Result<Option<String>, ConfigError> {
+    match optional(lookup, var) {
+        Some(url) if url.starts_with("https://") || url.starts_with("http://") => {
+            Ok(Some(url.trim_end_matches('/').to_owned()))
+        }
+        Some(_) => Err(ConfigError::new(var, "must be an http(s) URL")),
+        None => Ok(None),
+    }
+}
+
+/// What the WebSocket route handlers need beyond the database and tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsConfig {
+    pub mode: Mode,
+    /// `WS_MANAGEMENT_ENDPOINT`: where the connection-management API is, e.g.
+    /// `https://{api-id}.execute-api.{region}.amazonaws.com/{stage}`. When absent it is derived
+    /// from each event's domain and stage (which a custom domain name would break).
+    pub management_endpoint: Option<String>,
+}
+
+impl WsConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(env_lookup)
+    }
+
+    pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
+        Ok(Self {
+            mode: Mode::from_lookup(&lookup)?,
+            management_endpoint: http_url(&lookup, "WS_MANAGEMENT_ENDPOINT")?,
+        })
     }
 }
 

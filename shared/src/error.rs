@@ -4,10 +4,10 @@
 //! own shape through [`Error::code`] and [`Error::public_message`]; internal causes stay in the
 //! logs and never reach a client.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The error codes of PROTOCOL §2/§3, shared by `error` frames and REST error bodies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     BadRequest,

@@ -8,10 +8,15 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod delivery;
 pub mod domain;
 pub mod error;
+pub mod frame;
+pub mod job;
 pub mod message;
+pub mod queue;
 pub mod rbac;
 pub mod redis_keys;
+pub mod ws;
 
 pub use error::{Error, ErrorCode};

@@ -123,6 +123,31 @@ pub async fn touch(conn: &mut PgConnection, id: &ConnectionId) -> Result<(), Err
     Ok(())
 }
 
+/// Counts one more message in the connection's rate window and returns how many the window
+/// has seen; a window older than `window_seconds` starts again at one. Also notes activity.
+pub async fn count_message(
+    conn: &mut PgConnection,
+    id: &ConnectionId,
+    window_seconds: u32,
+) -> Result<u32, Error> {
+    let count: Option<i32> = sqlx::query_scalar(
+        "update ws_connections set
+             window_messages = case when window_started_at > now() - make_interval(secs => $2)
+                                    then window_messages + 1 else 1 end,
+             window_started_at = case when window_started_at > now() - make_interval(secs => $2)
+                                      then window_started_at else now() end,
+             last_seen_at = now()
+         where connection_id = $1
+         returning window_messages",
+    )
+    .bind(id)
+    .bind(f64::from(window_seconds))
+    .fetch_optional(conn)
+    .await?;
+    let count = count.ok_or_else(|| Error::Unauthenticated("unknown connection".into()))?;
+    Ok(u32::try_from(count).unwrap_or(0))
+}
+
 /// Forgets the connection; `false` when it was not recorded (or not visible in this scope).
 pub async fn delete(conn: &mut PgConnection, id: &ConnectionId) -> Result<bool, Error> {
     let deleted = sqlx::query("delete from ws_connections where connection_id = $1")

@@ -1,0 +1,226 @@
+//! WebSocket frames (PROTOCOL §2): what the browser sends, parsed once, and what it receives.
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{ClientMessageId, ConversationId, MessageId, MessageText, UserId};
+use crate::{Error, ErrorCode};
+
+/// Anything larger is refused before it is parsed.
+pub const MAX_CLIENT_FRAME_BYTES: usize = 128 * 1024;
+
+/// API Gateway's frame limit: no server frame may be larger.
+pub const MAX_SERVER_FRAME_BYTES: usize = 32 * 1024;
+
+/// A frame from the browser, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientFrame {
+    Auth {
+        token: String,
+    },
+    Message {
+        text: MessageText,
+        client_message_id: Option<ClientMessageId>,
+    },
+    Ping,
+}
+
+/// The wire shape; unknown fields are ignored.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum RawFrame {
+    Auth {
+        token: String,
+    },
+    Message {
+        text: String,
+        #[serde(default)]
+        client_message_id: Option<String>,
+    },
+    Ping,
+}
+
+#[derive(Deserialize)]
+struct FrameType {
+    #[serde(rename = "type")]
+    kind: Option<serde_json::Value>,
+}
+
+impl ClientFrame {
+    pub fn parse(raw: &str) -> Result<Self, Error> {
+        if raw.len() > MAX_CLIENT_FRAME_BYTES {
+            return Err(Error::TooLarge(format!(
+                "frames are limited to {} KiB",
+                MAX_CLIENT_FRAME_BYTES / 1024
+            )));
+        }
+        let frame: RawFrame = serde_json::from_str(raw).map_err(|e| describe(raw, e))?;
+        Ok(match frame {
+            RawFrame::Auth { token } => Self::Auth { token },
+            RawFrame::Ping => Self::Ping,
+            RawFrame::Message {
+                text,
+                client_message_id,
+            } => Self::Message {
+                text: MessageText::parse(&text)?,
+                client_message_id: client_message_id.as_deref().map(str::parse).transpose()?,
+            },
+        })
+    }
+
+    /// The route API Gateway would pick (`$request.body.type`).
+    pub fn route_of(raw: &str) -> Option<String> {
+        match serde_json::from_str::<FrameType>(raw).ok()?.kind? {
+            serde_json::Value::String(kind) => Some(kind),
+            _ => None,
+        }
+    }
+}
+
+/// Says what is wrong with a frame that did not deserialize, in the protocol's words.
+fn describe(raw: &str, err: serde_json::Error) -> Error {
+    if err.is_syntax() || err.is_eof() {
+        return Error::BadRequest("frames must be JSON objects".into());
+    }
+    match ClientFrame::route_of(raw) {
+        None => Error::BadRequest("frames need a string `type`".into()),
+        Some(kind) if !["auth", "message", "ping"].contains(&kind.as_str()) => {
+            Error::BadRequest(format!("unknown frame type `{kind}`"))
+        }
+        Some(kind) => Error::BadRequest(format!("malformed `{kind}` frame: {err}")),
+    }
+}
+
+/// A frame to the browser.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    AuthOk {
+        conversation_id: ConversationId,
+        user_id: UserId,
+    },
+    Typing {
+        conversation_id: ConversationId,
+    },
+    Ack {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        client_message_id: Option<ClientMessageId>,
+    },
+    Chunk {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        delta: String,
+    },
+    Response {
+        /// The whole reply, when it fits in one frame; otherwise absent, and the client
+        /// rebuilds it from the chunks or the history API.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        reply_to: MessageId,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Pong,
+}
+
+impl ServerFrame {
+    /// The `error` frame for an error; internal causes are logged, not sent.
+    pub fn error(err: &Error) -> Self {
+        if err.code() == ErrorCode::Internal {
+            tracing::error!(error = err as &dyn std::error::Error, "route failed");
+        }
+        Self::Error {
+            code: err.code(),
+            message: err.public_message(),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server frames always serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn code(raw: &str) -> ErrorCode {
+        ClientFrame::parse(raw).unwrap_err().code()
+    }
+
+    #[test]
+    fn client_frames_parse_and_ignore_unknown_fields() {
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"auth","token":"t","extra":1}"#).unwrap(),
+            ClientFrame::Auth { token: "t".into() }
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"ping"}"#).unwrap(),
+            ClientFrame::Ping
+        );
+        let id = ClientMessageId::new();
+        let frame = json!({"type": "message", "text": " hi ", "client_message_id": id});
+        assert_eq!(
+            ClientFrame::parse(&frame.to_string()).unwrap(),
+            ClientFrame::Message {
+                text: MessageText::parse("hi").unwrap(),
+                client_message_id: Some(id)
+            }
+        );
+    }
+
+    #[test]
+    fn bad_client_frames_get_the_contract_codes() {
+        for raw in [
+            "",
+            "not json",
+            "[1]",
+            "{}",
+            r#"{"type":5}"#,
+            r#"{"type":"shout"}"#,
+            r#"{"type":"auth"}"#,
+            r#"{"type":"message"}"#,
+            r#"{"type":"message","text":"  "}"#,
+            r#"{"type":"message","text":"x","client_message_id":"nope"}"#,
+        ] {
+            assert_eq!(code(raw), ErrorCode::BadRequest, "{raw}");
+        }
+        let long = json!({"type": "message", "text": "a".repeat(8001)}).to_string();
+        assert_eq!(code(&long), ErrorCode::TooLarge);
+        let huge = format!(
+            r#"{{"type":"message","text":"{}""#,
+            "a".repeat(MAX_CLIENT_FRAME_BYTES)
+        );
+        assert_eq!(code(&huge), ErrorCode::TooLarge, "refused before parsing");
+        assert!(
+            ClientFrame::parse(r#"{"type":"shout"}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("shout")
+        );
+    }
+
+    #[test]
+    fn server_frames_use_the_protocol_words() {
+        let conversation_id = ConversationId::new();
+        let frame = ServerFrame::Typing { conversation_id };
+        assert_eq!(
+            serde_json::to_value(&frame).unwrap(),
+            json!({"type": "typing", "conversation_id": conversation_id})
+        );
+        assert_eq!(ServerFrame::Pong.to_json(), r#"{"type":"pong"}"#);
+        let err = ServerFrame::error(&Error::Forbidden("no".into()));
+        assert_eq!(
+            serde_json::to_value(&err).unwrap(),
+            json!({"type": "error", "code": "forbidden", "message": "no"})
+        );
+        let internal = ServerFrame::error(&Error::Internal("secret detail".into()));
+        assert!(!internal.to_json().contains("secret"));
+    }
+}

@@ -1,0 +1,124 @@
+//! The job queue: SQS FIFO on AWS, a Redis stream on a laptop. Both deliver at least once and
+//! keep one conversation's jobs in order.
+
+use async_trait::async_trait;
+use aws_sdk_sqs::error::DisplayErrorContext;
+use tokio::sync::OnceCell;
+
+use crate::Error;
+use crate::job::Job;
+
+/// Where `ws-message` puts a stored user message for the orchestrator.
+#[async_trait]
+pub trait JobQueue: Send + Sync {
+    /// Queues the job once: queuing the same message again within the deduplication window
+    /// (SQS's five minutes) adds nothing.
+    async fn enqueue(&self, job: &Job) -> Result<(), Error>;
+}
+
+/// SQS FIFO: the message group is the conversation (order within it, parallelism across
+/// conversations), the deduplication id is the stored user message.
+#[derive(Debug, Clone)]
+pub struct SqsQueue {
+    pub client: aws_sdk_sqs::Client,
+    pub queue_url: String,
+}
+
+#[async_trait]
+impl JobQueue for SqsQueue {
+    async fn enqueue(&self, job: &Job) -> Result<(), Error> {
+        self.client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(job.to_body())
+            .message_group_id(job.conversation_id.to_string())
+            .message_deduplication_id(job.message_id.to_string())
+            .send()
+            .await
+            .map_err(|e| Error::Internal(format!("SQS SendMessage: {}", DisplayErrorContext(e))))?;
+        Ok(())
+    }
+}
+
+/// How long a queued message id is remembered, as SQS FIFO does.
+pub const DEDUPLICATION_SECONDS: u64 = 300;
+
+/// A Redis stream read through a consumer group: an entry stays pending until acknowledged, so
+/// a consumer that dies before acknowledging leaves it to be claimed again (at least once).
+#[derive(Clone)]
+pub struct RedisQueue {
+    client: redis::Client,
+    connection: std::sync::Arc<OnceCell<redis::aio::ConnectionManager>>,
+    prefix: String,
+}
+
+impl std::fmt::Debug for RedisQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisQueue")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Adds the entry only if its deduplication key was not set, both in one atomic step, so a
+/// failed add never leaves a key that would swallow the retry.
+const ENQUEUE_ONCE: &str = r"
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
+  return redis.call('XADD', KEYS[1], '*', 'group', ARGV[1], 'body', ARGV[2])
+end
+return false
+";
+
+impl RedisQueue {
+    /// `prefix` namespaces the keys (`konstruct:` in use, one per test in tests). Connects on
+    /// first use.
+    pub fn new(url: &str, prefix: &str) -> Result<Self, Error> {
+        Ok(Self {
+            client: redis::Client::open(url)
+                .map_err(|e| Error::Internal(format!("REDIS_URL: {e}")))?,
+            connection: Default::default(),
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// The stream that holds the jobs.
+    pub fn stream_key(&self) -> String {
+        format!("{}webchat:jobs", self.prefix)
+    }
+
+    fn dedup_key(&self, job: &Job) -> String {
+        format!(
+            "{}{}:webchat:job:{}",
+            self.prefix, job.tenant_id, job.message_id
+        )
+    }
+
+    pub async fn connection(&self) -> Result<redis::aio::ConnectionManager, Error> {
+        self.connection
+            .get_or_try_init(|| self.client.get_connection_manager())
+            .await
+            .cloned()
+            .map_err(redis_error)
+    }
+}
+
+pub(crate) fn redis_error(e: redis::RedisError) -> Error {
+    Error::Internal(format!("redis: {e}"))
+}
+
+#[async_trait]
+impl JobQueue for RedisQueue {
+    async fn enqueue(&self, job: &Job) -> Result<(), Error> {
+        let mut conn = self.connection().await?;
+        let _: Option<String> = redis::Script::new(ENQUEUE_ONCE)
+            .key(self.stream_key())
+            .key(self.dedup_key(job))
+            .arg(job.conversation_id.to_string())
+            .arg(job.to_body())
+            .arg(DEDUPLICATION_SECONDS)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! The four WebSocket routes as API Gateway invokes them: an
+//! `ApiGatewayWebsocketProxyRequest` in, an `ApiGatewayProxyResponse` out. The Lambdas and the
+//! local gateway call these same functions.
+//!
+//! A route's response body is the route response (`auth_ok`, `ack`, `pong`, `error`) that API
+//! Gateway sends back to the caller; frames that must arrive earlier (`typing`) or before the
+//! socket is closed (a failed `auth`) go through [`Delivery`].
+
+pub mod auth;
+pub mod connect;
+pub mod disconnect;
+pub mod message;
+
+use std::sync::Arc;
+
+use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
+use aws_lambda_events::encodings::Body;
+
+use crate::Error;
+use crate::auth::TokenVerifier;
+use crate::config::{AuthConfig, ConfigError, DatabaseConfig, Mode, WsConfig};
+use crate::db::{Db, Scope, connections};
+use crate::delivery::{Delivery, ManagementApi, Posted};
+use crate::domain::ConnectionId;
+use crate::frame::{ClientFrame, ServerFrame};
+use crate::queue::{JobQueue, RedisQueue, SqsQueue};
+
+/// Key prefix of everything this system keeps in Redis.
+pub const REDIS_PREFIX: &str = "konstruct:";
+
+/// How many `message` frames one connection may send per window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub messages: u32,
+    pub window_seconds: u32,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            messages: 20,
+            window_seconds: 10,
+        }
+    }
+}
+
+/// What the route handlers need; built once per process.
+#[derive(Clone)]
+pub struct WsState {
+    pub db: Db,
+    pub tokens: TokenVerifier,
+    pub queue: Arc<dyn JobQueue>,
+    pub delivery: Arc<dyn Delivery>,
+    /// Replaces the endpoint derived from each event (`WS_MANAGEMENT_ENDPOINT`).
+    pub management_endpoint: Option<String>,
+    pub rate_limit: RateLimit,
+}
+
+impl WsState {
+    /// From the environment (PROTOCOL §4). Builds clients but opens no connection: a cold start
+    /// does no network I/O.
+    pub async fn from_env() -> Result<Self, ConfigError> {
+        let config = WsConfig::from_env()?;
+        let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let queue: Arc<dyn JobQueue> = match &config.mode {
+            Mode::Aws { queue_url } => Arc::new(SqsQueue {
+                client: aws_sdk_sqs::Client::new(&aws),
+                queue_url: queue_url.clone(),
+            }),
+            Mode::Local { redis_url } => Arc::new(
+                RedisQueue::new(redis_url, REDIS_PREFIX)
+                    .map_err(|e| ConfigError::new("REDIS_URL", e.to_string()))?,
+            ),
+        };
+        Ok(Self {
+            db: Db::connect_lazy(&DatabaseConfig::from_env()?),
+            tokens: TokenVerifier::new(&AuthConfig::from_env()?),
+            queue,
+            delivery: Arc::new(ManagementApi::new(aws)),
+            management_endpoint: config.management_endpoint,
+            rate_limit: RateLimit::default(),
+        })
+    }
+
+    /// Sends a frame to a connection; a connection found gone is forgotten on the spot.
+    pub async fn post(
+        &self,
+        endpoint: &str,
+        connection: &ConnectionId,
+        frame: &ServerFrame,
+    ) -> Result<Posted, Error> {
+        let posted = self.delivery.post(endpoint, connection, frame).await?;
+        if posted == Posted::Gone {
+            tracing::info!(%connection, "connection gone; forgetting it");
+            let mut tx = self.db.begin(Scope::Connection(connection)).await?;
+            connections::delete(&mut tx, connection).await?;
+            tx.commit().await?;
+        }
+        Ok(posted)
+    }
+}
+
+/// The WebSocket API's routes, each served by its own Lambda.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Connect,
+    Auth,
+    /// `message`, `ping` and `$default`.
+    Message,
+    Disconnect,
+}
+
+impl Route {
+    /// The route API Gateway selects for a frame (`$request.body.type`).
+    pub fn of_frame(raw: &str) -> Self {
+        match ClientFrame::route_of(raw).as_deref() {
+            Some("auth") => Self::Auth,
+            _ => Self::Message,
+        }
+    }
+
+    pub async fn handle(
+        self,
+        state: &WsState,
+        event: ApiGatewayWebsocketProxyRequest,
+    ) -> ApiGatewayProxyResponse {
+        match self {
+            Self::Connect => connect::handle(state, event).await,
+            Self::Auth => auth::handle(state, event).await,
+            Self::Message => message::handle(state, event).await,
+            Self::Disconnect => disconnect::handle(state, event).await,
+        }
+    }
+}
+
+/// Runs one route as a Lambda function until the runtime stops it.
+pub async fn run(state: WsState, route: Route) -> Result<(), lambda_runtime::Error> {
+    let state = &state;
+    lambda_runtime::run(lambda_runtime::service_fn(
+        move |event: lambda_runtime::LambdaEvent<ApiGatewayWebsocketProxyRequest>| async move {
+            Ok::<_, std::convert::Infallible>(route.handle(state, event.payload).await)
+        },
+    ))
+    .await
+}
+
+/// What every route event must carry, checked.
+#[derive(Debug, Clone)]
+pub struct RouteEvent {
+    pub connection_id: ConnectionId,
+    /// The connection-management endpoint that reaches this connection.
+    pub endpoint: String,
+    pub body: Option<String>,
+}
+
+impl RouteEvent {
+    pub fn parse(
+        event: &ApiGatewayWebsocketProxyRequest,
+        endpoint_override: Option<&str>,
+    ) -> Result<Self, Error> {
+        let context = &event.request_context;
+        let connection_id = ConnectionId::parse(
+            context
+                .connection_id
+                .as_deref()
+                .ok_or_else(|| Error::BadRequest("event has no connection id".into()))?,
+        )?;
+        let endpoint = match endpoint_override {
+            Some(endpoint) => endpoint.to_owned(),
+            None => {
+                let domain = context
+                    .domain_name
+                    .as_deref()
+                    .ok_or_else(|| Error::BadRequest("event has no domain name".into()))?;
+                let stage = context
+                    .stage
+                    .as_deref()
+                    .ok_or_else(|| Error::BadRequest("event has no stage".into()))?;
+                format!("https://{domain}/{stage}")
+            }
+        };
+        if event.is_base64_encoded {
+            return Err(Error::BadRequest("frames must be JSON text".into()));
+        }
+        Ok(Self {
+            connection_id,
+            endpoint,
+            body: event.body.clone(),
+        })
+    }
+
+    /// The frame's text; an empty frame is malformed.
+    pub fn body(&self) -> Result<&str, Error> {
+        self.body
+            .as_deref()
+            .ok_or_else(|| Error::BadRequest("frames must be JSON objects".into()))
+    }
+}
+
+/// A response whose body API Gateway returns to the caller as one frame.
+pub fn reply(frame: &ServerFrame) -> ApiGatewayProxyResponse {
+    let mut response = status(200);
+    response.body = Some(Body::Text(frame.to_json()));
+    response
+}
+
+/// A response without a frame.
+pub fn status(code: u16) -> ApiGatewayProxyResponse {
+    let mut response = ApiGatewayProxyResponse::default();
+    response.status_code = i64::from(code);
+    response
+}
