@@ -355,9 +355,25 @@ mod tests {
             .unwrap(),
             Mode::Aws {
                 queue_url: "https://sqs.eu-west-1.amazonaws.com/1/work.fifo".into(),
-                ws_management_endpoint: None
             }
         );
+        let ws = WsConfig::from_lookup(vars(&[
+            ("KONSTRUCT_MODE", "local"),
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("WS_MANAGEMENT_ENDPOINT", "http://127.0.0.1:8080/"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            ws.management_endpoint.as_deref(),
+            Some("http://127.0.0.1:8080")
+        );
+        let err = WsConfig::from_lookup(vars(&[
+            ("KONSTRUCT_MODE", "local"),
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("WS_MANAGEMENT_ENDPOINT", "execute-api.example"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.var, "WS_MANAGEMENT_ENDPOINT");
         assert_eq!(
             Mode::from_lookup(vars(&[
                 ("KONSTRUCT_MODE", "local"),

@@ -114,15 +114,6 @@ pub async fn bind(
     Ok(())
 }
 
-/// Notes activity on the connection.
-pub async fn touch(conn: &mut PgConnection, id: &ConnectionId) -> Result<(), Error> {
-    sqlx::query("update ws_connections set last_seen_at = now() where connection_id = $1")
-        .bind(id)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// Counts one more message in the connection's rate window and returns how many the window
 /// has seen; a window older than `window_seconds` starts again at one. Also notes activity.
 pub async fn count_message(

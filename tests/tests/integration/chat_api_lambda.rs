@@ -16,12 +16,12 @@ use tower::ServiceExt;
 
 use crate::helpers::TestDb;
 
-const FIXTURE_SECRET: &str = "konstruct-local-development-secret-0123456789";
-const TENANT: &str = "7d1d8c52-6a0c-4c38-9a43-2f1f6c1f0a01";
-const USER: &str = "3b6f1f0e-2d5a-4f5e-8d2b-9c1e4a7b5c02";
-const AGENT: &str = "5a2e9f3c-8b1d-4e6a-9f7c-1d3b5e7a9c03";
+pub const FIXTURE_SECRET: &str = "konstruct-local-development-secret-0123456789";
+pub const TENANT: &str = "7d1d8c52-6a0c-4c38-9a43-2f1f6c1f0a01";
+pub const USER: &str = "3b6f1f0e-2d5a-4f5e-8d2b-9c1e4a7b5c02";
+pub const AGENT: &str = "5a2e9f3c-8b1d-4e6a-9f7c-1d3b5e7a9c03";
 
-async fn seed_fixture_ids(db: &Db) {
+pub async fn seed_fixture_ids(db: &Db) {
     sqlx::query(
         "insert into portal_users (id, email, name) values ($1::uuid, 'ada@example.test', 'Ada')",
     )
@@ -49,6 +49,15 @@ async fn seed_fixture_ids(db: &Db) {
     tx.commit().await.unwrap();
 }
 
+/// Verifies tokens signed with the fixtures' development secret.
+pub fn fixture_verifier() -> TokenVerifier {
+    let config = AuthConfig::from_lookup(|name| {
+        (name == "PORTAL_JWT_SECRET").then(|| FIXTURE_SECRET.to_owned())
+    })
+    .unwrap();
+    TokenVerifier::new(&config)
+}
+
 async fn invoke(db: &Db, fixture: &str) -> (u16, Value) {
     let path = format!(
         "{}/fixtures/events/chat-api/{fixture}",
@@ -60,13 +69,9 @@ async fn invoke(db: &Db, fixture: &str) -> (u16, Value) {
         matches!(event, LambdaRequest::ApiGatewayV2(_)),
         "{fixture} is an HTTP API v2 event"
     );
-    let config = AuthConfig::from_lookup(|name| {
-        (name == "PORTAL_JWT_SECRET").then(|| FIXTURE_SECRET.to_owned())
-    })
-    .unwrap();
     let state = ApiState {
         db: db.clone(),
-        tokens: TokenVerifier::new(&config),
+        tokens: fixture_verifier(),
     };
     let adapter = Adapter::from(api::router(state));
     let response = adapter

@@ -3,6 +3,7 @@
 mod helpers;
 
 mod api;
+mod aws;
 mod chat_api_lambda;
 mod connections;
 mod conversations;
@@ -13,3 +14,5 @@ mod redis_keys;
 mod rls;
 mod schemathesis;
 mod tokens;
+mod ws;
+mod ws_fixtures;

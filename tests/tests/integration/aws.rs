@@ -1,0 +1,252 @@
+//! AWS as the tests meet it: the real SDK clients against moto's SQS (started by `make test`)
+//! and against a connection-management API server that speaks the wire format.
+//!
+//! moto's own management API never answers 410 and keeps nothing it was sent, so it cannot
+//! show what matters; [`ManagementApi`] here answers `POST/GET/DELETE /{stage}/@connections/{id}`
+//! like API Gateway (410 `GoneException` for a connection that is not open) and records what
+//! it received.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_sqs::config::Credentials;
+use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use futures::future::BoxFuture;
+use serde_json::{Value, json};
+use shared::queue::SqsQueue;
+use uuid::Uuid;
+
+pub fn sdk_config() -> SdkConfig {
+    SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
+            Credentials::new("testing", "testing", None, None, "tests"),
+        ))
+        .build()
+}
+
+/// A FIFO queue of its own on moto, as the stack's would be (no content-based deduplication).
+pub async fn fifo_queue() -> SqsQueue {
+    let endpoint = std::env::var("MOTO_ENDPOINT")
+        .expect("MOTO_ENDPOINT is not set: run the tests through `make test`, which starts moto");
+    let config = aws_sdk_sqs::config::Builder::from(&sdk_config())
+        .endpoint_url(endpoint)
+        .build();
+    let client = aws_sdk_sqs::Client::from_conf(config);
+    let queue_url = client
+        .create_queue()
+        .queue_name(format!("test-{}.fifo", Uuid::new_v4().simple()))
+        .attributes(QueueAttributeName::FifoQueue, "true")
+        .attributes(QueueAttributeName::ContentBasedDeduplication, "false")
+        .attributes(QueueAttributeName::VisibilityTimeout, "30")
+        .send()
+        .await
+        .expect("create a FIFO queue on moto")
+        .queue_url
+        .unwrap();
+    SqsQueue { client, queue_url }
+}
+
+/// A message taken from a queue, with the FIFO attributes that matter.
+#[derive(Debug)]
+pub struct Queued {
+    pub body: Value,
+    pub group_id: String,
+    pub dedup_id: String,
+}
+
+/// Everything currently visible on the queue (and now invisible for the timeout).
+pub async fn drain(queue: &SqsQueue) -> Vec<Queued> {
+    let mut all = Vec::new();
+    loop {
+        let received = queue
+            .client
+            .receive_message()
+            .queue_url(&queue.queue_url)
+            .max_number_of_messages(10)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .send()
+            .await
+            .unwrap();
+        let messages = received.messages.unwrap_or_default();
+        if messages.is_empty() {
+            return all;
+        }
+        for m in messages {
+            let attrs = m.attributes.unwrap_or_default();
+            all.push(Queued {
+                body: serde_json::from_str(m.body.as_deref().unwrap()).unwrap(),
+                group_id: attrs[&MessageSystemAttributeName::MessageGroupId].clone(),
+                dedup_id: attrs[&MessageSystemAttributeName::MessageDeduplicationId].clone(),
+            });
+        }
+    }
+}
+
+/// How many messages the queue holds right now.
+pub async fn depth(queue: &SqsQueue) -> u64 {
+    let attrs = queue
+        .client
+        .get_queue_attributes()
+        .queue_url(&queue.queue_url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap_or_default();
+    attrs[&QueueAttributeName::ApproximateNumberOfMessages]
+        .parse()
+        .unwrap()
+}
+
+/// One request the management API received.
+#[derive(Debug, Clone)]
+pub struct Post {
+    pub connection: String,
+    pub frame: Value,
+    /// What the probe saw when the frame arrived.
+    pub probe: Value,
+}
+
+type Probe = Arc<dyn Fn() -> BoxFuture<'static, Value> + Send + Sync>;
+
+#[derive(Default)]
+struct Recorded {
+    open: HashSet<String>,
+    posts: Vec<Post>,
+    deletes: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct ManagementApi {
+    /// `http://127.0.0.1:{port}/{stage}`, what `WS_MANAGEMENT_ENDPOINT` would be.
+    pub endpoint: String,
+    recorded: Arc<Mutex<Recorded>>,
+    probe: Arc<Mutex<Option<Probe>>>,
+}
+
+impl ManagementApi {
+    pub async fn start() -> Self {
+        let recorded: Arc<Mutex<Recorded>> = Arc::default();
+        let probe: Arc<Mutex<Option<Probe>>> = Arc::default();
+        let app = Router::new()
+            .route(
+                "/{stage}/@connections/{id}",
+                post(post_to_connection)
+                    .get(get_connection)
+                    .delete(delete_connection),
+            )
+            .with_state((recorded.clone(), probe.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self {
+            endpoint: format!("http://{address}/test"),
+            recorded,
+            probe,
+        }
+    }
+
+    /// Marks a connection as open; posts to any other id are answered 410.
+    pub fn open(&self, connection: &str) {
+        self.recorded
+            .lock()
+            .unwrap()
+            .open
+            .insert(connection.to_owned());
+    }
+
+    /// Runs `probe` as each post arrives and records what it returns.
+    pub fn probe_with(
+        &self,
+        probe: impl Fn() -> BoxFuture<'static, Value> + Send + Sync + 'static,
+    ) {
+        *self.probe.lock().unwrap() = Some(Arc::new(probe));
+    }
+
+    pub fn posts(&self) -> Vec<Post> {
+        self.recorded.lock().unwrap().posts.clone()
+    }
+
+    pub fn frames_to(&self, connection: &str) -> Vec<Value> {
+        self.posts()
+            .into_iter()
+            .filter(|p| p.connection == connection)
+            .map(|p| p.frame)
+            .collect()
+    }
+
+    pub fn deletes(&self) -> Vec<String> {
+        self.recorded.lock().unwrap().deletes.clone()
+    }
+}
+
+type ApiState = (Arc<Mutex<Recorded>>, Arc<Mutex<Option<Probe>>>);
+
+fn gone() -> Response {
+    (
+        StatusCode::GONE,
+        [("x-amzn-ErrorType", "GoneException")],
+        axum::Json(json!({ "message": null })),
+    )
+        .into_response()
+}
+
+async fn post_to_connection(
+    State((recorded, probe)): State<ApiState>,
+    Path((_stage, id)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    if !recorded.lock().unwrap().open.contains(&id) {
+        return gone();
+    }
+    let probe = probe.lock().unwrap().clone();
+    let seen = match probe {
+        Some(probe) => probe().await,
+        None => Value::Null,
+    };
+    let frame = serde_json::from_slice(&body)
+        .unwrap_or(Value::String(String::from_utf8_lossy(&body).into_owned()));
+    recorded.lock().unwrap().posts.push(Post {
+        connection: id,
+        frame,
+        probe: seen,
+    });
+    StatusCode::OK.into_response()
+}
+
+async fn get_connection(
+    State((recorded, _)): State<ApiState>,
+    Path((_stage, id)): Path<(String, String)>,
+) -> Response {
+    if !recorded.lock().unwrap().open.contains(&id) {
+        return gone();
+    }
+    axum::Json(json!({
+        "ConnectedAt": "2026-11-25T23:00:00Z",
+        "LastActiveAt": "2026-11-25T23:00:00Z",
+        "Identity": { "SourceIp": "127.0.0.1", "UserAgent": "tests" }
+    }))
+    .into_response()
+}
+
+async fn delete_connection(
+    State((recorded, _)): State<ApiState>,
+    Path((_stage, id)): Path<(String, String)>,
+) -> Response {
+    let mut recorded = recorded.lock().unwrap();
+    if !recorded.open.remove(&id) {
+        return gone();
+    }
+    recorded.deletes.push(id);
+    StatusCode::NO_CONTENT.into_response()
+}
