@@ -9,8 +9,11 @@ use aws_sdk_apigatewaymanagement::error::DisplayErrorContext;
 use aws_sdk_apigatewaymanagement::primitives::Blob;
 
 use crate::Error;
-use crate::domain::ConnectionId;
+use crate::db::{Db, Scope, connections};
+use crate::domain::{ConnectionId, ConversationId, TenantId};
 use crate::frame::{MAX_SERVER_FRAME_BYTES, ServerFrame};
+use crate::queue::redis_error;
+use crate::redis_keys::webchat_response_key;
 
 /// What became of a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +35,124 @@ pub trait Delivery: Send + Sync {
 
     /// Closes the connection; one already gone is fine.
     async fn close(&self, endpoint: &str, connection: &ConnectionId) -> Result<(), Error>;
+}
+
+/// Posts a frame; a connection found gone is forgotten on the spot (PROTOCOL §5.5).
+pub async fn post_or_forget(
+    db: &Db,
+    delivery: &dyn Delivery,
+    endpoint: &str,
+    connection: &ConnectionId,
+    frame: &ServerFrame,
+) -> Result<Posted, Error> {
+    let posted = delivery.post(endpoint, connection, frame).await?;
+    if posted == Posted::Gone {
+        tracing::info!(%connection, "connection gone; forgetting it");
+        let mut tx = db.begin(Scope::Connection(connection)).await?;
+        connections::delete(&mut tx, connection).await?;
+        tx.commit().await?;
+    }
+    Ok(posted)
+}
+
+/// Delivery of a frame to every socket open on a conversation (several tabs).
+#[async_trait]
+pub trait Fanout: Send + Sync {
+    async fn send(
+        &self,
+        tenant_id: TenantId,
+        conversation_id: ConversationId,
+        frame: &ServerFrame,
+    ) -> Result<(), Error>;
+}
+
+/// AWS: every authenticated connection of the conversation, through the management API. A gone
+/// or failing socket never stops delivery to the others.
+pub struct ConnectionsFanout {
+    pub db: Db,
+    pub delivery: std::sync::Arc<dyn Delivery>,
+}
+
+#[async_trait]
+impl Fanout for ConnectionsFanout {
+    async fn send(
+        &self,
+        tenant_id: TenantId,
+        conversation_id: ConversationId,
+        frame: &ServerFrame,
+    ) -> Result<(), Error> {
+        let mut tx = self.db.begin(Scope::Tenant(tenant_id)).await?;
+        let sockets = connections::list_authenticated(&mut tx, tenant_id, conversation_id).await?;
+        tx.commit().await?;
+        let sends = sockets.iter().map(|socket| {
+            post_or_forget(
+                &self.db,
+                self.delivery.as_ref(),
+                &socket.endpoint,
+                &socket.connection_id,
+                frame,
+            )
+        });
+        let results = futures::future::join_all(sends).await;
+        let mut failed = 0;
+        for (socket, result) in sockets.iter().zip(results) {
+            if let Err(e) = result {
+                failed += 1;
+                tracing::warn!(
+                    connection = %socket.connection_id,
+                    error = &e as &dyn std::error::Error,
+                    "delivery failed"
+                );
+            }
+        }
+        if failed > 0 && failed == sockets.len() {
+            return Err(Error::Internal(format!(
+                "no socket of {conversation_id} reachable"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Local: `PUBLISH` on the conversation's `webchat_response_key`; the gateways holding its
+/// sockets are subscribed and fan the frame out.
+pub struct RedisFanout {
+    client: redis::Client,
+    connection: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+}
+
+impl RedisFanout {
+    pub fn new(url: &str) -> Result<Self, Error> {
+        Ok(Self {
+            client: redis::Client::open(url)
+                .map_err(|e| Error::Internal(format!("REDIS_URL: {e}")))?,
+            connection: Default::default(),
+        })
+    }
+}
+
+#[async_trait]
+impl Fanout for RedisFanout {
+    async fn send(
+        &self,
+        tenant_id: TenantId,
+        conversation_id: ConversationId,
+        frame: &ServerFrame,
+    ) -> Result<(), Error> {
+        let mut conn = self
+            .connection
+            .get_or_try_init(|| self.client.get_connection_manager())
+            .await
+            .map_err(redis_error)?
+            .clone();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(webchat_response_key(tenant_id, conversation_id))
+            .arg(encode(frame)?)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(())
+    }
 }
 
 /// The frame's JSON, refused when over API Gateway's frame limit.

@@ -4,6 +4,7 @@
 //! local runtime and a test all call the very same code. Raw input becomes a domain type once,
 //! at the edge (`domain`), and every failure is one [`Error`] with the contract's error code.
 
+pub mod agent;
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -14,9 +15,11 @@ pub mod error;
 pub mod frame;
 pub mod job;
 pub mod message;
+pub mod orchestrator;
 pub mod queue;
 pub mod rbac;
 pub mod redis_keys;
+pub mod worker;
 pub mod ws;
 
 pub use error::{Error, ErrorCode};

@@ -79,17 +79,21 @@ pub async fn insert_user(
 
 /// Stores the agent's reply to a user message, at most once: when a reply to `reply_to` is
 /// already stored, that one comes back (`created: false`).
+///
+/// `id` is chosen by the caller so that `chunk` frames streamed before the reply is stored
+/// already carry the id it will have.
 pub async fn insert_reply(
     conn: &mut PgConnection,
     conversation: &Conversation,
+    id: MessageId,
     reply_to: MessageId,
     content: &str,
 ) -> Result<Upserted<Message>, Error> {
     let created: Option<Message> = sqlx::query_as(
         "with inserted as (
              insert into web_conversation_messages
-                 (conversation_id, tenant_id, role, content, reply_to)
-             values ($1, $2, 'assistant', $3, $4)
+                 (id, conversation_id, tenant_id, role, content, reply_to)
+             values ($5, $1, $2, 'assistant', $3, $4)
              on conflict (conversation_id, reply_to) do nothing
              returning *
          ), touched as (
@@ -102,6 +106,7 @@ pub async fn insert_reply(
     .bind(conversation.tenant_id)
     .bind(content)
     .bind(reply_to)
+    .bind(id)
     .fetch_optional(&mut *conn)
     .await
     .on_constraint("web_conversation_messages_reply_to_fkey", || {
@@ -132,6 +137,32 @@ pub async fn find_reply(
     .bind(conversation_id)
     .bind(reply_to)
     .fetch_optional(conn)
+    .await?)
+}
+
+/// The conversation up to and including `message_id`, its last `limit` messages in ascending
+/// order: what the agent sees. Empty when the message is no longer stored.
+pub async fn context(
+    conn: &mut PgConnection,
+    conversation_id: ConversationId,
+    message_id: MessageId,
+    limit: u16,
+) -> Result<Vec<Message>, Error> {
+    Ok(sqlx::query_as(
+        "select * from (
+             select m.* from web_conversation_messages m
+             join web_conversation_messages upto
+               on upto.conversation_id = m.conversation_id and upto.id = $2
+             where m.conversation_id = $1 and (m.created_at, m.id) <= (upto.created_at, upto.id)
+             order by m.created_at desc, m.id desc
+             limit $3
+         ) recent
+         order by created_at, id",
+    )
+    .bind(conversation_id)
+    .bind(message_id)
+    .bind(i64::from(limit))
+    .fetch_all(conn)
     .await?)
 }
 

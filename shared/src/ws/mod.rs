@@ -19,8 +19,8 @@ use aws_lambda_events::encodings::Body;
 use crate::Error;
 use crate::auth::TokenVerifier;
 use crate::config::{AuthConfig, ConfigError, DatabaseConfig, Mode, WsConfig};
-use crate::db::{Db, Scope, connections};
-use crate::delivery::{Delivery, ManagementApi, Posted};
+use crate::db::Db;
+use crate::delivery::{Delivery, ManagementApi, Posted, post_or_forget};
 use crate::domain::ConnectionId;
 use crate::frame::{ClientFrame, ServerFrame};
 use crate::queue::{JobQueue, RedisQueue, SqsQueue};
@@ -89,14 +89,14 @@ impl WsState {
         connection: &ConnectionId,
         frame: &ServerFrame,
     ) -> Result<Posted, Error> {
-        let posted = self.delivery.post(endpoint, connection, frame).await?;
-        if posted == Posted::Gone {
-            tracing::info!(%connection, "connection gone; forgetting it");
-            let mut tx = self.db.begin(Scope::Connection(connection)).await?;
-            connections::delete(&mut tx, connection).await?;
-            tx.commit().await?;
-        }
-        Ok(posted)
+        post_or_forget(
+            &self.db,
+            self.delivery.as_ref(),
+            endpoint,
+            connection,
+            frame,
+        )
+        .await
     }
 }
 

@@ -167,12 +167,19 @@ async fn a_reply_is_stored_once_per_user_message() {
             .unwrap(),
         None
     );
-    let first = messages::insert_reply(&mut tx, &conversation, question, "answer")
-        .await
-        .unwrap();
-    let again = messages::insert_reply(&mut tx, &conversation, question, "another answer")
-        .await
-        .unwrap();
+    let first =
+        messages::insert_reply(&mut tx, &conversation, MessageId::new(), question, "answer")
+            .await
+            .unwrap();
+    let again = messages::insert_reply(
+        &mut tx,
+        &conversation,
+        MessageId::new(),
+        question,
+        "another answer",
+    )
+    .await
+    .unwrap();
     assert!(first.created);
     assert!(!again.created);
     assert_eq!(again.row, first.row, "the first reply stands");
@@ -184,9 +191,15 @@ async fn a_reply_is_stored_once_per_user_message() {
             .unwrap(),
         Some(first.row.clone())
     );
-    let err = messages::insert_reply(&mut tx, &conversation, MessageId::new(), "orphan")
-        .await
-        .unwrap_err();
+    let err = messages::insert_reply(
+        &mut tx,
+        &conversation,
+        MessageId::new(),
+        MessageId::new(),
+        "orphan",
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err:?}");
 }
 

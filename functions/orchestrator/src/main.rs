@@ -1,0 +1,8 @@
+use shared::orchestrator::{self, OrchestratorState};
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    lambda_runtime::tracing::init_default_subscriber();
+    let state = OrchestratorState::from_env().await?;
+    orchestrator::run(state).await
+}

@@ -1,0 +1,125 @@
+//! `bedrock`: Amazon Bedrock's Converse API, with the Lambda role's credentials.
+
+use async_trait::async_trait;
+use aws_sdk_bedrockruntime::error::{DisplayErrorContext, SdkError};
+use aws_sdk_bedrockruntime::operation::converse::ConverseError;
+use aws_sdk_bedrockruntime::types::{
+    ContentBlock, ConversationRole, ConverseOutput, InferenceConfiguration, Message,
+    SystemContentBlock,
+};
+
+use super::{AgentError, AgentRequest, Deltas, Provider};
+use crate::db::messages::MessageRole;
+
+pub struct Bedrock {
+    client: aws_sdk_bedrockruntime::Client,
+}
+
+impl Bedrock {
+    pub fn new(client: aws_sdk_bedrockruntime::Client) -> Self {
+        Self { client }
+    }
+
+    /// Converse wants the conversation to open with the user and alternate roles: leading
+    /// assistant turns are dropped and consecutive turns of one role are joined.
+    fn messages(request: &AgentRequest<'_>) -> Result<Vec<Message>, AgentError> {
+        let mut merged: Vec<(MessageRole, String)> = Vec::new();
+        for turn in request
+            .history
+            .iter()
+            .skip_while(|t| t.role == MessageRole::Assistant)
+        {
+            match merged.last_mut() {
+                Some((role, text)) if *role == turn.role => {
+                    text.push_str("\n\n");
+                    text.push_str(&turn.content);
+                }
+                _ => merged.push((turn.role, turn.content.clone())),
+            }
+        }
+        merged
+            .into_iter()
+            .map(|(role, text)| {
+                let role = match role {
+                    MessageRole::User => ConversationRole::User,
+                    MessageRole::Assistant => ConversationRole::Assistant,
+                };
+                Message::builder()
+                    .role(role)
+                    .content(ContentBlock::Text(text))
+                    .build()
+                    .map_err(|e| AgentError::permanent(format!("bad Converse message: {e}")))
+            })
+            .collect()
+    }
+}
+
+fn classify(err: SdkError<ConverseError>) -> AgentError {
+    let message = format!("Bedrock Converse: {}", DisplayErrorContext(&err));
+    match &err {
+        SdkError::ServiceError(service) => match service.err() {
+            ConverseError::ThrottlingException(_)
+            | ConverseError::ServiceUnavailableException(_)
+            | ConverseError::InternalServerException(_)
+            | ConverseError::ModelTimeoutException(_)
+            | ConverseError::ModelNotReadyException(_) => AgentError::retryable(message),
+            _ if service.raw().status().is_server_error() => AgentError::retryable(message),
+            _ => AgentError::permanent(message),
+        },
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            AgentError::retryable(message)
+        }
+        _ => AgentError::permanent(message),
+    }
+}
+
+#[async_trait]
+impl Provider for Bedrock {
+    async fn reply(
+        &self,
+        request: &AgentRequest<'_>,
+        _deltas: &Deltas,
+    ) -> Result<String, AgentError> {
+        let agent = request.agent;
+        if agent.model.trim().is_empty() {
+            return Err(AgentError::permanent("the agent has no model configured"));
+        }
+        let mut call = self
+            .client
+            .converse()
+            .model_id(&agent.model)
+            .set_messages(Some(Self::messages(request)?));
+        if !agent.system_prompt.trim().is_empty() {
+            call = call.system(SystemContentBlock::Text(agent.system_prompt.clone()));
+        }
+        let settings = &agent.settings;
+        let mut inference = InferenceConfiguration::builder();
+        if let Some(max) = settings.get("max_tokens").and_then(|v| v.as_i64()) {
+            inference = inference.max_tokens(max as i32);
+        }
+        if let Some(t) = settings.get("temperature").and_then(|v| v.as_f64()) {
+            inference = inference.temperature(t as f32);
+        }
+        let output = call
+            .inference_config(inference.build())
+            .send()
+            .await
+            .map_err(classify)?;
+        let text = match output.output {
+            Some(ConverseOutput::Message(message)) => message
+                .content
+                .into_iter()
+                .filter_map(|block| match block {
+                    ContentBlock::Text(text) => Some(text),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+                .join(""),
+            _ => String::new(),
+        };
+        if text.is_empty() {
+            return Err(AgentError::permanent("the agent returned an empty reply"));
+        }
+        Ok(text)
+    }
+}

@@ -1,0 +1,27 @@
+//! `echo`: answers `Echo: <the user's text>`. Deterministic and offline: the provider for local
+//! runs, demos and benchmarks, and a real provider of the pipeline (its replies are stored and
+//! delivered like any other).
+
+use async_trait::async_trait;
+
+use super::{AgentError, AgentRequest, Deltas, Provider};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Echo;
+
+impl Echo {
+    pub fn answer(question: &str) -> String {
+        format!("Echo: {question}")
+    }
+}
+
+#[async_trait]
+impl Provider for Echo {
+    async fn reply(
+        &self,
+        request: &AgentRequest<'_>,
+        _deltas: &Deltas,
+    ) -> Result<String, AgentError> {
+        Ok(Self::answer(request.question()))
+    }
+}
