@@ -140,8 +140,10 @@ pub async fn find_reply(
     .await?)
 }
 
-/// The conversation up to and including `message_id`, its last `limit` messages in ascending
-/// order: what the agent sees. Empty when the message is no longer stored.
+/// What the agent sees when answering `message_id`: the conversation up to that message, its
+/// last `limit` messages oldest first, each stored reply placed right after the message it
+/// answers (a reply is often stored after later user messages arrived). Empty when the message
+/// is no longer stored.
 pub async fn context(
     conn: &mut PgConnection,
     conversation_id: ConversationId,
@@ -149,15 +151,25 @@ pub async fn context(
     limit: u16,
 ) -> Result<Vec<Message>, Error> {
     Ok(sqlx::query_as(
-        "select * from (
-             select m.* from web_conversation_messages m
-             join web_conversation_messages upto
-               on upto.conversation_id = m.conversation_id and upto.id = $2
-             where m.conversation_id = $1 and (m.created_at, m.id) <= (upto.created_at, upto.id)
-             order by m.created_at desc, m.id desc
+        "with anchored as (
+             select m.*,
+                    coalesce(q.created_at, m.created_at) as anchor_at,
+                    coalesce(q.id, m.id) as anchor_id
+             from web_conversation_messages m
+             left join web_conversation_messages q on q.id = m.reply_to
+             where m.conversation_id = $1
+         ), recent as (
+             select a.* from anchored a
+             join web_conversation_messages upto on upto.id = $2 and upto.conversation_id = $1
+             where (a.anchor_at, a.anchor_id) <= (upto.created_at, upto.id)
+               and a.reply_to is distinct from upto.id
+             order by a.anchor_at desc, a.anchor_id desc, (a.role = 'assistant') desc
              limit $3
-         ) recent
-         order by created_at, id",
+         )
+         select id, conversation_id, tenant_id, role, content, client_message_id, reply_to,
+                created_at
+         from recent
+         order by anchor_at, anchor_id, (role = 'assistant')",
     )
     .bind(conversation_id)
     .bind(message_id)

@@ -58,6 +58,7 @@ pub async fn fifo_queue() -> SqsQueue {
 /// A message taken from a queue, with the FIFO attributes that matter.
 #[derive(Debug)]
 pub struct Queued {
+    pub message_id: String,
     pub body: Value,
     pub group_id: String,
     pub dedup_id: String,
@@ -83,11 +84,28 @@ pub async fn drain(queue: &SqsQueue) -> Vec<Queued> {
         for m in messages {
             let attrs = m.attributes.unwrap_or_default();
             all.push(Queued {
+                message_id: m.message_id.unwrap(),
                 body: serde_json::from_str(m.body.as_deref().unwrap()).unwrap(),
                 group_id: attrs[&MessageSystemAttributeName::MessageGroupId].clone(),
                 dedup_id: attrs[&MessageSystemAttributeName::MessageDeduplicationId].clone(),
             });
         }
+    }
+}
+
+impl Queued {
+    /// The record the orchestrator's SQS event source would hand over.
+    pub fn record(&self) -> aws_lambda_events::sqs::SqsMessage {
+        let mut record = aws_lambda_events::sqs::SqsMessage::default();
+        record.message_id = Some(self.message_id.clone());
+        record.body = Some(self.body.to_string());
+        record
+            .attributes
+            .insert("MessageGroupId".into(), self.group_id.clone());
+        record
+            .attributes
+            .insert("MessageDeduplicationId".into(), self.dedup_id.clone());
+        record
     }
 }
 

@@ -153,6 +153,16 @@ pub async fn seed_member(db: &Db, tenant: TenantId, user: UserId, role: TenantRo
 }
 
 pub async fn seed_agent(db: &Db, tenant: TenantId, name: &str) -> AgentId {
+    seed_agent_with(db, tenant, name, Provider::Echo, "").await
+}
+
+pub async fn seed_agent_with(
+    db: &Db,
+    tenant: TenantId,
+    name: &str,
+    provider: Provider,
+    model: &str,
+) -> AgentId {
     let mut tx = db.begin(Scope::Tenant(tenant)).await.unwrap();
     let agent = agents::insert(
         &mut tx,
@@ -160,9 +170,9 @@ pub async fn seed_agent(db: &Db, tenant: TenantId, name: &str) -> AgentId {
             tenant_id: tenant,
             name,
             system_prompt: "You are helpful.",
-            provider: Provider::Echo,
-            model: "",
-            settings: json!({}),
+            provider,
+            model,
+            settings: json!({ "temperature": 0.2 }),
         },
     )
     .await

@@ -113,7 +113,13 @@ impl Harness {
     }
 
     pub async fn open_session(&self, connection: &str) {
-        assert_eq!(self.connect(connection).await.status_code, 200);
+        self.open_session_on(connection, self.seed.conversation)
+            .await;
+    }
+
+    pub async fn open_session_on(&self, connection: &str, conversation: ConversationId) {
+        let response = self.connect_to(connection, &conversation.to_string()).await;
+        assert_eq!(response.status_code, 200);
         let ok = self
             .auth(connection, &token(self.seed.user, Role::CustomerOperator))
             .await;
