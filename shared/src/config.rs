@@ -165,6 +165,15 @@ fn http_url(lookup: &impl Lookup, var: &'static str) -> Result<Option<String>, C
     }
 }
 
+/// Prefix of every Redis key the system owns besides the per-tenant ones
+/// (`KONSTRUCT_REDIS_PREFIX`, default `konstruct:`); separate stacks can share one Redis.
+pub fn redis_prefix() -> String {
+    std::env::var("KONSTRUCT_REDIS_PREFIX")
+        .ok()
+        .filter(|p| !p.trim().is_empty())
+        .unwrap_or_else(|| "konstruct:".to_owned())
+}
+
 /// What the WebSocket route handlers need beyond the database and tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WsConfig {

@@ -66,3 +66,10 @@ pub async fn find(conn: &mut PgConnection, id: AgentId) -> Result<Option<Agent>,
         .fetch_optional(conn)
         .await?)
 }
+
+/// The agents the transaction's scope can see, by name.
+pub async fn list(conn: &mut PgConnection) -> Result<Vec<Agent>, Error> {
+    Ok(sqlx::query_as("select * from agents order by name, id")
+        .fetch_all(conn)
+        .await?)
+}

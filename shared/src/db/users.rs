@@ -33,3 +33,15 @@ pub async fn find(conn: &mut PgConnection, id: UserId) -> Result<Option<PortalUs
         .fetch_optional(conn)
         .await?)
 }
+
+pub async fn find_by_email(
+    conn: &mut PgConnection,
+    email: &str,
+) -> Result<Option<PortalUser>, Error> {
+    Ok(
+        sqlx::query_as("select * from portal_users where lower(email) = lower($1)")
+            .bind(email)
+            .fetch_optional(conn)
+            .await?,
+    )
+}

@@ -18,15 +18,12 @@ use aws_lambda_events::encodings::Body;
 
 use crate::Error;
 use crate::auth::TokenVerifier;
-use crate::config::{AuthConfig, ConfigError, DatabaseConfig, Mode, WsConfig};
+use crate::config::{AuthConfig, ConfigError, DatabaseConfig, Mode, WsConfig, redis_prefix};
 use crate::db::Db;
 use crate::delivery::{Delivery, ManagementApi, Posted, post_or_forget};
 use crate::domain::ConnectionId;
 use crate::frame::{ClientFrame, ServerFrame};
 use crate::queue::{JobQueue, RedisQueue, SqsQueue};
-
-/// Key prefix of everything this system keeps in Redis.
-pub const REDIS_PREFIX: &str = "konstruct:";
 
 /// How many `message` frames one connection may send per window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +65,7 @@ impl WsState {
                 queue_url: queue_url.clone(),
             }),
             Mode::Local { redis_url } => Arc::new(
-                RedisQueue::new(redis_url, REDIS_PREFIX)
+                RedisQueue::new(redis_url, &redis_prefix())
                     .map_err(|e| ConfigError::new("REDIS_URL", e.to_string()))?,
             ),
         };

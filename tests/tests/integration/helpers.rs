@@ -40,6 +40,8 @@ pub fn init_tracing() {
 /// BYPASSRLS) and dropped by nobody: `make test` throws the whole server away.
 pub struct TestDb {
     pub pool: PgPool,
+    /// The database's URL, for processes the test starts.
+    pub url: String,
 }
 
 impl TestDb {
@@ -59,7 +61,10 @@ impl TestDb {
             .connect_with(admin.database(&name))
             .await
             .expect("connect to the test database");
-        Self { pool }
+        let mut url = env("DATABASE_URL");
+        let cut = url.rfind('/').expect("DATABASE_URL names a database");
+        url.replace_range(cut + 1.., &name);
+        Self { pool, url }
     }
 
     /// A database with every migration applied, and the application's handle on it.

@@ -8,6 +8,7 @@ mod chat_api_lambda;
 mod connections;
 mod conversations;
 mod llm;
+mod local;
 mod messages;
 mod migrations;
 mod orchestrator;

@@ -1,0 +1,287 @@
+//! The subcommands of `konstruct-local`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use shared::api::{self, ApiState};
+use shared::auth::{TokenVerifier, issue_token};
+use shared::config::{AuthConfig, DatabaseConfig, Mode, redis_prefix};
+use shared::db::agents::{self, NewAgent, Provider};
+use shared::db::{Db, Scope, conversations, memberships, tenants, users};
+use shared::domain::{Role, TenantId, TenantRole, UserId};
+use shared::orchestrator::OrchestratorState;
+use shared::queue::RedisQueue;
+use shared::worker::Worker;
+use shared::ws::{RateLimit, WsState};
+use tokio::sync::mpsc;
+
+use crate::gateway::{Dispatch, Gateway};
+use crate::sockets::Sockets;
+
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Parser)]
+#[command(
+    name = "konstruct-local",
+    about = "Konstruct web chat on a laptop: the Lambda handlers behind a local WebSocket gateway"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Gateway, REST API, chat page and (unless --no-worker) the orchestrator worker (default).
+    Serve(ServeArgs),
+    /// The orchestrator worker alone, on the Redis queue.
+    Worker {
+        /// This worker's consumer name; keep it stable across restarts.
+        #[arg(long, default_value = "local-worker")]
+        consumer: String,
+    },
+    /// Applies the database migrations.
+    Migrate,
+    /// Creates (or finds) a demo tenant, user, echo agent and conversation; prints them and a
+    /// token as JSON.
+    SeedDemo {
+        /// Where the chat page is served, for the printed URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
+    /// Mints a development token (refused when KONSTRUCT_MODE=aws).
+    Token {
+        #[arg(long)]
+        user: UserId,
+        #[arg(long, default_value = "customer_operator")]
+        role: String,
+        #[arg(long, default_value_t = 12)]
+        hours: u64,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[arg(long, env = "KONSTRUCT_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Run no worker here: start `konstruct-local worker` separately (they meet through Redis).
+    #[arg(long)]
+    no_worker: bool,
+    /// Send route events to functions under `cargo lambda watch` at this URL (its Lambda invoke
+    /// API, e.g. http://127.0.0.1:9000) instead of handling them in-process.
+    #[arg(long, env = "KONSTRUCT_LAMBDA_ENDPOINT")]
+    lambda_endpoint: Option<String>,
+    /// Seconds a socket may stay unauthenticated before it is closed.
+    #[arg(long, default_value_t = 10)]
+    auth_timeout: u64,
+}
+
+/// Local mode only: the gateway needs Redis, and dev tokens must never reach a deployed stack.
+fn redis_url() -> Result<String, Failure> {
+    match Mode::from_env()? {
+        Mode::Local { redis_url } => Ok(redis_url),
+        Mode::Aws { .. } => Err("konstruct-local runs in KONSTRUCT_MODE=local only".into()),
+    }
+}
+
+async fn shutdown_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutting down");
+}
+
+impl Cli {
+    pub async fn run(self) -> Result<(), Failure> {
+        let command = match self.command {
+            Some(command) => command,
+            None => Cli::parse_from(["konstruct-local", "serve"])
+                .command
+                .expect("serve"),
+        };
+        match command {
+            Command::Serve(args) => serve(args).await,
+            Command::Worker { consumer } => {
+                let queue = RedisQueue::new(&redis_url()?, &redis_prefix())?;
+                let state = OrchestratorState::from_env().await?;
+                tracing::info!(%consumer, "worker running");
+                Worker::new(queue, &consumer)
+                    .run(&state, shutdown_signal())
+                    .await?;
+                Ok(())
+            }
+            Command::Migrate => {
+                Db::connect_lazy(&DatabaseConfig::from_env()?)
+                    .migrate()
+                    .await?;
+                eprintln!("migrations applied");
+                Ok(())
+            }
+            Command::SeedDemo { url } => seed_demo(&url).await,
+            Command::Token { user, role, hours } => {
+                if matches!(std::env::var("KONSTRUCT_MODE").as_deref(), Ok("aws")) {
+                    return Err("refusing to mint a token with KONSTRUCT_MODE=aws".into());
+                }
+                let role: Role = role.parse()?;
+                let token = issue_token(
+                    &AuthConfig::from_env()?,
+                    user,
+                    role,
+                    Duration::from_secs(hours * 3600),
+                )?;
+                println!("{token}");
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let listen = args.listen;
+    let redis_url = redis_url()?;
+    let db = Db::connect_lazy(&DatabaseConfig::from_env()?);
+    let tokens = TokenVerifier::new(&AuthConfig::from_env()?);
+    let (subscriptions, changes) = mpsc::unbounded_channel();
+    let sockets = Arc::new(Sockets::new(subscriptions));
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let address = listener.local_addr()?;
+    let dispatch = match args.lambda_endpoint {
+        Some(url) => Dispatch::Lambda {
+            http: reqwest::Client::new(),
+            url: url.trim_end_matches('/').to_owned(),
+        },
+        None => Dispatch::InProcess(WsState {
+            db: db.clone(),
+            tokens: tokens.clone(),
+            queue: Arc::new(RedisQueue::new(&redis_url, &redis_prefix())?),
+            delivery: sockets.clone(),
+            management_endpoint: Some(format!("http://{address}")),
+            rate_limit: RateLimit::default(),
+        }),
+    };
+    let gateway = Arc::new(Gateway {
+        sockets: sockets.clone(),
+        dispatch,
+        db: db.clone(),
+        host: address.to_string(),
+        auth_timeout: Duration::from_secs(args.auth_timeout),
+    });
+    let app = api::router(ApiState {
+        db: db.clone(),
+        tokens,
+    })
+    .merge(crate::gateway::router(gateway))
+    .merge(crate::page::router());
+
+    tokio::spawn(crate::bridge::run(
+        redis_url.clone(),
+        sockets.clone(),
+        changes,
+    ));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let worker = if args.no_worker {
+        None
+    } else {
+        let state = OrchestratorState::from_env().await?;
+        let worker = Worker::new(
+            RedisQueue::new(&redis_url, &redis_prefix())?,
+            "local-worker",
+        );
+        let mut stopped = stopped.clone();
+        Some(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = worker.run(&state, shutdown).await {
+                tracing::error!(error = %e, "worker stopped");
+            }
+        }))
+    };
+
+    eprintln!("konstruct-local listening on http://{address}");
+    let mut server_stopped = stopped.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                () = shutdown_signal() => {}
+                _ = server_stopped.wait_for(|s| *s) => {}
+            }
+            // Sockets are closed as going away; their clients reconnect to the next server.
+            sockets.close_all(1001, "server shutting down");
+        })
+        .await?;
+    let _ = stop.send(true);
+    if let Some(worker) = worker {
+        // The pass under way finishes; what it did not acknowledge is read again later.
+        let _ = worker.await;
+    }
+    Ok(())
+}
+
+/// Fixed ids, so running it again finds what the first run made.
+const DEMO_TENANT: &str = "d3e40000-0000-4000-8000-000000000001";
+const DEMO_EMAIL: &str = "demo@konstruct.local";
+const DEMO_AGENT: &str = "Echo agent";
+
+async fn seed_demo(url: &str) -> Result<(), Failure> {
+    let db = Db::connect_lazy(&DatabaseConfig::from_env()?);
+    db.migrate().await?;
+    let tenant_id: TenantId = DEMO_TENANT.parse()?;
+
+    let mut conn = db.pool().acquire().await?;
+    let user = match users::find_by_email(&mut conn, DEMO_EMAIL).await? {
+        Some(user) => user,
+        None => users::insert(&mut conn, DEMO_EMAIL, "Demo user").await?,
+    };
+    drop(conn);
+
+    let mut tx = db.begin(Scope::Tenant(tenant_id)).await?;
+    if tenants::find(&mut tx, tenant_id).await?.is_none() {
+        tenants::insert(&mut tx, tenant_id, "Demo tenant").await?;
+    }
+    memberships::grant(&mut tx, tenant_id, user.id, TenantRole::CustomerAdmin).await?;
+    let agent = match agents::list(&mut tx)
+        .await?
+        .into_iter()
+        .find(|a| a.name == DEMO_AGENT)
+    {
+        Some(agent) => agent,
+        None => {
+            agents::insert(
+                &mut tx,
+                NewAgent {
+                    tenant_id,
+                    name: DEMO_AGENT,
+                    system_prompt: "You repeat what you are told.",
+                    provider: Provider::Echo,
+                    model: "",
+                    settings: json!({}),
+                },
+            )
+            .await?
+        }
+    };
+    let conversation = conversations::get_or_create(&mut tx, tenant_id, agent.id, user.id)
+        .await?
+        .row;
+    tx.commit().await?;
+
+    let token = issue_token(
+        &AuthConfig::from_env()?,
+        user.id,
+        Role::CustomerAdmin,
+        Duration::from_secs(12 * 3600),
+    )?;
+    let url = url.trim_end_matches('/');
+    let seeded = json!({
+        "tenant_id": tenant_id,
+        "user_id": user.id,
+        "agent_id": agent.id,
+        "conversation_id": conversation.id,
+        "token": token,
+        "url": format!("{url}/?conversation={}#token={token}", conversation.id),
+    });
+    println!("{}", serde_json::to_string_pretty(&seeded)?);
+    Ok(())
+}

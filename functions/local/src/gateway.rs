@@ -1,0 +1,354 @@
+//! The local WebSocket gateway: what API Gateway does for the deployed system. Each socket gets
+//! a connection id; `$connect`, each frame (routed on its `type`) and `$disconnect` become the
+//! same `ApiGatewayWebsocketProxyRequest` events the Lambdas receive, handled in-process or by
+//! functions running under `cargo lambda watch`; route responses are written back to the
+//! socket. It also serves the connection-management API (`/@connections/{id}`) so functions
+//! outside the process can reach the sockets.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
+use aws_lambda_events::encodings::Body;
+use aws_lambda_events::query_map::QueryMap;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use shared::db::{Db, Scope, connections};
+use shared::domain::ConnectionId;
+use shared::frame::{ClientFrame, ServerFrame};
+use shared::ws::{Route, WsState, reply};
+use shared::{Error, ErrorCode};
+use tokio::sync::mpsc;
+
+use crate::sockets::{Outbound, Sockets};
+
+/// How route events reach their handlers.
+pub enum Dispatch {
+    /// The `shared::ws` handlers, in this process.
+    InProcess(WsState),
+    /// Functions under `cargo lambda watch`, through the Lambda invoke API at this URL.
+    Lambda { http: reqwest::Client, url: String },
+}
+
+impl Dispatch {
+    async fn call(
+        &self,
+        route: Route,
+        event: ApiGatewayWebsocketProxyRequest,
+    ) -> ApiGatewayProxyResponse {
+        match self {
+            Self::InProcess(state) => route.handle(state, event).await,
+            Self::Lambda { http, url } => {
+                let function = match route {
+                    Route::Connect => "ws-connect",
+                    Route::Auth => "ws-auth",
+                    Route::Message => "ws-message",
+                    Route::Disconnect => "ws-disconnect",
+                };
+                let invoked = http
+                    .post(format!("{url}/2015-03-31/functions/{function}/invocations"))
+                    .json(&event)
+                    .send()
+                    .await;
+                let answer = match invoked {
+                    Ok(r) if r.status().is_success() => {
+                        r.json::<ApiGatewayProxyResponse>().await.ok()
+                    }
+                    Ok(r) => {
+                        tracing::warn!(function, status = %r.status(), "invocation failed");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(function, error = %e, "function unreachable");
+                        None
+                    }
+                };
+                answer.unwrap_or_else(|| {
+                    let mut response = reply(&ServerFrame::error(&Error::Internal(format!(
+                        "{function} did not answer"
+                    ))));
+                    response.status_code = 502;
+                    response
+                })
+            }
+        }
+    }
+}
+
+pub struct Gateway {
+    pub sockets: Arc<Sockets>,
+    pub dispatch: Dispatch,
+    pub db: Db,
+    /// The host events name as their domain (`host:port`).
+    pub host: String,
+    /// A socket that has not authenticated in this time is closed (PROTOCOL §2: 10 s).
+    pub auth_timeout: Duration,
+}
+
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/chat/ws/{conversation_id}", get(ws_by_path))
+        .route("/ws", get(ws_by_query))
+        .route(
+            "/@connections/{id}",
+            post(management_post)
+                .get(management_get)
+                .delete(management_delete),
+        )
+        .with_state(gateway)
+}
+
+/// An API Gateway-style connection id: 16 URL-safe characters.
+fn new_connection_id() -> ConnectionId {
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&bytes[..12]);
+    ConnectionId::parse(&id).expect("base64url is a valid connection id")
+}
+
+impl Gateway {
+    fn event(
+        &self,
+        id: &ConnectionId,
+        route_key: &str,
+        body: Option<String>,
+        conversation: Option<&str>,
+    ) -> ApiGatewayWebsocketProxyRequest {
+        let mut event = ApiGatewayWebsocketProxyRequest::default();
+        let context = &mut event.request_context;
+        context.connection_id = Some(id.to_string());
+        context.route_key = Some(route_key.to_owned());
+        context.event_type = Some(
+            match route_key {
+                "$connect" => "CONNECT",
+                "$disconnect" => "DISCONNECT",
+                _ => "MESSAGE",
+            }
+            .to_owned(),
+        );
+        context.domain_name = Some(self.host.clone());
+        context.stage = Some("local".to_owned());
+        context.apiid = Some("local".to_owned());
+        context.request_id = Some(uuid::Uuid::new_v4().to_string());
+        context.request_time_epoch = chrono_millis();
+        event.body = body;
+        if let Some(conversation) = conversation {
+            event.query_string_parameters = QueryMap::from(HashMap::from([(
+                "conversation_id".to_owned(),
+                conversation.to_owned(),
+            )]));
+        }
+        event
+    }
+
+    async fn upgrade(
+        self: Arc<Self>,
+        ws: WebSocketUpgrade,
+        conversation: Option<String>,
+    ) -> Response {
+        let id = new_connection_id();
+        let event = self.event(&id, "$connect", None, conversation.as_deref());
+        let answer = self.dispatch.call(Route::Connect, event).await;
+        if answer.status_code != 200 {
+            let status =
+                StatusCode::from_u16(answer.status_code as u16).unwrap_or(StatusCode::BAD_REQUEST);
+            let body = match answer.body {
+                Some(Body::Text(text)) => text,
+                _ => String::new(),
+            };
+            return (status, [("content-type", "application/json")], body).into_response();
+        }
+        ws.max_message_size(1 << 20)
+            .on_upgrade(move |socket| self.session(id, socket))
+    }
+
+    /// One socket's life, from the upgrade to `$disconnect`.
+    async fn session(self: Arc<Self>, id: ConnectionId, socket: WebSocket) {
+        let (mut sink, mut stream) = socket.split();
+        let (outbound, mut queue) = mpsc::unbounded_channel();
+        self.sockets.add(id.clone(), outbound);
+        let mut writer = tokio::spawn(async move {
+            while let Some(out) = queue.recv().await {
+                let message = match out {
+                    Outbound::Text(text) => Message::Text(text.into()),
+                    Outbound::Close(code, reason) => {
+                        let frame = CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        };
+                        let _ = sink.send(Message::Close(Some(frame))).await;
+                        return;
+                    }
+                };
+                if sink.send(message).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let deadline = tokio::time::sleep(self.auth_timeout);
+        tokio::pin!(deadline);
+        let mut authenticated = false;
+        loop {
+            tokio::select! {
+                () = &mut deadline, if !authenticated => {
+                    self.sockets.close(&id, 1008, "not authenticated in time");
+                }
+                _ = &mut writer => break,
+                incoming = stream.next() => match incoming {
+                    Some(Ok(Message::Text(text))) => {
+                        authenticated |= self.frame(&id, text.as_str()).await;
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        let err = Error::BadRequest("frames must be JSON text".into());
+                        self.sockets.send_text(&id, ServerFrame::error(&err).to_json());
+                    }
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+        self.sockets.remove(&id);
+        writer.abort();
+        let event = self.event(&id, "$disconnect", None, None);
+        self.dispatch.call(Route::Disconnect, event).await;
+    }
+
+    /// Routes one frame like API Gateway (`$request.body.type`) and writes the route response
+    /// back. Returns whether the socket is now authenticated.
+    async fn frame(&self, id: &ConnectionId, text: &str) -> bool {
+        let route = Route::of_frame(text);
+        let key = match ClientFrame::route_of(text).as_deref() {
+            Some(known @ ("auth" | "message" | "ping")) => known.to_owned(),
+            _ => "$default".to_owned(),
+        };
+        let answer = self
+            .dispatch
+            .call(route, self.event(id, &key, Some(text.to_owned()), None))
+            .await;
+        let Some(Body::Text(body)) = answer.body else {
+            return false;
+        };
+        let auth_ok = route == Route::Auth && body.contains(r#""type":"auth_ok""#);
+        if auth_ok {
+            // Bound before auth_ok goes out, so no reply published after it can miss the socket.
+            match self.binding(id).await {
+                Ok(Some((tenant, conversation))) => self.sockets.bind(id, tenant, conversation),
+                Ok(None) => tracing::warn!(%id, "auth_ok without a binding"),
+                Err(e) => tracing::warn!(%id, error = %e, "cannot read the binding"),
+            }
+        }
+        self.sockets.send_text(id, body);
+        auth_ok
+    }
+
+    async fn binding(
+        &self,
+        id: &ConnectionId,
+    ) -> Result<Option<(shared::domain::TenantId, shared::domain::ConversationId)>, Error> {
+        let mut tx = self.db.begin(Scope::Connection(id)).await?;
+        let row = connections::find(&mut tx, id).await?;
+        tx.rollback().await?;
+        Ok(row.and_then(|r| Some((r.binding()?.tenant_id, r.conversation_id))))
+    }
+}
+
+fn chrono_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+async fn ws_by_path(
+    State(gateway): State<Arc<Gateway>>,
+    Path(conversation): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    gateway.upgrade(ws, Some(conversation)).await
+}
+
+#[derive(Deserialize)]
+struct ConnectQuery {
+    conversation_id: Option<String>,
+}
+
+async fn ws_by_query(
+    State(gateway): State<Arc<Gateway>>,
+    Query(query): Query<ConnectQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    gateway.upgrade(ws, query.conversation_id).await
+}
+
+fn gone() -> Response {
+    (
+        StatusCode::GONE,
+        [("x-amzn-ErrorType", "GoneException")],
+        axum::Json(serde_json::json!({ "message": null })),
+    )
+        .into_response()
+}
+
+fn connection(raw: &str) -> Result<ConnectionId, Response> {
+    ConnectionId::parse(raw).map_err(|_| gone())
+}
+
+async fn management_post(
+    State(gateway): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let id = match connection(&id) {
+        Ok(id) => id,
+        Err(gone) => return gone,
+    };
+    if body.len() > shared::frame::MAX_SERVER_FRAME_BYTES {
+        let err = Error::TooLarge("frames are limited to 32 KiB".into());
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            axum::Json(serde_json::json!({
+                "message": err.public_message(), "code": ErrorCode::TooLarge
+            })),
+        )
+            .into_response();
+    }
+    let Ok(text) = String::from_utf8(body.to_vec()) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    if gateway.sockets.send_text(&id, text) {
+        StatusCode::OK.into_response()
+    } else {
+        gone()
+    }
+}
+
+async fn management_get(State(gateway): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+    match connection(&id) {
+        Ok(id) if gateway.sockets.is_open(&id) => axum::Json(serde_json::json!({
+            "ConnectedAt": null,
+            "Identity": { "SourceIp": "127.0.0.1" },
+        }))
+        .into_response(),
+        _ => gone(),
+    }
+}
+
+async fn management_delete(
+    State(gateway): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+) -> Response {
+    match connection(&id) {
+        Ok(id) if gateway.sockets.close(&id, 1000, "closed by the server") => {
+            StatusCode::NO_CONTENT.into_response()
+        }
+        _ => gone(),
+    }
+}

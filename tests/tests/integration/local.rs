@@ -1,0 +1,462 @@
+//! The local runtime end to end: `konstruct-local` started as a real process, real WebSocket
+//! clients, real Postgres and Redis.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use shared::db::agents::Provider;
+use shared::db::{Db, Scope, conversations};
+use shared::delivery::{Delivery, ManagementApi, Posted};
+use shared::domain::{ConnectionId, ConversationId, Role};
+use shared::frame::ServerFrame;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::aws::sdk_config;
+use crate::helpers::{SECRET, Seed, TestDb, redis_prefix, seed, seed_agent_with, token};
+
+/// A `konstruct-local` process; killed when dropped.
+pub struct Local {
+    child: Child,
+    /// `127.0.0.1:port`
+    pub address: String,
+}
+
+pub struct Env {
+    pub database_url: String,
+    pub redis_url: String,
+    pub prefix: String,
+}
+
+impl Env {
+    pub fn new(test: &TestDb) -> Self {
+        Self {
+            database_url: test.url.clone(),
+            redis_url: std::env::var("REDIS_URL").unwrap(),
+            prefix: redis_prefix(),
+        }
+    }
+}
+
+impl Local {
+    pub async fn start(env: &Env, args: &[&str]) -> Self {
+        let bin = std::env::var("KONSTRUCT_LOCAL_BIN").expect(
+            "KONSTRUCT_LOCAL_BIN is not set: run the tests through `make test`, which builds it",
+        );
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("DATABASE_URL", &env.database_url)
+            .env("REDIS_URL", &env.redis_url)
+            .env("KONSTRUCT_REDIS_PREFIX", &env.prefix)
+            .env("KONSTRUCT_MODE", "local")
+            .env("PORTAL_JWT_SECRET", SECRET)
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start konstruct-local");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let serving = args.first().is_none_or(|a| *a == "serve");
+        let mut address = String::new();
+        if serving {
+            let found = tokio::time::timeout(Duration::from_secs(20), async {
+                while let Some(line) = lines.next_line().await.unwrap() {
+                    if let Some(rest) = line.split("listening on http://").nth(1) {
+                        return rest.trim().to_owned();
+                    }
+                }
+                panic!("konstruct-local exited before listening");
+            })
+            .await
+            .expect("konstruct-local listens within 20 s");
+            address = found;
+        }
+        let echo = std::env::var_os("TEST_LOG").is_some();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if echo {
+                    eprintln!("[konstruct-local] {line}");
+                }
+            }
+        });
+        Self { child, address }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub async fn open(address: &str, conversation: ConversationId) -> Socket {
+    let url = format!("ws://{address}/chat/ws/{conversation}");
+    tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect")
+        .0
+}
+
+pub async fn send(socket: &mut Socket, frame: Value) {
+    socket
+        .send(Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
+}
+
+/// The next JSON frame, or `None` when the socket closed or nothing came within `wait`.
+pub async fn next(socket: &mut Socket, wait: Duration) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(wait, socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => return Some(serde_json::from_str(&text).unwrap()),
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => return None,
+            Ok(Some(Ok(_))) => continue,
+        }
+    }
+}
+
+pub async fn expect(socket: &mut Socket, kind: &str) -> Value {
+    let frame = next(socket, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("expected a {kind} frame, got nothing"));
+    assert_eq!(frame["type"], kind, "{frame}");
+    frame
+}
+
+pub async fn authenticated(address: &str, seed: &Seed, conversation: ConversationId) -> Socket {
+    let mut socket = open(address, conversation).await;
+    send(
+        &mut socket,
+        json!({ "type": "auth", "token": token(seed.user, Role::CustomerOperator) }),
+    )
+    .await;
+    expect(&mut socket, "auth_ok").await;
+    socket
+}
+
+async fn http_get(address: &str, path: &str, bearer: &str) -> Value {
+    let response = reqwest_like_get(address, path, bearer).await;
+    serde_json::from_str(&response).unwrap()
+}
+
+/// A minimal HTTP/1.1 GET, to keep the tests on the server's real socket without another client.
+async fn reqwest_like_get(address: &str, path: &str, bearer: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {bearer}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+#[tokio::test]
+async fn connect_auth_message_gives_typing_ack_response_and_history() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let local = Local::start(&Env::new(&test), &["serve", "--listen", "127.0.0.1:0"]).await;
+    let mut socket = open(&local.address, s.conversation).await;
+    send(
+        &mut socket,
+        json!({ "type": "auth", "token": token(s.user, Role::CustomerOperator) }),
+    )
+    .await;
+    let ok = expect(&mut socket, "auth_ok").await;
+    assert_eq!(ok["conversation_id"], json!(s.conversation));
+
+    send(&mut socket, json!({ "type": "message", "text": "hello local", "client_message_id": uuid::Uuid::new_v4() })).await;
+    expect(&mut socket, "typing").await;
+    let ack = expect(&mut socket, "ack").await;
+    let response = expect(&mut socket, "response").await;
+    assert_eq!(response["text"], "Echo: hello local");
+    assert_eq!(response["reply_to"], ack["message_id"]);
+
+    let history = http_get(
+        &local.address,
+        &format!("/api/portal/chat/conversations/{}/messages", s.conversation),
+        &token(s.user, Role::CustomerOperator),
+    )
+    .await;
+    let history = history.as_array().unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(
+        (history[0]["role"].as_str(), history[0]["content"].as_str()),
+        (Some("user"), Some("hello local"))
+    );
+    assert_eq!(history[1]["content"], "Echo: hello local");
+
+    // Pings are answered, unknown frames get an error, and the socket stays open.
+    send(&mut socket, json!({ "type": "ping" })).await;
+    expect(&mut socket, "pong").await;
+    send(&mut socket, json!({ "type": "shout" })).await;
+    assert_eq!(expect(&mut socket, "error").await["code"], "bad_request");
+    send(&mut socket, json!({ "type": "ping" })).await;
+    expect(&mut socket, "pong").await;
+    local.stop().await;
+}
+
+#[tokio::test]
+async fn both_tabs_get_the_reply_and_another_conversation_gets_nothing() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let other_agent = seed_agent_with(&db, s.tenant, "other", Provider::Echo, "").await;
+    let other = other_conversation(&db, &s, other_agent).await;
+    let local = Local::start(&Env::new(&test), &["serve", "--listen", "127.0.0.1:0"]).await;
+    let mut tab1 = authenticated(&local.address, &s, s.conversation).await;
+    let mut tab2 = authenticated(&local.address, &s, s.conversation).await;
+    let mut elsewhere = authenticated(&local.address, &s, other).await;
+
+    send(&mut tab1, json!({ "type": "message", "text": "to both" })).await;
+    expect(&mut tab1, "typing").await;
+    expect(&mut tab1, "ack").await;
+    assert_eq!(expect(&mut tab1, "response").await["text"], "Echo: to both");
+    assert_eq!(expect(&mut tab2, "response").await["text"], "Echo: to both");
+    assert_eq!(next(&mut elsewhere, Duration::from_millis(700)).await, None);
+    local.stop().await;
+}
+
+async fn other_conversation(db: &Db, s: &Seed, agent: shared::domain::AgentId) -> ConversationId {
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    let id = conversations::get_or_create(&mut tx, s.tenant, agent, s.user)
+        .await
+        .unwrap()
+        .row
+        .id;
+    tx.commit().await.unwrap();
+    id
+}
+
+#[tokio::test]
+async fn gateway_and_worker_as_separate_processes_meet_through_redis() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let env = Env::new(&test);
+    let gateway = Local::start(&env, &["serve", "--listen", "127.0.0.1:0", "--no-worker"]).await;
+    let mut socket = authenticated(&gateway.address, &s, s.conversation).await;
+    send(&mut socket, json!({ "type": "message", "text": "queued" })).await;
+    expect(&mut socket, "typing").await;
+    expect(&mut socket, "ack").await;
+    assert_eq!(
+        next(&mut socket, Duration::from_millis(700)).await,
+        None,
+        "no worker yet"
+    );
+
+    let worker = Local::start(&env, &["worker", "--consumer", "separate"]).await;
+    let response = expect(&mut socket, "response").await;
+    assert_eq!(response["text"], "Echo: queued");
+    worker.stop().await;
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn the_management_api_reaches_live_sockets_and_410s_unknown_ones() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let local = Local::start(&Env::new(&test), &["serve", "--listen", "127.0.0.1:0"]).await;
+    let mut socket = authenticated(&local.address, &s, s.conversation).await;
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    let rows = shared::db::connections::list_authenticated(&mut tx, s.tenant, s.conversation)
+        .await
+        .unwrap();
+    drop(tx);
+    assert_eq!(rows.len(), 1);
+    let endpoint = format!("http://{}", local.address);
+    assert_eq!(
+        rows[0].endpoint, endpoint,
+        "rows name the gateway as their endpoint"
+    );
+
+    let api = ManagementApi::new(sdk_config());
+    let frame = ServerFrame::Typing {
+        conversation_id: s.conversation,
+    };
+    assert_eq!(
+        api.post(&endpoint, &rows[0].connection_id, &frame)
+            .await
+            .unwrap(),
+        Posted::Delivered
+    );
+    expect(&mut socket, "typing").await;
+    let unknown = ConnectionId::parse("nobody-here").unwrap();
+    assert_eq!(
+        api.post(&endpoint, &unknown, &frame).await.unwrap(),
+        Posted::Gone
+    );
+    api.close(&endpoint, &rows[0].connection_id).await.unwrap();
+    assert_eq!(
+        next(&mut socket, Duration::from_secs(2)).await,
+        None,
+        "closed"
+    );
+    local.stop().await;
+}
+
+#[tokio::test]
+async fn a_socket_that_does_not_authenticate_in_time_is_closed() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let local = Local::start(
+        &Env::new(&test),
+        &["serve", "--listen", "127.0.0.1:0", "--auth-timeout", "1"],
+    )
+    .await;
+    let mut socket = open(&local.address, s.conversation).await;
+    let started = std::time::Instant::now();
+    assert_eq!(next(&mut socket, Duration::from_secs(5)).await, None);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "closed by the timeout, not the wait"
+    );
+    local.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_conversation_id_refuses_the_handshake() {
+    let (test, _db) = TestDb::migrated().await;
+    let local = Local::start(&Env::new(&test), &["serve", "--listen", "127.0.0.1:0"]).await;
+    let refused =
+        tokio_tungstenite::connect_async(format!("ws://{}/chat/ws/not-a-uuid", local.address))
+            .await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 400)
+        }
+        other => panic!("expected an HTTP 400, got {other:?}"),
+    }
+    let refused = tokio_tungstenite::connect_async(format!("ws://{}/ws", local.address)).await;
+    assert!(
+        matches!(refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 400)
+    );
+    local.stop().await;
+}
+
+#[tokio::test]
+async fn replies_still_arrive_after_redis_restarts() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let redis = OwnRedis::start().await;
+    let mut env = Env::new(&test);
+    env.redis_url = redis.url();
+    let local = Local::start(&env, &["serve", "--listen", "127.0.0.1:0"]).await;
+    let mut socket = authenticated(&local.address, &s, s.conversation).await;
+    send(&mut socket, json!({ "type": "message", "text": "before" })).await;
+    expect(&mut socket, "typing").await;
+    expect(&mut socket, "ack").await;
+    assert_eq!(
+        expect(&mut socket, "response").await["text"],
+        "Echo: before"
+    );
+
+    let redis = redis.restart().await;
+
+    // The first attempts may meet a connection that has not noticed the restart yet; the
+    // client sees an error frame and sends again, as the page does.
+    let mut answered = None;
+    for attempt in 0..20 {
+        send(
+            &mut socket,
+            json!({ "type": "message", "text": format!("after {attempt}") }),
+        )
+        .await;
+        let mut acked = false;
+        while let Some(frame) = next(&mut socket, Duration::from_secs(3)).await {
+            match frame["type"].as_str() {
+                Some("ack") => acked = true,
+                Some("response") => {
+                    answered = Some(frame);
+                    break;
+                }
+                Some("error") => break,
+                _ => {}
+            }
+        }
+        if answered.is_some() || acked {
+            if answered.is_none() {
+                answered = Some(expect(&mut socket, "response").await);
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let answered = answered.expect("a message after the restart got its reply");
+    assert!(
+        answered["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Echo: after")
+    );
+    local.stop().await;
+    drop(redis);
+}
+
+/// A Redis server of this test's own, so restarting it disturbs no other test.
+pub struct OwnRedis {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl OwnRedis {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("konstruct-redis-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self::on(port, dir).await
+    }
+
+    async fn on(port: u16, dir: std::path::PathBuf) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start redis-server");
+        for _ in 0..100 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { child, port, dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn restart(mut self) -> Self {
+        let _ = self.child.kill().await;
+        let _ = self.child.wait().await;
+        Self::on(self.port, self.dir.clone()).await
+    }
+}
