@@ -1,4 +1,8 @@
-.PHONY: test services-up services-down fmt lint
+.PHONY: dev test services-up services-down fmt lint
+
+# The whole chat on this machine: services, migrations, demo data, then the server on :8080.
+dev:
+	infra/local/dev.sh
 
 # Starts the project's own Postgres and Redis, runs every test against them, stops them.
 test:

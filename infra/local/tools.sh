@@ -35,5 +35,29 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# The chat page's browser test: Debian's Chromium, driven by playwright-core from npm (no
+# browser download of its own).
+if [ ! -x /usr/bin/chromium ]; then
+  log "installing chromium"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium >/dev/null
+fi
+node_dir=${KONSTRUCT_NODE_DIR:-$HOME/.cache/konstruct-webchat/node}
+node_want=$(sha256sum "$root/tests/browser/package.json" | cut -d' ' -f1)
+if [ "$(cat "$node_dir/.package.sha256" 2>/dev/null)" != "$node_want" ]; then
+  command -v npm >/dev/null || {
+    log "installing nodejs and npm"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq nodejs npm >/dev/null
+  }
+  log "installing the browser test's npm packages"
+  mkdir -p "$node_dir"
+  cp "$root/tests/browser/package.json" "$node_dir/package.json"
+  (cd "$node_dir" && npm install --silent --no-audit --no-fund >&2)
+  echo "$node_want" > "$node_dir/.package.sha256"
+fi
+
 echo "export SCHEMATHESIS=$venv/bin/st"
+echo "export NODE_PATH=$node_dir/node_modules"
+echo "export CHROMIUM=/usr/bin/chromium"
 echo "export MOTO_SERVER=$venv/bin/moto_server"

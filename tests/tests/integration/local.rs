@@ -460,3 +460,43 @@ impl OwnRedis {
         Self::on(self.port, self.dir.clone()).await
     }
 }
+
+#[tokio::test]
+async fn the_chat_page_talks_to_the_agent_in_headless_chromium() {
+    let node_path = std::env::var("NODE_PATH").expect(
+        "NODE_PATH is not set: run the tests through `make test`, which installs playwright-core",
+    );
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let local = Local::start(&Env::new(&test), &["serve", "--listen", "127.0.0.1:0"]).await;
+    let url = format!(
+        "http://{}/?conversation={}#token={}",
+        local.address,
+        s.conversation,
+        token(s.user, Role::CustomerOperator)
+    );
+    let screenshot = std::env::temp_dir().join(format!("chat-page-{}.png", s.conversation));
+    let output = Command::new("node")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/browser/chat-page.cjs"
+        ))
+        .arg(&url)
+        .arg(&screenshot)
+        .env("NODE_PATH", node_path)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run node");
+    let report = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "the browser test failed:\n{report}"
+    );
+    assert!(screenshot.exists());
+    local.stop().await;
+}

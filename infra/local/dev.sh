@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# `make dev`: the whole chat on this machine. Starts the project's Postgres and Redis (installing
+# them if missing), migrates, seeds a demo tenant/user/echo agent/conversation, prints the page's
+# URL with a token, and runs `konstruct-local serve` until Ctrl-C.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$root"
+listen=${KONSTRUCT_LISTEN:-127.0.0.1:8080}
+
+services_env=$(infra/local/services.sh up)
+eval "$services_env"
+export KONSTRUCT_MODE=local
+export PORTAL_JWT_SECRET=${PORTAL_JWT_SECRET:-konstruct-local-development-secret-0123456789}
+
+cargo build -q -p local
+bin=${CARGO_TARGET_DIR:-$root/target}/debug/konstruct-local
+
+demo=$("$bin" seed-demo --url "http://$listen")
+url=$(printf '%s' "$demo" | sed -n 's/.*"url": "\(.*\)".*/\1/p')
+token=$(printf '%s' "$demo" | sed -n 's/.*"token": "\(.*\)".*/\1/p')
+cat <<MSG
+
+  Konstruct web chat is starting.
+  Open:   $url
+  Token:  $token
+  Demo:   $(printf '%s' "$demo" | tr -d '\n' | sed 's/"token": "[^"]*",//; s/"url": "[^"]*"//; s/  */ /g')
+
+  Ctrl-C stops the server; \`make services-down\` stops Postgres and Redis.
+
+MSG
+exec "$bin" serve --listen "$listen"
