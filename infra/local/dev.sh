@@ -11,6 +11,9 @@ listen=${KONSTRUCT_LISTEN:-127.0.0.1:8080}
 services_env=$(infra/local/services.sh up)
 eval "$services_env"
 export KONSTRUCT_MODE=local
+# The AWS SDK looks for a region at start-up; naming one keeps it from asking EC2's metadata
+# service, which a laptop does not have.
+export AWS_REGION=${AWS_REGION:-us-east-1}
 export PORTAL_JWT_SECRET=${PORTAL_JWT_SECRET:-konstruct-local-development-secret-0123456789}
 
 cargo build -q -p local

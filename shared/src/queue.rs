@@ -93,9 +93,13 @@ impl RedisQueue {
         )
     }
 
+    /// The shared connection. Its response timeout leaves room for the worker's blocking reads
+    /// (the client's default, 500 ms, is shorter than they wait).
     pub async fn connection(&self) -> Result<redis::aio::ConnectionManager, Error> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(std::time::Duration::from_secs(10)));
         self.connection
-            .get_or_try_init(|| self.client.get_connection_manager())
+            .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
             .await
             .cloned()
             .map_err(redis_error)

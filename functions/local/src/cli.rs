@@ -151,14 +151,14 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
             http: reqwest::Client::new(),
             url: url.trim_end_matches('/').to_owned(),
         },
-        None => Dispatch::InProcess(WsState {
+        None => Dispatch::InProcess(Box::new(WsState {
             db: db.clone(),
             tokens: tokens.clone(),
             queue: Arc::new(RedisQueue::new(&redis_url, &redis_prefix())?),
             delivery: sockets.clone(),
             management_endpoint: Some(format!("http://{address}")),
             rate_limit: RateLimit::default(),
-        }),
+        })),
     };
     let gateway = Arc::new(Gateway {
         sockets: sockets.clone(),

@@ -34,7 +34,7 @@ use crate::sockets::{Outbound, Sockets};
 /// How route events reach their handlers.
 pub enum Dispatch {
     /// The `shared::ws` handlers, in this process.
-    InProcess(WsState),
+    InProcess(Box<WsState>),
     /// Functions under `cargo lambda watch`, through the Lambda invoke API at this URL.
     Lambda { http: reqwest::Client, url: String },
 }
@@ -297,8 +297,9 @@ fn gone() -> Response {
         .into_response()
 }
 
-fn connection(raw: &str) -> Result<ConnectionId, Response> {
-    ConnectionId::parse(raw).map_err(|_| gone())
+/// A connection id from the path; one that cannot be an id is as gone as an unknown one.
+fn connection(raw: &str) -> Option<ConnectionId> {
+    ConnectionId::parse(raw).ok()
 }
 
 async fn management_post(
@@ -306,9 +307,8 @@ async fn management_post(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let id = match connection(&id) {
-        Ok(id) => id,
-        Err(gone) => return gone,
+    let Some(id) = connection(&id) else {
+        return gone();
     };
     if body.len() > shared::frame::MAX_SERVER_FRAME_BYTES {
         let err = Error::TooLarge("frames are limited to 32 KiB".into());
@@ -332,7 +332,7 @@ async fn management_post(
 
 async fn management_get(State(gateway): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
     match connection(&id) {
-        Ok(id) if gateway.sockets.is_open(&id) => axum::Json(serde_json::json!({
+        Some(id) if gateway.sockets.is_open(&id) => axum::Json(serde_json::json!({
             "ConnectedAt": null,
             "Identity": { "SourceIp": "127.0.0.1" },
         }))
@@ -346,7 +346,7 @@ async fn management_delete(
     Path(id): Path<String>,
 ) -> Response {
     match connection(&id) {
-        Ok(id) if gateway.sockets.close(&id, 1000, "closed by the server") => {
+        Some(id) if gateway.sockets.close(&id, 1000, "closed by the server") => {
             StatusCode::NO_CONTENT.into_response()
         }
         _ => gone(),

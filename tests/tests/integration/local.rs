@@ -500,3 +500,121 @@ async fn the_chat_page_talks_to_the_agent_in_headless_chromium() {
     assert!(screenshot.exists());
     local.stop().await;
 }
+
+/// `cargo lambda watch` and the functions it starts, stopped together when dropped.
+struct CargoLambda {
+    child: Child,
+}
+
+impl Drop for CargoLambda {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", "--", &format!("-{pid}")])
+                .status();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn routes_can_run_as_real_lambdas_under_cargo_lambda_watch() {
+    let cargo_lambda = std::env::var("CARGO_LAMBDA").expect(
+        "CARGO_LAMBDA is not set: run the tests through `make test`, which installs cargo-lambda",
+    );
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let env = Env::new(&test);
+    let (invoke_port, gateway_port) = (free_port(), free_port());
+    let vars = [
+        "KONSTRUCT_MODE=local".to_owned(),
+        format!("DATABASE_URL={}", env.database_url),
+        format!("REDIS_URL={}", env.redis_url),
+        format!("KONSTRUCT_REDIS_PREFIX={}", env.prefix),
+        format!("PORTAL_JWT_SECRET={SECRET}"),
+        format!("WS_MANAGEMENT_ENDPOINT=http://127.0.0.1:{gateway_port}"),
+        "AWS_REGION=us-east-1".to_owned(),
+        "AWS_ACCESS_KEY_ID=local".to_owned(),
+        "AWS_SECRET_ACCESS_KEY=local".to_owned(),
+    ];
+    let mut command = Command::new(cargo_lambda);
+    command
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .args(["lambda", "watch", "--quiet", "--ignore-changes"])
+        .args([
+            "--invoke-address",
+            "127.0.0.1",
+            "--invoke-port",
+            &invoke_port.to_string(),
+        ])
+        .args(vars.iter().flat_map(|v| ["--env-var", v.as_str()]))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    let _lambdas = CargoLambda {
+        child: command.spawn().expect("start cargo lambda watch"),
+    };
+    for _ in 0..200 {
+        if TcpStream::connect(("127.0.0.1", invoke_port)).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let gateway = Local::start(
+        &env,
+        &[
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{gateway_port}"),
+            "--lambda-endpoint",
+            &format!("http://127.0.0.1:{invoke_port}"),
+        ],
+    )
+    .await;
+    // Each function compiles on its first invocation: be patient with the handshake.
+    let url = format!("ws://{}/chat/ws/{}", gateway.address, s.conversation);
+    let (mut socket, _) = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .expect("ws-connect answered")
+    .expect("connected through ws-connect");
+    send(
+        &mut socket,
+        json!({ "type": "auth", "token": token(s.user, Role::CustomerOperator) }),
+    )
+    .await;
+    let ok = next(&mut socket, Duration::from_secs(300))
+        .await
+        .expect("ws-auth answered");
+    assert_eq!(ok["type"], "auth_ok", "{ok}");
+    send(
+        &mut socket,
+        json!({ "type": "message", "text": "via cargo lambda" }),
+    )
+    .await;
+    let mut seen = Vec::new();
+    while let Some(frame) = next(&mut socket, Duration::from_secs(300)).await {
+        seen.push(frame["type"].as_str().unwrap_or_default().to_owned());
+        if frame["type"] == "response" {
+            assert_eq!(frame["text"], "Echo: via cargo lambda");
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        vec!["typing", "ack", "response"],
+        "typing came from ws-message through the management API"
+    );
+    gateway.stop().await;
+}
