@@ -36,9 +36,10 @@ export MOTO_ENDPOINT=http://127.0.0.1:$moto_port
 # The AWS SDK signs every request; emulators accept any credentials.
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1
 
-# The local runtime's binary, which the end-to-end tests start as separate processes.
-cargo build -p local
-export KONSTRUCT_LOCAL_BIN=${CARGO_TARGET_DIR:-$root/target}/debug/konstruct-local
+# Every binary: the end-to-end tests start konstruct-local, the template test each function.
+cargo build --workspace --bins
+export KONSTRUCT_BIN_DIR=${CARGO_TARGET_DIR:-$root/target}/debug
+export KONSTRUCT_LOCAL_BIN=$KONSTRUCT_BIN_DIR/konstruct-local
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"

@@ -16,6 +16,7 @@ mod rbac;
 mod redis_keys;
 mod rls;
 mod schemathesis;
+mod template;
 mod tokens;
 mod worker;
 mod ws;

@@ -1,0 +1,112 @@
+"""Offline validation of the SAM template, as `make test` runs it.
+
+1. Translates template.yaml to CloudFormation with SAM's own translator (no AWS account: local
+   CodeUri values become s3:// placeholders, managed policies are not looked up).
+2. Lints the translated template with cfn-lint. Linting the SAM template itself misses most
+   mistakes (a misspelt !GetAtt target, an invalid runtime), the translated one does not.
+3. Checks that every crate under functions/ (but the local runtime) has exactly one function
+   whose Binary is that crate, and every function's Binary is a crate.
+
+Usage: python validate_template.py TEMPLATE [--functions OUT.json]
+OUT.json lists each function's binary and the environment variables it is given, for the test
+that starts every binary with exactly those variables.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+from samtranslator.translator.transform import transform
+from samtranslator.yaml_helper import yaml_parse
+
+# Values for the parameters without a default; any well-formed value translates the same way.
+SAMPLE_PARAMETERS = {
+    "DatabaseUrlSecretName": "konstruct/database-url",
+    "PortalJwtSecretName": "konstruct/portal-jwt-secret",
+}
+NOT_FUNCTIONS = {"local"}
+
+
+class OfflinePolicies:
+    """SAM asks for the managed-policy name → ARN map only for policies named by name."""
+
+    def load(self):
+        return {}
+
+
+def fail(message):
+    print(f"template: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("template")
+    parser.add_argument("--functions")
+    args = parser.parse_args()
+    template_path = pathlib.Path(args.template)
+    workspace = pathlib.Path(__file__).resolve().parent.parent
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+    sam = yaml_parse(template_path.read_text())
+    functions = {
+        name: resource
+        for name, resource in sam.get("Resources", {}).items()
+        if resource.get("Type") == "AWS::Serverless::Function"
+    }
+    binaries = {}
+    for name, resource in functions.items():
+        metadata = resource.get("Metadata", {})
+        if metadata.get("BuildMethod") != "rust-cargolambda":
+            fail(f"{name}: Metadata.BuildMethod must be rust-cargolambda")
+        binary = metadata.get("BuildProperties", {}).get("Binary")
+        if not binary:
+            fail(f"{name}: Metadata.BuildProperties.Binary is missing")
+        binaries[name] = binary
+        resource.setdefault("Properties", {})["CodeUri"] = f"s3://placeholder-bucket/{binary}.zip"
+    sam.get("Globals", {}).get("Function", {}).pop("CodeUri", None)
+
+    crates = sorted(
+        d.name
+        for d in (workspace / "functions").iterdir()
+        if (d / "Cargo.toml").exists() and d.name not in NOT_FUNCTIONS
+    )
+    for crate in crates:
+        owners = [n for n, b in binaries.items() if b == crate]
+        if len(owners) != 1:
+            fail(f"crate functions/{crate} has {len(owners)} SAM functions, not one: {owners}")
+    for name, binary in binaries.items():
+        if binary not in crates:
+            fail(f"{name}: Binary {binary!r} is not a crate under functions/")
+
+    try:
+        translated = transform(sam, SAMPLE_PARAMETERS, OfflinePolicies())
+    except Exception as error:  # the translator reports template errors as exceptions
+        fail(f"SAM translation failed: {error}")
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as out:
+        json.dump(translated, out, indent=1)
+    lint = subprocess.run(
+        [str(pathlib.Path(sys.executable).parent / "cfn-lint"), "--regions", "us-east-1", "--", out.name],
+        capture_output=True,
+        text=True,
+    )
+    os.unlink(out.name)
+    if lint.returncode != 0:
+        fail(f"cfn-lint found problems in the translated template:\n{lint.stdout}{lint.stderr}")
+
+    if args.functions:
+        listing = {}
+        for name, binary in binaries.items():
+            variables = translated["Resources"][name]["Properties"].get("Environment", {})
+            listing[binary] = sorted(variables.get("Variables", {}))
+        pathlib.Path(args.functions).write_text(json.dumps(listing, indent=1, sort_keys=True))
+    print(f"template: {len(translated['Resources'])} resources, lint clean")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+//! The SAM template, validated offline (SAM's translator, then cfn-lint on the result), and
+//! held to the workspace: each function crate has its function, and each function binary starts
+//! with exactly the environment the template gives it.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+fn python() -> String {
+    std::env::var("KONSTRUCT_PYTHON").expect(
+        "KONSTRUCT_PYTHON is not set: run the tests through `make test`, which installs the validators",
+    )
+}
+
+/// Runs the validator; its exit status and everything it said.
+async fn validate(
+    template: &std::path::Path,
+    functions: Option<&std::path::Path>,
+) -> (bool, String) {
+    let mut command = Command::new(python());
+    command
+        .arg(format!("{WORKSPACE}/infra/validate_template.py"))
+        .arg(template);
+    if let Some(out) = functions {
+        command.arg("--functions").arg(out);
+    }
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run the validator");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), said)
+}
+
+fn template() -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("{WORKSPACE}/template.yaml"))
+}
+
+#[tokio::test]
+async fn the_template_translates_and_lints_clean() {
+    let (ok, said) = validate(&template(), None).await;
+    assert!(ok, "{said}");
+    assert!(said.contains("lint clean"), "{said}");
+}
+
+#[tokio::test]
+async fn broken_templates_fail_validation() {
+    let original = std::fs::read_to_string(template()).unwrap();
+    let breakages = [
+        ("WsConnectFunction.Arn", "WsConectFunction.Arn", "E1019"),
+        (
+            "Runtime: provided.al2023",
+            "Runtime: provided.al2099",
+            "E3030",
+        ),
+        ("Binary: ws-auth", "Binary: ws-authh", "functions/ws-auth"),
+        ("RouteKey: auth", "RouteKeyz: auth", "RouteKeyz"),
+    ];
+    for (from, to, expected) in breakages {
+        assert!(original.contains(from), "{from} is in the template");
+        let broken = std::env::temp_dir().join(format!("broken-{}.yaml", uuid::Uuid::new_v4()));
+        std::fs::write(&broken, original.replacen(from, to, 1)).unwrap();
+        let (ok, said) = validate(&broken, None).await;
+        std::fs::remove_file(&broken).ok();
+        assert!(!ok, "{to}: the validator must fail");
+        assert!(
+            said.contains(expected),
+            "{to}: expected {expected} in:\n{said}"
+        );
+    }
+}
+
+/// Plausible values for every variable a function may be given, in the shape the code expects.
+fn sample(name: &str) -> &'static str {
+    match name {
+        "DATABASE_URL" => "postgres://app@127.0.0.1:1/app",
+        "KONSTRUCT_MODE" => "aws",
+        "QUEUE_URL" => "https://sqs.us-east-1.amazonaws.com/123456789012/stack-work.fifo",
+        "WS_MANAGEMENT_ENDPOINT" => "https://abc123.execute-api.us-east-1.amazonaws.com/prod",
+        "PORTAL_JWT_SECRET" => "a-portal-secret-of-at-least-32-bytes-0123",
+        "PORTAL_JWT_ISSUER" | "PORTAL_JWT_AUDIENCE" | "OPENAI_API_KEY" => "",
+        "OPENAI_BASE_URL" => "https://api.openai.com/v1",
+        "AGENT_TIMEOUT_SECONDS" => "25",
+        "AGENT_MAX_ATTEMPTS" => "2",
+        other => panic!("no sample value for {other}: add one, and check the code reads it"),
+    }
+}
+
+/// A Lambda Runtime API that only notes the first `next` request: the function is ready.
+async fn runtime_api() -> (String, mpsc::UnboundedReceiver<()>) {
+    let (ready, readies) = mpsc::unbounded_channel::<()>();
+    let app = Router::new().route(
+        "/2018-06-01/runtime/invocation/next",
+        get(move || {
+            let ready = ready.clone();
+            async move {
+                let _ = ready.send(());
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                ""
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (address, readies)
+}
+
+/// Starts a function binary as Lambda would, with only these variables; whether it got as far
+/// as asking for its first event.
+async fn starts(binary: &str, variables: &[(String, String)]) -> (bool, String) {
+    let bin_dir = std::env::var("KONSTRUCT_BIN_DIR")
+        .expect("KONSTRUCT_BIN_DIR is not set: run the tests through `make test`, which builds the functions");
+    let (api, mut readies) = runtime_api().await;
+    let mut child = Command::new(format!("{bin_dir}/{binary}"))
+        .env_clear()
+        .envs(variables.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("AWS_LAMBDA_RUNTIME_API", &api)
+        .env("AWS_LAMBDA_FUNCTION_NAME", binary)
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "stream")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "group")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+        .env("AWS_SECRET_ACCESS_KEY", "secret")
+        .env("AWS_SESSION_TOKEN", "token")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {binary}: {e}"));
+    let outcome = tokio::select! {
+        ready = tokio::time::timeout(Duration::from_secs(15), readies.recv()) => ready.is_ok(),
+        _ = child.wait() => false,
+    };
+    let _ = child.start_kill();
+    let output = child.wait_with_output().await.unwrap();
+    (
+        outcome,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn every_function_starts_with_the_environment_the_template_gives_it() {
+    let listing = std::env::temp_dir().join(format!("functions-{}.json", uuid::Uuid::new_v4()));
+    let (ok, said) = validate(&template(), Some(&listing)).await;
+    assert!(ok, "{said}");
+    let functions: BTreeMap<String, Vec<String>> =
+        serde_json::from_str(&std::fs::read_to_string(&listing).unwrap()).unwrap();
+    std::fs::remove_file(&listing).ok();
+    assert_eq!(functions.len(), 6, "{functions:?}");
+
+    for (binary, names) in &functions {
+        let variables: Vec<(String, String)> = names
+            .iter()
+            .map(|n| (n.clone(), sample(n).to_owned()))
+            .collect();
+        let (ready, stderr) = starts(binary, &variables).await;
+        assert!(
+            ready,
+            "{binary} did not start with the template's environment {names:?}:\n{stderr}"
+        );
+
+        // And the check can fail: without its database the function refuses to start.
+        let without: Vec<(String, String)> = variables
+            .iter()
+            .filter(|(k, _)| k != "DATABASE_URL")
+            .cloned()
+            .collect();
+        let (ready, stderr) = starts(binary, &without).await;
+        assert!(!ready, "{binary} started without DATABASE_URL");
+        assert!(
+            stderr.contains("DATABASE_URL"),
+            "{binary} names the missing variable:\n{stderr}"
+        );
+    }
+}
