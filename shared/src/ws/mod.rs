@@ -121,11 +121,13 @@ impl Route {
         state: &WsState,
         event: ApiGatewayWebsocketProxyRequest,
     ) -> ApiGatewayProxyResponse {
+        // Boxed: the nested futures of a route are deep enough to exhaust the compiler's layout
+        // recursion in release builds; one allocation per event is nothing beside the I/O.
         match self {
-            Self::Connect => connect::handle(state, event).await,
-            Self::Auth => auth::handle(state, event).await,
-            Self::Message => message::handle(state, event).await,
-            Self::Disconnect => disconnect::handle(state, event).await,
+            Self::Connect => Box::pin(connect::handle(state, event)).await,
+            Self::Auth => Box::pin(auth::handle(state, event)).await,
+            Self::Message => Box::pin(message::handle(state, event)).await,
+            Self::Disconnect => Box::pin(disconnect::handle(state, event)).await,
         }
     }
 }

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# `make package`: one Lambda zip per function (cargo-lambda, which cross-links with zig for
+# Amazon Linux 2023), and their sizes. Builds for arm64 when the aarch64 Rust target is
+# installed (or can be), else for x86_64: deploy with Architecture= the one it names.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+tools_env=$(infra/local/tools.sh)
+eval "$tools_env"
+export PATH="$(dirname "$CARGO_LAMBDA"):$PATH"
+
+if rustup target list --installed 2>/dev/null | grep -q '^aarch64-unknown-linux-gnu$' \
+  || rustup target add aarch64-unknown-linux-gnu >/dev/null 2>&1; then
+  arch=--arm64 architecture=arm64
+else
+  echo "package: the aarch64 Rust target cannot be installed here; building x86_64" >&2
+  arch=--x86-64 architecture=x86_64
+fi
+
+functions=$(ls -d functions/*/ | xargs -n1 basename | grep -v '^local$')
+packages=()
+for f in $functions; do packages+=(--package "$f"); done
+cargo lambda build --release "$arch" --output-format zip "${packages[@]}"
+
+target=${CARGO_TARGET_DIR:-$root/target}
+echo "Lambda packages ($architecture; deploy with Architecture=$architecture):"
+for f in $functions; do
+  zip=$target/lambda/$f/bootstrap.zip
+  [ -f "$zip" ] || { echo "package: $zip is missing" >&2; exit 1; }
+  printf '  %-16s %8s bytes  %s\n' "$f" "$(stat -c %s "$zip")" "$zip"
+done
