@@ -1,4 +1,4 @@
-.PHONY: dev test package services-up services-down fmt lint
+.PHONY: dev test bench package services-up services-down fmt lint
 
 # The whole chat on this machine: services, migrations, demo data, then the server on :8080.
 dev:
@@ -7,6 +7,10 @@ dev:
 # Starts the project's own Postgres and Redis, runs every test against them, stops them.
 test:
 	infra/local/test.sh
+
+# Cold start and end-to-end figures (release builds); writes tests/bench/results.json.
+bench:
+	infra/local/bench.sh
 
 # One Lambda zip per function, for `sam deploy`; prints their sizes.
 package:

@@ -157,7 +157,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
             queue: Arc::new(RedisQueue::new(&redis_url, &redis_prefix())?),
             delivery: sockets.clone(),
             management_endpoint: Some(format!("http://{address}")),
-            rate_limit: RateLimit::default(),
+            rate_limit: RateLimit::from_env()?,
         })),
     };
     let gateway = Arc::new(Gateway {

@@ -32,6 +32,36 @@ pub struct RateLimit {
     pub window_seconds: u32,
 }
 
+impl RateLimit {
+    /// `WS_RATE_LIMIT_MESSAGES` per `WS_RATE_LIMIT_WINDOW_SECONDS`, 20 per 10 s when unset.
+    pub fn from_lookup(lookup: impl crate::config::Lookup) -> Result<Self, ConfigError> {
+        let mut limit = Self::default();
+        let number = |var: &'static str| -> Result<Option<u32>, ConfigError> {
+            lookup(var)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| {
+                    v.trim()
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| ConfigError::new(var, "must be a positive integer"))
+                })
+                .transpose()
+        };
+        if let Some(messages) = number("WS_RATE_LIMIT_MESSAGES")? {
+            limit.messages = messages;
+        }
+        if let Some(seconds) = number("WS_RATE_LIMIT_WINDOW_SECONDS")? {
+            limit.window_seconds = seconds;
+        }
+        Ok(limit)
+    }
+
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name: &str| std::env::var(name).ok())
+    }
+}
+
 impl Default for RateLimit {
     fn default() -> Self {
         Self {
@@ -75,7 +105,7 @@ impl WsState {
             queue,
             delivery: Arc::new(ManagementApi::new(aws)),
             management_endpoint: config.management_endpoint,
-            rate_limit: RateLimit::default(),
+            rate_limit: RateLimit::from_env()?,
         })
     }
 

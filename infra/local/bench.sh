@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# `make bench`: release builds, then the cold-start and end-to-end benchmarks against the
+# project's own Postgres and Redis (the `bench` instances). Prints the figures and writes them to
+# tests/bench/results.json with the machine they came from. Nothing passes or fails.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$root"
+export KONSTRUCT_LOCAL_DIR=$root/.local/bench KONSTRUCT_PG_PORT=54349 KONSTRUCT_REDIS_PORT=63819
+target=${CARGO_TARGET_DIR:-$root/target}
+
+trap 'infra/local/services.sh down' EXIT
+services_env=$(infra/local/services.sh up)
+eval "$services_env"
+cargo build --release --workspace --bins
+mkdir -p tests/bench
+
+echo "== cold start (release binaries, $(uname -m); zips from make package when present)"
+"$target/release/coldstart" "$target/release" "$target/lambda" --runs 20 --json tests/bench/coldstart.json
+echo
+echo "== end to end (konstruct-local, echo agent)"
+KONSTRUCT_LOCAL_BIN=$target/release/konstruct-local "$target/release/loadgen" \
+  --conversations 50 --listeners 1 --rate 500 --seconds 10 --burst 60 --json tests/bench/loadgen.json
+
+machine=$(printf '%s, %s cores, %s' "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" "$(nproc)" \
+  "$(free -g | awk '/Mem:/ {print $2 " GiB"}')")
+python3 - "$machine" <<'PY'
+import json, sys, datetime
+results = {
+    "machine": sys.argv[1],
+    "date": datetime.date.today().isoformat(),
+    "coldstart": json.load(open("tests/bench/coldstart.json")),
+    "end_to_end": json.load(open("tests/bench/loadgen.json")),
+}
+json.dump(results, open("tests/bench/results.json", "w"), indent=2)
+PY
+rm -f tests/bench/coldstart.json tests/bench/loadgen.json
+echo
+echo "results: tests/bench/results.json ($machine)"

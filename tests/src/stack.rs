@@ -1,0 +1,183 @@
+//! A local stack for load: a database of its own, seeded with conversations, and
+//! `konstruct-local` serving it.
+
+use std::process::Stdio;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use serde_json::json;
+use shared::auth::issue_token;
+use shared::config::AuthConfig;
+use shared::db::agents::{self, NewAgent, Provider};
+use shared::db::{Db, Scope, conversations, memberships, tenants, users};
+use shared::domain::{ConversationId, Role, TenantId, TenantRole};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const SECRET: &str = "load-test-secret-0123456789abcdef0123456789";
+
+/// A conversation to load, with its owner's token.
+#[derive(Debug, Clone)]
+pub struct Seat {
+    pub tenant: TenantId,
+    pub conversation: ConversationId,
+    pub token: String,
+}
+
+/// A fresh database (created through the maintenance URL), migrated, with `n` users each
+/// owning a conversation with one echo agent. Returns its URL, its handle and the seats.
+pub async fn seeded_database(
+    maintenance_url: &str,
+    n: usize,
+) -> anyhow::Result<(String, Db, Vec<Seat>)> {
+    let admin = PgConnectOptions::from_str(maintenance_url)?;
+    let name = format!("load_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = admin.connect().await?;
+    sqlx::query(AssertSqlSafe(format!("create database {name}")))
+        .execute(&mut conn)
+        .await?;
+    conn.close().await.ok();
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .connect_with(admin.clone().database(&name))
+        .await?;
+    let db = Db::from_pool(pool);
+    db.migrate().await?;
+    let cut = maintenance_url
+        .rfind('/')
+        .ok_or_else(|| anyhow!("DATABASE_URL names no database"))?;
+    let url = format!("{}/{name}", &maintenance_url[..cut]);
+
+    let auth = AuthConfig::from_lookup(|k| (k == "PORTAL_JWT_SECRET").then(|| SECRET.to_owned()))?;
+    let tenant = TenantId::new();
+    let mut tx = db.begin(Scope::Tenant(tenant)).await?;
+    tenants::insert(&mut tx, tenant, "Load").await?;
+    let agent = agents::insert(
+        &mut tx,
+        NewAgent {
+            tenant_id: tenant,
+            name: "Echo",
+            system_prompt: "",
+            provider: Provider::Echo,
+            model: "",
+            settings: json!({}),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    let mut seats = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut conn = db.pool().acquire().await?;
+        let user =
+            users::insert(&mut conn, &format!("load-{i}-{name}@example.test"), "Load").await?;
+        drop(conn);
+        let mut tx = db.begin(Scope::Tenant(tenant)).await?;
+        memberships::grant(&mut tx, tenant, user.id, TenantRole::CustomerOperator).await?;
+        let conversation = conversations::get_or_create(&mut tx, tenant, agent.id, user.id)
+            .await?
+            .row
+            .id;
+        tx.commit().await?;
+        let token = issue_token(
+            &auth,
+            user.id,
+            Role::CustomerOperator,
+            Duration::from_secs(3600),
+        )?;
+        seats.push(Seat {
+            tenant,
+            conversation,
+            token,
+        });
+    }
+    Ok((url, db, seats))
+}
+
+/// A `konstruct-local` process; killed when dropped.
+pub struct Server {
+    pub child: Child,
+    /// `127.0.0.1:port`
+    pub address: String,
+}
+
+impl Server {
+    /// Starts `bin` with these arguments; when it serves, waits for its address.
+    pub async fn start(
+        bin: &str,
+        database_url: &str,
+        redis_url: &str,
+        redis_prefix: &str,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("DATABASE_URL", database_url)
+            .env("REDIS_URL", redis_url)
+            .env("KONSTRUCT_REDIS_PREFIX", redis_prefix)
+            .env("KONSTRUCT_MODE", "local")
+            .env("PORTAL_JWT_SECRET", SECRET)
+            .env("AWS_REGION", "us-east-1")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_LOG").unwrap_or_else(|_| "warn,konstruct_local=info".into()),
+            )
+            .envs(extra_env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {bin}"))?;
+        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let mut address = String::new();
+        if args.first().is_none_or(|a| *a == "serve") {
+            address = tokio::time::timeout(Duration::from_secs(30), async {
+                while let Some(line) = lines.next_line().await? {
+                    if let Some(rest) = line.split("listening on http://").nth(1) {
+                        return Ok(rest.trim().to_owned());
+                    }
+                }
+                Err(anyhow!("konstruct-local exited before listening"))
+            })
+            .await
+            .context("konstruct-local did not listen within 30 s")??;
+        }
+        let echo = std::env::var_os("TEST_LOG").is_some();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if echo {
+                    eprintln!("[konstruct-local] {line}");
+                }
+            }
+        });
+        Ok(Self { child, address })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// CPU seconds a process has used so far, and its peak resident memory in bytes (Linux).
+pub fn process_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let peak_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((ticks / 100.0, peak_kb * 1024))
+}
