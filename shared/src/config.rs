@@ -38,6 +38,19 @@ fn optional(lookup: &impl Lookup, var: &'static str) -> Option<String> {
     lookup(var).filter(|v| !v.trim().is_empty())
 }
 
+/// An optional positive integer.
+pub fn positive(lookup: &impl Lookup, var: &'static str) -> Result<Option<u64>, ConfigError> {
+    optional(lookup, var)
+        .map(|v| {
+            v.trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| ConfigError::new(var, "must be a positive integer"))
+        })
+        .transpose()
+}
+
 fn required(lookup: &impl Lookup, var: &'static str) -> Result<String, ConfigError> {
     optional(lookup, var).ok_or_else(|| ConfigError::new(var, "is not set"))
 }
@@ -102,12 +115,9 @@ impl DatabaseConfig {
         }
         let options = PgConnectOptions::from_str(url.expose_secret())
             .map_err(|e| ConfigError::new("DATABASE_URL", format!("is not a Postgres URL: {e}")))?;
-        let max_connections = match optional(&lookup, "DATABASE_MAX_CONNECTIONS") {
-            None => Self::DEFAULT_MAX_CONNECTIONS,
-            Some(raw) => raw.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                ConfigError::new("DATABASE_MAX_CONNECTIONS", "must be a positive integer")
-            })?,
-        };
+        let max_connections = positive(&lookup, "DATABASE_MAX_CONNECTIONS")?
+            .map_or(Ok(Self::DEFAULT_MAX_CONNECTIONS), u32::try_from)
+            .map_err(|_| ConfigError::new("DATABASE_MAX_CONNECTIONS", "is too large"))?;
         Ok(Self {
             options,
             max_connections,

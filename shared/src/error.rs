@@ -67,6 +67,9 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A route that exists, asked with a method it does not answer (405).
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// Over one of the contract's size limits.
     #[error("{0}")]
     TooLarge(String),
@@ -85,7 +88,7 @@ pub enum Error {
 impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::BadRequest(_) => ErrorCode::BadRequest,
+            Self::BadRequest(_) | Self::MethodNotAllowed(_) => ErrorCode::BadRequest,
             Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
             Self::Forbidden(_) => ErrorCode::Forbidden,
             Self::NotFound(_) => ErrorCode::NotFound,
@@ -94,6 +97,14 @@ impl Error {
             Self::RateLimited(_) => ErrorCode::RateLimited,
             Self::AgentFailed(_) => ErrorCode::AgentFailed,
             Self::Database(_) | Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// The HTTP status of a REST response carrying this error.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::MethodNotAllowed(_) => 405,
+            other => other.code().http_status(),
         }
     }
 

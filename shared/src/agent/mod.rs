@@ -15,7 +15,7 @@ pub use bedrock::Bedrock;
 pub use echo::Echo;
 pub use openai::OpenAi;
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, positive};
 use crate::db::agents::{Agent, Provider as ProviderKind};
 use crate::db::messages::MessageRole;
 
@@ -105,23 +105,11 @@ impl RetryPolicy {
     /// `AGENT_TIMEOUT_SECONDS` and `AGENT_MAX_ATTEMPTS`, each optional.
     pub fn from_lookup(lookup: impl crate::config::Lookup) -> Result<Self, ConfigError> {
         let mut policy = Self::default();
-        let number = |var: &'static str| -> Result<Option<u64>, ConfigError> {
-            lookup(var)
-                .filter(|v| !v.trim().is_empty())
-                .map(|v| {
-                    v.trim()
-                        .parse::<u64>()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| ConfigError::new(var, "must be a positive integer"))
-                })
-                .transpose()
-        };
-        if let Some(seconds) = number("AGENT_TIMEOUT_SECONDS")? {
+        if let Some(seconds) = positive(&lookup, "AGENT_TIMEOUT_SECONDS")? {
             policy.attempt_timeout = Duration::from_secs(seconds);
         }
-        if let Some(attempts) = number("AGENT_MAX_ATTEMPTS")? {
-            policy.max_attempts = attempts as usize;
+        if let Some(attempts) = positive(&lookup, "AGENT_MAX_ATTEMPTS")? {
+            policy.max_attempts = usize::try_from(attempts).unwrap_or(usize::MAX);
         }
         Ok(policy)
     }

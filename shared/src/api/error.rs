@@ -24,7 +24,7 @@ impl IntoResponse for Error {
             tracing::error!(error = &self as &dyn std::error::Error, "request failed");
         }
         let status =
-            StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = axum::Json(ErrorBody {
             detail: self.public_message(),
             code,

@@ -80,6 +80,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/portal/chat/openapi.json", get(openapi))
         .route("/healthz", get(health))
         .fallback(|| async { Error::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async {
+            Error::MethodNotAllowed("this route does not answer that method".into())
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

@@ -18,7 +18,9 @@ use aws_lambda_events::encodings::Body;
 
 use crate::Error;
 use crate::auth::TokenVerifier;
-use crate::config::{AuthConfig, ConfigError, DatabaseConfig, Mode, WsConfig, redis_prefix};
+use crate::config::{
+    AuthConfig, ConfigError, DatabaseConfig, Mode, WsConfig, positive, redis_prefix,
+};
 use crate::db::Db;
 use crate::delivery::{Delivery, ManagementApi, Posted, post_or_forget};
 use crate::domain::ConnectionId;
@@ -36,16 +38,9 @@ impl RateLimit {
     /// `WS_RATE_LIMIT_MESSAGES` per `WS_RATE_LIMIT_WINDOW_SECONDS`, 20 per 10 s when unset.
     pub fn from_lookup(lookup: impl crate::config::Lookup) -> Result<Self, ConfigError> {
         let mut limit = Self::default();
-        let number = |var: &'static str| -> Result<Option<u32>, ConfigError> {
-            lookup(var)
-                .filter(|v| !v.trim().is_empty())
-                .map(|v| {
-                    v.trim()
-                        .parse::<u32>()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| ConfigError::new(var, "must be a positive integer"))
-                })
+        let number = |var| -> Result<Option<u32>, ConfigError> {
+            positive(&lookup, var)?
+                .map(|n| u32::try_from(n).map_err(|_| ConfigError::new(var, "is too large")))
                 .transpose()
         };
         if let Some(messages) = number("WS_RATE_LIMIT_MESSAGES")? {

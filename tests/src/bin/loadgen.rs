@@ -59,6 +59,17 @@ async fn measured(
     Ok(summary(&report, cpu, peak))
 }
 
+/// The workers' latency samples, in microseconds.
+fn histogram(workers: Vec<anyhow::Result<Vec<Duration>>>) -> anyhow::Result<Histogram<u64>> {
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for samples in workers {
+        for sample in samples? {
+            latency.record((sample.as_micros() as u64).max(1))?;
+        }
+    }
+    Ok(latency)
+}
+
 /// The same writes and Redis operations as one message's trip, issued directly.
 async fn floor(
     db: &Db,
@@ -113,12 +124,7 @@ async fn floor(
             anyhow::Ok(samples)
         }
     });
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    for samples in futures::future::join_all(work).await {
-        for sample in samples? {
-            latency.record((sample.as_micros() as u64).max(1))?;
-        }
-    }
+    let latency = histogram(futures::future::join_all(work).await)?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(json!({
         "messages": total, "concurrency": concurrency,
@@ -163,12 +169,7 @@ async fn rest(
             anyhow::Ok(samples)
         }
     });
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    for samples in futures::future::join_all(work).await {
-        for sample in samples? {
-            latency.record((sample.as_micros() as u64).max(1))?;
-        }
-    }
+    let latency = histogram(futures::future::join_all(work).await)?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(json!({
         "requests": total, "concurrency": concurrency, "page_size": 50,

@@ -64,7 +64,8 @@ pub struct Queued {
     pub dedup_id: String,
 }
 
-/// Everything currently visible on the queue (and now invisible for the timeout).
+/// Everything on the queue, taken off it: each batch is deleted once read, since a FIFO queue
+/// hands out no more of a message group while some of it is in flight.
 pub async fn drain(queue: &SqsQueue) -> Vec<Queued> {
     let mut all = Vec::new();
     loop {
@@ -82,6 +83,14 @@ pub async fn drain(queue: &SqsQueue) -> Vec<Queued> {
             return all;
         }
         for m in messages {
+            queue
+                .client
+                .delete_message()
+                .queue_url(&queue.queue_url)
+                .receipt_handle(m.receipt_handle.clone().unwrap())
+                .send()
+                .await
+                .unwrap();
             let attrs = m.attributes.unwrap_or_default();
             all.push(Queued {
                 message_id: m.message_id.unwrap(),

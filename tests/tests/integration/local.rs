@@ -408,22 +408,24 @@ async fn replies_still_arrive_after_redis_restarts() {
 pub struct OwnRedis {
     child: Child,
     port: u16,
-    dir: std::path::PathBuf,
+    persistent: bool,
 }
 
 impl OwnRedis {
+    /// One without persistence, as `make dev` runs it: a restart loses what it held.
     pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("konstruct-redis-{port}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self::on(port, dir).await
+        Self::on(free_port(), false).await
     }
 
-    async fn on(port: u16, dir: std::path::PathBuf) -> Self {
+    /// One that writes every command to its append-only file, so a restart keeps the data.
+    pub async fn start_persistent() -> Self {
+        Self::on(free_port(), true).await
+    }
+
+    async fn on(port: u16, persistent: bool) -> Self {
+        let dir = std::env::temp_dir().join(format!("konstruct-redis-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let appendonly = if persistent { "yes" } else { "no" };
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -432,9 +434,8 @@ impl OwnRedis {
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
             ])
+            .args(["--appendonly", appendonly, "--appendfsync", "always"])
             .arg("--dir")
             .arg(&dir)
             .stdout(Stdio::null())
@@ -447,7 +448,11 @@ impl OwnRedis {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Self { child, port, dir }
+        Self {
+            child,
+            port,
+            persistent,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -457,7 +462,7 @@ impl OwnRedis {
     pub async fn restart(mut self) -> Self {
         let _ = self.child.kill().await;
         let _ = self.child.wait().await;
-        Self::on(self.port, self.dir.clone()).await
+        Self::on(self.port, self.persistent).await
     }
 }
 

@@ -50,7 +50,7 @@ pub fn orchestrator(h: &Harness, llm: &FakeLlm) -> OrchestratorState {
 }
 
 /// A conversation of the seeded user with a new agent of this provider.
-async fn conversation_with(h: &Harness, provider: Provider, model: &str) -> ConversationId {
+pub async fn conversation_with(h: &Harness, provider: Provider, model: &str) -> ConversationId {
     let agent = seed_agent_with(&h.db, h.seed.tenant, "model agent", provider, model).await;
     let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
     let conversation = conversations::get_or_create(&mut tx, h.seed.tenant, agent, h.seed.user)
@@ -69,6 +69,28 @@ pub async fn queued_jobs(h: &Harness, connection: &str, texts: &[&str]) -> Vec<J
         .into_iter()
         .map(|q| serde_json::from_value(q.body).unwrap())
         .collect()
+}
+
+/// The SQS records the route queued for these messages.
+pub async fn records_for(h: &Harness, connection: &str, texts: &[&str]) -> Vec<SqsMessage> {
+    jobs_from(h, connection, texts)
+        .await
+        .iter()
+        .map(Queued::record)
+        .collect()
+}
+
+/// Another OpenAI-backed conversation of the seeded user, with an agent of this name.
+pub async fn conversation_with_named(h: &Harness, name: &str) -> ConversationId {
+    let agent = seed_agent_with(&h.db, h.seed.tenant, name, Provider::Openai, "gpt-test").await;
+    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
+    let conversation = conversations::get_or_create(&mut tx, h.seed.tenant, agent, h.seed.user)
+        .await
+        .unwrap()
+        .row
+        .id;
+    tx.commit().await.unwrap();
+    conversation
 }
 
 /// Sends user messages on a socket and returns the jobs the route queued, in order.
@@ -91,7 +113,7 @@ fn batch(records: Vec<SqsMessage>) -> SqsEvent {
     event
 }
 
-async fn run(state: &OrchestratorState, records: Vec<SqsMessage>) -> Vec<String> {
+pub async fn run(state: &OrchestratorState, records: Vec<SqsMessage>) -> Vec<String> {
     handle(state, batch(records))
         .await
         .batch_item_failures
@@ -100,7 +122,7 @@ async fn run(state: &OrchestratorState, records: Vec<SqsMessage>) -> Vec<String>
         .collect()
 }
 
-async fn replies(h: &Harness, conversation: ConversationId) -> Vec<messages::Message> {
+pub async fn replies(h: &Harness, conversation: ConversationId) -> Vec<messages::Message> {
     let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
     messages::page(&mut tx, conversation, None, PageLimit::new(200).unwrap())
         .await

@@ -6,15 +6,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use shared::db::agents::Provider;
-use shared::db::messages::MessageRole;
-use shared::db::{Scope, conversations, messages};
-use shared::domain::{ConversationId, PageLimit};
+use shared::db::{Scope, conversations};
+use shared::domain::ConversationId;
 use shared::queue::{JobQueue, RedisQueue};
 use shared::worker::{GROUP, Pass, Worker};
 
 use crate::helpers::{redis_prefix, seed_agent_with};
 use crate::llm::{FakeLlm, Reply, last_user_text, pieces};
-use crate::orchestrator::{orchestrator, queued_jobs};
+use crate::orchestrator::{orchestrator, queued_jobs, replies};
 use crate::ws::Harness;
 
 fn worker(prefix: &str) -> Worker {
@@ -26,12 +25,9 @@ fn worker(prefix: &str) -> Worker {
 }
 
 async fn answered(h: &Harness, conversation: ConversationId) -> Vec<String> {
-    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
-    messages::page(&mut tx, conversation, None, PageLimit::new(200).unwrap())
+    replies(h, conversation)
         .await
-        .unwrap()
         .into_iter()
-        .filter(|m| m.role == MessageRole::Assistant)
         .map(|m| m.content)
         .collect()
 }
