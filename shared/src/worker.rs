@@ -51,7 +51,8 @@ impl Worker {
         Self {
             queue,
             consumer: consumer.to_owned(),
-            batch: 10,
+            // Larger than SQS's ten: a pass runs its conversations side by side.
+            batch: 64,
             block: Duration::from_secs(1),
             retry_delay: Duration::from_secs(1),
             visibility_timeout: Duration::from_secs(30),
