@@ -9,7 +9,8 @@ export KONSTRUCT_LOCAL_DIR=${KONSTRUCT_TEST_DIR:-$root/.local/test}
 export KONSTRUCT_PG_PORT=${KONSTRUCT_TEST_PG_PORT:-54339}
 export KONSTRUCT_REDIS_PORT=${KONSTRUCT_TEST_REDIS_PORT:-63809}
 
-moto_port=${KONSTRUCT_TEST_MOTO_PORT:-54566}
+# A free port, so a moto left over from an interrupted run cannot stand in the way.
+moto_port=${KONSTRUCT_TEST_MOTO_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 moto_pid=
 stop() {
   [ -n "$moto_pid" ] && kill "$moto_pid" 2>/dev/null
