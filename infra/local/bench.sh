@@ -6,7 +6,7 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
-export KONSTRUCT_LOCAL_DIR=$root/.local/bench KONSTRUCT_PG_PORT=54349 KONSTRUCT_REDIS_PORT=63819
+export KONSTRUCT_LOCAL_DIR=$root/.local/bench KONSTRUCT_PG_PORT=61349 KONSTRUCT_REDIS_PORT=63819
 target=${CARGO_TARGET_DIR:-$root/target}
 
 trap 'infra/local/services.sh down' EXIT

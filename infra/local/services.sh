@@ -9,12 +9,13 @@
 #   infra/local/services.sh reset   stop both and delete their data
 #
 # Settings: KONSTRUCT_LOCAL_DIR (default .local/dev under the project), KONSTRUCT_PG_PORT
-# (default 54329), KONSTRUCT_REDIS_PORT (default 63799). Every command is safe to repeat.
+# (default 61329), KONSTRUCT_REDIS_PORT (default 63799): above the kernel's ephemeral range, so no
+# outgoing connection can hold them. Every command is safe to repeat.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 dir=${KONSTRUCT_LOCAL_DIR:-$root/.local/dev}
-pg_port=${KONSTRUCT_PG_PORT:-54329}
+pg_port=${KONSTRUCT_PG_PORT:-61329}
 redis_port=${KONSTRUCT_REDIS_PORT:-63799}
 app_role=konstruct
 app_db=konstruct

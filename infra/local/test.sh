@@ -6,7 +6,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
 export KONSTRUCT_LOCAL_DIR=${KONSTRUCT_TEST_DIR:-$root/.local/test}
-export KONSTRUCT_PG_PORT=${KONSTRUCT_TEST_PG_PORT:-54339}
+export KONSTRUCT_PG_PORT=${KONSTRUCT_TEST_PG_PORT:-61339}
 export KONSTRUCT_REDIS_PORT=${KONSTRUCT_TEST_REDIS_PORT:-63809}
 
 # A free port, so a moto left over from an interrupted run cannot stand in the way.
