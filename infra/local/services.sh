@@ -7,6 +7,8 @@
 #   infra/local/services.sh env     print that environment (DATABASE_URL, REDIS_URL, ...)
 #   infra/local/services.sh down    stop both; the data stays for the next `up`
 #   infra/local/services.sh reset   stop both and delete their data
+#   infra/local/services.sh up-postgres | restart-postgres | reset-postgres
+#                                   the same for Postgres alone (the fault tests restart it)
 #
 # Settings: KONSTRUCT_LOCAL_DIR (default .local/dev under the project), KONSTRUCT_PG_PORT
 # (default 61329), KONSTRUCT_REDIS_PORT (default 63799): above the kernel's ephemeral range, so no
@@ -131,5 +133,8 @@ case "${1:-}" in
   env) print_env ;;
   down) pg_down; redis_down ;;
   reset) pg_down; redis_down; rm -rf "$dir" ;;
-  *) echo "usage: $0 up|env|down|reset" >&2; exit 2 ;;
+  up-postgres) install_missing; pg_up ;;
+  restart-postgres) pg_down; pg_up ;;
+  reset-postgres) pg_down; rm -rf "$dir" ;;
+  *) echo "usage: $0 up|env|down|reset|up-postgres|restart-postgres|reset-postgres" >&2; exit 2 ;;
 esac

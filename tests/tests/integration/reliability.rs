@@ -295,3 +295,135 @@ async fn a_flaky_agent_is_retried_and_gives_up_only_when_retries_run_out() {
     assert_eq!(errors.len(), 2);
     assert!(errors.iter().all(|e| e["code"] == "agent_failed"));
 }
+
+/// A Postgres server of this test's own (`infra/local/services.sh` in a directory and on a port
+/// of its own), so restarting it disturbs no other test.
+struct OwnPostgres {
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl OwnPostgres {
+    /// Runs `services.sh <command>` for this instance; the command must succeed.
+    fn services(&self, command: &str) {
+        let out = std::process::Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../infra/local/services.sh"
+        ))
+        .arg(command)
+        .env("KONSTRUCT_LOCAL_DIR", &self.dir)
+        .env("KONSTRUCT_PG_PORT", self.port.to_string())
+        .output()
+        .expect("run services.sh");
+        assert!(
+            out.status.success(),
+            "services.sh {command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A new cluster with the application role (initdb runs as the postgres OS user as root).
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("konstruct-pg-{port}"));
+        let postgres = Self { dir, port };
+        postgres.services("up-postgres");
+        postgres
+    }
+
+    fn restart(&self) {
+        self.services("restart-postgres");
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://konstruct@127.0.0.1:{}/konstruct", self.port)
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../infra/local/services.sh"
+        ))
+        .arg("reset-postgres")
+        .env("KONSTRUCT_LOCAL_DIR", &self.dir)
+        .env("KONSTRUCT_PG_PORT", self.port.to_string())
+        .output();
+    }
+}
+
+#[tokio::test]
+async fn acknowledged_messages_survive_a_postgres_restart_mid_run() {
+    let postgres = OwnPostgres::start();
+    let (url, db, seats) = stack::seeded_database(&postgres.url(), 10).await.unwrap();
+    let server = Server::start(
+        &local_bin(),
+        &url,
+        &std::env::var("REDIS_URL").unwrap(),
+        &redis_prefix(),
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[],
+    )
+    .await
+    .unwrap();
+
+    let address = server.address.clone();
+    let run = tokio::spawn({
+        let seats = seats.clone();
+        async move {
+            load::run(
+                &address,
+                &seats,
+                1,
+                Plan::Rate {
+                    per_second: 40.0,
+                    total: 160,
+                },
+                Duration::from_secs(90),
+            )
+            .await
+        }
+    });
+    let started: (chrono::DateTime<chrono::Utc>,) =
+        sqlx::query_as("select pg_postmaster_start_time()")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    postgres.restart();
+    let report = run.await.unwrap().unwrap();
+    let restarted: (chrono::DateTime<chrono::Utc>,) =
+        sqlx::query_as("select pg_postmaster_start_time()")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert!(
+        restarted.0 > started.0,
+        "Postgres restarted while the load ran"
+    );
+
+    // While Postgres restarts, handlers either wait for the pool to reconnect (within its
+    // acquire timeout) or fail cleanly with an error frame, never silence; every acknowledged
+    // message is answered.
+    assert!(report.acked > 0);
+    assert_eq!(
+        report.acked + report.errors.len(),
+        report.sent,
+        "{report:#?}"
+    );
+    assert!(
+        report.errors.iter().all(|e| e["code"] == "internal"),
+        "{:?}",
+        report.errors
+    );
+    assert_eq!(report.lost, 0, "{report:#?}");
+    assert_eq!(report.duplicated, 0, "{report:#?}");
+    assert_eq!(report.out_of_order, 0, "{report:#?}");
+    assert_replies(&db, &seats, false).await;
+    server.stop().await;
+}
