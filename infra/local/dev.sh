@@ -20,14 +20,13 @@ cargo build -q -p local
 bin=${CARGO_TARGET_DIR:-$root/target}/debug/konstruct-local
 
 demo=$("$bin" seed-demo --url "http://$listen")
-url=$(printf '%s' "$demo" | sed -n 's/.*"url": "\(.*\)".*/\1/p')
-token=$(printf '%s' "$demo" | sed -n 's/.*"token": "\(.*\)".*/\1/p')
+field() { printf '%s' "$demo" | sed -n "s/.*\"$1\": \"\(.*\)\".*/\1/p"; }
 cat <<MSG
 
   Konstruct web chat is starting.
-  Open:   $url
-  Token:  $token
-  Demo:   $(printf '%s' "$demo" | tr -d '\n' | sed 's/"token": "[^"]*",//; s/"url": "[^"]*"//; s/  */ /g')
+  Open:          $(field url)
+  Token:         $(field token)
+  Conversation:  $(field conversation_id)  (tenant $(field tenant_id), user $(field user_id))
 
   Ctrl-C stops the server; \`make services-down\` stops Postgres and Redis.
 
