@@ -78,8 +78,9 @@ struct Book {
     client_of: HashMap<String, String>,
     acks: Vec<Vec<String>>,
     replies: Vec<Vec<String>>,
+    /// When each reply first reached its conversation's sender.
+    replied_at: HashMap<String, Instant>,
     errors: Vec<Value>,
-    latencies: Vec<Duration>,
 }
 
 /// Opens `listeners_per_conversation + 1` authenticated sockets per seat, runs the plan, waits
@@ -177,15 +178,8 @@ pub async fn run(
                             .as_str()
                             .unwrap_or_default()
                             .to_owned();
-                        if senders_of[event.socket] {
-                            let sent = book
-                                .client_of
-                                .get(&reply_to)
-                                .and_then(|c| book.sent_at.get(c))
-                                .copied();
-                            if let Some(sent) = sent {
-                                book.latencies.push(event.at.duration_since(sent));
-                            }
+                        if senders_of[event.socket] && !book.replied_at.contains_key(&reply_to) {
+                            book.replied_at.insert(reply_to.clone(), event.at);
                             if let Some(window) = windows.get(conversation) {
                                 window.add_permits(1);
                             }
@@ -253,14 +247,21 @@ pub async fn run(
     }
     let book = std::mem::take(&mut *book.lock().await);
 
+    // Latency is matched up at the end: a reply can reach the socket before its ack does.
     let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    for sample in &book.latencies {
-        latency.record((sample.as_micros() as u64).max(1))?;
+    for (message, at) in &book.replied_at {
+        if let Some(sent) = book
+            .client_of
+            .get(message)
+            .and_then(|c| book.sent_at.get(c))
+        {
+            latency.record((at.duration_since(*sent).as_micros() as u64).max(1))?;
+        }
     }
     let mut report = Report {
         sent,
         acked: book.acks.iter().map(Vec::len).sum(),
-        replied: book.latencies.len(),
+        replied: book.replied_at.len(),
         lost: 0,
         duplicated: 0,
         out_of_order: 0,
