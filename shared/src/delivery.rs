@@ -12,7 +12,7 @@ use crate::Error;
 use crate::db::{Db, Scope, connections};
 use crate::domain::{ConnectionId, ConversationId, TenantId};
 use crate::frame::{MAX_SERVER_FRAME_BYTES, ServerFrame};
-use crate::queue::redis_error;
+use crate::queue::{RedisConnection, redis_error};
 use crate::redis_keys::webchat_response_key;
 
 /// What became of a frame.
@@ -117,16 +117,13 @@ impl Fanout for ConnectionsFanout {
 /// Local: `PUBLISH` on the conversation's `webchat_response_key`; the gateways holding its
 /// sockets are subscribed and fan the frame out.
 pub struct RedisFanout {
-    client: redis::Client,
-    connection: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    redis: RedisConnection,
 }
 
 impl RedisFanout {
     pub fn new(url: &str) -> Result<Self, Error> {
         Ok(Self {
-            client: redis::Client::open(url)
-                .map_err(|e| Error::Internal(format!("REDIS_URL: {e}")))?,
-            connection: Default::default(),
+            redis: RedisConnection::open(url)?,
         })
     }
 }
@@ -139,12 +136,7 @@ impl Fanout for RedisFanout {
         conversation_id: ConversationId,
         frame: &ServerFrame,
     ) -> Result<(), Error> {
-        let mut conn = self
-            .connection
-            .get_or_try_init(|| self.client.get_connection_manager())
-            .await
-            .map_err(redis_error)?
-            .clone();
+        let mut conn = self.redis.get().await?;
         let _: i64 = redis::cmd("PUBLISH")
             .arg(webchat_response_key(tenant_id, conversation_id))
             .arg(encode(frame)?)

@@ -43,12 +43,40 @@ impl JobQueue for SqsQueue {
 /// How long a queued message id is remembered, as SQS FIFO does.
 pub const DEDUPLICATION_SECONDS: u64 = 300;
 
+/// A Redis connection opened on first use, reconnecting by itself, shared by its clones. Its
+/// response timeout leaves room for the worker's blocking reads (the client's default, 500 ms,
+/// is shorter than they wait).
+#[derive(Clone)]
+pub struct RedisConnection {
+    client: redis::Client,
+    connection: std::sync::Arc<OnceCell<redis::aio::ConnectionManager>>,
+}
+
+impl RedisConnection {
+    pub fn open(url: &str) -> Result<Self, Error> {
+        Ok(Self {
+            client: redis::Client::open(url)
+                .map_err(|e| Error::Internal(format!("REDIS_URL: {e}")))?,
+            connection: Default::default(),
+        })
+    }
+
+    pub async fn get(&self) -> Result<redis::aio::ConnectionManager, Error> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(std::time::Duration::from_secs(10)));
+        self.connection
+            .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
+            .await
+            .cloned()
+            .map_err(redis_error)
+    }
+}
+
 /// A Redis stream read through a consumer group: an entry stays pending until acknowledged, so
 /// a consumer that dies before acknowledging leaves it to be claimed again (at least once).
 #[derive(Clone)]
 pub struct RedisQueue {
-    client: redis::Client,
-    connection: std::sync::Arc<OnceCell<redis::aio::ConnectionManager>>,
+    redis: RedisConnection,
     prefix: String,
 }
 
@@ -74,9 +102,7 @@ impl RedisQueue {
     /// first use.
     pub fn new(url: &str, prefix: &str) -> Result<Self, Error> {
         Ok(Self {
-            client: redis::Client::open(url)
-                .map_err(|e| Error::Internal(format!("REDIS_URL: {e}")))?,
-            connection: Default::default(),
+            redis: RedisConnection::open(url)?,
             prefix: prefix.to_owned(),
         })
     }
@@ -93,16 +119,8 @@ impl RedisQueue {
         )
     }
 
-    /// The shared connection. Its response timeout leaves room for the worker's blocking reads
-    /// (the client's default, 500 ms, is shorter than they wait).
     pub async fn connection(&self) -> Result<redis::aio::ConnectionManager, Error> {
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(std::time::Duration::from_secs(10)));
-        self.connection
-            .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
-            .await
-            .cloned()
-            .map_err(redis_error)
+        self.redis.get().await
     }
 }
 

@@ -24,8 +24,8 @@ use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use shared::db::{Db, Scope, connections};
 use shared::domain::ConnectionId;
-use shared::frame::{ClientFrame, ServerFrame};
-use shared::ws::{Route, WsState, reply};
+use shared::frame::ServerFrame;
+use shared::ws::{Route, WsState, reply, route_key};
 use shared::{Error, ErrorCode};
 use tokio::sync::mpsc;
 
@@ -138,7 +138,7 @@ impl Gateway {
         context.stage = Some("local".to_owned());
         context.apiid = Some("local".to_owned());
         context.request_id = Some(uuid::Uuid::new_v4().to_string());
-        context.request_time_epoch = chrono_millis();
+        context.request_time_epoch = now_millis();
         event.body = body;
         if let Some(conversation) = conversation {
             event.query_string_parameters = QueryMap::from(HashMap::from([(
@@ -224,14 +224,11 @@ impl Gateway {
     /// Routes one frame like API Gateway (`$request.body.type`) and writes the route response
     /// back. Returns whether the socket is now authenticated.
     async fn frame(&self, id: &ConnectionId, text: &str) -> bool {
-        let route = Route::of_frame(text);
-        let key = match ClientFrame::route_of(text).as_deref() {
-            Some(known @ ("auth" | "message" | "ping")) => known.to_owned(),
-            _ => "$default".to_owned(),
-        };
+        let key = route_key(text);
+        let route = Route::for_key(key);
         let answer = self
             .dispatch
-            .call(route, self.event(id, &key, Some(text.to_owned()), None))
+            .call(route, self.event(id, key, Some(text.to_owned()), None))
             .await;
         let Some(Body::Text(body)) = answer.body else {
             return false;
@@ -260,7 +257,7 @@ impl Gateway {
     }
 }
 
-fn chrono_millis() -> i64 {
+fn now_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -133,10 +133,12 @@ pub enum Route {
 }
 
 impl Route {
-    /// The route API Gateway selects for a frame (`$request.body.type`).
-    pub fn of_frame(raw: &str) -> Self {
-        match ClientFrame::route_of(raw).as_deref() {
-            Some("auth") => Self::Auth,
+    /// The route that serves a route key.
+    pub fn for_key(key: &str) -> Self {
+        match key {
+            "$connect" => Self::Connect,
+            "$disconnect" => Self::Disconnect,
+            "auth" => Self::Auth,
             _ => Self::Message,
         }
     }
@@ -154,6 +156,17 @@ impl Route {
             Self::Message => Box::pin(message::handle(state, event)).await,
             Self::Disconnect => Box::pin(disconnect::handle(state, event)).await,
         }
+    }
+}
+
+/// The route key API Gateway selects for a frame (`$request.body.type`): the frame's `type`
+/// when a route has that key, else `$default`.
+pub fn route_key(raw: &str) -> &'static str {
+    match ClientFrame::route_of(raw).as_deref() {
+        Some("auth") => "auth",
+        Some("message") => "message",
+        Some("ping") => "ping",
+        _ => "$default",
     }
 }
 

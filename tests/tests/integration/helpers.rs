@@ -16,7 +16,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
 use uuid::Uuid;
 
-pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+/// The portal secret of every stack the tests start (`tests::stack` gives it to the servers).
+pub use tests::stack::SECRET;
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {

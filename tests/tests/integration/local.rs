@@ -11,21 +11,15 @@ use shared::db::{Db, Scope, conversations};
 use shared::delivery::{Delivery, ManagementApi, Posted};
 use shared::domain::{ConnectionId, ConversationId, Role};
 use shared::frame::ServerFrame;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::aws::sdk_config;
-use crate::helpers::{SECRET, Seed, TestDb, redis_prefix, seed, seed_agent_with, token};
+use tests::stack::Server;
 
-/// A `konstruct-local` process; killed when dropped.
-pub struct Local {
-    child: Child,
-    /// `127.0.0.1:port`
-    pub address: String,
-}
+use crate::helpers::{SECRET, Seed, TestDb, redis_prefix, seed, seed_agent_with, token};
 
 pub struct Env {
     pub database_url: String,
@@ -43,57 +37,24 @@ impl Env {
     }
 }
 
+/// `konstruct-local` as a process of its own (killed when dropped), on the test's database.
+pub struct Local;
+
 impl Local {
-    pub async fn start(env: &Env, args: &[&str]) -> Self {
+    pub async fn start(env: &Env, args: &[&str]) -> Server {
         let bin = std::env::var("KONSTRUCT_LOCAL_BIN").expect(
             "KONSTRUCT_LOCAL_BIN is not set: run the tests through `make test`, which builds it",
         );
-        let mut child = Command::new(bin)
-            .args(args)
-            .env("DATABASE_URL", &env.database_url)
-            .env("REDIS_URL", &env.redis_url)
-            .env("KONSTRUCT_REDIS_PREFIX", &env.prefix)
-            .env("KONSTRUCT_MODE", "local")
-            .env("PORTAL_JWT_SECRET", SECRET)
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start konstruct-local");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let serving = args.first().is_none_or(|a| *a == "serve");
-        let mut address = String::new();
-        if serving {
-            let found = tokio::time::timeout(Duration::from_secs(20), async {
-                while let Some(line) = lines.next_line().await.unwrap() {
-                    if let Some(rest) = line.split("listening on http://").nth(1) {
-                        return rest.trim().to_owned();
-                    }
-                }
-                panic!("konstruct-local exited before listening");
-            })
-            .await
-            .expect("konstruct-local listens within 20 s");
-            address = found;
-        }
-        let echo = std::env::var_os("TEST_LOG").is_some();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if echo {
-                    eprintln!("[konstruct-local] {line}");
-                }
-            }
-        });
-        Self { child, address }
-    }
-
-    pub async fn stop(mut self) {
-        let _ = self.child.kill().await;
+        Server::start(
+            &bin,
+            &env.database_url,
+            &env.redis_url,
+            &env.prefix,
+            args,
+            &[],
+        )
+        .await
+        .expect("konstruct-local starts")
     }
 }
 

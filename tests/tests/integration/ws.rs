@@ -128,13 +128,8 @@ impl Harness {
 
     /// Sends a raw frame down the route API Gateway would pick and returns the route response.
     pub async fn send(&self, connection: &str, body: &str) -> Value {
-        let route = Route::of_frame(body);
-        let key = if route == Route::Auth {
-            "auth"
-        } else {
-            "message"
-        };
-        let response = route
+        let key = shared::ws::route_key(body);
+        let response = Route::for_key(key)
             .handle(&self.state, event(connection, key, Some(body), json!(null)))
             .await;
         frame_of(&response).expect("the message route always answers")
