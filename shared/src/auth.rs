@@ -1,6 +1,7 @@
 //! Portal session tokens (PROTOCOL §1): HS256 JWTs that prove who the caller is. They never
 //! prove tenant access; that is read from the database (see `rbac`).
 
+use chrono::{DateTime, Utc};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::ExposeSecret;
@@ -19,6 +20,7 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 pub struct PortalCaller {
     user_id: UserId,
     role: Role,
+    expires_at: DateTime<Utc>,
 }
 
 impl PortalCaller {
@@ -28,6 +30,12 @@ impl PortalCaller {
 
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// When the token stops proving who the caller is (its `exp`): a socket authenticated with
+    /// it is authorized until then, and no longer (PROTOCOL §1).
+    pub fn expires_at(&self) -> DateTime<Utc> {
+        self.expires_at
     }
 
     /// Proof that this caller is a platform admin, for the few paths that widen access.
@@ -45,6 +53,7 @@ pub struct PlatformAdmin(());
 struct Claims {
     sub: UserId,
     role: Role,
+    exp: i64,
 }
 
 /// Verifies portal tokens; built once per process from [`AuthConfig`].
@@ -114,9 +123,12 @@ impl TokenVerifier {
                 Error::Unauthenticated(reason.into())
             })?
             .claims;
+        let expires_at = DateTime::from_timestamp(claims.exp, 0)
+            .ok_or_else(|| Error::Unauthenticated("token expiry is out of range".into()))?;
         Ok(PortalCaller {
             user_id: claims.sub,
             role: claims.role,
+            expires_at,
         })
     }
 

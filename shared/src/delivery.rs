@@ -5,14 +5,14 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use aws_sdk_apigatewaymanagement::error::DisplayErrorContext;
 use aws_sdk_apigatewaymanagement::primitives::Blob;
 
 use crate::Error;
+use crate::db::message_path::{self, Recipient};
 use crate::db::{Db, Scope, connections};
 use crate::domain::{ConnectionId, ConversationId, TenantId};
 use crate::frame::{MAX_SERVER_FRAME_BYTES, ServerFrame};
-use crate::queue::{RedisConnection, redis_error};
+use crate::queue::RedisConnection;
 use crate::redis_keys::webchat_response_key;
 
 /// What became of a frame.
@@ -55,19 +55,51 @@ pub async fn post_or_forget(
     Ok(posted)
 }
 
-/// Delivery of a frame to every socket open on a conversation (several tabs).
-#[async_trait]
-pub trait Fanout: Send + Sync {
-    async fn send(
-        &self,
-        tenant_id: TenantId,
-        conversation_id: ConversationId,
-        frame: &ServerFrame,
-    ) -> Result<(), Error>;
+/// Who one job's frames go to: the conversation's authorized sockets (token unexpired, user
+/// still allowed), listed once per job by the statements the job already runs, and listed
+/// again only after a socket is found gone (a reloaded tab comes back with a new id).
+#[derive(Debug, Clone)]
+pub struct Audience {
+    pub tenant_id: TenantId,
+    pub conversation_id: ConversationId,
+    recipients: Vec<Recipient>,
+    stale: bool,
 }
 
-/// AWS: every authenticated connection of the conversation, through the management API. A gone
-/// or failing socket never stops delivery to the others.
+impl Audience {
+    pub fn new(
+        tenant_id: TenantId,
+        conversation_id: ConversationId,
+        recipients: Vec<Recipient>,
+    ) -> Self {
+        Self {
+            tenant_id,
+            conversation_id,
+            recipients,
+            stale: false,
+        }
+    }
+
+    /// A fresher list, read by a later statement of the job.
+    pub fn renew(&mut self, recipients: Vec<Recipient>) {
+        self.recipients = recipients;
+        self.stale = false;
+    }
+
+    pub fn recipients(&self) -> &[Recipient] {
+        &self.recipients
+    }
+}
+
+/// Delivery of a frame to every authorized socket of a conversation (several tabs).
+#[async_trait]
+pub trait Fanout: Send + Sync {
+    async fn send(&self, audience: &mut Audience, frame: &ServerFrame) -> Result<(), Error>;
+}
+
+/// AWS: each recipient through the management API. A gone or failing socket never stops
+/// delivery to the others; a gone one is forgotten, and the list is read again before the
+/// next frame.
 pub struct ConnectionsFanout {
     pub db: Db,
     pub delivery: std::sync::Arc<dyn Delivery>,
@@ -75,16 +107,16 @@ pub struct ConnectionsFanout {
 
 #[async_trait]
 impl Fanout for ConnectionsFanout {
-    async fn send(
-        &self,
-        tenant_id: TenantId,
-        conversation_id: ConversationId,
-        frame: &ServerFrame,
-    ) -> Result<(), Error> {
-        let mut tx = self.db.begin(Scope::Tenant(tenant_id)).await?;
-        let sockets = connections::list_authenticated(&mut tx, tenant_id, conversation_id).await?;
-        tx.commit().await?;
-        let sends = sockets.iter().map(|socket| {
+    async fn send(&self, audience: &mut Audience, frame: &ServerFrame) -> Result<(), Error> {
+        if audience.stale {
+            let mut tx = self.db.begin(Scope::Tenant(audience.tenant_id)).await?;
+            let recipients =
+                message_path::recipients(&mut tx, audience.tenant_id, audience.conversation_id)
+                    .await?;
+            tx.commit().await?;
+            audience.renew(recipients);
+        }
+        let sends = audience.recipients.iter().map(|socket| {
             post_or_forget(
                 &self.db,
                 self.delivery.as_ref(),
@@ -95,19 +127,28 @@ impl Fanout for ConnectionsFanout {
         });
         let results = futures::future::join_all(sends).await;
         let mut failed = 0;
-        for (socket, result) in sockets.iter().zip(results) {
-            if let Err(e) = result {
-                failed += 1;
-                tracing::warn!(
-                    connection = %socket.connection_id,
-                    error = &e as &dyn std::error::Error,
-                    "delivery failed"
-                );
+        let mut kept = Vec::with_capacity(results.len());
+        for (socket, result) in audience.recipients.drain(..).zip(results) {
+            match result {
+                Ok(Posted::Delivered) => kept.push(socket),
+                Ok(Posted::Gone) => audience.stale = true,
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(
+                        connection = %socket.connection_id,
+                        error = &e as &dyn std::error::Error,
+                        "delivery failed"
+                    );
+                    kept.push(socket);
+                }
             }
         }
-        if failed > 0 && failed == sockets.len() {
+        let total = kept.len();
+        audience.recipients = kept;
+        if failed > 0 && failed == total {
             return Err(Error::Internal(format!(
-                "no socket of {conversation_id} reachable"
+                "no socket of {} reachable",
+                audience.conversation_id
             )));
         }
         Ok(())
@@ -115,7 +156,9 @@ impl Fanout for ConnectionsFanout {
 }
 
 /// Local: `PUBLISH` on the conversation's `webchat_response_key`; the gateways holding its
-/// sockets are subscribed and fan the frame out.
+/// sockets are subscribed and write the frame to the recipients it names that they hold.
+/// The payload is the recipients' connection ids separated by spaces, a newline, then the
+/// frame (connection ids contain neither).
 pub struct RedisFanout {
     redis: RedisConnection,
 }
@@ -128,21 +171,41 @@ impl RedisFanout {
     }
 }
 
+/// The recipients and the frame of a published payload, as [`RedisFanout`] writes them.
+pub fn parse_published(payload: &str) -> Option<(Vec<ConnectionId>, &str)> {
+    let (to, frame) = payload.split_once('\n')?;
+    let to = to
+        .split(' ')
+        .filter(|id| !id.is_empty())
+        .map(ConnectionId::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    Some((to, frame))
+}
+
 #[async_trait]
 impl Fanout for RedisFanout {
-    async fn send(
-        &self,
-        tenant_id: TenantId,
-        conversation_id: ConversationId,
-        frame: &ServerFrame,
-    ) -> Result<(), Error> {
+    async fn send(&self, audience: &mut Audience, frame: &ServerFrame) -> Result<(), Error> {
+        if audience.recipients.is_empty() {
+            return Ok(());
+        }
+        let mut payload = audience
+            .recipients
+            .iter()
+            .map(|r| r.connection_id.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        payload.push('\n');
+        payload.push_str(&encode(frame)?);
         let mut conn = self.redis.get().await?;
         let _: i64 = redis::cmd("PUBLISH")
-            .arg(webchat_response_key(tenant_id, conversation_id))
-            .arg(encode(frame)?)
+            .arg(webchat_response_key(
+                audience.tenant_id,
+                audience.conversation_id,
+            ))
+            .arg(payload)
             .query_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
+            .await?;
         Ok(())
     }
 }
@@ -209,10 +272,7 @@ impl Delivery for ManagementApi {
             Err(e) if e.as_service_error().is_some_and(|e| e.is_gone_exception()) => {
                 Ok(Posted::Gone)
             }
-            Err(e) => Err(Error::Internal(format!(
-                "PostToConnection: {}",
-                DisplayErrorContext(e)
-            ))),
+            Err(e) => Err(Error::upstream("PostToConnection", e)),
         }
     }
 
@@ -226,10 +286,7 @@ impl Delivery for ManagementApi {
         {
             Ok(_) => Ok(()),
             Err(e) if e.as_service_error().is_some_and(|e| e.is_gone_exception()) => Ok(()),
-            Err(e) => Err(Error::Internal(format!(
-                "DeleteConnection: {}",
-                DisplayErrorContext(e)
-            ))),
+            Err(e) => Err(Error::upstream("DeleteConnection", e)),
         }
     }
 }

@@ -80,12 +80,35 @@ pub enum Error {
     AgentFailed(String),
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    #[error("migration failed")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("redis error")]
+    Redis(#[from] redis::RedisError),
+    /// A call to another service (SQS, the connection-management API) failed; the source is
+    /// the SDK's error, with its whole chain.
+    #[error("{operation} failed")]
+    Upstream {
+        operation: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Anything else that is our fault; the cause is logged, not shown.
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl Error {
+    /// A failed call to another service, keeping the SDK's error as the source.
+    pub fn upstream(
+        operation: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Upstream {
+            operation,
+            source: Box::new(source),
+        }
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::BadRequest(_) | Self::MethodNotAllowed(_) => ErrorCode::BadRequest,
@@ -96,7 +119,11 @@ impl Error {
             Self::TooLarge(_) => ErrorCode::TooLarge,
             Self::RateLimited(_) => ErrorCode::RateLimited,
             Self::AgentFailed(_) => ErrorCode::AgentFailed,
-            Self::Database(_) | Self::Internal(_) => ErrorCode::Internal,
+            Self::Database(_)
+            | Self::Migration(_)
+            | Self::Redis(_)
+            | Self::Upstream { .. }
+            | Self::Internal(_) => ErrorCode::Internal,
         }
     }
 
@@ -111,7 +138,11 @@ impl Error {
     /// What a client may be told: the message for its own mistakes, nothing of our internals.
     pub fn public_message(&self) -> String {
         match self {
-            Self::Database(_) | Self::Internal(_) => "internal error".to_owned(),
+            Self::Database(_)
+            | Self::Migration(_)
+            | Self::Redis(_)
+            | Self::Upstream { .. }
+            | Self::Internal(_) => "internal error".to_owned(),
             other => other.to_string(),
         }
     }

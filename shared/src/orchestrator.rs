@@ -16,10 +16,10 @@ use tokio::sync::mpsc;
 
 use crate::agent::{AgentRequest, Agents, Bedrock, Echo, OpenAi, RetryPolicy, Turn};
 use crate::config::{ConfigError, DatabaseConfig, Mode};
-use crate::db::messages::{self, Message};
-use crate::db::{Db, Scope, agents, conversations};
-use crate::delivery::{ConnectionsFanout, Fanout, ManagementApi, RedisFanout, encode};
-use crate::domain::{ConversationId, MessageId, TenantId};
+use crate::db::messages::Message;
+use crate::db::{Db, Scope, message_path};
+use crate::delivery::{Audience, ConnectionsFanout, Fanout, ManagementApi, RedisFanout, encode};
+use crate::domain::MessageId;
 use crate::frame::ServerFrame;
 use crate::job::Job;
 use crate::{Error, ErrorCode};
@@ -111,35 +111,41 @@ impl<E: Into<Error>> From<E> for Failure {
 }
 
 /// One job: the stored reply re-sent, or the agent asked, its reply stored, then sent.
+///
+/// Two statements reach the database: one reads everything the job needs (recipients
+/// included), one stores the reply and lists the recipients as they are then. Streamed chunks
+/// go to the recipients read first; no chunk costs a query.
 #[tracing::instrument(skip_all, fields(conversation_id = %job.conversation_id, message_id = %job.message_id))]
 pub async fn process_one(state: &OrchestratorState, job: &Job) -> Result<(), Failure> {
     let tenant_id = job.tenant_id;
     let mut tx = state.db.begin(Scope::Tenant(tenant_id)).await?;
-    let Some(conversation) = conversations::find(&mut tx, job.conversation_id).await? else {
-        tracing::warn!("conversation gone; job dropped");
-        return Ok(());
-    };
-    if let Some(reply) = messages::find_reply(&mut tx, conversation.id, job.message_id).await? {
-        tx.commit().await?;
-        tracing::info!("reply already stored; sending it again");
-        return Ok(deliver(state, tenant_id, &reply, false).await?);
-    }
-    let history = messages::context(
+    let loaded = message_path::load_job(
         &mut tx,
-        conversation.id,
+        job.conversation_id,
         job.message_id,
         state.context.messages,
     )
     .await?;
+    // No transaction stays open while the agent thinks: Postgres connections are scarce.
+    tx.commit().await?;
+    let Some(loaded) = loaded else {
+        tracing::warn!("conversation gone; job dropped");
+        return Ok(());
+    };
+    let conversation = loaded.conversation;
+    let mut audience = Audience::new(tenant_id, conversation.id, loaded.recipients);
+    if let Some(reply) = loaded.reply {
+        tracing::info!("reply already stored; sending it again");
+        return Ok(deliver(state, &mut audience, &reply, false).await?);
+    }
+    let history = loaded.history;
     if history.last().map(|m| m.id) != Some(job.message_id) {
         tracing::warn!("user message gone (conversation reset); job dropped");
         return Ok(());
     }
-    let agent = agents::find(&mut tx, conversation.agent_id)
-        .await?
+    let agent = loaded
+        .agent
         .ok_or_else(|| Error::NotFound("the conversation's agent is gone".into()))?;
-    // No transaction stays open while the agent thinks: Postgres connections are scarce.
-    tx.commit().await?;
 
     let turns = within_budget(&history, state.context.chars);
     let request = AgentRequest {
@@ -156,10 +162,8 @@ pub async fn process_one(state: &OrchestratorState, job: &Job) -> Result<(), Fai
         drop(deltas);
         result
     };
-    let (result, streamed) = tokio::join!(
-        call,
-        stream_chunks(state, tenant_id, conversation.id, reply_id, pieces)
-    );
+    let (result, streamed) =
+        tokio::join!(call, stream_chunks(state, &mut audience, reply_id, pieces));
     let text = match result {
         Ok(text) => text,
         Err(err) => {
@@ -168,7 +172,7 @@ pub async fn process_one(state: &OrchestratorState, job: &Job) -> Result<(), Fai
                 Error::AgentFailed("the agent could not answer; your message is saved".into());
             if let Err(e) = state
                 .fanout
-                .send(tenant_id, conversation.id, &ServerFrame::error(&failed))
+                .send(&mut audience, &ServerFrame::error(&failed))
                 .await
             {
                 tracing::warn!(
@@ -185,11 +189,12 @@ pub async fn process_one(state: &OrchestratorState, job: &Job) -> Result<(), Fai
 
     let mut tx = state.db.begin(Scope::Tenant(tenant_id)).await?;
     let stored =
-        messages::insert_reply(&mut tx, &conversation, reply_id, job.message_id, &text).await?;
+        message_path::store_reply(&mut tx, &conversation, reply_id, job.message_id, &text).await?;
     tx.commit().await?;
+    audience.renew(stored.recipients);
     // Chunks carried this id only if this run's reply is the one stored.
-    let streamed = streamed && stored.row.id == reply_id;
-    Ok(deliver(state, tenant_id, &stored.row, streamed).await?)
+    let streamed = streamed && stored.reply.id == reply_id;
+    Ok(deliver(state, &mut audience, &stored.reply, streamed).await?)
 }
 
 /// The newest turns that fit the character budget, oldest first; the user message always.
@@ -215,7 +220,7 @@ fn within_budget(history: &[Message], chars: usize) -> Vec<Turn> {
 /// frames (unless it already streamed) and a `response` without its text.
 async fn deliver(
     state: &OrchestratorState,
-    tenant_id: TenantId,
+    audience: &mut Audience,
     reply: &Message,
     streamed: bool,
 ) -> Result<(), Error> {
@@ -236,27 +241,20 @@ async fn deliver(
                     message_id: reply.id,
                     delta: delta.to_owned(),
                 };
-                state
-                    .fanout
-                    .send(tenant_id, reply.conversation_id, &chunk)
-                    .await?;
+                state.fanout.send(audience, &chunk).await?;
             }
         }
         if let ServerFrame::Response { text, .. } = &mut frame {
             *text = None;
         }
     }
-    state
-        .fanout
-        .send(tenant_id, reply.conversation_id, &frame)
-        .await
+    state.fanout.send(audience, &frame).await
 }
 
 /// Forwards streamed pieces as `chunk` frames, batched by time and size; says whether any went.
 async fn stream_chunks(
     state: &OrchestratorState,
-    tenant_id: TenantId,
-    conversation_id: ConversationId,
+    audience: &mut Audience,
     message_id: MessageId,
     mut pieces: mpsc::UnboundedReceiver<String>,
 ) -> bool {
@@ -280,11 +278,11 @@ async fn stream_chunks(
         };
         for delta in split_chars(&buffer, CHUNK_MAX_CHARS) {
             let chunk = ServerFrame::Chunk {
-                conversation_id,
+                conversation_id: audience.conversation_id,
                 message_id,
                 delta: delta.to_owned(),
             };
-            match state.fanout.send(tenant_id, conversation_id, &chunk).await {
+            match state.fanout.send(audience, &chunk).await {
                 Ok(()) => sent = true,
                 Err(e) => tracing::warn!(error = &e as &dyn std::error::Error, "chunk not sent"),
             }

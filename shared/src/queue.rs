@@ -2,7 +2,6 @@
 //! keep one conversation's jobs in order.
 
 use async_trait::async_trait;
-use aws_sdk_sqs::error::DisplayErrorContext;
 use tokio::sync::OnceCell;
 
 use crate::Error;
@@ -35,7 +34,7 @@ impl JobQueue for SqsQueue {
             .message_deduplication_id(job.message_id.to_string())
             .send()
             .await
-            .map_err(|e| Error::Internal(format!("SQS SendMessage: {}", DisplayErrorContext(e))))?;
+            .map_err(|e| Error::upstream("SQS SendMessage", e))?;
         Ok(())
     }
 }
@@ -55,8 +54,7 @@ pub struct RedisConnection {
 impl RedisConnection {
     pub fn open(url: &str) -> Result<Self, Error> {
         Ok(Self {
-            client: redis::Client::open(url)
-                .map_err(|e| Error::Internal(format!("REDIS_URL: {e}")))?,
+            client: client(url)?,
             connection: Default::default(),
         })
     }
@@ -68,8 +66,18 @@ impl RedisConnection {
             .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
             .await
             .cloned()
-            .map_err(redis_error)
+            .map_err(Error::from)
     }
+}
+
+/// A Redis client whose connections set `TCP_NODELAY`: commands are small and pipelined, and
+/// Nagle's algorithm would hold one back until the previous is acknowledged.
+pub fn client(url: &str) -> Result<redis::Client, Error> {
+    use redis::IntoConnectionInfo;
+    let info = url
+        .into_connection_info()?
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    Ok(redis::Client::open(info)?)
 }
 
 /// A Redis stream read through a consumer group: an entry stays pending until acknowledged, so
@@ -124,10 +132,6 @@ impl RedisQueue {
     }
 }
 
-pub(crate) fn redis_error(e: redis::RedisError) -> Error {
-    Error::Internal(format!("redis: {e}"))
-}
-
 #[async_trait]
 impl JobQueue for RedisQueue {
     async fn enqueue(&self, job: &Job) -> Result<(), Error> {
@@ -139,8 +143,7 @@ impl JobQueue for RedisQueue {
             .arg(job.to_body())
             .arg(DEDUPLICATION_SECONDS)
             .invoke_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
+            .await?;
         Ok(())
     }
 }

@@ -19,7 +19,7 @@ use redis::streams::{StreamId, StreamReadReply};
 
 use crate::Error;
 use crate::orchestrator::{OrchestratorState, handle};
-use crate::queue::{RedisQueue, redis_error};
+use crate::queue::RedisQueue;
 
 pub const GROUP: &str = "orchestrator";
 
@@ -109,8 +109,7 @@ impl Worker {
             .arg("COUNT")
             .arg(self.batch)
             .query_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
+            .await?;
 
         let mut pass = Pass::default();
         let pending = self.read(&mut conn, &stream, "0", None).await?;
@@ -143,8 +142,7 @@ impl Worker {
                 .arg(GROUP)
                 .arg(&done)
                 .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
+                .await?;
         }
         pass.succeeded += done.len();
         pass.failed += failed.len();
@@ -165,7 +163,7 @@ impl Worker {
             .query_async(conn)
             .await;
         match created {
-            Err(e) if e.code() != Some("BUSYGROUP") => Err(redis_error(e)),
+            Err(e) if e.code() != Some("BUSYGROUP") => Err(e.into()),
             _ => Ok(()),
         }
     }
@@ -191,8 +189,7 @@ impl Worker {
             .arg(stream)
             .arg(from)
             .query_async(conn)
-            .await
-            .map_err(redis_error)?;
+            .await?;
         Ok(reply
             .into_iter()
             .flat_map(|r| r.keys)
@@ -221,8 +218,7 @@ impl Worker {
             .arg(self.batch * 2)
             .arg(&self.consumer)
             .query_async(conn)
-            .await
-            .map_err(redis_error)?;
+            .await?;
         let deliveries: HashMap<String, usize> = counts
             .into_iter()
             .map(|(id, _, _, times)| (id, times))
@@ -246,15 +242,13 @@ impl Worker {
                 .arg("body")
                 .arg(body)
                 .query_async(conn)
-                .await
-                .map_err(redis_error)?;
+                .await?;
             let _: i64 = redis::cmd("XACK")
                 .arg(stream)
                 .arg(GROUP)
                 .arg(&entry.id)
                 .query_async(conn)
-                .await
-                .map_err(redis_error)?;
+                .await?;
             pass.dead_lettered += 1;
         }
         Ok(keep)

@@ -99,7 +99,8 @@ pub async fn run(
     for (c, seat) in seats.iter().enumerate() {
         for k in 0..per {
             let url = format!("ws://{address}/chat/ws/{}", seat.conversation);
-            let (socket, _) = tokio_tungstenite::connect_async(url)
+            // A browser disables Nagle on its sockets, and so does this client.
+            let (socket, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
                 .await
                 .context("connect")?;
             let (mut sink, mut stream) = socket.split();

@@ -1,5 +1,5 @@
 //! The Redis pub-sub bridge: replies published on `webchat_response_key` by any worker reach
-//! the sockets of this gateway. One subscription per conversation with authenticated sockets
+//! the sockets of this gateway that the publisher named (the authorized ones). One subscription per conversation with authenticated sockets
 //! here; after Redis goes away, the bridge reconnects and subscribes again to what is current.
 
 use std::sync::Arc;
@@ -8,6 +8,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
+use shared::delivery::parse_published;
+
 use crate::sockets::{Sockets, Subscription};
 
 pub async fn run(
@@ -15,7 +17,7 @@ pub async fn run(
     sockets: Arc<Sockets>,
     mut changes: mpsc::UnboundedReceiver<Subscription>,
 ) {
-    let client = match redis::Client::open(redis_url) {
+    let client = match shared::queue::client(&redis_url) {
         Ok(client) => client,
         Err(e) => {
             tracing::error!(error = %e, "bridge: bad REDIS_URL");
@@ -49,8 +51,12 @@ pub async fn run(
                             message = stream.next() => {
                                 let Some(message) = message else { break };
                                 let channel = message.get_channel_name().to_owned();
-                                if let Ok(frame) = message.get_payload::<String>() {
-                                    sockets.publish(&channel, &frame);
+                                let payload = message.get_payload::<String>().ok();
+                                match payload.as_deref().and_then(parse_published) {
+                                    Some((to, frame)) => {
+                                        sockets.publish(&channel, &to, frame);
+                                    }
+                                    None => tracing::warn!(%channel, "bridge: malformed payload"),
                                 }
                             }
                         }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use shared::api::{self, ApiState};
@@ -201,6 +202,13 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
 
     eprintln!("konstruct-local listening on http://{address}");
     let mut server_stopped = stopped.clone();
+    // Every accepted socket carries small frames one after another: without TCP_NODELAY, Nagle's
+    // algorithm holds each frame after the first until the client's delayed ACK (~40 ms).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             tokio::select! {

@@ -101,10 +101,12 @@ impl Sockets {
         channels
     }
 
-    /// Sends a published frame to every socket authenticated on the channel's conversation.
-    pub fn publish(&self, channel: &str, frame: &str) -> usize {
-        self.lock()
-            .values()
+    /// Sends a published frame to the recipients it names that are open here on the channel's
+    /// conversation; the publisher listed only the sockets still authorized.
+    pub fn publish(&self, channel: &str, to: &[ConnectionId], frame: &str) -> usize {
+        let table = self.lock();
+        to.iter()
+            .filter_map(|id| table.get(id))
             .filter(|s| s.channel.as_deref() == Some(channel))
             .filter(|s| s.outbound.send(Outbound::Text(frame.to_owned())).is_ok())
             .count()

@@ -21,7 +21,7 @@ pub enum Provider {
     Bedrock,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Agent {
     pub id: AgentId,
     pub tenant_id: TenantId,

@@ -29,6 +29,7 @@ struct BindingRow {
     user_id: Option<UserId>,
     role: Option<Role>,
     authenticated_at: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
 }
 
 /// Who a connection belongs to, once `auth` has succeeded on it.
@@ -38,6 +39,8 @@ pub struct Binding {
     pub user_id: UserId,
     pub role: Role,
     pub authenticated_at: DateTime<Utc>,
+    /// The expiry of the token it authenticated with; the binding counts until then.
+    pub expires_at: DateTime<Utc>,
 }
 
 impl Connection {
@@ -49,6 +52,7 @@ impl Connection {
             user_id: b.user_id?,
             role: b.role?,
             authenticated_at: b.authenticated_at?,
+            expires_at: b.expires_at?,
         })
     }
 }
@@ -83,18 +87,20 @@ pub async fn find(conn: &mut PgConnection, id: &ConnectionId) -> Result<Option<C
     )
 }
 
-/// Binds an authenticated caller to the connection (`auth`). Its conversation must be in
-/// `tenant_id`, which the foreign key checks.
+/// Binds an authenticated caller to the connection (`auth`, first or again with a fresh
+/// token) until `expires_at`. Its conversation must be in `tenant_id`, which the foreign key
+/// checks.
 pub async fn bind(
     conn: &mut PgConnection,
     id: &ConnectionId,
     tenant_id: TenantId,
     user_id: UserId,
     role: Role,
+    expires_at: DateTime<Utc>,
 ) -> Result<(), Error> {
     let updated = sqlx::query(
         "update ws_connections
-         set tenant_id = $2, user_id = $3, role = $4,
+         set tenant_id = $2, user_id = $3, role = $4, expires_at = $5,
              authenticated_at = now(), last_seen_at = now()
          where connection_id = $1",
     )
@@ -102,6 +108,7 @@ pub async fn bind(
     .bind(tenant_id)
     .bind(user_id)
     .bind(role)
+    .bind(expires_at)
     .execute(conn)
     .await
     .on_constraint("ws_connections_conversation_fkey", || {
@@ -114,31 +121,6 @@ pub async fn bind(
     Ok(())
 }
 
-/// Counts one more message in the connection's rate window and returns how many the window
-/// has seen; a window older than `window_seconds` starts again at one. Also notes activity.
-pub async fn count_message(
-    conn: &mut PgConnection,
-    id: &ConnectionId,
-    window_seconds: u32,
-) -> Result<u32, Error> {
-    let count: Option<i32> = sqlx::query_scalar(
-        "update ws_connections set
-             window_messages = case when window_started_at > now() - make_interval(secs => $2)
-                                    then window_messages + 1 else 1 end,
-             window_started_at = case when window_started_at > now() - make_interval(secs => $2)
-                                      then window_started_at else now() end,
-             last_seen_at = now()
-         where connection_id = $1
-         returning window_messages",
-    )
-    .bind(id)
-    .bind(f64::from(window_seconds))
-    .fetch_optional(conn)
-    .await?;
-    let count = count.ok_or_else(|| Error::Unauthenticated("unknown connection".into()))?;
-    Ok(u32::try_from(count).unwrap_or(0))
-}
-
 /// Forgets the connection; `false` when it was not recorded (or not visible in this scope).
 pub async fn delete(conn: &mut PgConnection, id: &ConnectionId) -> Result<bool, Error> {
     let deleted = sqlx::query("delete from ws_connections where connection_id = $1")
@@ -146,21 +128,4 @@ pub async fn delete(conn: &mut PgConnection, id: &ConnectionId) -> Result<bool, 
         .execute(conn)
         .await?;
     Ok(deleted.rows_affected() > 0)
-}
-
-/// The authenticated connections open on a conversation: where its replies go.
-pub async fn list_authenticated(
-    conn: &mut PgConnection,
-    tenant_id: TenantId,
-    conversation_id: ConversationId,
-) -> Result<Vec<Connection>, Error> {
-    Ok(sqlx::query_as(
-        "select * from ws_connections
-         where tenant_id = $1 and conversation_id = $2 and authenticated_at is not null
-         order by connected_at",
-    )
-    .bind(tenant_id)
-    .bind(conversation_id)
-    .fetch_all(conn)
-    .await?)
 }

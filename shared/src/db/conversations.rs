@@ -1,7 +1,7 @@
 //! `web_conversations`: one per (tenant, agent, user).
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 
 use super::Upserted;
@@ -9,7 +9,7 @@ use crate::Error;
 use crate::domain::{AgentId, ConversationId, ListLimit, TenantId, UserId};
 use crate::error::ResultExt;
 
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Conversation {
     pub id: ConversationId,
     pub tenant_id: TenantId,

@@ -20,7 +20,7 @@ pub enum MessageRole {
     Assistant,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Message {
     pub id: MessageId,
     pub conversation_id: ConversationId,
@@ -137,44 +137,6 @@ pub async fn find_reply(
     .bind(conversation_id)
     .bind(reply_to)
     .fetch_optional(conn)
-    .await?)
-}
-
-/// What the agent sees when answering `message_id`: the conversation up to that message, its
-/// last `limit` messages oldest first, each stored reply placed right after the message it
-/// answers (a reply is often stored after later user messages arrived). Empty when the message
-/// is no longer stored.
-pub async fn context(
-    conn: &mut PgConnection,
-    conversation_id: ConversationId,
-    message_id: MessageId,
-    limit: u16,
-) -> Result<Vec<Message>, Error> {
-    Ok(sqlx::query_as(
-        "with anchored as (
-             select m.*,
-                    coalesce(q.created_at, m.created_at) as anchor_at,
-                    coalesce(q.id, m.id) as anchor_id
-             from web_conversation_messages m
-             left join web_conversation_messages q on q.id = m.reply_to
-             where m.conversation_id = $1
-         ), recent as (
-             select a.* from anchored a
-             join web_conversation_messages upto on upto.id = $2 and upto.conversation_id = $1
-             where (a.anchor_at, a.anchor_id) <= (upto.created_at, upto.id)
-               and a.reply_to is distinct from upto.id
-             order by a.anchor_at desc, a.anchor_id desc, (a.role = 'assistant') desc
-             limit $3
-         )
-         select id, conversation_id, tenant_id, role, content, client_message_id, reply_to,
-                created_at
-         from recent
-         order by anchor_at, anchor_id, (role = 'assistant')",
-    )
-    .bind(conversation_id)
-    .bind(message_id)
-    .bind(i64::from(limit))
-    .fetch_all(conn)
     .await?)
 }
 

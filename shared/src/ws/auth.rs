@@ -55,6 +55,7 @@ async fn auth(state: &WsState, route: &RouteEvent) -> Result<ServerFrame, Error>
         conversation.tenant_id,
         caller.user_id(),
         caller.role(),
+        caller.expires_at(),
     )
     .await?;
     tx.commit().await?;

@@ -1,13 +1,14 @@
 //! `message` (and `ping`, and `$default` for unknown types): a user message from an
-//! authenticated socket. `typing` goes out first, then the message is stored (once per
-//! `client_message_id`), queued for the orchestrator, and acknowledged. An `ack` means the
-//! message is stored and queued: it will not be lost.
+//! authenticated socket. One statement checks the socket (token unexpired, user still allowed),
+//! counts it for the rate limit and stores the message (once per `client_message_id`); `typing`
+//! goes out as that commits, then the message is queued for the orchestrator and acknowledged.
+//! An `ack` means the message is stored and queued: it will not be lost.
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 
 use super::{RouteEvent, WsState, reply};
 use crate::Error;
-use crate::db::{Scope, connections, conversations, messages};
+use crate::db::{Scope, message_path};
 use crate::domain::{ClientMessageId, MessageText};
 use crate::frame::{ClientFrame, ServerFrame};
 use crate::job::Job;
@@ -48,63 +49,51 @@ async fn message(
     client_message_id: Option<ClientMessageId>,
 ) -> Result<ServerFrame, Error> {
     let id = &route.connection_id;
-    let unauthenticated = || Error::Unauthenticated("send an auth frame first".into());
-    let mut tx = state.db.begin(Scope::Connection(id)).await?;
-    let connection = connections::find(&mut tx, id)
-        .await?
-        .ok_or_else(unauthenticated)?;
-    let binding = connection.binding().ok_or_else(unauthenticated)?;
-    let sent = connections::count_message(&mut tx, id, state.rate_limit.window_seconds).await?;
-    tx.commit().await?;
-    if sent > state.rate_limit.messages {
-        return Err(Error::RateLimited(format!(
-            "at most {} messages per {} seconds",
-            state.rate_limit.messages, state.rate_limit.window_seconds
-        )));
-    }
-
-    let conversation_id = connection.conversation_id;
-    // Typing is a courtesy: a failure to show it must not cost the message.
-    if let Err(err) = state
-        .post(
-            &route.endpoint,
-            id,
-            &ServerFrame::Typing { conversation_id },
-        )
-        .await
-    {
-        tracing::warn!(error = &err as &dyn std::error::Error, "typing not sent");
-    }
-
-    let mut tx = state.db.begin(Scope::Tenant(binding.tenant_id)).await?;
-    let conversation = conversations::find(&mut tx, conversation_id)
-        .await?
-        .ok_or_else(|| Error::NotFound("the conversation no longer exists".into()))?;
-    let stored = messages::insert_user(&mut tx, &conversation, &text, client_message_id).await?;
-    tx.commit().await?;
-    let message_id = stored.row.id;
+    let mut tx = state.db.begin(Scope::BoundConnection(id)).await?;
+    let stored = message_path::accept(
+        &mut tx,
+        id,
+        &text,
+        client_message_id,
+        state.rate_limit.into(),
+    )
+    .await?;
+    // The message is accepted: typing goes out while the transaction commits (its
+    // conversation is known only from the connection row), and before the job is queued, so
+    // it cannot arrive after the reply. A courtesy: failing to show it must not cost the
+    // message.
+    let typing = async {
+        let frame = ServerFrame::Typing {
+            conversation_id: stored.conversation_id,
+        };
+        if let Err(err) = state.post(&route.endpoint, id, &frame).await {
+            tracing::warn!(error = &err as &dyn std::error::Error, "typing not sent");
+        }
+    };
+    let (committed, ()) = tokio::join!(tx.commit(), typing);
+    committed?;
 
     // Queued again on a repeat: if an earlier attempt stored the message but failed to queue
     // it, this is its second chance; the queue's deduplication keeps it to one job.
     let job = Job {
-        tenant_id: binding.tenant_id,
-        conversation_id,
-        portal_user_id: binding.user_id,
-        message_id,
+        tenant_id: stored.tenant_id,
+        conversation_id: stored.conversation_id,
+        portal_user_id: stored.user_id,
+        message_id: stored.message_id,
         message: normalize_web_event(WebEvent {
-            tenant_id: binding.tenant_id,
-            conversation_id,
-            portal_user_id: binding.user_id,
-            message_id,
+            tenant_id: stored.tenant_id,
+            conversation_id: stored.conversation_id,
+            portal_user_id: stored.user_id,
+            message_id: stored.message_id,
             text: &text,
             display_name: None,
-            timestamp: stored.row.created_at,
+            timestamp: stored.created_at,
         }),
     };
     state.queue.enqueue(&job).await?;
     Ok(ServerFrame::Ack {
-        conversation_id,
-        message_id,
+        conversation_id: stored.conversation_id,
+        message_id: stored.message_id,
         client_message_id,
     })
 }

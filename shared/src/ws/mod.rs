@@ -57,6 +57,15 @@ impl RateLimit {
     }
 }
 
+impl From<RateLimit> for crate::db::message_path::Window {
+    fn from(limit: RateLimit) -> Self {
+        Self {
+            messages: limit.messages,
+            window_seconds: limit.window_seconds,
+        }
+    }
+}
+
 impl Default for RateLimit {
     fn default() -> Self {
         Self {

@@ -1,11 +1,95 @@
+use chrono::{DateTime, Duration, Utc};
 use shared::Error;
-use shared::db::{Scope, connections};
-use shared::domain::{ConnectionId, ConversationId, Role};
+use shared::db::{Db, Scope, connections, memberships, message_path};
+use shared::domain::{ConnectionId, ConversationId, Role, TenantId, UserId};
 
-use crate::helpers::{TestDb, seed};
+use crate::helpers::{TestDb, seed, seed_user};
 
 fn id(s: &str) -> ConnectionId {
     ConnectionId::parse(s).unwrap()
+}
+
+fn later() -> DateTime<Utc> {
+    Utc::now() + Duration::minutes(10)
+}
+
+async fn bound(
+    db: &Db,
+    name: &str,
+    s: &crate::helpers::Seed,
+    user: UserId,
+    role: Role,
+    expires_at: DateTime<Utc>,
+) -> ConnectionId {
+    let conn_id = id(name);
+    let mut tx = db.begin(Scope::Connection(&conn_id)).await.unwrap();
+    connections::insert(&mut tx, &conn_id, s.conversation, "https://x/prod")
+        .await
+        .unwrap();
+    connections::bind(&mut tx, &conn_id, s.tenant, user, role, expires_at)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    conn_id
+}
+
+async fn recipients(db: &Db, tenant: TenantId, s: &crate::helpers::Seed) -> Vec<String> {
+    let mut tx = db.begin(Scope::Tenant(tenant)).await.unwrap();
+    let listed = message_path::recipients(&mut tx, tenant, s.conversation)
+        .await
+        .unwrap();
+    listed
+        .into_iter()
+        .map(|r| r.connection_id.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn only_sockets_still_authorized_are_recipients() {
+    let (_test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let stranger = seed_user(&db, "stranger").await;
+    let admin = seed_user(&db, "admin").await;
+    bound(&db, "owner", &s, s.user, Role::CustomerOperator, later()).await;
+    bound(
+        &db,
+        "expired",
+        &s,
+        s.user,
+        Role::CustomerOperator,
+        Utc::now() - Duration::seconds(1),
+    )
+    .await;
+    bound(&db, "stranger", &s, stranger, Role::CustomerAdmin, later()).await;
+    bound(&db, "admin", &s, admin, Role::PlatformAdmin, later()).await;
+    assert_eq!(recipients(&db, s.tenant, &s).await, ["owner", "admin"]);
+
+    // A fresh token renews the expired socket.
+    let renewed = id("expired");
+    let mut tx = db.begin(Scope::Connection(&renewed)).await.unwrap();
+    connections::bind(
+        &mut tx,
+        &renewed,
+        s.tenant,
+        s.user,
+        Role::CustomerOperator,
+        later(),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        recipients(&db, s.tenant, &s).await,
+        ["owner", "expired", "admin"]
+    );
+
+    // The owner leaves the tenant: their sockets stop receiving, the platform admin's do not.
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    memberships::revoke(&mut tx, s.tenant, s.user)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(recipients(&db, s.tenant, &s).await, ["admin"]);
 }
 
 #[tokio::test]
@@ -24,7 +108,7 @@ async fn a_connection_is_recorded_bound_listed_and_forgotten() {
     // Unauthenticated connections receive nothing.
     let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
     assert!(
-        connections::list_authenticated(&mut tx, s.tenant, s.conversation)
+        message_path::recipients(&mut tx, s.tenant, s.conversation)
             .await
             .unwrap()
             .is_empty()
@@ -32,9 +116,16 @@ async fn a_connection_is_recorded_bound_listed_and_forgotten() {
     drop(tx);
 
     let mut tx = db.begin(Scope::Connection(&conn_id)).await.unwrap();
-    connections::bind(&mut tx, &conn_id, s.tenant, s.user, Role::CustomerOperator)
-        .await
-        .unwrap();
+    connections::bind(
+        &mut tx,
+        &conn_id,
+        s.tenant,
+        s.user,
+        Role::CustomerOperator,
+        later(),
+    )
+    .await
+    .unwrap();
     let bound = connections::find(&mut tx, &conn_id).await.unwrap().unwrap();
     let binding = bound.binding().expect("bound");
     assert_eq!(
@@ -45,7 +136,7 @@ async fn a_connection_is_recorded_bound_listed_and_forgotten() {
     tx.commit().await.unwrap();
 
     let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
-    let listed = connections::list_authenticated(&mut tx, s.tenant, s.conversation)
+    let listed = message_path::recipients(&mut tx, s.tenant, s.conversation)
         .await
         .unwrap();
     assert_eq!(listed.len(), 1);
@@ -75,9 +166,16 @@ async fn binding_checks_the_conversation_belongs_to_the_tenant() {
         connections::insert(&mut tx, &conn_id, conversation, "https://x/prod")
             .await
             .unwrap();
-        let err = connections::bind(&mut tx, &conn_id, b.tenant, b.user, Role::CustomerOperator)
-            .await
-            .unwrap_err();
+        let err = connections::bind(
+            &mut tx,
+            &conn_id,
+            b.tenant,
+            b.user,
+            Role::CustomerOperator,
+            later(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, Error::NotFound(_)), "{name}: {err:?}");
     }
 }

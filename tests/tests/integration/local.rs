@@ -231,7 +231,7 @@ async fn the_management_api_reaches_live_sockets_and_410s_unknown_ones() {
     let local = Local::start(&Env::new(&test), &["serve", "--listen", "127.0.0.1:0"]).await;
     let mut socket = authenticated(&local.address, &s, s.conversation).await;
     let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
-    let rows = shared::db::connections::list_authenticated(&mut tx, s.tenant, s.conversation)
+    let rows = shared::db::message_path::recipients(&mut tx, s.tenant, s.conversation)
         .await
         .unwrap();
     drop(tx);

@@ -47,9 +47,17 @@ async fn two_tenants(db: &Db) -> (Seed, Seed) {
         connections::insert(&mut tx, &id, s.conversation, "http://127.0.0.1:1/local")
             .await
             .unwrap();
-        connections::bind(&mut tx, &id, s.tenant, s.user, Role::CustomerOperator)
-            .await
-            .unwrap();
+        let expires_at = chrono::Utc::now() + chrono::Duration::minutes(10);
+        connections::bind(
+            &mut tx,
+            &id,
+            s.tenant,
+            s.user,
+            Role::CustomerOperator,
+            expires_at,
+        )
+        .await
+        .unwrap();
         tx.commit().await.unwrap();
     }
     (a, b)

@@ -1,0 +1,334 @@
+//! The message path's steps, each one statement: a user message accepted from its socket, what
+//! a job needs read, the reply stored. Every step also answers who may see the conversation
+//! now, so no step needs a second query for it (STYLE 13: one round trip per step).
+//!
+//! Authorization lives in the SQL functions `conversation_access` and `authorized_connections`
+//! (migration `…_authorization`): a socket counts while its token has not expired and its user
+//! is still the conversation's owner and a member of its tenant, or a platform admin.
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use sqlx::PgConnection;
+use sqlx::types::Json;
+
+use super::agents::Agent;
+use super::conversations::Conversation;
+use super::messages::Message;
+use crate::Error;
+use crate::domain::{
+    ClientMessageId, ConnectionId, ConversationId, MessageId, MessageText, TenantId, UserId,
+};
+use crate::error::ResultExt;
+
+/// A socket that a conversation's frames may go to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, sqlx::FromRow)]
+pub struct Recipient {
+    pub connection_id: ConnectionId,
+    /// The connection-management endpoint that reaches it.
+    pub endpoint: String,
+}
+
+/// The rate limit the message route applies: at most `messages` per `window_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub messages: u32,
+    pub window_seconds: u32,
+}
+
+/// A user message stored (or found stored, for a repeated `client_message_id`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    pub tenant_id: TenantId,
+    pub user_id: UserId,
+    pub conversation_id: ConversationId,
+    pub message_id: MessageId,
+    pub created_at: DateTime<Utc>,
+    /// `false` when a message with this `client_message_id` was already stored.
+    pub created: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct AcceptRow {
+    conversation_id: ConversationId,
+    tenant_id: Option<TenantId>,
+    user_id: Option<UserId>,
+    fresh: bool,
+    conversation_exists: bool,
+    permitted: bool,
+    window_messages: i32,
+    message_id: Option<MessageId>,
+    created_at: Option<DateTime<Utc>>,
+    created: bool,
+}
+
+/// The message route's one statement, in a [`Scope::BoundConnection`](super::Scope) transaction:
+/// counts the message in the connection's rate window, checks the socket is authenticated, its
+/// token unexpired and its user still allowed, and stores the message only if all holds.
+///
+/// Refusals come back as the contract's errors: `unauthenticated` (no `auth` yet, or the token
+/// expired), `not_found`, `forbidden`, `rate_limited`.
+pub async fn accept(
+    conn: &mut PgConnection,
+    connection: &ConnectionId,
+    text: &MessageText,
+    client_message_id: Option<ClientMessageId>,
+    window: Window,
+) -> Result<Accepted, Error> {
+    let row: Option<AcceptRow> = sqlx::query_as(
+        "with connection as (
+             update ws_connections set
+                 window_messages = case when window_started_at > now() - make_interval(secs => $2)
+                                        then window_messages + 1 else 1 end,
+                 window_started_at = case when window_started_at > now() - make_interval(secs => $2)
+                                          then window_started_at else now() end,
+                 last_seen_at = now()
+             where connection_id = $1
+             returning conversation_id, tenant_id, user_id, role, expires_at, window_messages
+         ), checked as (
+             select c.conversation_id, c.tenant_id, c.user_id, c.window_messages,
+                    coalesce(c.expires_at > now(), false) as fresh,
+                    exists (select 1 from web_conversations v
+                            where v.id = c.conversation_id and v.tenant_id = c.tenant_id)
+                        as conversation_exists,
+                    coalesce(conversation_access(c.conversation_id, c.tenant_id, c.user_id, c.role),
+                             false) as permitted
+             from connection c
+         ), inserted as (
+             insert into web_conversation_messages
+                 (conversation_id, tenant_id, role, content, client_message_id)
+             select conversation_id, tenant_id, 'user', $3, $4 from checked
+             where fresh and conversation_exists and permitted and window_messages <= $5
+             on conflict (conversation_id, client_message_id) do nothing
+             returning id, conversation_id, created_at
+         ), touched as (
+             update web_conversations v set updated_at = i.created_at
+             from inserted i where v.id = i.conversation_id
+         ), earlier as (
+             select m.id, m.created_at
+             from web_conversation_messages m join checked k using (conversation_id)
+             where $4::uuid is not null and m.client_message_id = $4
+         )
+         select k.conversation_id, k.tenant_id, k.user_id, k.fresh, k.conversation_exists,
+                k.permitted, k.window_messages,
+                coalesce(i.id, e.id) as message_id,
+                coalesce(i.created_at, e.created_at) as created_at,
+                i.id is not null as created
+         from checked k
+         left join inserted i on true
+         left join earlier e on i.id is null",
+    )
+    .bind(connection)
+    .bind(f64::from(window.window_seconds))
+    .bind(text.as_str())
+    .bind(client_message_id)
+    .bind(i64::from(window.messages))
+    .fetch_optional(&mut *conn)
+    .await?;
+
+    let unauthenticated = || Error::Unauthenticated("send an auth frame first".into());
+    let row = row.ok_or_else(unauthenticated)?;
+    let (Some(tenant_id), Some(user_id)) = (row.tenant_id, row.user_id) else {
+        return Err(unauthenticated());
+    };
+    if !row.fresh {
+        return Err(Error::Unauthenticated(
+            "your token has expired; send an auth frame with a fresh one".into(),
+        ));
+    }
+    if !row.conversation_exists {
+        return Err(Error::NotFound("the conversation no longer exists".into()));
+    }
+    if !row.permitted {
+        return Err(Error::Forbidden(
+            "you no longer have access to this conversation".into(),
+        ));
+    }
+    if i64::from(row.window_messages) > i64::from(window.messages) {
+        return Err(Error::RateLimited(format!(
+            "at most {} messages per {} seconds",
+            window.messages, window.window_seconds
+        )));
+    }
+    let (message_id, created_at) = match (row.message_id, row.created_at) {
+        (Some(id), Some(at)) => (id, at),
+        // A concurrent repeat of the same client_message_id committed after this statement's
+        // snapshot was taken: it is stored, read it now.
+        _ => {
+            sqlx::query_as(
+                "select id, created_at from web_conversation_messages
+             where conversation_id = $1 and client_message_id = $2",
+            )
+            .bind(row.conversation_id)
+            .bind(client_message_id)
+            .fetch_one(conn)
+            .await?
+        }
+    };
+    Ok(Accepted {
+        tenant_id,
+        user_id,
+        conversation_id: row.conversation_id,
+        message_id,
+        created_at,
+        created: row.created,
+    })
+}
+
+/// What one job needs, read at once: the conversation, its agent, a reply already stored (a
+/// redelivered job), the context the agent sees, and the sockets to send to.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    pub conversation: Conversation,
+    /// `None` when the agent row is gone.
+    pub agent: Option<Agent>,
+    pub reply: Option<Message>,
+    /// The conversation up to the job's message, its last `limit` messages oldest first, each
+    /// reply right after the message it answers (a reply is often stored after later user
+    /// messages arrived). Its last element is the job's message, unless that was deleted.
+    pub history: Vec<Message>,
+    pub recipients: Vec<Recipient>,
+}
+
+#[derive(sqlx::FromRow)]
+struct JobRow {
+    conversation: Json<Conversation>,
+    agent: Option<Json<Agent>>,
+    reply: Option<Json<Message>>,
+    history: Json<Vec<Message>>,
+    recipients: Json<Vec<Recipient>>,
+}
+
+/// The orchestrator's read, in the tenant's scope; `None` when the conversation is gone.
+pub async fn load_job(
+    conn: &mut PgConnection,
+    conversation_id: ConversationId,
+    message_id: MessageId,
+    limit: u16,
+) -> Result<Option<JobContext>, Error> {
+    let row: Option<JobRow> = sqlx::query_as(
+        "select to_jsonb(c) as conversation,
+                (select to_jsonb(a) from agents a
+                 where a.tenant_id = c.tenant_id and a.id = c.agent_id) as agent,
+                (select to_jsonb(r) from web_conversation_messages r
+                 where r.conversation_id = c.id and r.reply_to = $2) as reply,
+                (select coalesce(jsonb_agg(to_jsonb(h)
+                            order by h.anchor_at, h.anchor_id, (h.role = 'assistant')), '[]')
+                 from (
+                     select a.* from (
+                         select m.*, coalesce(q.created_at, m.created_at) as anchor_at,
+                                coalesce(q.id, m.id) as anchor_id
+                         from web_conversation_messages m
+                         left join web_conversation_messages q on q.id = m.reply_to
+                         where m.conversation_id = c.id
+                     ) a
+                     join web_conversation_messages upto
+                         on upto.id = $2 and upto.conversation_id = c.id
+                     where (a.anchor_at, a.anchor_id) <= (upto.created_at, upto.id)
+                       and a.reply_to is distinct from upto.id
+                     order by a.anchor_at desc, a.anchor_id desc, (a.role = 'assistant') desc
+                     limit $3
+                 ) h) as history,
+                (select coalesce(jsonb_agg(jsonb_build_object(
+                            'connection_id', w.connection_id, 'endpoint', w.endpoint)), '[]')
+                 from authorized_connections(c.tenant_id, c.id) w) as recipients
+         from web_conversations c
+         where c.id = $1",
+    )
+    .bind(conversation_id)
+    .bind(message_id)
+    .bind(i64::from(limit))
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|row| JobContext {
+        conversation: row.conversation.0,
+        agent: row.agent.map(|a| a.0),
+        reply: row.reply.map(|r| r.0),
+        history: row.history.0,
+        recipients: row.recipients.0,
+    }))
+}
+
+/// A reply stored, or the one stored before (`created: false`), and who gets it now.
+#[derive(Debug, Clone)]
+pub struct StoredReply {
+    pub reply: Message,
+    pub created: bool,
+    pub recipients: Vec<Recipient>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ReplyRow {
+    reply: Option<Json<Message>>,
+    created: bool,
+    recipients: Json<Vec<Recipient>>,
+}
+
+/// The orchestrator's write, in the tenant's scope: stores the agent's reply to `reply_to` at
+/// most once and lists the conversation's recipients as they are now.
+///
+/// `id` is chosen by the caller so that `chunk` frames streamed before the reply is stored
+/// already carry the id it will have.
+pub async fn store_reply(
+    conn: &mut PgConnection,
+    conversation: &Conversation,
+    id: MessageId,
+    reply_to: MessageId,
+    content: &str,
+) -> Result<StoredReply, Error> {
+    let row: ReplyRow = sqlx::query_as(
+        "with inserted as (
+             insert into web_conversation_messages
+                 (id, conversation_id, tenant_id, role, content, reply_to)
+             values ($5, $1, $2, 'assistant', $3, $4)
+             on conflict (conversation_id, reply_to) do nothing
+             returning *
+         ), touched as (
+             update web_conversations c set updated_at = i.created_at
+             from inserted i where c.id = i.conversation_id
+         )
+         select coalesce((select to_jsonb(i) from inserted i),
+                         (select to_jsonb(m) from web_conversation_messages m
+                          where m.conversation_id = $1 and m.reply_to = $4)) as reply,
+                exists (select 1 from inserted) as created,
+                (select coalesce(jsonb_agg(jsonb_build_object(
+                            'connection_id', w.connection_id, 'endpoint', w.endpoint)), '[]')
+                 from authorized_connections($2, $1) w) as recipients",
+    )
+    .bind(conversation.id)
+    .bind(conversation.tenant_id)
+    .bind(content)
+    .bind(reply_to)
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await
+    .on_constraint("web_conversation_messages_reply_to_fkey", || {
+        Error::NotFound("the message replied to is not in this conversation".into())
+    })?;
+    let reply = match row.reply {
+        Some(reply) => reply.0,
+        // A reply stored concurrently, committed after this statement's snapshot.
+        None => super::messages::find_reply(conn, conversation.id, reply_to)
+            .await?
+            .ok_or_else(|| Error::Internal("reply conflicted but cannot be read".into()))?,
+    };
+    Ok(StoredReply {
+        reply,
+        created: row.created,
+        recipients: row.recipients.0,
+    })
+}
+
+/// The sockets a conversation's frames may go to now, in the tenant's scope.
+pub async fn recipients(
+    conn: &mut PgConnection,
+    tenant_id: TenantId,
+    conversation_id: ConversationId,
+) -> Result<Vec<Recipient>, Error> {
+    Ok(
+        sqlx::query_as("select connection_id, endpoint from authorized_connections($1, $2)")
+            .bind(tenant_id)
+            .bind(conversation_id)
+            .fetch_all(conn)
+            .await?,
+    )
+}
