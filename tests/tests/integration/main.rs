@@ -16,6 +16,7 @@ mod orchestrator;
 mod rbac;
 mod redis_keys;
 mod reliability;
+mod round_trips;
 mod rls;
 mod schemathesis;
 mod template;

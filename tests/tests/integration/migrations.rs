@@ -28,7 +28,10 @@ async fn migrations_go_up_from_empty_down_to_empty_and_up_again() {
     MIGRATOR.run(&test.pool).await.expect("up from empty");
     let (tables, functions) = public_objects(&test).await;
     assert_eq!(tables, 8, "every table of the schema");
-    assert_eq!(functions, 4, "the row-level security helpers");
+    assert_eq!(
+        functions, 6,
+        "the row-level security helpers and the authorization rules"
+    );
 
     MIGRATOR.undo(&test.pool, 0).await.expect("down to empty");
     assert_eq!(public_objects(&test).await, (0, 0));

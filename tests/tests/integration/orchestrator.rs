@@ -11,8 +11,8 @@ use shared::agent::{Agents, Bedrock, Echo, OpenAi, RetryPolicy};
 use shared::db::agents::Provider;
 use shared::db::messages::{self, MessageRole};
 use shared::db::{Scope, conversations};
-use shared::delivery::{ConnectionsFanout, ManagementApi, RedisFanout};
-use shared::domain::{ConversationId, MessageId, PageLimit};
+use shared::delivery::{ConnectionsFanout, ManagementApi, RedisFanout, parse_published};
+use shared::domain::{ConnectionId, ConversationId, MessageId, PageLimit};
 use shared::job::Job;
 use shared::orchestrator::{ContextLimits, OrchestratorState, handle};
 use shared::redis_keys::webchat_response_key;
@@ -534,7 +534,10 @@ async fn test_send_response_web_publishes_to_redis() {
         .await
         .expect("a response is published")
         .unwrap();
-    let frame: Value = serde_json::from_str(&message.get_payload::<String>().unwrap()).unwrap();
+    let payload = message.get_payload::<String>().unwrap();
+    let (to, frame) = parse_published(&payload).expect("recipients, then the frame");
+    assert_eq!(to, [ConnectionId::parse("tab").unwrap()], "the authorized socket");
+    let frame: Value = serde_json::from_str(frame).unwrap();
     assert_eq!(frame["type"], "response");
     assert_eq!(frame["text"], "Echo: over redis");
     assert_eq!(frame["conversation_id"], json!(h.seed.conversation));

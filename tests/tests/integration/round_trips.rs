@@ -1,0 +1,267 @@
+//! How many times the message path waits on Postgres, counted on the wire: a proxy in front of
+//! the test database sees every byte the functions send, and counts each time a client speaks
+//! again after the server has answered (one round trip). A round trip that carries a statement
+//! (a simple `Query`, or an extended-protocol batch with an `Execute`) is counted apart from a
+//! bare `Sync`, which sqlx sends when a connection goes back to its pool, after the caller has
+//! moved on.
+//!
+//! The budget (issue: the message path) is 10 statement round trips per message in AWS mode,
+//! from the ws-message invocation to the last `PostToConnection`, with the echo agent and one
+//! socket; and no query per streamed chunk.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use shared::agent::{Agents, Bedrock, Echo, OpenAi, RetryPolicy};
+use shared::config::DatabaseConfig;
+use shared::db::Db;
+use shared::db::agents::Provider;
+use shared::delivery::{ConnectionsFanout, ManagementApi};
+use shared::orchestrator::{ContextLimits, OrchestratorState};
+use sqlx::postgres::PgConnectOptions;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::aws::{drain, sdk_config};
+use crate::llm::{FakeLlm, Reply, pieces};
+use crate::orchestrator::{conversation_with, run};
+use crate::ws::Harness;
+
+/// What the proxy counted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Turns {
+    /// Round trips that carried a statement.
+    pub statements: usize,
+    /// Round trips of a bare `Sync` (sqlx's check when a connection returns to its pool).
+    pub bare: usize,
+}
+
+/// A TCP proxy to Postgres that counts round trips.
+pub struct PgProxy {
+    /// The database's URL through the proxy.
+    pub url: String,
+    turns: Arc<Mutex<Turns>>,
+}
+
+impl PgProxy {
+    pub async fn start(database_url: &str) -> Self {
+        let target: PgConnectOptions = database_url.parse().unwrap();
+        let upstream = format!("{}:{}", target.get_host(), target.get_port());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let turns: Arc<Mutex<Turns>> = Arc::default();
+        let counted = turns.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = TcpStream::connect(&upstream).await.unwrap();
+                tokio::spawn(relay(client, server, counted.clone()));
+            }
+        });
+        // The test role needs no password (the test server trusts local connections).
+        let url = format!(
+            "postgres://{}@{address}/{}?sslmode=disable",
+            target.get_username(),
+            target.get_database().unwrap_or_default()
+        );
+        Self { url, turns }
+    }
+
+    pub fn take(&self) -> Turns {
+        std::mem::take(&mut *self.turns.lock().unwrap())
+    }
+}
+
+/// Relays one connection both ways; reads the client's messages to classify its turns.
+async fn relay(client: TcpStream, server: TcpStream, turns: Arc<Mutex<Turns>>) {
+    client.set_nodelay(true).unwrap();
+    server.set_nodelay(true).unwrap();
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let answered = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let server_answered = answered.clone();
+    let down = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match server_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    // Marked before the client can see it, so its next words start a new turn.
+                    server_answered.store(true, std::sync::atomic::Ordering::SeqCst);
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut parser = Parser::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut statement_in_turn = false;
+    loop {
+        let n = match client_read.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if answered.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            turns.lock().unwrap().bare += 1;
+            statement_in_turn = false;
+        }
+        for kind in parser.feed(&buf[..n]) {
+            if matches!(kind, b'Q' | b'E') && !statement_in_turn {
+                statement_in_turn = true;
+                let mut turns = turns.lock().unwrap();
+                turns.bare -= 1;
+                turns.statements += 1;
+            }
+        }
+        if server_write.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    down.abort();
+}
+
+/// Splits the client's byte stream into protocol messages: untyped ones until the startup
+/// message, typed ones after.
+#[derive(Default)]
+struct Parser {
+    pending: Vec<u8>,
+    started: bool,
+}
+
+impl Parser {
+    /// The type bytes of the messages completed by `bytes`.
+    fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(bytes);
+        let mut kinds = Vec::new();
+        loop {
+            let header = if self.started { 5 } else { 4 };
+            if self.pending.len() < header {
+                return kinds;
+            }
+            let at = header - 4;
+            let len = u32::from_be_bytes(self.pending[at..at + 4].try_into().unwrap()) as usize;
+            let total = at + len;
+            if self.pending.len() < total {
+                return kinds;
+            }
+            if self.started {
+                kinds.push(self.pending[0]);
+            } else {
+                let code = u32::from_be_bytes(self.pending[4..8].try_into().unwrap());
+                // The protocol version 3.0 startup message; SSL and GSS requests come before it.
+                self.started = code == 196_608;
+            }
+            self.pending.drain(..total);
+        }
+    }
+}
+
+/// The functions' own pool (two connections, as a Lambda has) through the proxy, and the
+/// message route and orchestrator on it, in AWS mode.
+async fn functions_through(proxy: &PgProxy, h: &mut Harness, llm: &FakeLlm) -> OrchestratorState {
+    let url = proxy.url.clone();
+    let db = Db::connect_lazy(
+        &DatabaseConfig::from_lookup(move |name: &str| (name == "DATABASE_URL").then(|| url.clone()))
+            .unwrap(),
+    );
+    h.state.db = db.clone();
+    let bedrock = aws_sdk_bedrockruntime::Client::from_conf(
+        aws_sdk_bedrockruntime::config::Builder::from(&sdk_config())
+            .endpoint_url(&llm.endpoint)
+            .build(),
+    );
+    OrchestratorState {
+        db: db.clone(),
+        fanout: Arc::new(ConnectionsFanout {
+            db,
+            delivery: Arc::new(ManagementApi::new(sdk_config())),
+        }),
+        agents: Arc::new(Agents {
+            echo: Echo,
+            openai: OpenAi::new(&llm.base_url, Some("sk-test".into())),
+            bedrock: Bedrock::new(bedrock),
+        }),
+        retry: RetryPolicy::default(),
+        context: ContextLimits::default(),
+    }
+}
+
+/// One message from the socket to its reply: the route, the queue, the orchestrator.
+async fn one_message(h: &Harness, state: &OrchestratorState, connection: &str, text: &str) {
+    let ack = h
+        .send(
+            connection,
+            &json!({ "type": "message", "text": text }).to_string(),
+        )
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let records: Vec<_> = drain(&h.queue).await.iter().map(|q| q.record()).collect();
+    assert_eq!(records.len(), 1);
+    assert!(run(state, records).await.is_empty(), "the job succeeds");
+}
+
+/// Lets the pool's release checks of the last step finish, so they count where they belong.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn a_message_costs_at_most_ten_round_trips_and_a_chunk_none() {
+    let mut h = Harness::new().await;
+    let llm = FakeLlm::start(|_, _| {
+        let words = ["one ", "two ", "three ", "four ", "five ", "six"];
+        Reply::Stream(pieces(&words), Duration::from_millis(120))
+    })
+    .await;
+    let proxy = PgProxy::start(&h._test.url).await;
+    let state = functions_through(&proxy, &mut h, &llm).await;
+    h.open_session("echo").await;
+
+    // Warm: the pool's connections are open, as they are in a warm Lambda.
+    one_message(&h, &state, "echo", "warm up").await;
+    settle().await;
+    proxy.take();
+
+    one_message(&h, &state, "echo", "counted").await;
+    settle().await;
+    let echo = proxy.take();
+    eprintln!(
+        "round trips per message (echo, AWS mode): {} with statements, {} bare syncs",
+        echo.statements, echo.bare
+    );
+    assert!(
+        echo.statements <= 10,
+        "a message costs {} statement round trips: {echo:?}",
+        echo.statements
+    );
+    let reply = h
+        .api
+        .frames_to("echo")
+        .into_iter()
+        .rfind(|f| f["type"] == "response")
+        .unwrap();
+    assert_eq!(reply["text"], "Echo: counted");
+
+    // A streamed reply of several chunks costs what an unstreamed one does.
+    let conversation = conversation_with(&h, Provider::Openai, "gpt-test").await;
+    h.open_session_on("stream", conversation).await;
+    one_message(&h, &state, "stream", "warm up").await;
+    settle().await;
+    proxy.take();
+    one_message(&h, &state, "stream", "counted").await;
+    settle().await;
+    let streamed = proxy.take();
+    let chunks = h
+        .api
+        .frames_to("stream")
+        .iter()
+        .filter(|f| f["type"] == "chunk")
+        .count();
+    assert!(chunks >= 6, "the reply streamed in several chunks: {chunks}");
+    assert_eq!(
+        streamed.statements, echo.statements,
+        "no statement per chunk: {streamed:?} against {echo:?}"
+    );
+}
