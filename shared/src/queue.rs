@@ -60,13 +60,20 @@ impl RedisConnection {
     }
 
     pub async fn get(&self) -> Result<redis::aio::ConnectionManager, Error> {
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(std::time::Duration::from_secs(10)));
         self.connection
-            .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
+            .get_or_try_init(|| self.dedicated())
             .await
             .cloned()
-            .map_err(Error::from)
+    }
+
+    /// A connection of its own, not shared with the clones.
+    pub async fn dedicated(&self) -> Result<redis::aio::ConnectionManager, Error> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(std::time::Duration::from_secs(10)));
+        Ok(self
+            .client
+            .get_connection_manager_with_config(config)
+            .await?)
     }
 }
 
@@ -129,6 +136,11 @@ impl RedisQueue {
 
     pub async fn connection(&self) -> Result<redis::aio::ConnectionManager, Error> {
         self.redis.get().await
+    }
+
+    /// A connection of its own, for blocking reads that must not hold up the shared one.
+    pub async fn dedicated_connection(&self) -> Result<redis::aio::ConnectionManager, Error> {
+        self.redis.dedicated().await
     }
 }
 

@@ -1,21 +1,31 @@
-//! The local orchestrator worker: jobs from the Redis stream, in SQS-shaped batches, through the
-//! very same batch handler as the Lambda; only what succeeded is acknowledged.
+//! The local orchestrator worker: jobs from the Redis stream through the very same batch handler
+//! as the Lambda; only what succeeded is acknowledged.
 //!
-//! Entries are read through a consumer group. One that fails stays in the consumer's pending
-//! list and is read again first on the next pass, together with every later entry of its
-//! conversation (the batch handler fails those too), so order within a conversation holds.
-//! Entries pending for another consumer longer than the visibility timeout (a worker that died)
-//! are claimed. An entry delivered `max_deliveries` times goes to a dead-letter stream, as SQS
-//! would move it to the dead-letter queue.
+//! Conversations proceed independently: each has a lane of its entries, worked in stream order
+//! one at a time, and up to [`Worker::concurrency`] lanes run at once, so a conversation whose
+//! agent is slow holds back only itself. A reader task keeps taking entries off the stream
+//! while lanes run.
+//!
+//! Entries are read through a consumer group. One that fails stays pending and at the front of
+//! its lane, so its conversation waits for it (order within a conversation holds); it is tried
+//! again after [`Worker::retry_delay`], each try counted as a delivery (`XCLAIM`), and after
+//! `max_deliveries` it goes to a dead-letter stream, as SQS would move it to the dead-letter
+//! queue. Entries pending for another consumer longer than the visibility timeout (a worker
+//! that died) are claimed; a restarted worker finds its own pending entries first.
 //!
 //! One worker process per stream keeps conversations in order; that is what the local runtime
 //! runs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use aws_lambda_events::sqs::{SqsEvent, SqsMessage};
-use redis::streams::{StreamId, StreamReadReply};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use redis::aio::ConnectionManager;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::Error;
 use crate::orchestrator::{OrchestratorState, handle};
@@ -28,22 +38,45 @@ pub struct Worker {
     pub queue: RedisQueue,
     /// Stable across restarts, so a restarted worker finds its own pending entries at once.
     pub consumer: String,
+    /// How many entries one read takes off the stream.
     pub batch: usize,
     /// How long a read waits for new entries.
     pub block: Duration,
-    /// The pause after a pass with failures, before they are tried again.
+    /// The pause after a failed entry, before it is tried again.
     pub retry_delay: Duration,
     /// How long an entry may stay pending with another consumer before it is claimed.
     pub visibility_timeout: Duration,
     pub max_deliveries: usize,
+    /// How many conversations are worked at once.
+    pub concurrency: usize,
 }
 
-/// What one pass did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Pass {
-    pub succeeded: usize,
-    pub failed: usize,
-    pub dead_lettered: usize,
+/// An entry and how it came to this worker.
+#[derive(Debug, Clone)]
+struct Entry {
+    id: StreamId,
+    /// Read before (pending from an earlier run, claimed from a dead worker, or failed here):
+    /// its deliveries are counted before it runs.
+    redelivered: bool,
+}
+
+/// One conversation's entries, in stream order.
+#[derive(Debug, Default)]
+struct Lane {
+    entries: VecDeque<Entry>,
+    running: bool,
+    /// After a failure: not before then.
+    resume_at: Option<Instant>,
+}
+
+/// What became of one attempt at a lane's front entry.
+enum Outcome {
+    /// Done (answered, or dropped because retrying cannot help): acknowledged.
+    Done,
+    /// Failed; stays pending for another try.
+    Failed,
+    /// Delivered too often: moved to the dead-letter stream and acknowledged.
+    DeadLettered,
 }
 
 impl Worker {
@@ -51,12 +84,12 @@ impl Worker {
         Self {
             queue,
             consumer: consumer.to_owned(),
-            // Larger than SQS's ten: a pass runs its conversations side by side.
             batch: 64,
             block: Duration::from_secs(1),
             retry_delay: Duration::from_secs(1),
             visibility_timeout: Duration::from_secs(30),
             max_deliveries: 5,
+            concurrency: 32,
         }
     }
 
@@ -64,99 +97,129 @@ impl Worker {
         format!("{}:dead", self.queue.stream_key())
     }
 
-    /// Runs passes until `shutdown` resolves; a pass under way is finished first, so nothing
-    /// is left half done (what was not acknowledged is read again by the next worker).
+    /// Works entries until `shutdown` resolves; attempts under way are finished first, so
+    /// nothing is left half done (what was not acknowledged is read again by the next worker).
     pub async fn run(
         &self,
         state: &OrchestratorState,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), Error> {
         tokio::pin!(shutdown);
+        let (sender, mut incoming) = mpsc::channel::<Vec<Entry>>(1);
+        let reader = tokio::spawn(self.clone().read_loop(sender));
+        let mut lanes: HashMap<String, Lane> = HashMap::new();
+        let mut held: HashSet<String> = HashSet::new();
+        let mut attempts = FuturesUnordered::new();
+        let mut running = 0;
         loop {
-            let pass = tokio::select! {
+            let now = Instant::now();
+            for (group, lane) in &mut lanes {
+                if running >= self.concurrency {
+                    break;
+                }
+                if lane.running || lane.resume_at.is_some_and(|at| at > now) {
+                    continue;
+                }
+                if let Some(entry) = lane.entries.front() {
+                    lane.running = true;
+                    lane.resume_at = None;
+                    running += 1;
+                    attempts.push(self.attempt(state, group.clone(), entry.clone()));
+                }
+            }
+            let next_resume = lanes
+                .values()
+                .filter(|l| !l.running)
+                .filter_map(|l| l.resume_at)
+                .min();
+            tokio::select! {
                 biased;
-                () = &mut shutdown => return Ok(()),
-                pass = self.run_once(state) => pass,
-            };
-            let pause = match pass {
-                Ok(pass) if pass.failed == 0 => continue,
-                Ok(_) => self.retry_delay,
-                Err(e) => {
-                    tracing::warn!(error = &e as &dyn std::error::Error, "worker pass failed");
-                    self.retry_delay
+                () = &mut shutdown => break,
+                Some((group, outcome)) = attempts.next() => {
+                    running -= 1;
+                    let lane = lanes.get_mut(&group).expect("a lane with an attempt");
+                    lane.running = false;
+                    match outcome {
+                        Outcome::Done | Outcome::DeadLettered => {
+                            if let Some(done) = lane.entries.pop_front() {
+                                held.remove(&done.id.id);
+                            }
+                            if lane.entries.is_empty() {
+                                lanes.remove(&group);
+                            }
+                        }
+                        Outcome::Failed => {
+                            if let Some(front) = lane.entries.front_mut() {
+                                front.redelivered = true;
+                            }
+                            lane.resume_at = Some(Instant::now() + self.retry_delay);
+                        }
+                    }
+                }
+                Some(entries) = incoming.recv() => {
+                    for entry in entries {
+                        // A claim can hand back an entry this worker already holds.
+                        if held.insert(entry.id.id.clone()) {
+                            let group = entry.id.get::<String>("group").unwrap_or_default();
+                            lanes.entry(group).or_default().entries.push_back(entry);
+                        }
+                    }
+                }
+                () = sleep_until(next_resume), if next_resume.is_some() => {}
+            }
+        }
+        reader.abort();
+        while attempts.next().await.is_some() {}
+        Ok(())
+    }
+
+    /// Takes entries off the stream for [`run`](Self::run): this consumer's pending ones first,
+    /// then orphans claimed and new ones, as long as the worker runs. Waits while the worker
+    /// has not taken the previous read.
+    async fn read_loop(self, lanes: mpsc::Sender<Vec<Entry>>) {
+        let mut pending_done = false;
+        loop {
+            let read = async {
+                // Blocking reads get a connection of their own, so they never hold up the
+                // acknowledgements on the shared one.
+                let mut conn = self.queue.dedicated_connection().await?;
+                self.ensure_group(&mut conn).await?;
+                loop {
+                    let entries = if pending_done {
+                        let mut entries = self.claim(&mut conn).await?;
+                        let block = entries.is_empty().then_some(self.block);
+                        entries.extend(self.read(&mut conn, ">", block).await?.into_iter().map(
+                            |id| Entry {
+                                id,
+                                redelivered: false,
+                            },
+                        ));
+                        entries
+                    } else {
+                        pending_done = true;
+                        self.own_pending(&mut conn).await?
+                    };
+                    if !entries.is_empty() && lanes.send(entries).await.is_err() {
+                        return Ok::<(), Error>(());
+                    }
                 }
             };
-            tokio::select! {
-                () = &mut shutdown => return Ok(()),
-                () = tokio::time::sleep(pause) => {}
+            match read.await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = &e as &dyn std::error::Error, "worker read failed");
+                    // After Redis comes back, this consumer's pending entries are read again.
+                    pending_done = false;
+                    tokio::time::sleep(self.retry_delay).await;
+                }
             }
         }
     }
 
-    /// One pass: claim orphaned entries, take this consumer's pending entries (oldest first)
-    /// and new ones, run them as one batch, acknowledge the successes.
-    pub async fn run_once(&self, state: &OrchestratorState) -> Result<Pass, Error> {
-        let mut conn = self.queue.connection().await?;
-        let stream = self.queue.stream_key();
-        self.ensure_group(&mut conn, &stream).await?;
-
-        let _: redis::Value = redis::cmd("XAUTOCLAIM")
-            .arg(&stream)
-            .arg(GROUP)
-            .arg(&self.consumer)
-            .arg(self.visibility_timeout.as_millis() as u64)
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(self.batch)
-            .query_async(&mut conn)
-            .await?;
-
-        let mut pass = Pass::default();
-        let pending = self.read(&mut conn, &stream, "0", None).await?;
-        let pending = self
-            .dead_letter(&mut conn, &stream, pending, &mut pass)
-            .await?;
-        let block = pending.is_empty().then_some(self.block);
-        let fresh = self.read(&mut conn, &stream, ">", block).await?;
-        let entries: Vec<StreamId> = pending.into_iter().chain(fresh).collect();
-        if entries.is_empty() {
-            return Ok(pass);
-        }
-
-        let mut event = SqsEvent::default();
-        event.records = entries.iter().map(to_record).collect();
-        let failed: Vec<String> = handle(state, event)
-            .await
-            .batch_item_failures
-            .into_iter()
-            .map(|f| f.item_identifier)
-            .collect();
-        let done: Vec<&str> = entries
-            .iter()
-            .map(|e| e.id.as_str())
-            .filter(|id| !failed.iter().any(|f| f == id))
-            .collect();
-        if !done.is_empty() {
-            let _: i64 = redis::cmd("XACK")
-                .arg(&stream)
-                .arg(GROUP)
-                .arg(&done)
-                .query_async(&mut conn)
-                .await?;
-        }
-        pass.succeeded += done.len();
-        pass.failed += failed.len();
-        Ok(pass)
-    }
-
-    async fn ensure_group(
-        &self,
-        conn: &mut redis::aio::ConnectionManager,
-        stream: &str,
-    ) -> Result<(), Error> {
+    async fn ensure_group(&self, conn: &mut ConnectionManager) -> Result<(), Error> {
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
-            .arg(stream)
+            .arg(self.queue.stream_key())
             .arg(GROUP)
             .arg("0")
             .arg("MKSTREAM")
@@ -168,10 +231,49 @@ impl Worker {
         }
     }
 
+    /// Every entry delivered to this consumer and not acknowledged, oldest first.
+    async fn own_pending(&self, conn: &mut ConnectionManager) -> Result<Vec<Entry>, Error> {
+        let mut all = Vec::new();
+        let mut after = "0".to_owned();
+        loop {
+            let page = self.read(conn, &after, None).await?;
+            let Some(last) = page.last() else {
+                return Ok(all);
+            };
+            after = last.id.clone();
+            all.extend(page.into_iter().map(|id| Entry {
+                id,
+                redelivered: true,
+            }));
+        }
+    }
+
+    /// Entries another consumer left pending longer than the visibility timeout.
+    async fn claim(&self, conn: &mut ConnectionManager) -> Result<Vec<Entry>, Error> {
+        let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+            .arg(self.queue.stream_key())
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg(self.visibility_timeout.as_millis() as u64)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(self.batch)
+            .query_async(conn)
+            .await?;
+        Ok(reply
+            .claimed
+            .into_iter()
+            .filter(|e| !e.map.is_empty())
+            .map(|id| Entry {
+                id,
+                redelivered: true,
+            })
+            .collect())
+    }
+
     async fn read(
         &self,
-        conn: &mut redis::aio::ConnectionManager,
-        stream: &str,
+        conn: &mut ConnectionManager,
         from: &str,
         block: Option<Duration>,
     ) -> Result<Vec<StreamId>, Error> {
@@ -186,7 +288,7 @@ impl Worker {
         }
         let reply: Option<StreamReadReply> = cmd
             .arg("STREAMS")
-            .arg(stream)
+            .arg(self.queue.stream_key())
             .arg(from)
             .query_async(conn)
             .await?;
@@ -199,59 +301,104 @@ impl Worker {
             .collect())
     }
 
-    /// Moves entries delivered too often to the dead-letter stream and acknowledges them.
-    async fn dead_letter(
+    /// One try at a lane's front entry, through the batch handler.
+    async fn attempt(
         &self,
-        conn: &mut redis::aio::ConnectionManager,
-        stream: &str,
-        pending: Vec<StreamId>,
-        pass: &mut Pass,
-    ) -> Result<Vec<StreamId>, Error> {
-        if pending.is_empty() {
-            return Ok(pending);
+        state: &OrchestratorState,
+        group: String,
+        entry: Entry,
+    ) -> (String, Outcome) {
+        let outcome = match self.try_entry(state, &entry).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::warn!(entry = %entry.id.id, error = &e as &dyn std::error::Error, "worker attempt failed");
+                Outcome::Failed
+            }
+        };
+        (group, outcome)
+    }
+
+    async fn try_entry(&self, state: &OrchestratorState, entry: &Entry) -> Result<Outcome, Error> {
+        let mut conn = self.queue.connection().await?;
+        let stream = self.queue.stream_key();
+        if entry.redelivered
+            && self.deliveries(&mut conn, &entry.id.id).await? > self.max_deliveries
+        {
+            self.dead_letter(&mut conn, &entry.id).await?;
+            return Ok(Outcome::DeadLettered);
         }
-        let counts: Vec<(String, String, u64, usize)> = redis::cmd("XPENDING")
-            .arg(stream)
+        let mut event = SqsEvent::default();
+        event.records = vec![to_record(&entry.id)];
+        if !handle(state, event).await.batch_item_failures.is_empty() {
+            return Ok(Outcome::Failed);
+        }
+        let _: i64 = redis::cmd("XACK")
+            .arg(&stream)
             .arg(GROUP)
-            .arg("-")
-            .arg("+")
-            .arg(self.batch * 2)
+            .arg(&entry.id.id)
+            .query_async(&mut conn)
+            .await?;
+        Ok(Outcome::Done)
+    }
+
+    /// Counts one more delivery of a pending entry (as reading it again would) and returns how
+    /// many it has had.
+    async fn deliveries(&self, conn: &mut ConnectionManager, id: &str) -> Result<usize, Error> {
+        let stream = self.queue.stream_key();
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(&stream)
+            .arg(GROUP)
             .arg(&self.consumer)
+            .arg(0)
+            .arg(id)
+            .arg("JUSTID")
             .query_async(conn)
             .await?;
-        let deliveries: HashMap<String, usize> = counts
-            .into_iter()
-            .map(|(id, _, _, times)| (id, times))
-            .collect();
-        let mut keep = Vec::new();
-        for entry in pending {
-            if deliveries.get(&entry.id).copied().unwrap_or(0) <= self.max_deliveries {
-                keep.push(entry);
-                continue;
-            }
-            tracing::error!(entry = %entry.id, "job delivered too often; dead-lettered");
-            let body: String = entry.get("body").unwrap_or_default();
-            let group: String = entry.get("group").unwrap_or_default();
-            let _: String = redis::cmd("XADD")
-                .arg(self.dead_letter_key())
-                .arg("*")
-                .arg("source_id")
-                .arg(&entry.id)
-                .arg("group")
-                .arg(group)
-                .arg("body")
-                .arg(body)
-                .query_async(conn)
-                .await?;
-            let _: i64 = redis::cmd("XACK")
-                .arg(stream)
-                .arg(GROUP)
-                .arg(&entry.id)
-                .query_async(conn)
-                .await?;
-            pass.dead_lettered += 1;
-        }
-        Ok(keep)
+        let counts: Vec<(String, String, u64, usize)> = redis::cmd("XPENDING")
+            .arg(&stream)
+            .arg(GROUP)
+            .arg(id)
+            .arg(id)
+            .arg(1)
+            .query_async(conn)
+            .await?;
+        Ok(counts.first().map_or(0, |(_, _, _, times)| *times))
+    }
+
+    /// Moves an entry delivered too often to the dead-letter stream and acknowledges it.
+    async fn dead_letter(
+        &self,
+        conn: &mut ConnectionManager,
+        entry: &StreamId,
+    ) -> Result<(), Error> {
+        tracing::error!(entry = %entry.id, "job delivered too often; dead-lettered");
+        let body: String = entry.get("body").unwrap_or_default();
+        let group: String = entry.get("group").unwrap_or_default();
+        let _: String = redis::cmd("XADD")
+            .arg(self.dead_letter_key())
+            .arg("*")
+            .arg("source_id")
+            .arg(&entry.id)
+            .arg("group")
+            .arg(group)
+            .arg("body")
+            .arg(body)
+            .query_async(conn)
+            .await?;
+        let _: i64 = redis::cmd("XACK")
+            .arg(self.queue.stream_key())
+            .arg(GROUP)
+            .arg(&entry.id)
+            .query_async(conn)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -536,7 +536,11 @@ async fn test_send_response_web_publishes_to_redis() {
         .unwrap();
     let payload = message.get_payload::<String>().unwrap();
     let (to, frame) = parse_published(&payload).expect("recipients, then the frame");
-    assert_eq!(to, [ConnectionId::parse("tab").unwrap()], "the authorized socket");
+    assert_eq!(
+        to,
+        [ConnectionId::parse("tab").unwrap()],
+        "the authorized socket"
+    );
     let frame: Value = serde_json::from_str(frame).unwrap();
     assert_eq!(frame["type"], "response");
     assert_eq!(frame["text"], "Echo: over redis");

@@ -178,8 +178,10 @@ impl Parser {
 async fn functions_through(proxy: &PgProxy, h: &mut Harness, llm: &FakeLlm) -> OrchestratorState {
     let url = proxy.url.clone();
     let db = Db::connect_lazy(
-        &DatabaseConfig::from_lookup(move |name: &str| (name == "DATABASE_URL").then(|| url.clone()))
-            .unwrap(),
+        &DatabaseConfig::from_lookup(move |name: &str| {
+            (name == "DATABASE_URL").then(|| url.clone())
+        })
+        .unwrap(),
     );
     h.state.db = db.clone();
     let bedrock = aws_sdk_bedrockruntime::Client::from_conf(
@@ -279,7 +281,10 @@ async fn a_message_costs_at_most_ten_round_trips_and_a_chunk_none() {
         .iter()
         .filter(|f| f["type"] == "chunk")
         .count();
-    assert!(chunks >= 20, "the replies streamed in several chunks: {chunks}");
+    assert!(
+        chunks >= 20,
+        "the replies streamed in several chunks: {chunks}"
+    );
     assert_eq!(
         streamed.statements, echo.statements,
         "no statement per chunk: {streamed:?} against {echo:?}"

@@ -1,19 +1,22 @@
-//! The local worker: Redis stream → SQS-shaped batches → the same batch handler; only what
-//! succeeded is acknowledged.
+//! The local worker: Redis stream → conversation lanes → the same batch handler; only what
+//! succeeded is acknowledged, and one slow conversation holds back only itself.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shared::db::agents::Provider;
-use shared::db::{Scope, conversations};
 use shared::domain::ConversationId;
+use shared::orchestrator::OrchestratorState;
 use shared::queue::{JobQueue, RedisQueue};
-use shared::worker::{GROUP, Pass, Worker};
+use shared::worker::{GROUP, Worker};
 
-use crate::helpers::{redis_prefix, seed_agent_with};
+use crate::helpers::redis_prefix;
 use crate::llm::{FakeLlm, Reply, last_user_text, pieces};
-use crate::orchestrator::{orchestrator, queued_jobs, replies};
+use crate::orchestrator::{
+    conversation_with, conversation_with_named, orchestrator, queued_jobs, replies,
+};
 use crate::ws::Harness;
 
 fn worker(prefix: &str) -> Worker {
@@ -43,6 +46,44 @@ async fn pending(worker: &Worker) -> i64 {
     summary.0
 }
 
+/// Runs the worker until `until` completes, then shuts it down; returns what `until` returned.
+async fn running<T>(
+    worker: &Worker,
+    state: &OrchestratorState,
+    until: impl Future<Output = T>,
+) -> T {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = worker.run(state, async {
+        let _ = stopped.await;
+    });
+    let check = async {
+        let out = until.await;
+        let _ = stop.send(());
+        out
+    };
+    let (ran, out) = tokio::join!(run, check);
+    ran.unwrap();
+    out
+}
+
+/// Waits until `check` holds, for at most 15 s.
+async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn dead_letters(worker: &Worker) -> i64 {
+    let mut conn = worker.queue.connection().await.unwrap();
+    redis::cmd("XLEN")
+        .arg(worker.dead_letter_key())
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_worker_answers_queued_jobs_and_acknowledges_them() {
     let h = Harness::new().await;
@@ -54,25 +95,18 @@ async fn the_worker_answers_queued_jobs_and_acknowledges_them() {
         worker.queue.enqueue(&job).await.unwrap();
     }
 
-    let pass = worker.run_once(&state).await.unwrap();
-    assert_eq!(
-        pass,
-        Pass {
-            succeeded: 3,
-            failed: 0,
-            dead_lettered: 0
-        }
-    );
+    running(&worker, &state, async {
+        eventually("three replies, all acknowledged", || async {
+            answered(&h, h.seed.conversation).await.len() == 3 && pending(&worker).await == 0
+        })
+        .await;
+    })
+    .await;
     assert_eq!(
         answered(&h, h.seed.conversation).await,
         vec!["Echo: one", "Echo: two", "Echo: three"]
     );
-    assert_eq!(pending(&worker).await, 0, "all acknowledged");
-    assert_eq!(
-        worker.run_once(&state).await.unwrap(),
-        Pass::default(),
-        "nothing left"
-    );
+    assert_eq!(dead_letters(&worker).await, 0);
 }
 
 #[tokio::test]
@@ -93,44 +127,92 @@ async fn a_failed_job_holds_its_conversation_back_until_it_succeeds() {
     .await;
     let mut state = orchestrator(&h, &llm);
     state.retry.max_attempts = 1;
-    let agent = seed_agent_with(&h.db, h.seed.tenant, "llm", Provider::Openai, "gpt-test").await;
-    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
-    let conv = conversations::get_or_create(&mut tx, h.seed.tenant, agent, h.seed.user)
-        .await
-        .unwrap()
-        .row
-        .id;
-    tx.commit().await.unwrap();
+    let conv = conversation_with(&h, Provider::Openai, "gpt-test").await;
     h.open_session_on("llm-tab", conv).await;
     h.open_session("echo-tab").await;
-    let worker = worker(&redis_prefix());
+    let mut worker = worker(&redis_prefix());
+    worker.retry_delay = Duration::from_millis(50);
+    worker.max_deliveries = 1000;
     let held = queued_jobs(&h, "llm-tab", &["flaky first", "then this"]).await;
     let other = queued_jobs(&h, "echo-tab", &["elsewhere"]).await;
     for job in held.iter().chain(&other) {
         worker.queue.enqueue(job).await.unwrap();
     }
 
-    let pass = worker.run_once(&state).await.unwrap();
-    assert_eq!((pass.succeeded, pass.failed), (1, 2));
-    assert!(
-        answered(&h, conv).await.is_empty(),
-        "the second waits for the first"
-    );
-    assert_eq!(
-        answered(&h, h.seed.conversation).await,
-        vec!["Echo: elsewhere"]
-    );
-    assert_eq!(pending(&worker).await, 2);
+    running(&worker, &state, async {
+        eventually("the other conversation answered", || async {
+            answered(&h, h.seed.conversation).await == ["Echo: elsewhere"]
+        })
+        .await;
+        // Several tries of the failing job later, its conversation is still held back.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            answered(&h, conv).await.is_empty(),
+            "the second waits for the first"
+        );
+        assert_eq!(pending(&worker).await, 2);
 
-    healthy.store(true, Ordering::SeqCst);
-    let pass = worker.run_once(&state).await.unwrap();
-    assert_eq!((pass.succeeded, pass.failed), (2, 0));
+        healthy.store(true, Ordering::SeqCst);
+        eventually("both answered", || async {
+            answered(&h, conv).await.len() == 2 && pending(&worker).await == 0
+        })
+        .await;
+    })
+    .await;
     assert_eq!(
         answered(&h, conv).await,
         vec!["answer to flaky first", "answer to then this"],
         "in the order they were sent"
     );
-    assert_eq!(pending(&worker).await, 0);
+}
+
+#[tokio::test]
+async fn a_slow_conversation_does_not_hold_back_the_others() {
+    let h = Harness::new().await;
+    let llm = FakeLlm::start(|request, _| {
+        if last_user_text(request) == "slow" {
+            // One piece 2.5 s in, the end 2.5 s later: 5 s in all.
+            Reply::Stream(pieces(&["slow answer"]), Duration::from_millis(2500))
+        } else {
+            Reply::Stream(pieces(&["quick answer"]), Duration::ZERO)
+        }
+    })
+    .await;
+    let mut state = orchestrator(&h, &llm);
+    state.retry.attempt_timeout = Duration::from_secs(30);
+    let slow = conversation_with(&h, Provider::Openai, "gpt-test").await;
+    let quick = conversation_with_named(&h, "quick agent").await;
+    h.open_session_on("slow-tab", slow).await;
+    h.open_session_on("quick-tab", quick).await;
+    let worker = worker(&redis_prefix());
+    let started = Instant::now();
+    // The slow conversation's job is queued first.
+    for job in queued_jobs(&h, "slow-tab", &["slow"]).await {
+        worker.queue.enqueue(&job).await.unwrap();
+    }
+    for job in queued_jobs(&h, "quick-tab", &["quick"]).await {
+        worker.queue.enqueue(&job).await.unwrap();
+    }
+
+    let (quick_at, slow_at) = running(&worker, &state, async {
+        eventually("the quick reply", || async {
+            !answered(&h, quick).await.is_empty()
+        })
+        .await;
+        let quick_at = started.elapsed();
+        eventually("the slow reply", || async {
+            !answered(&h, slow).await.is_empty()
+        })
+        .await;
+        (quick_at, started.elapsed())
+    })
+    .await;
+    assert!(
+        quick_at < Duration::from_millis(2000),
+        "the quick reply came after {quick_at:?}, behind the slow one"
+    );
+    assert!(slow_at >= Duration::from_millis(4500), "{slow_at:?}");
+    assert_eq!(answered(&h, slow).await, ["slow answer"]);
 }
 
 #[tokio::test]
@@ -152,18 +234,17 @@ async fn an_unparseable_entry_is_dead_lettered_after_its_deliveries() {
         .await
         .unwrap();
 
-    let mut dead = 0;
-    for _ in 0..4 {
-        dead += worker.run_once(&state).await.unwrap().dead_lettered;
-    }
-    assert_eq!(dead, 1);
+    running(&worker, &state, async {
+        eventually("the entry dead-lettered", || async {
+            dead_letters(&worker).await == 1 && pending(&worker).await == 0
+        })
+        .await;
+        // And nothing more happens to it.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    })
+    .await;
+    assert_eq!(dead_letters(&worker).await, 1);
     assert_eq!(pending(&worker).await, 0);
-    let dead_entries: i64 = redis::cmd("XLEN")
-        .arg(worker.dead_letter_key())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(dead_entries, 1);
 }
 
 #[tokio::test]
@@ -175,7 +256,7 @@ async fn entries_of_a_worker_that_died_are_claimed_after_the_visibility_timeout(
     let prefix = redis_prefix();
     let mut survivor = worker(&prefix);
     survivor.consumer = "worker-2".into();
-    survivor.visibility_timeout = Duration::from_millis(200);
+    survivor.visibility_timeout = Duration::from_millis(500);
     for job in queued_jobs(&h, "tab", &["orphan"]).await {
         survivor.queue.enqueue(&job).await.unwrap();
     }
@@ -199,19 +280,22 @@ async fn entries_of_a_worker_that_died_are_claimed_after_the_visibility_timeout(
         .query_async(&mut conn)
         .await
         .unwrap();
+    let read_at = Instant::now();
 
-    assert_eq!(
-        survivor.run_once(&state).await.unwrap().succeeded,
-        0,
-        "not yet timed out"
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(survivor.run_once(&state).await.unwrap().succeeded, 1);
-    assert_eq!(
-        answered(&h, h.seed.conversation).await,
-        vec!["Echo: orphan"]
-    );
-    assert_eq!(pending(&survivor).await, 0);
+    running(&survivor, &state, async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            answered(&h, h.seed.conversation).await.is_empty(),
+            "not yet timed out"
+        );
+        eventually("the orphan answered", || async {
+            answered(&h, h.seed.conversation).await == ["Echo: orphan"]
+                && pending(&survivor).await == 0
+        })
+        .await;
+    })
+    .await;
+    assert!(read_at.elapsed() >= Duration::from_millis(500));
 }
 
 #[tokio::test]
