@@ -350,8 +350,8 @@ impl Worker {
             .arg(GROUP)
             .arg(&self.consumer)
             .arg(0)
+            // Not JUSTID: that would leave the delivery count as it is.
             .arg(id)
-            .arg("JUSTID")
             .query_async(conn)
             .await?;
         let counts: Vec<(String, String, u64, usize)> = redis::cmd("XPENDING")
