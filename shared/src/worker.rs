@@ -332,12 +332,18 @@ impl Worker {
         if !handle(state, event).await.batch_item_failures.is_empty() {
             return Ok(Outcome::Failed);
         }
-        let _: i64 = redis::cmd("XACK")
+        // The job is done whether or not the acknowledgement lands: one that did not stays
+        // pending in Redis and comes back after a reconnect, to be answered from the stored
+        // reply (at least once), never asked again.
+        let acked: redis::RedisResult<i64> = redis::cmd("XACK")
             .arg(&stream)
             .arg(GROUP)
             .arg(&entry.id.id)
             .query_async(&mut conn)
-            .await?;
+            .await;
+        if let Err(e) = acked {
+            tracing::warn!(entry = %entry.id.id, error = &e as &dyn std::error::Error, "job done but not acknowledged");
+        }
         Ok(Outcome::Done)
     }
 

@@ -359,7 +359,8 @@ async fn replies_still_arrive_after_redis_restarts() {
         answered["text"]
             .as_str()
             .unwrap()
-            .starts_with("Echo: after")
+            .starts_with("Echo: after"),
+        "{answered}"
     );
     local.stop().await;
     drop(redis);
@@ -583,4 +584,78 @@ async fn routes_can_run_as_real_lambdas_under_cargo_lambda_watch() {
         "typing came from ws-message through the management API"
     );
     gateway.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_or_removed_user_gets_no_more_frames_and_may_authenticate_again() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let local = Local::start(&Env::new(&test), &["serve", "--listen", "127.0.0.1:0"]).await;
+    let short = crate::helpers::sign(
+        &json!({ "sub": s.user, "role": "customer_operator", "exp": crate::helpers::now() + 2 }),
+    );
+    let mut expiring = open(&local.address, s.conversation).await;
+    send(&mut expiring, json!({ "type": "auth", "token": short })).await;
+    expect(&mut expiring, "auth_ok").await;
+    let mut other = authenticated(&local.address, &s, s.conversation).await;
+
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    send(
+        &mut expiring,
+        json!({ "type": "message", "text": "expired?" }),
+    )
+    .await;
+    let refused = expect(&mut expiring, "error").await;
+    assert_eq!(refused["code"], "unauthenticated", "{refused}");
+    send(
+        &mut other,
+        json!({ "type": "message", "text": "from the other tab" }),
+    )
+    .await;
+    expect(&mut other, "typing").await;
+    expect(&mut other, "ack").await;
+    assert_eq!(
+        expect(&mut other, "response").await["text"],
+        "Echo: from the other tab"
+    );
+    assert_eq!(
+        next(&mut expiring, Duration::from_millis(500)).await,
+        None,
+        "the expired socket gets nothing"
+    );
+
+    // A fresh token on the same socket continues the session.
+    send(
+        &mut expiring,
+        json!({ "type": "auth", "token": token(s.user, Role::CustomerOperator) }),
+    )
+    .await;
+    expect(&mut expiring, "auth_ok").await;
+    send(
+        &mut expiring,
+        json!({ "type": "message", "text": "renewed" }),
+    )
+    .await;
+    expect(&mut expiring, "typing").await;
+    expect(&mut expiring, "ack").await;
+    assert_eq!(
+        expect(&mut expiring, "response").await["text"],
+        "Echo: renewed"
+    );
+    assert_eq!(
+        expect(&mut other, "response").await["text"],
+        "Echo: renewed"
+    );
+
+    // Removed from the tenant: refused, and nothing more arrives.
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    shared::db::memberships::revoke(&mut tx, s.tenant, s.user)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    for socket in [&mut expiring, &mut other] {
+        send(socket, json!({ "type": "message", "text": "still here?" })).await;
+        assert_eq!(expect(socket, "error").await["code"], "forbidden");
+    }
+    local.stop().await;
 }

@@ -2,6 +2,7 @@
 //! wire-level connection-management API.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use aws_lambda_events::encodings::Body;
@@ -541,4 +542,104 @@ async fn the_redis_queue_keeps_one_job_per_message_in_order() {
         entries.ids[0].get::<String>("group").unwrap(),
         h.seed.conversation.to_string()
     );
+}
+
+/// The `response` frames a connection has been posted so far.
+fn responses(h: &Harness, connection: &str) -> Vec<Value> {
+    h.api
+        .frames_to(connection)
+        .into_iter()
+        .filter(|f| f["type"] == "response")
+        .collect()
+}
+
+/// Sends a message on `connection`, then runs the orchestrator on what was queued.
+async fn converse(
+    h: &Harness,
+    state: &shared::orchestrator::OrchestratorState,
+    connection: &str,
+    text: &str,
+) -> Value {
+    let answer = h.send(connection, &message(text)).await;
+    let records: Vec<_> = drain(&h.queue).await.iter().map(|q| q.record()).collect();
+    if !records.is_empty() {
+        assert!(crate::orchestrator::run(state, records).await.is_empty());
+    }
+    answer
+}
+
+#[tokio::test]
+async fn authorization_is_checked_on_every_message_and_every_delivery() {
+    let h = Harness::new().await;
+    let llm = crate::llm::FakeLlm::hello().await;
+    let state = crate::orchestrator::orchestrator(&h, &llm);
+    let user = h.seed.user;
+    let admin = seed_user(&h.db, "root").await;
+    // One tab with a token about to expire, another with a long one, and a platform admin.
+    h.connect("short").await;
+    let short = sign(&json!({ "sub": user, "role": "customer_operator", "exp": now() + 2 }));
+    assert_eq!(h.auth("short", &short).await.unwrap()["type"], "auth_ok");
+    h.open_session("long").await;
+    h.connect("admin").await;
+    let ok = h.auth("admin", &token(admin, Role::PlatformAdmin)).await;
+    assert_eq!(ok.unwrap()["type"], "auth_ok");
+
+    assert_eq!(
+        converse(&h, &state, "short", "while fresh").await["type"],
+        "ack"
+    );
+    for tab in ["short", "long", "admin"] {
+        assert_eq!(responses(&h, tab).len(), 1, "{tab}");
+    }
+
+    // The short token expires: its messages are refused, nothing else reaches it.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let stored = h.stored_messages().await;
+    let posted = h.api.frames_to("short").len();
+    let refused = converse(&h, &state, "short", "after expiry").await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "unauthenticated");
+    assert!(refused["message"].as_str().unwrap().contains("expired"));
+    assert_eq!(h.stored_messages().await, stored, "nothing stored");
+    assert_eq!(
+        converse(&h, &state, "long", "from the other tab").await["type"],
+        "ack"
+    );
+    assert_eq!(
+        h.api.frames_to("short").len(),
+        posted,
+        "no typing, no reply to the expired socket"
+    );
+    assert_eq!(responses(&h, "long").len(), 2);
+    assert_eq!(responses(&h, "admin").len(), 2);
+
+    // A fresh auth frame on the same socket renews it.
+    let ok = h.auth("short", &token(user, Role::CustomerOperator)).await;
+    assert_eq!(ok.unwrap()["type"], "auth_ok");
+    assert_eq!(
+        converse(&h, &state, "short", "renewed").await["type"],
+        "ack"
+    );
+    assert_eq!(responses(&h, "short").len(), 2);
+
+    // The user leaves the tenant while a job is queued: its reply is stored and reaches the
+    // platform admin only, and the user's next message is refused.
+    assert_eq!(
+        h.send("long", &message("just before leaving")).await["type"],
+        "ack"
+    );
+    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
+    memberships::revoke(&mut tx, h.seed.tenant, user)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let records: Vec<_> = drain(&h.queue).await.iter().map(|q| q.record()).collect();
+    assert!(crate::orchestrator::run(&state, records).await.is_empty());
+    assert_eq!(responses(&h, "admin").len(), 4);
+    assert_eq!(responses(&h, "short").len(), 2, "no reply after leaving");
+    assert_eq!(responses(&h, "long").len(), 3, "no reply after leaving");
+    for tab in ["short", "long"] {
+        let refused = h.send(tab, &message("still here?")).await;
+        assert_eq!(refused["code"], "forbidden", "{refused}");
+    }
 }
