@@ -9,6 +9,14 @@ cd "$root"
 export KONSTRUCT_LOCAL_DIR=$root/.local/bench KONSTRUCT_PG_PORT=61349 KONSTRUCT_REDIS_PORT=63819
 target=${CARGO_TARGET_DIR:-$root/target}
 
+# Counted on the wire by the integration test (AWS mode, its own services), before the bench
+# services start.
+echo "== round trips per message (tests/tests/integration/round_trips.rs)"
+round_trips=$(infra/local/test.sh round_trips --no-capture 2>&1 |
+  sed -n 's/^round trips per message (echo, AWS mode): //p' || true)
+echo "${round_trips:-the counting test did not report}"
+echo
+
 trap 'infra/local/services.sh down' EXIT
 services_env=$(infra/local/services.sh up)
 eval "$services_env"
@@ -20,15 +28,17 @@ echo "== cold start (release binaries, $(uname -m); zips from make package when 
 echo
 echo "== end to end (konstruct-local, echo agent)"
 KONSTRUCT_LOCAL_BIN=$target/release/konstruct-local "$target/release/loadgen" \
-  --conversations 50 --listeners 1 --rate 500 --seconds 10 --burst 60 --json tests/bench/loadgen.json
+  --conversations 50 --listeners 1 --rate 1000 --seconds 10 --burst 60 --json tests/bench/loadgen.json
 
 machine=$(printf '%s, %s cores, %s' "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" "$(nproc)" \
   "$(free -g | awk '/Mem:/ {print $2 " GiB"}')")
-python3 - "$machine" <<'PY'
-import json, sys, datetime
+python3 - "$machine" "$round_trips" <<'PY'
+import json, re, sys, datetime
+counted = [int(n) for n in re.findall(r"\d+", sys.argv[2])]
 results = {
     "machine": sys.argv[1],
     "date": datetime.date.today().isoformat(),
+    "round_trips_per_message": dict(zip(["statements", "preparing", "bare_syncs"], counted)),
     "coldstart": json.load(open("tests/bench/coldstart.json")),
     "end_to_end": json.load(open("tests/bench/loadgen.json")),
 }

@@ -1,5 +1,6 @@
-//! `loadgen`: end-to-end load against a local stack (the `echo` agent). Sockets over
-//! conversations, at a fixed offered rate and at full speed; latency from `message` sent to
+//! `loadgen`: end-to-end load against a local stack (the `echo` agent). One user sending
+//! messages one after another; sockets over conversations in a closed loop, at a fixed offered
+//! rate and at full speed; latency from `message` sent to
 //! `response` received, messages per second, the server's CPU and peak memory, and the
 //! accounting (nothing lost, duplicated or out of order). Then the floor: the same database
 //! writes and Redis operations issued directly, so the pipeline's overhead is a ratio.
@@ -182,7 +183,7 @@ async fn rest(
 async fn main() -> anyhow::Result<()> {
     let conversations = arg("--conversations", 50.0) as usize;
     let listeners = arg("--listeners", 1.0) as usize;
-    let rate = arg("--rate", 500.0);
+    let rate = arg("--rate", 1000.0);
     let seconds = arg("--seconds", 10.0);
     let burst = arg("--burst", 40.0) as usize;
     let database_url = std::env::var("DATABASE_URL").context("DATABASE_URL")?;
@@ -210,6 +211,36 @@ async fn main() -> anyhow::Result<()> {
         server.address
     );
 
+    // What one person feels: one socket, each message sent when the previous one's reply
+    // arrived. Many messages in flight can hide a fixed stall; this cannot.
+    let single = measured(
+        &server,
+        load::run(
+            &server.address,
+            &seats[..1],
+            0,
+            Plan::FullSpeed {
+                per_conversation: 50,
+                window: 1,
+            },
+            Duration::from_secs(60),
+        ),
+    )
+    .await?;
+    let closed = measured(
+        &server,
+        load::run(
+            &server.address,
+            &seats,
+            listeners,
+            Plan::FullSpeed {
+                per_conversation: 10,
+                window: 1,
+            },
+            Duration::from_secs(60),
+        ),
+    )
+    .await?;
     let total = (rate * seconds) as usize;
     let offered = measured(
         &server,
@@ -240,6 +271,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let rest = rest(&server.address, &seats, 2000, 32).await?;
+    let floor_single = floor(&db, &redis_url, &seats[..1], 200, 1).await?;
     let floor = floor(&db, &redis_url, &seats, 2000, 8).await?;
     server.stop().await;
 
@@ -247,13 +279,18 @@ async fn main() -> anyhow::Result<()> {
         / floor["messages_per_second"].as_f64().unwrap_or(1.0);
     let results = json!({
         "sockets": sockets, "conversations": conversations,
+        "single_user": single,
+        "closed_loop": closed,
         "offered": { "rate": rate, "result": offered },
         "full_speed": full,
+        "floor_single": floor_single,
         "floor": floor,
         "rest_history": rest,
         "pipeline_throughput_vs_floor": overhead,
     });
     for (name, r) in [
+        ("single", &results["single_user"]),
+        ("closed", &results["closed_loop"]),
         ("offered", &results["offered"]["result"]),
         ("full speed", &results["full_speed"]),
     ] {
@@ -274,13 +311,19 @@ async fn main() -> anyhow::Result<()> {
             r["errors"],
         );
     }
+    for (name, f) in [("floor 1", &floor_single), ("floor 8", &floor)] {
+        println!(
+            "{name:>10}: {:>6} msgs  {:>7.0} msg/s  p50 {:>6.2} ms  p99 {:>6.2}   (the same writes and Redis operations issued directly, {} at once)",
+            f["messages"],
+            f["messages_per_second"].as_f64().unwrap_or(0.0),
+            f["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+            f["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+            f["concurrency"],
+        );
+    }
     println!(
-        "     floor: {:>6} msgs  {:>7.0} msg/s  p50 {:>6.2} ms  p99 {:>6.2}   (direct writes + Redis; pipeline reaches {:.0}% of it)",
-        floor["messages"],
-        floor["messages_per_second"].as_f64().unwrap_or(0.0),
-        floor["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
-        floor["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
-        overhead * 100.0,
+        "            full speed reaches {:.0}% of the floor's throughput",
+        overhead * 100.0
     );
     println!(
         "      rest: {:>6} GET history (50 messages, {} concurrent)  {:>7.0} req/s  p50 {:>6.2} ms  p99 {:>6.2}",
