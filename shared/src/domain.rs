@@ -172,7 +172,16 @@ impl fmt::Display for ConnectionId {
     }
 }
 
-/// The text of a user message: trimmed, 1..=8000 characters (PROTOCOL §2).
+/// The text of a user message: trimmed, 1..=8000 characters (PROTOCOL §2), storable, and
+/// showing something.
+///
+/// - U+0000 is refused: Postgres `text` cannot hold it (every other character can; JSON cannot
+///   carry a lone surrogate, and Rust strings hold none).
+/// - Text made only of whitespace and default-ignorable characters (zero-width spaces and
+///   joiners, the word joiner, the byte order mark, bidi and other format controls, variation
+///   selectors, …) shows nothing, and counts as empty.
+/// - Everything else is kept byte for byte: emoji, combining marks, right-to-left marks inside
+///   visible text, control characters other than NUL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageText(String);
 
@@ -181,8 +190,19 @@ impl MessageText {
 
     pub fn parse(raw: &str) -> Result<Self, Error> {
         let text = raw.trim();
-        if text.is_empty() {
-            return Err(Error::BadRequest("text must not be empty".to_owned()));
+        if text.contains('\0') {
+            return Err(Error::BadRequest(
+                "text must not contain the NUL character (U+0000)".to_owned(),
+            ));
+        }
+        if text
+            .chars()
+            .all(|c| c.is_whitespace() || is_default_ignorable(c))
+        {
+            return Err(Error::BadRequest(
+                "text must not be empty (whitespace and invisible characters alone count as empty)"
+                    .to_owned(),
+            ));
         }
         // Counting stops one past the limit, so a huge text costs no more than a legal one.
         if text.chars().take(Self::MAX_CHARS + 1).count() > Self::MAX_CHARS {
@@ -196,6 +216,42 @@ impl MessageText {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// Unicode's `Default_Ignorable_Code_Point` (DerivedCoreProperties.txt, Unicode 16): characters
+/// a renderer shows nothing for unless it supports them specially.
+pub fn is_default_ignorable(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
+}
+
+/// Agent output made storable: Postgres `text` cannot hold U+0000, so NUL characters are
+/// removed (not replaced: they show nothing). Applied to every streamed piece and to the whole
+/// reply alike, so the chunks a client saw and the stored reply agree.
+pub fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', ""))
+    } else {
+        std::borrow::Cow::Borrowed(text)
     }
 }
 
@@ -271,6 +327,38 @@ mod tests {
             MessageText::parse(&over).unwrap_err().code(),
             crate::ErrorCode::TooLarge
         );
+    }
+
+    #[test]
+    fn text_that_cannot_be_stored_or_shows_nothing_is_refused() {
+        for bad in [
+            "a\0b",
+            "\0",
+            "\u{200B}\u{2060}\u{FEFF}",
+            " \u{200D} \u{00AD}\n",
+            "\u{E0001}",
+        ] {
+            let err = MessageText::parse(bad).unwrap_err();
+            assert_eq!(err.code(), crate::ErrorCode::BadRequest, "{bad:?}");
+        }
+        assert!(
+            MessageText::parse("a\0b")
+                .unwrap_err()
+                .to_string()
+                .contains("NUL")
+        );
+        for good in [
+            "👋🏽",
+            "e\u{301}",
+            "\u{200F}שלום",
+            "bell\u{7}",
+            "a\u{200B}b",
+            "\u{1F468}\u{200D}\u{1F469}",
+        ] {
+            assert_eq!(MessageText::parse(good).unwrap().as_str(), good, "{good:?}");
+        }
+        assert_eq!(storable("Hello wor\0ld!"), "Hello world!");
+        assert!(matches!(storable("clean"), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::config::{ConfigError, DatabaseConfig, Mode};
 use crate::db::messages::Message;
 use crate::db::{Db, Scope, message_path};
 use crate::delivery::{Audience, ConnectionsFanout, Fanout, ManagementApi, RedisFanout, encode};
-use crate::domain::MessageId;
+use crate::domain::{MessageId, storable};
 use crate::frame::ServerFrame;
 use crate::job::Job;
 use crate::{Error, ErrorCode};
@@ -100,12 +100,19 @@ pub struct Failure {
     pub error: Error,
 }
 
-/// Database and delivery trouble is transient as far as a job can tell.
+/// Database and delivery trouble is transient as far as a job can tell, except data the
+/// database refuses (SQLSTATE class 22, data exception): the same data is refused again.
 impl<E: Into<Error>> From<E> for Failure {
     fn from(error: E) -> Self {
+        let error = error.into();
+        let refused_data = matches!(
+            &error,
+            Error::Database(sqlx::Error::Database(db))
+                if db.code().is_some_and(|code| code.starts_with("22"))
+        );
         Self {
-            retry: true,
-            error: error.into(),
+            retry: !refused_data,
+            error,
         }
     }
 }
@@ -165,7 +172,7 @@ pub async fn process_one(state: &OrchestratorState, job: &Job) -> Result<(), Fai
     let (result, streamed) =
         tokio::join!(call, stream_chunks(state, &mut audience, reply_id, pieces));
     let text = match result {
-        Ok(text) => text,
+        Ok(text) => storable(&text).into_owned(),
         Err(err) => {
             tracing::warn!(error = %err, retryable = err.retryable, "agent failed");
             let failed =
@@ -266,7 +273,7 @@ async fn stream_chunks(
         let done = tokio::select! {
             piece = pieces.recv() => match piece {
                 Some(piece) => {
-                    buffer.push_str(&piece);
+                    buffer.push_str(&storable(&piece));
                     if buffer.len() < CHUNK_BYTES {
                         continue;
                     }

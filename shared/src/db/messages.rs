@@ -8,7 +8,6 @@ use super::Upserted;
 use super::conversations::Conversation;
 use crate::Error;
 use crate::domain::{ClientMessageId, ConversationId, MessageId, MessageText, PageLimit, TenantId};
-use crate::error::ResultExt;
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
@@ -71,53 +70,6 @@ pub async fn insert_user(
     .bind(client_message_id)
     .fetch_one(conn)
     .await?;
-    Ok(Upserted {
-        row,
-        created: false,
-    })
-}
-
-/// Stores the agent's reply to a user message, at most once: when a reply to `reply_to` is
-/// already stored, that one comes back (`created: false`).
-///
-/// `id` is chosen by the caller so that `chunk` frames streamed before the reply is stored
-/// already carry the id it will have.
-pub async fn insert_reply(
-    conn: &mut PgConnection,
-    conversation: &Conversation,
-    id: MessageId,
-    reply_to: MessageId,
-    content: &str,
-) -> Result<Upserted<Message>, Error> {
-    let created: Option<Message> = sqlx::query_as(
-        "with inserted as (
-             insert into web_conversation_messages
-                 (id, conversation_id, tenant_id, role, content, reply_to)
-             values ($5, $1, $2, 'assistant', $3, $4)
-             on conflict (conversation_id, reply_to) do nothing
-             returning *
-         ), touched as (
-             update web_conversations c set updated_at = i.created_at
-             from inserted i where c.id = i.conversation_id
-         )
-         select * from inserted",
-    )
-    .bind(conversation.id)
-    .bind(conversation.tenant_id)
-    .bind(content)
-    .bind(reply_to)
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await
-    .on_constraint("web_conversation_messages_reply_to_fkey", || {
-        Error::NotFound("the message replied to is not in this conversation".into())
-    })?;
-    if let Some(row) = created {
-        return Ok(Upserted { row, created: true });
-    }
-    let row = find_reply(conn, conversation.id, reply_to)
-        .await?
-        .ok_or_else(|| Error::Internal("reply conflicted but cannot be read".into()))?;
     Ok(Upserted {
         row,
         created: false,

@@ -170,3 +170,24 @@ impl Db {
         Ok(MIGRATOR.run(&self.pool).await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scope_opens_in_one_simple_query_with_quoted_values() {
+        let tenant = TenantId::new();
+        assert_eq!(
+            Scope::Tenant(tenant).begin_statement(),
+            format!("begin; select set_config('app.current_tenant', '{tenant}', true)")
+        );
+        let id = ConnectionId::parse("L0SM9cOFvHcCIhw=").unwrap();
+        let bound = Scope::BoundConnection(&id).begin_statement();
+        assert!(bound.starts_with(
+            "begin; select set_config('app.current_connection', 'L0SM9cOFvHcCIhw=', true); "
+        ));
+        assert!(bound.contains("set_config('app.current_tenant'"));
+        assert_eq!(literal("it's"), "'it''s'");
+    }
+}

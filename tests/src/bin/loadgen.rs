@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
-use shared::db::{Db, Scope, conversations, messages};
+use shared::db::{Db, Scope, conversations, message_path, messages};
 use shared::domain::{MessageId, MessageText};
 use tests::load::{self, Plan, Report};
 use tests::stack::{self, Server, process_usage};
@@ -58,6 +58,27 @@ async fn measured(
     let (cpu_after, peak) = process_usage(pid).unwrap_or_default();
     let cpu = 100.0 * (cpu_after - cpu_before) / report.elapsed.as_secs_f64();
     Ok(summary(&report, cpu, peak))
+}
+
+/// One load plan over these seats, measured.
+async fn scenario(
+    server: &Server,
+    seats: &[stack::Seat],
+    listeners: usize,
+    plan: Plan,
+    settle_seconds: u64,
+) -> anyhow::Result<Value> {
+    measured(
+        server,
+        load::run(
+            &server.address,
+            seats,
+            listeners,
+            plan,
+            Duration::from_secs(settle_seconds),
+        ),
+    )
+    .await
 }
 
 /// The workers' latency samples, in microseconds.
@@ -106,7 +127,7 @@ async fn floor(
                     .query_async(&mut redis)
                     .await?;
                 let mut tx = db.begin(Scope::Tenant(seat.tenant)).await?;
-                messages::insert_reply(
+                message_path::store_reply(
                     &mut tx,
                     &conversation,
                     MessageId::new(),
@@ -213,61 +234,33 @@ async fn main() -> anyhow::Result<()> {
 
     // What one person feels: one socket, each message sent when the previous one's reply
     // arrived. Many messages in flight can hide a fixed stall; this cannot.
-    let single = measured(
-        &server,
-        load::run(
-            &server.address,
-            &seats[..1],
-            0,
-            Plan::FullSpeed {
-                per_conversation: 50,
-                window: 1,
-            },
-            Duration::from_secs(60),
-        ),
-    )
-    .await?;
-    let closed = measured(
-        &server,
-        load::run(
-            &server.address,
-            &seats,
-            listeners,
-            Plan::FullSpeed {
-                per_conversation: 10,
-                window: 1,
-            },
-            Duration::from_secs(60),
-        ),
-    )
-    .await?;
+    let one_after_another = |per_conversation| Plan::FullSpeed {
+        per_conversation,
+        window: 1,
+    };
+    let single = scenario(&server, &seats[..1], 0, one_after_another(50), 60).await?;
+    let closed = scenario(&server, &seats, listeners, one_after_another(10), 60).await?;
     let total = (rate * seconds) as usize;
-    let offered = measured(
+    let offered = scenario(
         &server,
-        load::run(
-            &server.address,
-            &seats,
-            listeners,
-            Plan::Rate {
-                per_second: rate,
-                total,
-            },
-            Duration::from_secs(60),
-        ),
+        &seats,
+        listeners,
+        Plan::Rate {
+            per_second: rate,
+            total,
+        },
+        60,
     )
     .await?;
-    let full = measured(
+    let full = scenario(
         &server,
-        load::run(
-            &server.address,
-            &seats,
-            listeners,
-            Plan::FullSpeed {
-                per_conversation: burst,
-                window: 8,
-            },
-            Duration::from_secs(120),
-        ),
+        &seats,
+        listeners,
+        Plan::FullSpeed {
+            per_conversation: burst,
+            window: 8,
+        },
+        120,
     )
     .await?;
     let rest = rest(&server.address, &seats, 2000, 32).await?;

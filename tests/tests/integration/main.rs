@@ -20,6 +20,7 @@ mod rls;
 mod round_trips;
 mod schemathesis;
 mod template;
+mod text;
 mod tokens;
 mod worker;
 mod ws;

@@ -1,7 +1,7 @@
 use shared::Error;
 use shared::db::conversations::{self, Conversation};
 use shared::db::messages::{self, MessageRole};
-use shared::db::{Db, Scope};
+use shared::db::{Db, Scope, message_path};
 use shared::domain::{ClientMessageId, MessageId, MessageText, PageLimit};
 
 use crate::helpers::{Seed, TestDb, seed};
@@ -168,10 +168,10 @@ async fn a_reply_is_stored_once_per_user_message() {
         None
     );
     let first =
-        messages::insert_reply(&mut tx, &conversation, MessageId::new(), question, "answer")
+        message_path::store_reply(&mut tx, &conversation, MessageId::new(), question, "answer")
             .await
             .unwrap();
-    let again = messages::insert_reply(
+    let again = message_path::store_reply(
         &mut tx,
         &conversation,
         MessageId::new(),
@@ -182,16 +182,16 @@ async fn a_reply_is_stored_once_per_user_message() {
     .unwrap();
     assert!(first.created);
     assert!(!again.created);
-    assert_eq!(again.row, first.row, "the first reply stands");
-    assert_eq!(first.row.role, MessageRole::Assistant);
-    assert_eq!(first.row.reply_to, Some(question));
+    assert_eq!(again.reply, first.reply, "the first reply stands");
+    assert_eq!(first.reply.role, MessageRole::Assistant);
+    assert_eq!(first.reply.reply_to, Some(question));
     assert_eq!(
         messages::find_reply(&mut tx, s.conversation, question)
             .await
             .unwrap(),
-        Some(first.row.clone())
+        Some(first.reply.clone())
     );
-    let err = messages::insert_reply(
+    let err = message_path::store_reply(
         &mut tx,
         &conversation,
         MessageId::new(),

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use shared::agent::{Agents, Bedrock, Echo, OpenAi, RetryPolicy};
 use shared::db::agents::Provider;
 use shared::db::messages::{self, MessageRole};
-use shared::db::{Scope, conversations};
+use shared::db::{Scope, conversations, message_path};
 use shared::delivery::{ConnectionsFanout, ManagementApi, RedisFanout, parse_published};
 use shared::domain::{ConnectionId, ConversationId, MessageId, PageLimit};
 use shared::job::Job;
@@ -216,7 +216,7 @@ async fn a_reply_stored_but_not_delivered_is_delivered_without_asking_again() {
         .await
         .unwrap()
         .unwrap();
-    let earlier = messages::insert_reply(
+    let earlier = message_path::store_reply(
         &mut tx,
         &conv,
         MessageId::new(),
@@ -225,7 +225,7 @@ async fn a_reply_stored_but_not_delivered_is_delivered_without_asking_again() {
     )
     .await
     .unwrap()
-    .row;
+    .reply;
     tx.commit().await.unwrap();
 
     assert!(run(&state, vec![jobs[0].record()]).await.is_empty());

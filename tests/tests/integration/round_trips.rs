@@ -12,7 +12,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::json;
 use shared::agent::{Agents, Bedrock, Echo, OpenAi, RetryPolicy};
 use shared::config::DatabaseConfig;
 use shared::db::Db;
@@ -23,9 +22,9 @@ use sqlx::postgres::PgConnectOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::aws::{drain, sdk_config};
+use crate::aws::sdk_config;
 use crate::llm::{FakeLlm, Reply, pieces};
-use crate::orchestrator::{conversation_with, run};
+use crate::orchestrator::{conversation_with, records_for, run};
 use crate::ws::Harness;
 
 /// What the proxy counted.
@@ -207,14 +206,7 @@ async fn functions_through(proxy: &PgProxy, h: &mut Harness, llm: &FakeLlm) -> O
 
 /// One message from the socket to its reply: the route, the queue, the orchestrator.
 async fn one_message(h: &Harness, state: &OrchestratorState, connection: &str, text: &str) {
-    let ack = h
-        .send(
-            connection,
-            &json!({ "type": "message", "text": text }).to_string(),
-        )
-        .await;
-    assert_eq!(ack["type"], "ack", "{ack}");
-    let records: Vec<_> = drain(&h.queue).await.iter().map(|q| q.record()).collect();
+    let records = records_for(h, connection, &[text]).await;
     assert_eq!(records.len(), 1);
     assert!(run(state, records).await.is_empty(), "the job succeeds");
 }
