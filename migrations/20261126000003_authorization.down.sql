@@ -1,5 +1,4 @@
 drop function authorized_connections(uuid, uuid);
-drop function conversation_access(uuid, uuid, uuid, text);
 alter table ws_connections drop constraint ws_connections_binding;
 alter table ws_connections add constraint ws_connections_binding check (
     (tenant_id is null) = (user_id is null)

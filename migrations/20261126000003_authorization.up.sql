@@ -16,35 +16,29 @@ alter table ws_connections add constraint ws_connections_binding check (
     and (authenticated_at is null) = (expires_at is null)
 );
 
--- Whether a user, acting with a role, may see a conversation now: a platform admin always; anyone
--- else only as its owner while still a member of its tenant. Membership alone does not expose
--- another user's conversation. The same rule as `rbac::require_conversation_access`, in SQL so
--- the hot path can check it inside the statement it already runs. It runs as the caller
--- (no SECURITY DEFINER), so row-level security still bounds what it can read: call it in the
--- conversation's tenant scope.
-create function conversation_access(conversation uuid, tenant uuid, member uuid, role text)
-    returns boolean
-    language sql stable
-    as $$
-        select role = 'platform_admin' or exists (
-            select 1
-            from web_conversations c
-            join user_tenant_roles m on m.tenant_id = c.tenant_id and m.user_id = c.user_id
-            where c.id = conversation and c.tenant_id = tenant and c.user_id = member
-        )
-    $$;
-
--- The sockets a conversation's frames may go to: authenticated, token not expired, user still
--- allowed. What every delivery lists, once per job.
+-- The sockets a conversation's frames may go to: authenticated, token not expired, and its user
+-- still allowed to see the conversation: a platform admin always, anyone else only as its owner
+-- while still a member of its tenant (membership alone does not expose another user's
+-- conversation; the same rule as `rbac::require_conversation_access`). What every delivery
+-- lists, once per job, and what the message route checks its own socket against.
+--
+-- It runs as the caller (no SECURITY DEFINER), so row-level security still bounds what it reads:
+-- call it in the conversation's tenant scope. A single SELECT, so the planner inlines it into
+-- the statement that calls it.
 create function authorized_connections(tenant uuid, conversation uuid)
     returns setof ws_connections
     language sql stable
     as $$
         select w.*
         from ws_connections w
+        join web_conversations c on c.id = w.conversation_id and c.tenant_id = w.tenant_id
         where w.tenant_id = tenant
           and w.conversation_id = conversation
+          and w.authenticated_at is not null
           and w.expires_at > now()
-          and conversation_access(w.conversation_id, w.tenant_id, w.user_id, w.role)
+          and (w.role = 'platform_admin'
+               or (w.user_id = c.user_id
+                   and exists (select 1 from user_tenant_roles m
+                               where m.tenant_id = w.tenant_id and m.user_id = w.user_id)))
         order by w.connected_at, w.connection_id
     $$;

@@ -2,7 +2,7 @@
 //! a job needs read, the reply stored. Every step also answers who may see the conversation
 //! now, so no step needs a second query for it (STYLE 13: one round trip per step).
 //!
-//! Authorization lives in the SQL functions `conversation_access` and `authorized_connections`
+//! Authorization lives in the SQL function `authorized_connections`
 //! (migration `…_authorization`): a socket counts while its token has not expired and its user
 //! is still the conversation's owner and a member of its tenant, or a platform admin.
 
@@ -90,14 +90,14 @@ pub async fn accept(
                     exists (select 1 from web_conversations v
                             where v.id = c.conversation_id and v.tenant_id = c.tenant_id)
                         as conversation_exists,
-                    coalesce(conversation_access(c.conversation_id, c.tenant_id, c.user_id, c.role),
-                             false) as permitted
+                    exists (select 1 from authorized_connections(c.tenant_id, c.conversation_id) a
+                            where a.connection_id = $1) as permitted
              from connection c
          ), inserted as (
              insert into web_conversation_messages
                  (conversation_id, tenant_id, role, content, client_message_id)
              select conversation_id, tenant_id, 'user', $3, $4 from checked
-             where fresh and conversation_exists and permitted and window_messages <= $5
+             where conversation_exists and permitted and window_messages <= $5
              on conflict (conversation_id, client_message_id) do nothing
              returning id, conversation_id, created_at
          ), touched as (
@@ -185,6 +185,11 @@ pub struct JobContext {
     /// The conversation up to the job's message, its last `limit` messages oldest first, each
     /// reply right after the message it answers (a reply is often stored after later user
     /// messages arrived). Its last element is the job's message, unless that was deleted.
+    ///
+    /// The window is chosen among the newest `2 × limit` messages stored up to the job's
+    /// message and the replies stored after it, so its cost does not grow with the
+    /// conversation; only a backlog of more than `limit` unanswered messages could leave a
+    /// reply stored late out of it.
     pub history: Vec<Message>,
     pub recipients: Vec<Recipient>,
 }
@@ -215,16 +220,27 @@ pub async fn load_job(
                             order by h.anchor_at, h.anchor_id, (h.role = 'assistant')), '[]')
                  from (
                      select a.* from (
-                         select m.*, coalesce(q.created_at, m.created_at) as anchor_at,
-                                coalesce(q.id, m.id) as anchor_id
-                         from web_conversation_messages m
-                         left join web_conversation_messages q on q.id = m.reply_to
-                         where m.conversation_id = c.id
+                         select m.*,
+                                case when m.reply_to is null then m.created_at
+                                     else (select q.created_at from web_conversation_messages q
+                                           where q.id = m.reply_to)
+                                end as anchor_at,
+                                coalesce(m.reply_to, m.id) as anchor_id
+                         from (
+                             (select m.* from web_conversation_messages m
+                              where m.conversation_id = $1
+                                and (m.created_at, m.id) <= (upto.created_at, upto.id)
+                              order by m.created_at desc, m.id desc
+                              limit $3 * 2)
+                             union all
+                             (select m.* from web_conversation_messages m
+                              where m.conversation_id = $1
+                                and (m.created_at, m.id) > (upto.created_at, upto.id)
+                                and m.reply_to is not null)
+                         ) m
+                         where m.reply_to is distinct from upto.id
                      ) a
-                     join web_conversation_messages upto
-                         on upto.id = $2 and upto.conversation_id = c.id
                      where (a.anchor_at, a.anchor_id) <= (upto.created_at, upto.id)
-                       and a.reply_to is distinct from upto.id
                      order by a.anchor_at desc, a.anchor_id desc, (a.role = 'assistant') desc
                      limit $3
                  ) h) as history,
@@ -232,6 +248,7 @@ pub async fn load_job(
                             'connection_id', w.connection_id, 'endpoint', w.endpoint)), '[]')
                  from authorized_connections(c.tenant_id, c.id) w) as recipients
          from web_conversations c
+         left join web_conversation_messages upto on upto.conversation_id = c.id and upto.id = $2
          where c.id = $1",
     )
     .bind(conversation_id)
