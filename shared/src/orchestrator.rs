@@ -17,7 +17,8 @@ use tokio::sync::mpsc;
 use crate::agent::{AgentRequest, Agents, Bedrock, Echo, OpenAi, RetryPolicy, Turn};
 use crate::config::{ConfigError, DatabaseConfig, Mode};
 use crate::db::messages::Message;
-use crate::db::{Db, Scope, message_path};
+use crate::db::message_path::{self, ContextMessage};
+use crate::db::{Db, Scope};
 use crate::delivery::{Audience, ConnectionsFanout, Fanout, ManagementApi, RedisFanout, encode};
 use crate::domain::{MessageId, storable};
 use crate::frame::ServerFrame;
@@ -205,7 +206,7 @@ pub async fn process_one(state: &OrchestratorState, job: &Job) -> Result<(), Fai
 }
 
 /// The newest turns that fit the character budget, oldest first; the user message always.
-fn within_budget(history: &[Message], chars: usize) -> Vec<Turn> {
+fn within_budget(history: &[ContextMessage], chars: usize) -> Vec<Turn> {
     let mut used = 0;
     let mut kept: Vec<Turn> = Vec::new();
     for message in history.iter().rev() {

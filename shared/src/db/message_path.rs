@@ -13,7 +13,7 @@ use sqlx::types::Json;
 
 use super::agents::Agent;
 use super::conversations::Conversation;
-use super::messages::Message;
+use super::messages::{Message, MessageRole};
 use crate::Error;
 use crate::domain::{
     ClientMessageId, ConnectionId, ConversationId, MessageId, MessageText, TenantId, UserId,
@@ -190,8 +190,16 @@ pub struct JobContext {
     /// message and the replies stored after it, so its cost does not grow with the
     /// conversation; only a backlog of more than `limit` unanswered messages could leave a
     /// reply stored late out of it.
-    pub history: Vec<Message>,
+    pub history: Vec<ContextMessage>,
     pub recipients: Vec<Recipient>,
+}
+
+/// A message of the context window: what the agent needs of it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ContextMessage {
+    pub id: MessageId,
+    pub role: MessageRole,
+    pub content: String,
 }
 
 #[derive(sqlx::FromRow)]
@@ -199,7 +207,7 @@ struct JobRow {
     conversation: Json<Conversation>,
     agent: Option<Json<Agent>>,
     reply: Option<Json<Message>>,
-    history: Json<Vec<Message>>,
+    history: Json<Vec<ContextMessage>>,
     recipients: Json<Vec<Recipient>>,
 }
 
@@ -216,7 +224,8 @@ pub async fn load_job(
                  where a.tenant_id = c.tenant_id and a.id = c.agent_id) as agent,
                 (select to_jsonb(r) from web_conversation_messages r
                  where r.conversation_id = c.id and r.reply_to = $2) as reply,
-                (select coalesce(jsonb_agg(to_jsonb(h)
+                (select coalesce(jsonb_agg(jsonb_build_object(
+                                'id', h.id, 'role', h.role, 'content', h.content)
                             order by h.anchor_at, h.anchor_id, (h.role = 'assistant')), '[]')
                  from (
                      select a.* from (
