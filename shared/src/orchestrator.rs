@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 
 use crate::agent::{AgentRequest, Agents, Bedrock, Echo, OpenAi, RetryPolicy, Turn};
 use crate::config::{ConfigError, DatabaseConfig, Mode};
-use crate::db::messages::Message;
 use crate::db::message_path::{self, ContextMessage};
+use crate::db::messages::Message;
 use crate::db::{Db, Scope};
 use crate::delivery::{Audience, ConnectionsFanout, Fanout, ManagementApi, RedisFanout, encode};
 use crate::domain::{MessageId, storable};

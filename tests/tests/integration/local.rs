@@ -659,3 +659,48 @@ async fn an_expired_or_removed_user_gets_no_more_frames_and_may_authenticate_aga
     }
     local.stop().await;
 }
+
+/// A stall detector, not a benchmark: small frames one after another must not wait on a timer
+/// (Nagle's algorithm against a delayed ACK costs ~40 ms a frame). The margin is wide: a debug
+/// build on a busy machine answers well inside it.
+#[tokio::test]
+async fn an_idle_stack_answers_one_user_without_a_stall() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let local = Local::start(&Env::new(&test), &["serve", "--listen", "127.0.0.1:0"]).await;
+    let url = format!("ws://{}/chat/ws/{}", local.address, s.conversation);
+    // As a browser does, the client disables Nagle on its side.
+    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+        .await
+        .unwrap();
+    send(
+        &mut socket,
+        json!({ "type": "auth", "token": token(s.user, Role::CustomerOperator) }),
+    )
+    .await;
+    expect(&mut socket, "auth_ok").await;
+    let mut round_trips = Vec::new();
+    // Within the rate limit of 20 messages per 10 s.
+    for n in 0..16 {
+        let sent = std::time::Instant::now();
+        send(
+            &mut socket,
+            json!({ "type": "message", "text": format!("m{n}") }),
+        )
+        .await;
+        expect(&mut socket, "typing").await;
+        expect(&mut socket, "ack").await;
+        expect(&mut socket, "response").await;
+        // The first message prepares the statements on fresh connections.
+        if n > 0 {
+            round_trips.push(sent.elapsed());
+        }
+    }
+    round_trips.sort();
+    let median = round_trips[round_trips.len() / 2];
+    assert!(
+        median < Duration::from_millis(25),
+        "median message → response {median:?}: something waits on a timer ({round_trips:?})"
+    );
+    local.stop().await;
+}
