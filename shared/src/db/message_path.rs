@@ -1,5 +1,5 @@
-//! The message path's steps, each one statement: a user message accepted from its socket, what
-//! a job needs read, the reply stored. Every step also answers who may see the conversation
+//! The message path's steps, each one statement: a socket bound to its caller, a user message
+//! accepted from it, what a job needs read, the reply stored. Every step also answers who may see the conversation
 //! now, so no step needs a second query for it (STYLE 13: one round trip per step).
 //!
 //! Authorization lives in the SQL function `authorized_connections`
@@ -16,7 +16,7 @@ use super::conversations::Conversation;
 use super::messages::{Message, MessageRole};
 use crate::Error;
 use crate::domain::{
-    ClientMessageId, ConnectionId, ConversationId, MessageId, MessageText, TenantId, UserId,
+    ClientMessageId, ConnectionId, ConversationId, MessageId, MessageText, Role, TenantId, UserId,
 };
 use crate::error::ResultExt;
 
@@ -172,6 +172,69 @@ pub async fn accept(
         created_at,
         created: row.created,
     })
+}
+
+#[derive(sqlx::FromRow)]
+struct BindRow {
+    conversation_id: ConversationId,
+    tenant_id: Option<TenantId>,
+    permitted: bool,
+    bound: bool,
+}
+
+/// `auth`'s one statement, in a [`Scope::ConnectingConnection`](super::Scope) transaction:
+/// binds the verified caller to the connection until `expires_at`, if the conversation the
+/// socket named exists and the caller may see it (its owner while a member of its tenant, or a
+/// platform admin). Sent again with a fresh token, it renews the binding. Returns the
+/// conversation.
+///
+/// Refusals: `not_found` (no such connection or conversation), `forbidden`.
+pub async fn bind(
+    conn: &mut PgConnection,
+    connection: &ConnectionId,
+    user_id: UserId,
+    role: Role,
+    expires_at: DateTime<Utc>,
+) -> Result<ConversationId, Error> {
+    let row: Option<BindRow> = sqlx::query_as(
+        "with target as (
+             select w.connection_id, w.conversation_id, c.tenant_id,
+                    c.id is not null
+                    and ($3 = 'platform_admin'
+                         or (c.user_id = $2
+                             and exists (select 1 from user_tenant_roles m
+                                         where m.tenant_id = c.tenant_id and m.user_id = $2)))
+                        as permitted
+             from ws_connections w
+             left join web_conversations c on c.id = w.conversation_id
+             where w.connection_id = $1
+         ), bound as (
+             update ws_connections w
+             set tenant_id = t.tenant_id, user_id = $2, role = $3, expires_at = $4,
+                 authenticated_at = now(), last_seen_at = now()
+             from target t
+             where w.connection_id = t.connection_id and t.permitted
+             returning w.connection_id
+         )
+         select t.conversation_id, t.tenant_id, t.permitted, exists (select 1 from bound) as bound
+         from target t",
+    )
+    .bind(connection)
+    .bind(user_id)
+    .bind(role)
+    .bind(expires_at)
+    .fetch_optional(conn)
+    .await?;
+    let row = row.ok_or_else(|| Error::NotFound("this connection is not recorded".into()))?;
+    if row.tenant_id.is_none() {
+        return Err(Error::NotFound("no such conversation".into()));
+    }
+    if !(row.permitted && row.bound) {
+        return Err(Error::Forbidden(
+            "not your conversation, or not a member of its tenant".into(),
+        ));
+    }
+    Ok(row.conversation_id)
 }
 
 /// What one job needs, read at once: the conversation, its agent, a reply already stored (a

@@ -52,6 +52,9 @@ pub enum Scope<'a> {
     /// One connection row and the tenant it is bound to (none before `auth`): what the message
     /// route needs to check the socket, count it and store its message in one transaction.
     BoundConnection(&'a ConnectionId),
+    /// One connection row, the conversation it named at `$connect`, and that conversation's
+    /// tenant: what `auth` needs to check the caller and bind the socket in one transaction.
+    ConnectingConnection(&'a ConnectionId),
 }
 
 impl Scope<'_> {
@@ -73,6 +76,18 @@ impl Scope<'_> {
                 "{}; select set_config('app.current_tenant', coalesce((\
                      select tenant_id::text from ws_connections \
                      where connection_id = current_setting('app.current_connection')), ''), true)",
+                set("app.current_connection", id.as_str())
+            ),
+            // Each setting makes the next row visible: the connection, then its conversation
+            // (through the conversation key), then that conversation's tenant.
+            Self::ConnectingConnection(id) => format!(
+                "{}; select set_config('app.current_conversation', coalesce((\
+                     select conversation_id::text from ws_connections \
+                     where connection_id = current_setting('app.current_connection')), ''), true); \
+                 select set_config('app.current_tenant', coalesce((\
+                     select tenant_id::text from web_conversations \
+                     where id = nullif(current_setting('app.current_conversation'), '')::uuid), ''), \
+                     true)",
                 set("app.current_connection", id.as_str())
             ),
         };

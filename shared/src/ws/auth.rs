@@ -7,9 +7,8 @@ use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxy
 
 use super::{RouteEvent, WsState, reply, status};
 use crate::Error;
-use crate::db::{Scope, connections};
+use crate::db::{Scope, message_path};
 use crate::frame::{ClientFrame, ServerFrame};
-use crate::rbac::open_conversation;
 
 #[tracing::instrument(skip_all, fields(connection_id))]
 pub async fn handle(
@@ -38,21 +37,10 @@ async fn auth(state: &WsState, route: &RouteEvent) -> Result<ServerFrame, Error>
     let caller = state.tokens.verify(&token)?;
 
     let id = &route.connection_id;
-    let mut tx = state.db.begin(Scope::Connection(id)).await?;
-    let connection = connections::find(&mut tx, id)
-        .await?
-        .ok_or_else(|| Error::NotFound("this connection is not recorded".into()))?;
-    tx.rollback().await?;
-
-    let (tx, conversation) =
-        open_conversation(&state.db, &caller, connection.conversation_id).await?;
-    tx.commit().await?;
-
-    let mut tx = state.db.begin(Scope::Connection(id)).await?;
-    connections::bind(
+    let mut tx = state.db.begin(Scope::ConnectingConnection(id)).await?;
+    let conversation_id = message_path::bind(
         &mut tx,
         id,
-        conversation.tenant_id,
         caller.user_id(),
         caller.role(),
         caller.expires_at(),
@@ -60,7 +48,7 @@ async fn auth(state: &WsState, route: &RouteEvent) -> Result<ServerFrame, Error>
     .await?;
     tx.commit().await?;
     Ok(ServerFrame::AuthOk {
-        conversation_id: conversation.id,
+        conversation_id,
         user_id: caller.user_id(),
     })
 }

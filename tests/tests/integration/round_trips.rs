@@ -226,7 +226,22 @@ async fn a_message_costs_at_most_ten_round_trips_and_a_chunk_none() {
     .await;
     let proxy = PgProxy::start(&h._test.url).await;
     let state = functions_through(&proxy, &mut h, &llm).await;
-    h.open_session("echo").await;
+    // A warm pool first, then `auth` alone: one transaction, once per socket.
+    h.open_session("warm").await;
+    h.connect("echo").await;
+    settle().await;
+    proxy.take();
+    let ok = h
+        .auth(
+            "echo",
+            &crate::helpers::token(h.seed.user, shared::domain::Role::CustomerOperator),
+        )
+        .await;
+    assert_eq!(ok.unwrap()["type"], "auth_ok");
+    settle().await;
+    let auth = proxy.take();
+    eprintln!("round trips of auth: {} with statements", auth.statements);
+    assert!(auth.statements <= 3, "{auth:?}");
 
     // Warm: the pool's connections are open and have prepared the statements, as in a warm
     // Lambda.
