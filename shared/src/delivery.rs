@@ -85,10 +85,6 @@ impl Audience {
         self.recipients = recipients;
         self.stale = false;
     }
-
-    pub fn recipients(&self) -> &[Recipient] {
-        &self.recipients
-    }
 }
 
 /// Delivery of a frame to every authorized socket of a conversation (several tabs).

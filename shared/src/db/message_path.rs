@@ -28,9 +28,10 @@ pub struct Recipient {
     pub endpoint: String,
 }
 
-/// The rate limit the message route applies: at most `messages` per `window_seconds`.
+/// How many `message` frames one connection may send per window: at most `messages` per
+/// `window_seconds` (read from the environment by `ws::RateLimit::from_env`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
+pub struct RateLimit {
     pub messages: u32,
     pub window_seconds: u32,
 }
@@ -72,7 +73,7 @@ pub async fn accept(
     connection: &ConnectionId,
     text: &MessageText,
     client_message_id: Option<ClientMessageId>,
-    window: Window,
+    limit: RateLimit,
 ) -> Result<Accepted, Error> {
     let row: Option<AcceptRow> = sqlx::query_as(
         "with connection as (
@@ -118,10 +119,10 @@ pub async fn accept(
          left join earlier e on i.id is null",
     )
     .bind(connection)
-    .bind(f64::from(window.window_seconds))
+    .bind(f64::from(limit.window_seconds))
     .bind(text.as_str())
     .bind(client_message_id)
-    .bind(i64::from(window.messages))
+    .bind(i64::from(limit.messages))
     .fetch_optional(&mut *conn)
     .await?;
 
@@ -143,10 +144,10 @@ pub async fn accept(
             "you no longer have access to this conversation".into(),
         ));
     }
-    if i64::from(row.window_messages) > i64::from(window.messages) {
+    if i64::from(row.window_messages) > i64::from(limit.messages) {
         return Err(Error::RateLimited(format!(
             "at most {} messages per {} seconds",
-            window.messages, window.window_seconds
+            limit.messages, limit.window_seconds
         )));
     }
     let (message_id, created_at) = match (row.message_id, row.created_at) {

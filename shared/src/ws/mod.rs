@@ -27,12 +27,8 @@ use crate::domain::ConnectionId;
 use crate::frame::{ClientFrame, ServerFrame};
 use crate::queue::{JobQueue, RedisQueue, SqsQueue};
 
-/// How many `message` frames one connection may send per window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateLimit {
-    pub messages: u32,
-    pub window_seconds: u32,
-}
+/// The message route's rate limit; the accept statement enforces it.
+pub use crate::db::message_path::RateLimit;
 
 impl RateLimit {
     /// `WS_RATE_LIMIT_MESSAGES` per `WS_RATE_LIMIT_WINDOW_SECONDS`, 20 per 10 s when unset.
@@ -54,15 +50,6 @@ impl RateLimit {
 
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name: &str| std::env::var(name).ok())
-    }
-}
-
-impl From<RateLimit> for crate::db::message_path::Window {
-    fn from(limit: RateLimit) -> Self {
-        Self {
-            messages: limit.messages,
-            window_seconds: limit.window_seconds,
-        }
     }
 }
 

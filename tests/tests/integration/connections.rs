@@ -26,11 +26,25 @@ async fn bound(
     connections::insert(&mut tx, &conn_id, s.conversation, "https://x/prod")
         .await
         .unwrap();
-    connections::bind(&mut tx, &conn_id, s.tenant, user, role, expires_at)
+    tx.commit().await.unwrap();
+    rebind(db, &conn_id, s, user, role, expires_at).await;
+    conn_id
+}
+
+/// Binds the connection again, as a fresh `auth` does.
+async fn rebind(
+    db: &Db,
+    conn_id: &ConnectionId,
+    s: &crate::helpers::Seed,
+    user: UserId,
+    role: Role,
+    expires_at: DateTime<Utc>,
+) {
+    let mut tx = db.begin(Scope::Connection(conn_id)).await.unwrap();
+    connections::bind(&mut tx, conn_id, s.tenant, user, role, expires_at)
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    conn_id
 }
 
 async fn recipients(db: &Db, tenant: TenantId, s: &crate::helpers::Seed) -> Vec<String> {
@@ -65,19 +79,15 @@ async fn only_sockets_still_authorized_are_recipients() {
     assert_eq!(recipients(&db, s.tenant, &s).await, ["owner", "admin"]);
 
     // A fresh token renews the expired socket.
-    let renewed = id("expired");
-    let mut tx = db.begin(Scope::Connection(&renewed)).await.unwrap();
-    connections::bind(
-        &mut tx,
-        &renewed,
-        s.tenant,
+    rebind(
+        &db,
+        &id("expired"),
+        &s,
         s.user,
         Role::CustomerOperator,
         later(),
     )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    .await;
     assert_eq!(
         recipients(&db, s.tenant, &s).await,
         ["owner", "expired", "admin"]
@@ -115,17 +125,8 @@ async fn a_connection_is_recorded_bound_listed_and_forgotten() {
     );
     drop(tx);
 
+    rebind(&db, &conn_id, &s, s.user, Role::CustomerOperator, later()).await;
     let mut tx = db.begin(Scope::Connection(&conn_id)).await.unwrap();
-    connections::bind(
-        &mut tx,
-        &conn_id,
-        s.tenant,
-        s.user,
-        Role::CustomerOperator,
-        later(),
-    )
-    .await
-    .unwrap();
     let bound = connections::find(&mut tx, &conn_id).await.unwrap().unwrap();
     let binding = bound.binding().expect("bound");
     assert_eq!(

@@ -105,6 +105,14 @@ pub async fn authenticated(address: &str, seed: &Seed, conversation: Conversatio
     socket
 }
 
+/// Sends a message and takes `typing`, `ack` and `response` in that order; returns the response.
+pub async fn converse(socket: &mut Socket, text: &str) -> Value {
+    send(socket, json!({ "type": "message", "text": text })).await;
+    expect(socket, "typing").await;
+    expect(socket, "ack").await;
+    expect(socket, "response").await
+}
+
 async fn http_get(address: &str, path: &str, bearer: &str) -> Value {
     let response = reqwest_like_get(address, path, bearer).await;
     serde_json::from_str(&response).unwrap()
@@ -607,15 +615,8 @@ async fn an_expired_or_removed_user_gets_no_more_frames_and_may_authenticate_aga
     .await;
     let refused = expect(&mut expiring, "error").await;
     assert_eq!(refused["code"], "unauthenticated", "{refused}");
-    send(
-        &mut other,
-        json!({ "type": "message", "text": "from the other tab" }),
-    )
-    .await;
-    expect(&mut other, "typing").await;
-    expect(&mut other, "ack").await;
     assert_eq!(
-        expect(&mut other, "response").await["text"],
+        converse(&mut other, "from the other tab").await["text"],
         "Echo: from the other tab"
     );
     assert_eq!(
@@ -631,15 +632,8 @@ async fn an_expired_or_removed_user_gets_no_more_frames_and_may_authenticate_aga
     )
     .await;
     expect(&mut expiring, "auth_ok").await;
-    send(
-        &mut expiring,
-        json!({ "type": "message", "text": "renewed" }),
-    )
-    .await;
-    expect(&mut expiring, "typing").await;
-    expect(&mut expiring, "ack").await;
     assert_eq!(
-        expect(&mut expiring, "response").await["text"],
+        converse(&mut expiring, "renewed").await["text"],
         "Echo: renewed"
     );
     assert_eq!(
@@ -683,14 +677,7 @@ async fn an_idle_stack_answers_one_user_without_a_stall() {
     // Within the rate limit of 20 messages per 10 s.
     for n in 0..16 {
         let sent = std::time::Instant::now();
-        send(
-            &mut socket,
-            json!({ "type": "message", "text": format!("m{n}") }),
-        )
-        .await;
-        expect(&mut socket, "typing").await;
-        expect(&mut socket, "ack").await;
-        expect(&mut socket, "response").await;
+        converse(&mut socket, &format!("m{n}")).await;
         // The first message prepares the statements on fresh connections.
         if n > 0 {
             round_trips.push(sent.elapsed());

@@ -211,6 +211,24 @@ async fn one_message(h: &Harness, state: &OrchestratorState, connection: &str, t
     assert!(run(state, records).await.is_empty(), "the job succeeds");
 }
 
+/// The round trips of one message on `connection`, after three that warm the pool: its
+/// connections open and their statements prepared, as in a warm Lambda.
+async fn counted_message(
+    proxy: &PgProxy,
+    h: &Harness,
+    state: &OrchestratorState,
+    connection: &str,
+) -> Turns {
+    for _ in 0..3 {
+        one_message(h, state, connection, "warm up").await;
+    }
+    settle().await;
+    proxy.take();
+    one_message(h, state, connection, "counted").await;
+    settle().await;
+    proxy.take()
+}
+
 /// Lets the pool's release checks of the last step finish, so they count where they belong.
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -243,17 +261,7 @@ async fn a_message_costs_at_most_ten_round_trips_and_a_chunk_none() {
     eprintln!("round trips of auth: {} with statements", auth.statements);
     assert!(auth.statements <= 3, "{auth:?}");
 
-    // Warm: the pool's connections are open and have prepared the statements, as in a warm
-    // Lambda.
-    for _ in 0..3 {
-        one_message(&h, &state, "echo", "warm up").await;
-    }
-    settle().await;
-    proxy.take();
-
-    one_message(&h, &state, "echo", "counted").await;
-    settle().await;
-    let echo = proxy.take();
+    let echo = counted_message(&proxy, &h, &state, "echo").await;
     eprintln!(
         "round trips per message (echo, AWS mode): {} with statements, {} preparing, {} bare syncs",
         echo.statements, echo.prepares, echo.bare
@@ -274,14 +282,7 @@ async fn a_message_costs_at_most_ten_round_trips_and_a_chunk_none() {
     // A streamed reply of several chunks costs what an unstreamed one does.
     let conversation = conversation_with(&h, Provider::Openai, "gpt-test").await;
     h.open_session_on("stream", conversation).await;
-    for _ in 0..3 {
-        one_message(&h, &state, "stream", "warm up").await;
-    }
-    settle().await;
-    proxy.take();
-    one_message(&h, &state, "stream", "counted").await;
-    settle().await;
-    let streamed = proxy.take();
+    let streamed = counted_message(&proxy, &h, &state, "stream").await;
     let chunks = h
         .api
         .frames_to("stream")
