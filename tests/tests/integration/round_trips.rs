@@ -244,18 +244,16 @@ async fn a_message_costs_at_most_ten_round_trips_and_a_chunk_none() {
     .await;
     let proxy = PgProxy::start(&h._test.url).await;
     let state = functions_through(&proxy, &mut h, &llm).await;
-    // A warm pool first, then `auth` alone: one transaction, once per socket.
-    h.open_session("warm").await;
+    // `auth` alone, on a warm pool: a socket authenticated three times (a fresh `auth` renews
+    // it), then once more, counted.
     h.connect("echo").await;
+    let token = crate::helpers::token(h.seed.user, shared::domain::Role::CustomerOperator);
+    for _ in 0..3 {
+        assert_eq!(h.auth("echo", &token).await.unwrap()["type"], "auth_ok");
+    }
     settle().await;
     proxy.take();
-    let ok = h
-        .auth(
-            "echo",
-            &crate::helpers::token(h.seed.user, shared::domain::Role::CustomerOperator),
-        )
-        .await;
-    assert_eq!(ok.unwrap()["type"], "auth_ok");
+    assert_eq!(h.auth("echo", &token).await.unwrap()["type"], "auth_ok");
     settle().await;
     let auth = proxy.take();
     eprintln!("round trips of auth: {} with statements", auth.statements);
