@@ -179,6 +179,10 @@ pub fn parse_published(payload: &str) -> Option<(Vec<ConnectionId>, &str)> {
     Some((to, frame))
 }
 
+/// Waits before publishing again when no gateway heard a frame whose recipients are listed as
+/// open: a gateway's bridge resubscribes within these after Redis comes back.
+const RESUBSCRIBE_WAITS_MS: [u64; 5] = [20, 50, 100, 250, 500];
+
 #[async_trait]
 impl Fanout for RedisFanout {
     async fn send(&self, audience: &mut Audience, frame: &ServerFrame) -> Result<(), Error> {
@@ -193,15 +197,28 @@ impl Fanout for RedisFanout {
             .join(" ");
         payload.push('\n');
         payload.push_str(&encode(frame)?);
+        let channel = webchat_response_key(audience.tenant_id, audience.conversation_id);
         let mut conn = self.redis.get().await?;
-        let _: i64 = redis::cmd("PUBLISH")
-            .arg(webchat_response_key(
-                audience.tenant_id,
-                audience.conversation_id,
-            ))
-            .arg(payload)
-            .query_async(&mut conn)
-            .await?;
+        let mut waits = RESUBSCRIBE_WAITS_MS.iter();
+        loop {
+            let heard: i64 = redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(&payload)
+                .query_async(&mut conn)
+                .await?;
+            if heard > 0 {
+                return Ok(());
+            }
+            let Some(wait) = waits.next() else { break };
+            tokio::time::sleep(std::time::Duration::from_millis(*wait)).await;
+        }
+        // Listed but held by no gateway (one that died without closing them): the reply is
+        // stored, and the rest of this job's frames go nowhere without waiting again.
+        tracing::warn!(
+            conversation = %audience.conversation_id,
+            "no gateway holds the conversation's sockets; frames dropped for this job"
+        );
+        audience.recipients.clear();
         Ok(())
     }
 }

@@ -45,6 +45,9 @@ pub struct Report {
     pub duplicated: usize,
     /// Sockets whose replies came in another order than the acknowledgements.
     pub out_of_order: usize,
+    /// Replies to messages the sender was told had failed (`internal` while the queue went
+    /// away): the job was queued after all, and a resend would have been de-duplicated.
+    pub unacknowledged_replies: usize,
     pub errors: Vec<Value>,
     /// From `message` sent to `response` received on the sender, in microseconds.
     pub latency: Histogram<u64>,
@@ -62,7 +65,11 @@ impl Report {
     }
 
     pub fn clean(&self) -> bool {
-        self.lost == 0 && self.duplicated == 0 && self.out_of_order == 0 && self.acked == self.sent
+        self.lost == 0
+            && self.duplicated == 0
+            && self.out_of_order == 0
+            && self.unacknowledged_replies == 0
+            && self.acked == self.sent
     }
 }
 
@@ -233,7 +240,8 @@ pub async fn run(
             let acked: usize = book.acks.iter().map(Vec::len).sum();
             acked + book.errors.len() >= sent
                 && conversation_of.iter().enumerate().all(|(s, c)| {
-                    book.replies[s].iter().collect::<HashSet<_>>().len() >= book.acks[*c].len()
+                    let replied: HashSet<&String> = book.replies[s].iter().collect();
+                    book.acks[*c].iter().all(|a| replied.contains(a))
                 })
         };
         if complete || Instant::now() > deadline {
@@ -266,19 +274,23 @@ pub async fn run(
         lost: 0,
         duplicated: 0,
         out_of_order: 0,
+        unacknowledged_replies: 0,
         errors: book.errors,
         latency,
         elapsed,
     };
     for (s, replies) in book.replies.iter().enumerate() {
         let acks = &book.acks[conversation_of[s]];
+        let acked: HashSet<&String> = acks.iter().collect();
         let mut seen = HashSet::new();
         let mut order = Vec::new();
         for reply in replies {
-            if seen.insert(reply) {
+            if !seen.insert(reply) {
+                report.duplicated += 1;
+            } else if acked.contains(reply) {
                 order.push(reply);
             } else {
-                report.duplicated += 1;
+                report.unacknowledged_replies += 1;
             }
         }
         report.lost += acks.iter().filter(|a| !seen.contains(a)).count();

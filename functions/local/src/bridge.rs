@@ -24,7 +24,9 @@ pub async fn run(
             return;
         }
     };
-    let mut backoff = Duration::from_millis(100);
+    // Short waits: a publisher finding no subscriber retries for about a second.
+    let first = Duration::from_millis(20);
+    let mut backoff = first;
     loop {
         match client.get_async_pubsub().await {
             Ok(pubsub) => {
@@ -35,7 +37,7 @@ pub async fn run(
                 }
                 if subscribed {
                     tracing::info!("bridge: subscribed");
-                    backoff = Duration::from_millis(100);
+                    backoff = first;
                     loop {
                         tokio::select! {
                             change = changes.recv() => {
@@ -69,6 +71,6 @@ pub async fn run(
         // Subscription changes made while disconnected are covered by the resubscribe above.
         while changes.try_recv().is_ok() {}
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        backoff = (backoff * 2).min(Duration::from_millis(250));
     }
 }

@@ -547,6 +547,56 @@ async fn test_send_response_web_publishes_to_redis() {
     assert_eq!(frame["conversation_id"], json!(h.seed.conversation));
 }
 
+/// A gateway's bridge resubscribing after Redis came back still gets the frames published
+/// meanwhile; with no gateway at all, the job still ends, its reply stored.
+#[tokio::test]
+async fn redis_frames_wait_briefly_for_a_gateway_to_resubscribe() {
+    let h = Harness::new().await;
+    let llm = FakeLlm::hello().await;
+    let mut state = orchestrator(&h, &llm);
+    state.fanout = Arc::new(RedisFanout::new(&std::env::var("REDIS_URL").unwrap()).unwrap());
+    let state = Arc::new(state);
+    h.open_session("tab").await;
+    let jobs = jobs_from(&h, "tab", &["while resubscribing", "to nobody"]).await;
+
+    let job = tokio::spawn({
+        let (state, record) = (state.clone(), jobs[0].record());
+        async move { run(&state, vec![record]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut pubsub = redis_client().get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(webchat_response_key(h.seed.tenant, h.seed.conversation))
+        .await
+        .unwrap();
+    let mut heard = Vec::new();
+    let mut messages = pubsub.on_message();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_secs(5), messages.next()).await
+    {
+        let payload = message.get_payload::<String>().unwrap();
+        let frame: Value = serde_json::from_str(parse_published(&payload).unwrap().1).unwrap();
+        heard.push(frame["type"].as_str().unwrap().to_owned());
+        if frame["type"] == "response" {
+            break;
+        }
+    }
+    assert_eq!(
+        heard,
+        ["response"],
+        "published before the subscription, not lost"
+    );
+    assert!(job.await.unwrap().is_empty());
+    drop(messages);
+    drop(pubsub);
+
+    assert!(
+        run(&state, vec![jobs[1].record()]).await.is_empty(),
+        "not retried"
+    );
+    assert_eq!(replies(&h, h.seed.conversation).await.len(), 2);
+}
+
 #[tokio::test]
 async fn a_reply_too_long_for_one_frame_goes_as_chunks_and_a_textless_response() {
     let h = Harness::new().await;

@@ -145,7 +145,8 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_no_reply() {
 
 /// Sends 160 messages at 40 a second over the stack and applies `fault` 1.5 s in. Checks that
 /// messages refused during the fault got an `internal` error frame (never silence) and that
-/// every acknowledged one was answered, in order, on every socket; returns what the fault
+/// every acknowledged one was answered, in order, on every socket (a refused one may be answered
+/// too, when the fault struck after it was queued); returns what the fault
 /// returned. A reply may arrive twice (a job processed but not acknowledged when Redis went away
 /// runs again and re-sends its stored reply; clients de-duplicate by message_id): the callers
 /// check that no message has two stored replies.
@@ -181,6 +182,12 @@ async fn load_through_fault<T>(
     );
     assert_eq!(report.lost, 0, "{report:#?}");
     assert_eq!(report.out_of_order, 0, "{report:#?}");
+    // Redis can fail after storing a job and before answering: the sender is told `internal`,
+    // and the job is answered anyway.
+    assert!(
+        report.unacknowledged_replies <= report.errors.len(),
+        "{report:#?}"
+    );
     outcome
 }
 
