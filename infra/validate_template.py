@@ -38,6 +38,29 @@ class OfflinePolicies:
         return {}
 
 
+def resolve(node, sam):
+    """The value of a template expression with the parameters' defaults (Ref, Fn::Join,
+    Fn::Split, Fn::Sub with pseudo parameters left as they are)."""
+    if isinstance(node, list):
+        return [resolve(n, sam) for n in node]
+    if not isinstance(node, dict):
+        return node
+    (function, args), = node.items()
+    if function == "Ref":
+        parameter = sam.get("Parameters", {}).get(args, {})
+        default = str(parameter.get("Default", args))
+        return default.split(",") if parameter.get("Type") == "CommaDelimitedList" else default
+    if function == "Fn::Join":
+        values = resolve(args[1], sam)
+        flat = [v for value in values for v in (value if isinstance(value, list) else [value])]
+        return args[0].join(flat)
+    if function == "Fn::Split":
+        return resolve(args[1], sam).split(args[0])
+    if function == "Fn::Sub" and isinstance(args, str):
+        return args
+    fail(f"cannot resolve {function} in a policy resource")
+
+
 def fail(message):
     print(f"template: {message}", file=sys.stderr)
     sys.exit(1)
@@ -82,6 +105,20 @@ def main():
     for name, binary in binaries.items():
         if binary not in crates:
             fail(f"{name}: Binary {binary!r} is not a crate under functions/")
+
+    allowed_models = resolve({"Ref": "BedrockModelIds"}, sam)
+    for name, resource in functions.items():
+        for policy in resource.get("Properties", {}).get("Policies", []) or []:
+            for statement in policy.get("Statement", []) if isinstance(policy, dict) else []:
+                actions = statement.get("Action", [])
+                actions = [actions] if isinstance(actions, str) else actions
+                if not any(str(a).startswith("bedrock:") for a in actions):
+                    continue
+                resources = resolve(statement.get("Resource"), sam)
+                for arn in resources if isinstance(resources, list) else [resources]:
+                    model = arn.rsplit("/", 1)[-1] if "/" in arn else ""
+                    if "*" in model or model not in allowed_models:
+                        fail(f"{name}: Bedrock is allowed on {arn}, not on one of BedrockModelIds")
 
     try:
         translated = transform(sam, SAMPLE_PARAMETERS, OfflinePolicies())

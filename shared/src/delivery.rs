@@ -93,12 +93,69 @@ pub trait Fanout: Send + Sync {
     async fn send(&self, audience: &mut Audience, frame: &ServerFrame) -> Result<(), Error>;
 }
 
-/// AWS: each recipient through the management API. A gone or failing socket never stops
-/// delivery to the others; a gone one is forgotten, and the list is read again before the
-/// next frame.
+/// AWS: each recipient through the management API, at most `concurrency` posts at once, each
+/// given up after `post_timeout`. A gone, failing or slow socket never stops delivery to the
+/// others; a gone one is forgotten, and the list is read again before the next frame.
 pub struct ConnectionsFanout {
     pub db: Db,
     pub delivery: std::sync::Arc<dyn Delivery>,
+    pub concurrency: usize,
+    pub post_timeout: std::time::Duration,
+}
+
+impl ConnectionsFanout {
+    pub const DEFAULT_CONCURRENCY: usize = 8;
+    pub const DEFAULT_POST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+    /// With the default bounds.
+    pub fn new(db: Db, delivery: std::sync::Arc<dyn Delivery>) -> Self {
+        Self {
+            db,
+            delivery,
+            concurrency: Self::DEFAULT_CONCURRENCY,
+            post_timeout: Self::DEFAULT_POST_TIMEOUT,
+        }
+    }
+
+    /// `FANOUT_CONCURRENCY` and `POST_TIMEOUT_MS`, each optional.
+    pub fn from_lookup(
+        db: Db,
+        delivery: std::sync::Arc<dyn Delivery>,
+        lookup: impl crate::config::Lookup,
+    ) -> Result<Self, crate::config::ConfigError> {
+        let mut fanout = Self::new(db, delivery);
+        if let Some(n) = crate::config::positive(&lookup, "FANOUT_CONCURRENCY")? {
+            fanout.concurrency = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(ms) = crate::config::positive(&lookup, "POST_TIMEOUT_MS")? {
+            fanout.post_timeout = std::time::Duration::from_millis(ms);
+        }
+        Ok(fanout)
+    }
+}
+
+impl ConnectionsFanout {
+    async fn post_within_timeout(
+        &self,
+        socket: &Recipient,
+        frame: &ServerFrame,
+    ) -> Result<Posted, Error> {
+        let post = post_or_forget(
+            &self.db,
+            self.delivery.as_ref(),
+            &socket.endpoint,
+            &socket.connection_id,
+            frame,
+        );
+        tokio::time::timeout(self.post_timeout, post)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Internal(format!(
+                    "no answer within {} ms",
+                    self.post_timeout.as_millis()
+                )))
+            })
+    }
 }
 
 #[async_trait]
@@ -112,16 +169,16 @@ impl Fanout for ConnectionsFanout {
             tx.commit().await?;
             audience.renew(recipients);
         }
-        let sends = audience.recipients.iter().map(|socket| {
-            post_or_forget(
-                &self.db,
-                self.delivery.as_ref(),
-                &socket.endpoint,
-                &socket.connection_id,
-                frame,
-            )
-        });
-        let results = futures::future::join_all(sends).await;
+        use futures::StreamExt;
+        let sends: Vec<_> = audience
+            .recipients
+            .iter()
+            .map(|socket| self.post_within_timeout(socket, frame))
+            .collect();
+        let results: Vec<_> = futures::stream::iter(sends)
+            .buffered(self.concurrency.max(1))
+            .collect()
+            .await;
         let mut failed = 0;
         let mut kept = Vec::with_capacity(results.len());
         for (socket, result) in audience.recipients.drain(..).zip(results) {

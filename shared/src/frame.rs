@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::db::messages::{StopReason, Usage};
 use crate::domain::{ClientMessageId, ConversationId, MessageId, MessageText, UserId};
 use crate::{Error, ErrorCode};
 
@@ -119,6 +120,9 @@ pub enum ServerFrame {
         conversation_id: ConversationId,
         message_id: MessageId,
         reply_to: MessageId,
+        stop_reason: StopReason,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage: Option<Usage>,
     },
     Error {
         code: ErrorCode,

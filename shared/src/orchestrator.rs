@@ -7,17 +7,20 @@
 //! stored reply instead of asking the agent again); within a conversation, jobs run in the
 //! order their messages were stored.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-use crate::agent::{AgentRequest, Agents, Bedrock, Echo, OpenAi, RetryPolicy, Turn};
-use crate::config::{ConfigError, DatabaseConfig, Mode};
+use crate::agent::{
+    AgentReply, AgentRequest, Agents, Bedrock, Echo, OpenAi, OutputLimits, RetryPolicy, Turn,
+};
+use crate::config::{ConfigError, DatabaseConfig, Mode, positive};
 use crate::db::message_path::{self, ContextMessage};
-use crate::db::messages::Message;
+use crate::db::messages::{Message, StopReason};
 use crate::db::{Db, Scope};
 use crate::delivery::{Audience, ConnectionsFanout, Fanout, ManagementApi, RedisFanout, encode};
 use crate::domain::{MessageId, storable};
@@ -50,6 +53,12 @@ const CHUNK_BYTES: usize = 1024;
 /// stays inside API Gateway's 32 KiB frame.
 const CHUNK_MAX_CHARS: usize = 4096;
 
+/// The time kept back from a Lambda invocation's deadline to return the batch response.
+const RESPONSE_MARGIN: Duration = Duration::from_secs(1);
+/// The time kept back from the agent within a job, to store and deliver its reply: a fifth of
+/// the job budget, at most this.
+const FINISH_RESERVE: Duration = Duration::from_secs(2);
+
 /// What the orchestrator needs; built once per process.
 #[derive(Clone)]
 pub struct OrchestratorState {
@@ -58,7 +67,17 @@ pub struct OrchestratorState {
     pub agents: Arc<Agents>,
     pub retry: RetryPolicy,
     pub context: ContextLimits,
+    pub output: OutputLimits,
+    /// Receives of a job before the queue gives up on it (SQS's `maxReceiveCount`): the user
+    /// is told of a transient failure only on the last.
+    pub max_receives: u32,
+    /// The time a job may need: none starts with less left before the invocation's deadline.
+    pub job_budget: Duration,
 }
+
+/// Defaults of [`OrchestratorState`]'s limits.
+pub const DEFAULT_MAX_RECEIVES: u32 = 5;
+pub const DEFAULT_JOB_BUDGET: Duration = Duration::from_secs(30);
 
 impl OrchestratorState {
     /// From the environment; opens no connection.
@@ -67,10 +86,11 @@ impl OrchestratorState {
         let db = Db::connect_lazy(&DatabaseConfig::from_env()?);
         let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
         let fanout: Arc<dyn Fanout> = match Mode::from_env()? {
-            Mode::Aws { .. } => Arc::new(ConnectionsFanout {
-                db: db.clone(),
-                delivery: Arc::new(ManagementApi::new(aws.clone())),
-            }),
+            Mode::Aws { .. } => Arc::new(ConnectionsFanout::from_lookup(
+                db.clone(),
+                Arc::new(ManagementApi::new(aws.clone())),
+                env,
+            )?),
             Mode::Local { redis_url } => Arc::new(
                 RedisFanout::new(&redis_url)
                     .map_err(|e| ConfigError::new("REDIS_URL", e.to_string()))?,
@@ -82,127 +102,229 @@ impl OrchestratorState {
             agents: Arc::new(Agents {
                 echo: Echo,
                 openai: OpenAi::from_lookup(env)?,
-                bedrock: Bedrock::new(aws_sdk_bedrockruntime::Client::new(&aws)),
+                bedrock: Bedrock::from_lookup(aws_sdk_bedrockruntime::Client::new(&aws), env),
             }),
             retry: RetryPolicy::from_lookup(env)?,
             context: ContextLimits::default(),
+            output: OutputLimits::from_lookup(env)?,
+            max_receives: positive(&env, "MAX_RECEIVE_COUNT")?.map_or(DEFAULT_MAX_RECEIVES, |n| {
+                u32::try_from(n).unwrap_or(u32::MAX)
+            }),
+            job_budget: positive(&env, "JOB_BUDGET_SECONDS")?
+                .map_or(DEFAULT_JOB_BUDGET, Duration::from_secs),
         })
     }
 }
 
-/// A job that did not complete. `retry` says whether delivering it again can help; a job that
-/// cannot (a permanent agent failure, a conversation deleted meanwhile) is dropped once its
-/// user has been told.
+/// One delivery of a job: whether the queue will give up on it after this, and when it must
+/// be done (a Lambda invocation's deadline; none for the local worker).
+#[derive(Debug, Clone, Copy)]
+pub struct Receipt {
+    pub last: bool,
+    pub deadline: Option<Instant>,
+}
+
+/// A job that did not complete. `retry` says whether delivering it again can help; each
+/// place a job can fail decides. A job that cannot (a permanent agent failure, an inactive
+/// agent, data the database refuses) is dropped once its user has been told.
 #[derive(Debug, thiserror::Error)]
 #[error("{error}")]
 pub struct Failure {
     pub retry: bool,
     #[source]
     pub error: Error,
+    /// What the user is told (`agent_failed`) when the job gives up.
+    notice: &'static str,
 }
 
-/// Database and delivery trouble is transient as far as a job can tell, except data the
-/// database refuses (SQLSTATE class 22, data exception): the same data is refused again.
-impl<E: Into<Error>> From<E> for Failure {
-    fn from(error: E) -> Self {
-        let error = error.into();
-        let refused_data = matches!(
-            &error,
-            Error::Database(sqlx::Error::Database(db))
-                if db.code().is_some_and(|code| code.starts_with("22"))
-        );
+const COULD_NOT_ANSWER: &str = "the agent could not answer; your message is saved";
+
+impl Failure {
+    /// Trouble that may pass: the database or the network, a model's 5xx or timeout.
+    pub fn transient(error: impl Into<Error>) -> Self {
         Self {
-            retry: !refused_data,
-            error,
+            retry: true,
+            error: error.into(),
+            notice: COULD_NOT_ANSWER,
+        }
+    }
+
+    /// The same job fails the same way however often it is delivered.
+    pub fn permanent(error: impl Into<Error>) -> Self {
+        Self {
+            retry: false,
+            error: error.into(),
+            notice: COULD_NOT_ANSWER,
+        }
+    }
+
+    /// A database step's failure: data the database refuses (SQLSTATE class 22, data
+    /// exception; class 23, a violated constraint) and rows that are gone are permanent; the
+    /// rest (connections, timeouts, serialization) may pass.
+    pub fn of_database(error: Error) -> Self {
+        let permanent = match &error {
+            Error::Database(sqlx::Error::Database(db)) => db
+                .code()
+                .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+            Error::NotFound(_) | Error::BadRequest(_) => true,
+            _ => false,
+        };
+        if permanent {
+            Self::permanent(error)
+        } else {
+            Self::transient(error)
         }
     }
 }
 
-/// One job: the stored reply re-sent, or the agent asked, its reply stored, then sent.
-///
+/// One job: the stored reply re-sent, or the agent asked, its reply stored, then sent. When
+/// the job gives up (a permanent failure, or a transient one on its last receive), the
+/// conversation's sockets get `agent_failed`; until then a transient failure is silent, the
+/// message still being worked on.
+#[tracing::instrument(skip_all, fields(conversation_id = %job.conversation_id, message_id = %job.message_id))]
+pub async fn process_one(
+    state: &OrchestratorState,
+    job: &Job,
+    receipt: Receipt,
+) -> Result<(), Failure> {
+    let mut audience = None;
+    let result = answer(state, job, receipt, &mut audience).await;
+    if let (Err(failure), Some(audience)) = (&result, audience.as_mut())
+        && (!failure.retry || receipt.last)
+    {
+        let frame = ServerFrame::error(&Error::AgentFailed(failure.notice.into()));
+        if let Err(e) = state.fanout.send(audience, &frame).await {
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "agent_failed not sent"
+            );
+        }
+    }
+    result
+}
+
 /// Two statements reach the database: one reads everything the job needs (recipients
 /// included), one stores the reply and lists the recipients as they are then. Streamed chunks
 /// go to the recipients read first; no chunk costs a query.
-#[tracing::instrument(skip_all, fields(conversation_id = %job.conversation_id, message_id = %job.message_id))]
-pub async fn process_one(state: &OrchestratorState, job: &Job) -> Result<(), Failure> {
+async fn answer(
+    state: &OrchestratorState,
+    job: &Job,
+    receipt: Receipt,
+    audience_out: &mut Option<Audience>,
+) -> Result<(), Failure> {
     let tenant_id = job.tenant_id;
-    let mut tx = state.db.begin(Scope::Tenant(tenant_id)).await?;
+    let mut tx = state
+        .db
+        .begin(Scope::Tenant(tenant_id))
+        .await
+        .map_err(Failure::transient)?;
     let loaded = message_path::load_job(
         &mut tx,
         job.conversation_id,
         job.message_id,
         state.context.messages,
     )
-    .await?;
+    .await
+    .map_err(Failure::of_database)?;
     // No transaction stays open while the agent thinks: Postgres connections are scarce.
-    tx.commit().await?;
+    tx.commit().await.map_err(Failure::transient)?;
     let Some(loaded) = loaded else {
         tracing::warn!("conversation gone; job dropped");
         return Ok(());
     };
     let conversation = loaded.conversation;
-    let mut audience = Audience::new(tenant_id, conversation.id, loaded.recipients);
+    let audience =
+        audience_out.insert(Audience::new(tenant_id, conversation.id, loaded.recipients));
     if let Some(reply) = loaded.reply {
         tracing::info!("reply already stored; sending it again");
-        return Ok(deliver(state, &mut audience, &reply, false).await?);
+        return deliver(state, audience, &reply, false)
+            .await
+            .map_err(Failure::transient);
     }
     let history = loaded.history;
     if history.last().map(|m| m.id) != Some(job.message_id) {
         tracing::warn!("user message gone (conversation reset); job dropped");
         return Ok(());
     }
-    let agent = loaded
-        .agent
-        .ok_or_else(|| Error::NotFound("the conversation's agent is gone".into()))?;
+    let agent = loaded.agent.ok_or_else(|| {
+        Failure::permanent(Error::NotFound("the conversation's agent is gone".into()))
+    })?;
+    if !agent.is_active {
+        return Err(Failure {
+            notice: "this agent is switched off and does not answer; your message is saved",
+            ..Failure::permanent(Error::AgentFailed(format!(
+                "agent {} is not active",
+                agent.id
+            )))
+        });
+    }
 
     let turns = within_budget(&history, state.context.chars);
     let request = AgentRequest {
         agent: &agent,
         history: &turns,
+        max_tokens: state.output.max_tokens_for(&agent),
+        max_reply_bytes: state.output.max_reply_bytes,
     };
     let reply_id = MessageId::new();
     let (deltas, pieces) = mpsc::unbounded_channel();
+    let reserve = FINISH_RESERVE.min(state.job_budget / 5);
+    let agent_deadline = receipt
+        .deadline
+        .map(|d| d.checked_sub(reserve).unwrap_or(d));
     let call = async {
         let result = state
             .retry
-            .run(state.agents.provider(&agent), &request, &deltas)
+            .run(
+                state.agents.provider(&agent),
+                &request,
+                &deltas,
+                agent_deadline,
+            )
             .await;
         drop(deltas);
         result
     };
-    let (result, streamed) =
-        tokio::join!(call, stream_chunks(state, &mut audience, reply_id, pieces));
-    let text = match result {
-        Ok(text) => storable(&text).into_owned(),
+    let (result, streamed) = tokio::join!(call, stream_chunks(state, audience, reply_id, pieces));
+    let reply = match result {
+        Ok(reply) => AgentReply {
+            text: storable(&reply.text).into_owned(),
+            ..reply
+        },
         Err(err) => {
             tracing::warn!(error = %err, retryable = err.retryable, "agent failed");
-            let failed =
-                Error::AgentFailed("the agent could not answer; your message is saved".into());
-            if let Err(e) = state
-                .fanout
-                .send(&mut audience, &ServerFrame::error(&failed))
-                .await
-            {
-                tracing::warn!(
-                    error = &e as &dyn std::error::Error,
-                    "agent_failed not sent"
-                );
-            }
-            return Err(Failure {
-                retry: err.retryable,
-                error: Error::AgentFailed(err.message),
+            let error = Error::AgentFailed(err.message);
+            return Err(if err.retryable {
+                Failure::transient(error)
+            } else {
+                Failure::permanent(error)
             });
         }
     };
 
-    let mut tx = state.db.begin(Scope::Tenant(tenant_id)).await?;
-    let stored =
-        message_path::store_reply(&mut tx, &conversation, reply_id, job.message_id, &text).await?;
-    tx.commit().await?;
+    let mut tx = state
+        .db
+        .begin(Scope::Tenant(tenant_id))
+        .await
+        .map_err(Failure::transient)?;
+    let stored = message_path::store_reply(
+        &mut tx,
+        &conversation,
+        reply_id,
+        job.message_id,
+        &reply.text,
+        reply.stop,
+        reply.usage,
+    )
+    .await
+    .map_err(Failure::of_database)?;
+    tx.commit().await.map_err(Failure::transient)?;
     audience.renew(stored.recipients);
     // Chunks carried this id only if this run's reply is the one stored.
     let streamed = streamed && stored.reply.id == reply_id;
-    Ok(deliver(state, &mut audience, &stored.reply, streamed).await?)
+    deliver(state, audience, &stored.reply, streamed)
+        .await
+        .map_err(Failure::transient)
 }
 
 /// The newest turns that fit the character budget, oldest first; the user message always.
@@ -240,6 +362,8 @@ async fn deliver(
         conversation_id: reply.conversation_id,
         message_id: reply.id,
         reply_to,
+        stop_reason: reply.stop_reason.unwrap_or(StopReason::End),
+        usage: reply.usage(),
     };
     if encode(&frame).is_err() {
         if !streamed {
@@ -321,31 +445,53 @@ fn split_chars(text: &str, max: usize) -> impl Iterator<Item = &str> {
 
 /// An SQS batch. Records of one message group run in order; groups run side by side. After the
 /// first failure in a group, that record and every later one of the group are reported failed,
-/// so SQS delivers them again in order. A record whose body is not a job is reported failed
-/// (it reaches the dead-letter queue after `maxReceiveCount`).
-pub async fn handle(state: &OrchestratorState, event: SqsEvent) -> SqsBatchResponse {
+/// so SQS delivers them again in order. With a `deadline` (the Lambda invocation's), no job
+/// starts with less than the job budget left, and the response goes out a moment before the
+/// deadline whatever is still running: every record not finished by then is reported failed.
+/// A record whose body is not a job is dropped (logged): no delivery can make it one.
+pub async fn handle(
+    state: &OrchestratorState,
+    event: SqsEvent,
+    deadline: Option<Instant>,
+) -> SqsBatchResponse {
+    let mut ids: Vec<String> = Vec::new();
     let mut order: Vec<String> = Vec::new();
     let mut groups: HashMap<String, Vec<SqsMessage>> = HashMap::new();
     for record in event.records {
+        let id = record.message_id.clone().unwrap_or_default();
         let group = record
             .attributes
             .get("MessageGroupId")
             .cloned()
-            .or_else(|| record.message_id.clone())
-            .unwrap_or_default();
+            .unwrap_or_else(|| id.clone());
+        ids.push(id);
         if !groups.contains_key(&group) {
             order.push(group.clone());
         }
         groups.entry(group).or_default().push(record);
     }
+    let cutoff = deadline.map(|d| d.checked_sub(RESPONSE_MARGIN).unwrap_or(d));
+    let settled = Mutex::new(HashSet::new());
     let runs = order
         .into_iter()
         .filter_map(|group| groups.remove(&group))
-        .map(|records| process_group(state, records));
-    let failed = futures::future::join_all(runs).await.concat();
+        .map(|records| process_group(state, records, cutoff, &settled));
+    let all = futures::future::join_all(runs);
+    match cutoff {
+        Some(cutoff) => {
+            if tokio::time::timeout_at(cutoff, all).await.is_err() {
+                tracing::warn!("deadline near: unfinished records reported failed");
+            }
+        }
+        None => {
+            all.await;
+        }
+    }
+    let settled = settled.into_inner().unwrap_or_else(|e| e.into_inner());
     let mut response = SqsBatchResponse::default();
-    response.batch_item_failures = failed
+    response.batch_item_failures = ids
         .into_iter()
+        .filter(|id| !settled.contains(id))
         .map(|id| {
             let mut failure = BatchItemFailure::default();
             failure.item_identifier = id;
@@ -355,45 +501,70 @@ pub async fn handle(state: &OrchestratorState, event: SqsEvent) -> SqsBatchRespo
     response
 }
 
-async fn process_group(state: &OrchestratorState, records: Vec<SqsMessage>) -> Vec<String> {
-    let mut failed = Vec::new();
+/// Works one message group's records in order, marking each one finished with in `settled`;
+/// stops at the first that failed, or that could not finish before `cutoff`.
+async fn process_group(
+    state: &OrchestratorState,
+    records: Vec<SqsMessage>,
+    cutoff: Option<Instant>,
+    settled: &Mutex<HashSet<String>>,
+) {
     for record in records {
         let id = record.message_id.clone().unwrap_or_default();
-        if !failed.is_empty() {
-            failed.push(id);
-            continue;
+        if cutoff.is_some_and(|c| Instant::now() + state.job_budget > c) {
+            tracing::info!(message_id = %id, "not enough time left for the job; left for the next receive");
+            return;
         }
+        let receives: u32 = record
+            .attributes
+            .get("ApproximateReceiveCount")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        let receipt = Receipt {
+            last: receives >= state.max_receives,
+            deadline: cutoff,
+        };
         let outcome = match record.body.as_deref().map(Job::from_body) {
-            Some(Ok(job)) => process_one(state, &job).await,
-            Some(Err(e)) => Err(Failure::from(e)),
-            None => Err(Failure::from(Error::BadRequest(
+            Some(Ok(job)) => process_one(state, &job, receipt).await,
+            Some(Err(e)) => Err(Failure::permanent(e)),
+            None => Err(Failure::permanent(Error::BadRequest(
                 "record has no body".into(),
             ))),
         };
         match outcome {
             Ok(()) => {}
             Err(f) if !f.retry => {
-                tracing::warn!(message_id = %id, error = %f, "job dropped: retrying cannot help");
+                if f.error.code() == ErrorCode::BadRequest {
+                    tracing::error!(message_id = %id, error = %f, "unparseable record dropped");
+                } else {
+                    tracing::warn!(message_id = %id, error = %f, "job dropped: retrying cannot help");
+                }
             }
             Err(f) => {
-                if f.error.code() == ErrorCode::BadRequest {
-                    tracing::error!(message_id = %id, error = %f, "unparseable record");
-                } else {
-                    tracing::error!(message_id = %id, error = &f as &dyn std::error::Error, "job failed");
-                }
-                failed.push(id);
+                tracing::error!(message_id = %id, receives, error = &f as &dyn std::error::Error, "job failed; to be retried");
+                return;
             }
         }
+        settled.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
     }
-    failed
 }
 
-/// Runs the orchestrator as a Lambda function on its SQS event source.
+/// The instant a Lambda deadline (milliseconds since the Unix epoch) falls on.
+pub fn deadline_from_epoch_ms(deadline_ms: u64) -> Instant {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
+}
+
+/// Runs the orchestrator as a Lambda function on its SQS event source, each invocation bounded
+/// by its deadline.
 pub async fn run(state: OrchestratorState) -> Result<(), lambda_runtime::Error> {
     let state = &state;
     lambda_runtime::run(lambda_runtime::service_fn(
         move |event: lambda_runtime::LambdaEvent<SqsEvent>| async move {
-            Ok::<_, std::convert::Infallible>(handle(state, event.payload).await)
+            let deadline = deadline_from_epoch_ms(event.context.deadline);
+            Ok::<_, std::convert::Infallible>(handle(state, event.payload, Some(deadline)).await)
         },
     ))
     .await

@@ -8,8 +8,9 @@
 //!
 //! Entries are read through a consumer group. One that fails stays pending and at the front of
 //! its lane, so its conversation waits for it (order within a conversation holds); it is tried
-//! again after [`Worker::retry_delay`], each try counted as a delivery (`XCLAIM`), and after
-//! `max_deliveries` it goes to a dead-letter stream, as SQS would move it to the dead-letter
+//! again after [`Worker::retry_delay`], each try counted as a delivery (`XCLAIM`) and handed
+//! over with that count (SQS's `ApproximateReceiveCount`), and after the orchestrator's
+//! `max_receives` it goes to a dead-letter stream, as SQS would move it to the dead-letter
 //! queue. Entries pending for another consumer longer than the visibility timeout (a worker
 //! that died) are claimed; a restarted worker finds its own pending entries first.
 //!
@@ -46,7 +47,6 @@ pub struct Worker {
     pub retry_delay: Duration,
     /// How long an entry may stay pending with another consumer before it is claimed.
     pub visibility_timeout: Duration,
-    pub max_deliveries: usize,
     /// How many conversations are worked at once.
     pub concurrency: usize,
 }
@@ -88,7 +88,6 @@ impl Worker {
             block: Duration::from_secs(1),
             retry_delay: Duration::from_secs(1),
             visibility_timeout: Duration::from_secs(30),
-            max_deliveries: 5,
             concurrency: 32,
         }
     }
@@ -321,15 +320,22 @@ impl Worker {
     async fn try_entry(&self, state: &OrchestratorState, entry: &Entry) -> Result<Outcome, Error> {
         let mut conn = self.queue.connection().await?;
         let stream = self.queue.stream_key();
-        if entry.redelivered
-            && self.deliveries(&mut conn, &entry.id.id).await? > self.max_deliveries
-        {
+        let receives = if entry.redelivered {
+            self.deliveries(&mut conn, &entry.id.id).await?
+        } else {
+            1
+        };
+        if receives > state.max_receives as usize {
             self.dead_letter(&mut conn, &entry.id).await?;
             return Ok(Outcome::DeadLettered);
         }
         let mut event = SqsEvent::default();
-        event.records = vec![to_record(&entry.id)];
-        if !handle(state, event).await.batch_item_failures.is_empty() {
+        event.records = vec![to_record(&entry.id, receives)];
+        if !handle(state, event, None)
+            .await
+            .batch_item_failures
+            .is_empty()
+        {
             return Ok(Outcome::Failed);
         }
         // The job is done whether or not the acknowledgement lands: one that did not stays
@@ -409,10 +415,13 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// A stream entry as the SQS record the batch handler expects.
-fn to_record(entry: &StreamId) -> SqsMessage {
+fn to_record(entry: &StreamId, receives: usize) -> SqsMessage {
     let mut record = SqsMessage::default();
     record.message_id = Some(entry.id.clone());
     record.body = entry.get("body");
+    record
+        .attributes
+        .insert("ApproximateReceiveCount".to_owned(), receives.to_string());
     if let Some(group) = entry.get::<String>("group") {
         record.attributes.insert("MessageGroupId".to_owned(), group);
     }

@@ -8,16 +8,45 @@ use aws_sdk_bedrockruntime::types::{
     SystemContentBlock,
 };
 
-use super::{AgentError, AgentRequest, Deltas, Provider};
-use crate::db::messages::MessageRole;
+use super::{AgentError, AgentReply, AgentRequest, Deltas, Provider};
+use crate::config::Lookup;
+use crate::db::messages::{MessageRole, StopReason, Usage};
 
 pub struct Bedrock {
     client: aws_sdk_bedrockruntime::Client,
+    /// The model ids agents may use; `None` allows any (local runs). The deployment's IAM
+    /// policy allows the same list.
+    allowed_models: Option<Vec<String>>,
 }
 
 impl Bedrock {
     pub fn new(client: aws_sdk_bedrockruntime::Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            allowed_models: None,
+        }
+    }
+
+    /// Only these model ids may be invoked.
+    pub fn allowing(mut self, models: Vec<String>) -> Self {
+        self.allowed_models = Some(models);
+        self
+    }
+
+    /// `BEDROCK_MODEL_IDS`: the allowed model ids, comma-separated (set: an empty value allows
+    /// none; unset: any).
+    pub fn from_lookup(client: aws_sdk_bedrockruntime::Client, lookup: impl Lookup) -> Self {
+        let bedrock = Self::new(client);
+        match lookup("BEDROCK_MODEL_IDS") {
+            Some(list) => bedrock.allowing(
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|id| !id.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+            None => bedrock,
+        }
     }
 
     /// Converse wants the conversation to open with the user and alternate roles: leading
@@ -79,10 +108,18 @@ impl Provider for Bedrock {
         &self,
         request: &AgentRequest<'_>,
         _deltas: &Deltas,
-    ) -> Result<String, AgentError> {
+    ) -> Result<AgentReply, AgentError> {
         let agent = request.agent;
         if agent.model.trim().is_empty() {
             return Err(AgentError::permanent("the agent has no model configured"));
+        }
+        if let Some(allowed) = &self.allowed_models
+            && !allowed.contains(&agent.model)
+        {
+            return Err(AgentError::permanent(format!(
+                "Bedrock model {} is not allowed in this deployment (BEDROCK_MODEL_IDS)",
+                agent.model
+            )));
         }
         let mut call = self
             .client
@@ -93,10 +130,8 @@ impl Provider for Bedrock {
             call = call.system(SystemContentBlock::Text(agent.system_prompt.clone()));
         }
         let settings = &agent.settings;
-        let mut inference = InferenceConfiguration::builder();
-        if let Some(max) = settings.get("max_tokens").and_then(|v| v.as_i64()) {
-            inference = inference.max_tokens(max as i32);
-        }
+        let mut inference = InferenceConfiguration::builder()
+            .max_tokens(i32::try_from(request.max_tokens).unwrap_or(i32::MAX));
         if let Some(t) = settings.get("temperature").and_then(|v| v.as_f64()) {
             inference = inference.temperature(t as f32);
         }
@@ -105,6 +140,14 @@ impl Provider for Bedrock {
             .send()
             .await
             .map_err(classify)?;
+        let stop = match output.stop_reason {
+            aws_sdk_bedrockruntime::types::StopReason::MaxTokens => StopReason::Length,
+            _ => StopReason::End,
+        };
+        let usage = output.usage.map(|u| Usage {
+            input_tokens: u32::try_from(u.input_tokens).unwrap_or(0),
+            output_tokens: u32::try_from(u.output_tokens).unwrap_or(0),
+        });
         let text = match output.output {
             Some(ConverseOutput::Message(message)) => message
                 .content
@@ -120,6 +163,8 @@ impl Provider for Bedrock {
         if text.is_empty() {
             return Err(AgentError::permanent("the agent returned an empty reply"));
         }
-        Ok(text)
+        let mut reply = AgentReply::capped(text, stop, request.max_reply_bytes);
+        reply.usage = usage;
+        Ok(reply)
     }
 }

@@ -4,7 +4,8 @@
 
 use async_trait::async_trait;
 
-use super::{AgentError, AgentRequest, Deltas, Provider};
+use super::{AgentError, AgentReply, AgentRequest, Deltas, Provider};
+use crate::db::messages::StopReason;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Echo;
@@ -21,7 +22,11 @@ impl Provider for Echo {
         &self,
         request: &AgentRequest<'_>,
         _deltas: &Deltas,
-    ) -> Result<String, AgentError> {
-        Ok(Self::answer(request.question()))
+    ) -> Result<AgentReply, AgentError> {
+        Ok(AgentReply::capped(
+            Self::answer(request.question()),
+            StopReason::End,
+            request.max_reply_bytes,
+        ))
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 pub use bedrock::Bedrock;
 pub use echo::Echo;
@@ -17,7 +18,7 @@ pub use openai::OpenAi;
 
 use crate::config::{ConfigError, positive};
 use crate::db::agents::{Agent, Provider as ProviderKind};
-use crate::db::messages::MessageRole;
+use crate::db::messages::{MessageRole, StopReason, Usage};
 
 /// One message of the conversation as context: the last one is the user message to answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +32,105 @@ pub struct Turn {
 pub struct AgentRequest<'a> {
     pub agent: &'a Agent,
     pub history: &'a [Turn],
+    /// The model's output limit (`max_tokens`), already resolved by [`OutputLimits`].
+    pub max_tokens: u32,
+    /// The reply is cut at this many bytes (on a character boundary), ending with
+    /// [`StopReason::Length`].
+    pub max_reply_bytes: usize,
+}
+
+/// A provider's reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentReply {
+    pub text: String,
+    pub stop: StopReason,
+    pub usage: Option<Usage>,
+}
+
+impl AgentReply {
+    /// A reply that ended as the model meant it to, unless it is over `max_bytes`: then it is
+    /// cut there and ends with [`StopReason::Length`].
+    pub fn capped(mut text: String, stop: StopReason, max_bytes: usize) -> Self {
+        let stop = if cap(&mut text, max_bytes) {
+            StopReason::Length
+        } else {
+            stop
+        };
+        Self {
+            text,
+            stop,
+            usage: None,
+        }
+    }
+}
+
+/// Cuts `text` to at most `max_bytes` on a character boundary; says whether it cut.
+pub fn cap(text: &mut String, max_bytes: usize) -> bool {
+    if text.len() <= max_bytes {
+        return false;
+    }
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    true
+}
+
+/// Bounds on what one reply may cost: the model's output tokens (a deployment default, an
+/// agent's own `max_tokens` setting up to a deployment maximum) and the stored reply's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimits {
+    pub default_max_tokens: u32,
+    pub max_tokens: u32,
+    pub max_reply_bytes: usize,
+}
+
+impl Default for OutputLimits {
+    fn default() -> Self {
+        Self {
+            default_max_tokens: 1024,
+            max_tokens: 4096,
+            max_reply_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl OutputLimits {
+    /// `AGENT_DEFAULT_MAX_TOKENS`, `AGENT_MAX_TOKENS` and `REPLY_MAX_BYTES`, each optional.
+    pub fn from_lookup(lookup: impl crate::config::Lookup) -> Result<Self, ConfigError> {
+        let mut limits = Self::default();
+        let tokens = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        if let Some(v) = positive(&lookup, "AGENT_MAX_TOKENS")? {
+            limits.max_tokens = tokens(v);
+            limits.default_max_tokens = limits.default_max_tokens.min(limits.max_tokens);
+        }
+        if let Some(v) = positive(&lookup, "AGENT_DEFAULT_MAX_TOKENS")? {
+            if tokens(v) > limits.max_tokens {
+                return Err(ConfigError::new(
+                    "AGENT_DEFAULT_MAX_TOKENS",
+                    format!("must not exceed AGENT_MAX_TOKENS ({})", limits.max_tokens),
+                ));
+            }
+            limits.default_max_tokens = tokens(v);
+        }
+        if let Some(v) = positive(&lookup, "REPLY_MAX_BYTES")? {
+            limits.max_reply_bytes = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+        Ok(limits)
+    }
+
+    /// The agent's `max_tokens` (or `max_completion_tokens`) setting, at most the deployment's
+    /// maximum; the deployment's default when the agent sets none.
+    pub fn max_tokens_for(&self, agent: &Agent) -> u32 {
+        ["max_tokens", "max_completion_tokens"]
+            .iter()
+            .find_map(|key| agent.settings.get(*key)?.as_u64())
+            .filter(|&n| n > 0)
+            .map_or(self.default_max_tokens, |n| {
+                u32::try_from(n).unwrap_or(u32::MAX).min(self.max_tokens)
+            })
+    }
 }
 
 impl AgentRequest<'_> {
@@ -72,13 +172,14 @@ pub type Deltas = mpsc::UnboundedSender<String>;
 
 #[async_trait]
 pub trait Provider: Send + Sync {
-    /// The whole reply. A provider that streams also sends each piece to `deltas`; it must not
-    /// report a retryable error once it has sent one, since a retry would repeat the pieces.
+    /// The whole reply, at most `request.max_reply_bytes` long. A provider that streams also
+    /// sends each piece to `deltas`; it must not report a retryable error once it has sent
+    /// one, since a retry would repeat the pieces.
     async fn reply(
         &self,
         request: &AgentRequest<'_>,
         deltas: &Deltas,
-    ) -> Result<String, AgentError>;
+    ) -> Result<AgentReply, AgentError>;
 }
 
 /// How long and how often an agent is tried within one job.
@@ -114,21 +215,28 @@ impl RetryPolicy {
         Ok(policy)
     }
 
-    /// Runs the provider: each attempt bounded by the timeout, retryable failures tried again
-    /// with exponential backoff and jitter.
+    /// Runs the provider: each attempt bounded by the timeout and by `deadline` (when the job
+    /// must be done), retryable failures tried again with exponential backoff and jitter while
+    /// time is left.
     pub async fn run(
         &self,
         provider: &dyn Provider,
         request: &AgentRequest<'_>,
         deltas: &Deltas,
-    ) -> Result<String, AgentError> {
+        deadline: Option<Instant>,
+    ) -> Result<AgentReply, AgentError> {
+        let left = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let attempt = || async {
-            tokio::time::timeout(self.attempt_timeout, provider.reply(request, deltas))
+            let limit = left().map_or(self.attempt_timeout, |l| l.min(self.attempt_timeout));
+            if limit.is_zero() {
+                return Err(AgentError::retryable("no time left for the agent"));
+            }
+            tokio::time::timeout(limit, provider.reply(request, deltas))
                 .await
                 .unwrap_or_else(|_| {
                     Err(AgentError::retryable(format!(
                         "no reply within {} s",
-                        self.attempt_timeout.as_secs_f32()
+                        limit.as_secs_f32()
                     )))
                 })
         };
@@ -140,7 +248,7 @@ impl RetryPolicy {
                     .with_max_times(self.max_attempts.saturating_sub(1))
                     .with_jitter(),
             )
-            .when(|e: &AgentError| e.retryable)
+            .when(|e: &AgentError| e.retryable && left().is_none_or(|l| l > self.min_backoff))
             .notify(|e, wait| tracing::warn!(error = %e, ?wait, "agent failed; retrying"))
             .await
     }

@@ -11,18 +11,17 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{AgentError, AgentRequest, Deltas, Provider};
+use super::{AgentError, AgentReply, AgentRequest, Deltas, Provider, cap};
 use crate::config::{ConfigError, Lookup};
-use crate::db::messages::MessageRole;
+use crate::db::messages::{MessageRole, StopReason, Usage};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 
-/// Request fields an agent's `settings` may set; the rest of the body is the provider's.
-const SETTINGS: [&str; 6] = [
+/// Request fields an agent's `settings` may set; the rest of the body is the provider's (the
+/// output limit is set from [`super::OutputLimits`]).
+const SETTINGS: [&str; 4] = [
     "temperature",
     "top_p",
-    "max_tokens",
-    "max_completion_tokens",
     "presence_penalty",
     "frequency_penalty",
 ];
@@ -79,6 +78,14 @@ impl OpenAi {
         body.insert("model".into(), json!(agent.model));
         body.insert("messages".into(), Value::Array(messages));
         body.insert("stream".into(), json!(true));
+        body.insert("stream_options".into(), json!({ "include_usage": true }));
+        // Newer OpenAI models take only `max_completion_tokens`; an agent that names it gets it.
+        let limit_key = if agent.settings.get("max_completion_tokens").is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        body.insert(limit_key.into(), json!(request.max_tokens));
         if let Some(settings) = agent.settings.as_object() {
             for key in SETTINGS {
                 if let Some(value) = settings.get(key) {
@@ -95,6 +102,7 @@ struct StreamChunk {
     #[serde(default)]
     choices: Vec<StreamChoice>,
     error: Option<Value>,
+    usage: Option<OpenAiUsage>,
 }
 
 #[derive(Deserialize)]
@@ -103,6 +111,56 @@ struct StreamChoice {
     delta: Option<Delta>,
     #[serde(default)]
     message: Option<Delta>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiUsage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+impl From<OpenAiUsage> for Usage {
+    fn from(u: OpenAiUsage) -> Self {
+        Self {
+            input_tokens: u.prompt_tokens,
+            output_tokens: u.completion_tokens,
+        }
+    }
+}
+
+fn stop_reason(finish_reason: Option<&str>) -> StopReason {
+    match finish_reason {
+        Some("length") => StopReason::Length,
+        _ => StopReason::End,
+    }
+}
+
+/// The most bytes a non-streamed completion may have for a reply of `max_reply_bytes`: JSON
+/// escapes a character in at most six bytes, plus room for the envelope.
+fn max_body_bytes(max_reply_bytes: usize) -> usize {
+    max_reply_bytes.saturating_mul(6).saturating_add(64 * 1024)
+}
+
+/// The body of a non-streamed answer, refused past `limit` bytes without reading further.
+async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, AgentError> {
+    let mut body = Vec::new();
+    while let Some(piece) = response
+        .chunk()
+        .await
+        .map_err(|e| AgentError::retryable(format!("completion unreadable: {e}")))?
+    {
+        if body.len() + piece.len() > limit {
+            return Err(AgentError::permanent(format!(
+                "the completion is over {limit} bytes"
+            )));
+        }
+        body.extend_from_slice(&piece);
+    }
+    Ok(body)
 }
 
 #[derive(Deserialize)]
@@ -128,7 +186,7 @@ impl Provider for OpenAi {
         &self,
         request: &AgentRequest<'_>,
         deltas: &Deltas,
-    ) -> Result<String, AgentError> {
+    ) -> Result<AgentReply, AgentError> {
         if request.agent.model.trim().is_empty() {
             return Err(AgentError::permanent("the agent has no model configured"));
         }
@@ -156,23 +214,29 @@ impl Provider for OpenAi {
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
+        let max_bytes = request.max_reply_bytes;
         if !streamed {
             // A server that ignores `stream` answers with one completion.
-            let whole: StreamChunk = response
-                .json()
-                .await
+            let body = read_limited(response, max_body_bytes(max_bytes)).await?;
+            let whole: StreamChunk = serde_json::from_slice(&body)
                 .map_err(|e| AgentError::retryable(format!("unreadable completion: {e}")))?;
-            return whole
+            let usage = whole.usage.map(Usage::from);
+            let (text, finish) = whole
                 .choices
                 .into_iter()
-                .find_map(|c| c.message.and_then(|m| m.content))
-                .filter(|text| !text.is_empty())
-                .ok_or_else(|| AgentError::permanent("the agent returned an empty reply"));
+                .find_map(|c| Some((c.message?.content?, c.finish_reason)))
+                .filter(|(text, _)| !text.is_empty())
+                .ok_or_else(|| AgentError::permanent("the agent returned an empty reply"))?;
+            let mut reply = AgentReply::capped(text, stop_reason(finish.as_deref()), max_bytes);
+            reply.usage = usage;
+            return Ok(reply);
         }
 
         let mut reply = String::new();
+        let mut stop = StopReason::End;
+        let mut usage = None;
         let mut events = response.bytes_stream().eventsource();
-        while let Some(event) = events.next().await {
+        'events: while let Some(event) = events.next().await {
             let broken = |what: String| {
                 // Pieces already went out: a retry would repeat them.
                 if reply.is_empty() {
@@ -192,17 +256,34 @@ impl Provider for OpenAi {
                     "agent stream error: {error}"
                 )));
             }
-            for piece in chunk.choices.into_iter().filter_map(|c| c.delta?.content) {
+            usage = chunk.usage.map(Usage::from).or(usage);
+            for choice in chunk.choices {
+                if let Some(finish) = choice.finish_reason.as_deref() {
+                    stop = stop_reason(Some(finish));
+                }
+                let Some(mut piece) = choice.delta.and_then(|d| d.content) else {
+                    continue;
+                };
+                let over = cap(&mut piece, max_bytes - reply.len());
                 if !piece.is_empty() {
                     reply.push_str(&piece);
                     // The receiver only goes away when the job is abandoned.
                     let _ = deltas.send(piece);
+                }
+                if over {
+                    // The cap: the rest of the stream is not read (dropping it closes it).
+                    stop = StopReason::Length;
+                    break 'events;
                 }
             }
         }
         if reply.is_empty() {
             return Err(AgentError::permanent("the agent returned an empty reply"));
         }
-        Ok(reply)
+        Ok(AgentReply {
+            text: reply,
+            stop,
+            usage,
+        })
     }
 }

@@ -13,7 +13,7 @@ use sqlx::types::Json;
 
 use super::agents::Agent;
 use super::conversations::Conversation;
-use super::messages::{Message, MessageRole};
+use super::messages::{Message, MessageRole, StopReason, Usage};
 use crate::Error;
 use crate::domain::{
     ClientMessageId, ConnectionId, ConversationId, MessageId, MessageText, Role, TenantId, UserId,
@@ -364,12 +364,15 @@ pub async fn store_reply(
     id: MessageId,
     reply_to: MessageId,
     content: &str,
+    stop: StopReason,
+    usage: Option<Usage>,
 ) -> Result<StoredReply, Error> {
     let row: ReplyRow = sqlx::query_as(
         "with inserted as (
              insert into web_conversation_messages
-                 (id, conversation_id, tenant_id, role, content, reply_to)
-             values ($5, $1, $2, 'assistant', $3, $4)
+                 (id, conversation_id, tenant_id, role, content, reply_to,
+                  stop_reason, input_tokens, output_tokens)
+             values ($5, $1, $2, 'assistant', $3, $4, $6, $7, $8)
              on conflict (conversation_id, reply_to) do nothing
              returning *
          ), touched as (
@@ -389,6 +392,9 @@ pub async fn store_reply(
     .bind(content)
     .bind(reply_to)
     .bind(id)
+    .bind(stop)
+    .bind(usage.map(|u| i64::from(u.input_tokens)))
+    .bind(usage.map(|u| i64::from(u.output_tokens)))
     .fetch_one(&mut *conn)
     .await
     .on_constraint("web_conversation_messages_reply_to_fkey", || {

@@ -19,6 +19,28 @@ pub enum MessageRole {
     Assistant,
 }
 
+/// Why a reply ended (the `response` frame's `stop_reason`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model finished.
+    End,
+    /// The output cap was reached (the model's `max_tokens` or the stored reply's size cap).
+    Length,
+    Cancelled,
+    Error,
+}
+
+/// Tokens a provider reports for one reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Message {
     pub id: MessageId,
@@ -29,6 +51,23 @@ pub struct Message {
     pub client_message_id: Option<ClientMessageId>,
     pub reply_to: Option<MessageId>,
     pub created_at: DateTime<Utc>,
+    /// Replies only.
+    #[serde(default)]
+    pub stop_reason: Option<StopReason>,
+    #[serde(default)]
+    pub input_tokens: Option<i32>,
+    #[serde(default)]
+    pub output_tokens: Option<i32>,
+}
+
+impl Message {
+    /// The provider's token counts, when it reported both.
+    pub fn usage(&self) -> Option<Usage> {
+        Some(Usage {
+            input_tokens: u32::try_from(self.input_tokens?).ok()?,
+            output_tokens: u32::try_from(self.output_tokens?).ok()?,
+        })
+    }
 }
 
 /// Stores a user message. With a `client_message_id` already stored in this conversation, the

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
+use shared::db::messages::StopReason;
 use shared::db::{Db, Scope, conversations, message_path, messages};
 use shared::domain::{MessageId, MessageText};
 use tests::load::{self, Plan, Report};
@@ -133,6 +134,8 @@ async fn floor(
                     MessageId::new(),
                     stored.row.id,
                     "Echo: floor message",
+                    StopReason::End,
+                    None,
                 )
                 .await?;
                 tx.commit().await?;

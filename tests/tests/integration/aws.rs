@@ -151,6 +151,30 @@ struct Recorded {
     open: HashSet<String>,
     posts: Vec<Post>,
     deletes: Vec<String>,
+    /// Connections whose posts never get an answer.
+    stalled: HashSet<String>,
+    /// How long every post takes.
+    latency: std::time::Duration,
+    in_flight: usize,
+    max_in_flight: usize,
+}
+
+/// Counts a post in flight until it is answered or abandoned.
+struct InFlight(Arc<Mutex<Recorded>>);
+
+impl InFlight {
+    fn start(recorded: &Arc<Mutex<Recorded>>) -> Self {
+        let mut r = recorded.lock().unwrap();
+        r.in_flight += 1;
+        r.max_in_flight = r.max_in_flight.max(r.in_flight);
+        Self(recorded.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().in_flight -= 1;
+    }
 }
 
 #[derive(Clone)]
@@ -215,6 +239,25 @@ impl ManagementApi {
     pub fn deletes(&self) -> Vec<String> {
         self.recorded.lock().unwrap().deletes.clone()
     }
+
+    /// Posts to this connection are never answered (a socket stuck on API Gateway's side).
+    pub fn stall(&self, connection: &str) {
+        self.recorded
+            .lock()
+            .unwrap()
+            .stalled
+            .insert(connection.to_owned());
+    }
+
+    /// Every post takes this long to answer.
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.recorded.lock().unwrap().latency = latency;
+    }
+
+    /// The most posts that were in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.recorded.lock().unwrap().max_in_flight
+    }
 }
 
 type ApiState = (Arc<Mutex<Recorded>>, Arc<Mutex<Option<Probe>>>);
@@ -233,9 +276,20 @@ async fn post_to_connection(
     Path((_stage, id)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    if !recorded.lock().unwrap().open.contains(&id) {
+    let _in_flight = InFlight::start(&recorded);
+    let (open, stalled, latency) = {
+        let r = recorded.lock().unwrap();
+        (r.open.contains(&id), r.stalled.contains(&id), r.latency)
+    };
+    if !open {
         return gone();
     }
+    tokio::time::sleep(if stalled {
+        std::time::Duration::from_secs(3600)
+    } else {
+        latency
+    })
+    .await;
     let probe = probe.lock().unwrap().clone();
     let seen = match probe {
         Some(probe) => probe().await,

@@ -17,8 +17,11 @@ use serde_json::{Value, json};
 /// What the fake model does with one request.
 #[derive(Debug, Clone)]
 pub enum Reply {
-    /// Streams these pieces, `delay` apart.
+    /// Streams these pieces, `delay` apart, then `finish_reason: "stop"` and the usage (when
+    /// asked for, as OpenAI does).
     Stream(Vec<String>, Duration),
+    /// Streams these pieces and stops with `finish_reason: "length"` (the model's own limit).
+    CutOff(Vec<String>),
     /// Answers with this status and an error body.
     Status(u16),
     /// Never answers within any sane timeout.
@@ -104,32 +107,19 @@ async fn completions(State(shared): State<Shared>, body: Bytes) -> Response {
     match (shared.script)(&request, index) {
         Reply::Status(code) => (
             StatusCode::from_u16(code).unwrap(),
-            axum::Json(json!({ "error": { "message": "scripted failure", "type": "server_error" } })),
+            // As some servers do: the error echoes the key and the URL it was called on.
+            axum::Json(json!({ "error": {
+                "message": "scripted failure for key sk-test at http://model.internal/v1",
+                "type": "server_error" } })),
         )
             .into_response(),
+        Reply::CutOff(parts) => stream_response(&request, parts, Duration::ZERO, "length"),
         Reply::Stall => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()
         }
         Reply::Stream(parts, delay) if request["stream"] == true => {
-            let events = futures::stream::iter(parts.into_iter().map(Some).chain([None]))
-                .then(move |part| async move {
-                    tokio::time::sleep(delay).await;
-                    let data = match part {
-                        Some(text) => json!({
-                            "id": "chatcmpl-1",
-                            "object": "chat.completion.chunk",
-                            "choices": [{ "index": 0, "delta": { "content": text }, "finish_reason": null }]
-                        })
-                        .to_string(),
-                        None => "[DONE]".to_owned(),
-                    };
-                    Ok::<_, std::io::Error>(Bytes::from(format!("data: {data}\n\n")))
-                });
-            Response::builder()
-                .header(header::CONTENT_TYPE, "text/event-stream")
-                .body(Body::from_stream(events))
-                .unwrap()
+            stream_response(&request, parts, delay, "stop")
         }
         Reply::Stream(parts, _) => axum::Json(json!({
             "id": "chatcmpl-1",
@@ -164,4 +154,55 @@ async fn converse(
         "metrics": { "latencyMs": 42 }
     }))
     .into_response()
+}
+
+/// Server-sent events as OpenAI streams them: one chunk per piece, a last chunk with the
+/// finish reason, the usage when `stream_options.include_usage` asks for it, then `[DONE]`.
+fn stream_response(
+    request: &Value,
+    parts: Vec<String>,
+    delay: Duration,
+    finish_reason: &'static str,
+) -> Response {
+    let completion_tokens = parts.len();
+    let mut events: Vec<(Duration, Value)> = parts
+        .into_iter()
+        .map(|text| {
+            let chunk = json!({
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "choices": [{ "index": 0, "delta": { "content": text }, "finish_reason": null }]
+            });
+            (delay, chunk)
+        })
+        .collect();
+    events.push((
+        Duration::ZERO,
+        json!({ "id": "chatcmpl-1", "object": "chat.completion.chunk",
+                "choices": [{ "index": 0, "delta": {}, "finish_reason": finish_reason }] }),
+    ));
+    if request["stream_options"]["include_usage"] == true {
+        events.push((
+            Duration::ZERO,
+            json!({ "id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [],
+                    "usage": { "prompt_tokens": 21, "completion_tokens": completion_tokens,
+                               "total_tokens": 21 + completion_tokens } }),
+        ));
+    }
+    let events = futures::stream::iter(events.into_iter().map(Some).chain([None])).then(
+        |event| async move {
+            let data = match event {
+                Some((delay, chunk)) => {
+                    tokio::time::sleep(delay).await;
+                    chunk.to_string()
+                }
+                None => "[DONE]".to_owned(),
+            };
+            Ok::<_, std::io::Error>(Bytes::from(format!("data: {data}\n\n")))
+        },
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from_stream(events))
+        .unwrap()
 }

@@ -13,6 +13,7 @@ mod local;
 mod messages;
 mod migrations;
 mod orchestrator;
+mod pressure;
 mod rbac;
 mod redis_keys;
 mod reliability;

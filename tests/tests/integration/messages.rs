@@ -1,6 +1,6 @@
 use shared::Error;
 use shared::db::conversations::{self, Conversation};
-use shared::db::messages::{self, MessageRole};
+use shared::db::messages::{self, MessageRole, StopReason};
 use shared::db::{Db, Scope, message_path};
 use shared::domain::{ClientMessageId, MessageId, MessageText, PageLimit};
 
@@ -167,16 +167,25 @@ async fn a_reply_is_stored_once_per_user_message() {
             .unwrap(),
         None
     );
-    let first =
-        message_path::store_reply(&mut tx, &conversation, MessageId::new(), question, "answer")
-            .await
-            .unwrap();
+    let first = message_path::store_reply(
+        &mut tx,
+        &conversation,
+        MessageId::new(),
+        question,
+        "answer",
+        StopReason::End,
+        None,
+    )
+    .await
+    .unwrap();
     let again = message_path::store_reply(
         &mut tx,
         &conversation,
         MessageId::new(),
         question,
         "another answer",
+        StopReason::End,
+        None,
     )
     .await
     .unwrap();
@@ -197,6 +206,8 @@ async fn a_reply_is_stored_once_per_user_message() {
         MessageId::new(),
         MessageId::new(),
         "orphan",
+        StopReason::End,
+        None,
     )
     .await
     .unwrap_err();

@@ -12,12 +12,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shared::agent::{Agents, Bedrock, Echo, OpenAi, RetryPolicy};
+use shared::agent::{Agents, Bedrock, Echo, OpenAi, OutputLimits, RetryPolicy};
 use shared::config::DatabaseConfig;
 use shared::db::Db;
 use shared::db::agents::Provider;
 use shared::delivery::{ConnectionsFanout, ManagementApi};
-use shared::orchestrator::{ContextLimits, OrchestratorState};
+use shared::orchestrator::{
+    ContextLimits, DEFAULT_JOB_BUDGET, DEFAULT_MAX_RECEIVES, OrchestratorState,
+};
 use sqlx::postgres::PgConnectOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -190,10 +192,10 @@ async fn functions_through(proxy: &PgProxy, h: &mut Harness, llm: &FakeLlm) -> O
     );
     OrchestratorState {
         db: db.clone(),
-        fanout: Arc::new(ConnectionsFanout {
+        fanout: Arc::new(ConnectionsFanout::new(
             db,
-            delivery: Arc::new(ManagementApi::new(sdk_config())),
-        }),
+            Arc::new(ManagementApi::new(sdk_config())),
+        )),
         agents: Arc::new(Agents {
             echo: Echo,
             openai: OpenAi::new(&llm.base_url, Some("sk-test".into())),
@@ -201,6 +203,9 @@ async fn functions_through(proxy: &PgProxy, h: &mut Harness, llm: &FakeLlm) -> O
         }),
         retry: RetryPolicy::default(),
         context: ContextLimits::default(),
+        output: OutputLimits::default(),
+        max_receives: DEFAULT_MAX_RECEIVES,
+        job_budget: DEFAULT_JOB_BUDGET,
     }
 }
 

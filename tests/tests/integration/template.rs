@@ -67,6 +67,11 @@ async fn broken_templates_fail_validation() {
         ),
         ("Binary: ws-auth", "Binary: ws-authh", "functions/ws-auth"),
         ("RouteKey: auth", "RouteKeyz: auth", "RouteKeyz"),
+        (
+            "[\"arn:aws:bedrock:*::foundation-model/\", !Join",
+            "[\"arn:aws:bedrock:*::foundation-model/*\", !Join",
+            "foundation-model/*",
+        ),
     ];
     for (from, to, expected) in breakages {
         assert!(original.contains(from), "{from} is in the template");
@@ -94,6 +99,12 @@ fn sample(name: &str) -> &'static str {
         "OPENAI_BASE_URL" => "https://api.openai.com/v1",
         "AGENT_TIMEOUT_SECONDS" => "25",
         "AGENT_MAX_ATTEMPTS" => "2",
+        "JOB_BUDGET_SECONDS" => "30",
+        "MAX_RECEIVE_COUNT" => "5",
+        "AGENT_DEFAULT_MAX_TOKENS" => "1024",
+        "AGENT_MAX_TOKENS" => "4096",
+        "REPLY_MAX_BYTES" => "65536",
+        "BEDROCK_MODEL_IDS" => "amazon.nova-lite-v1:0,anthropic.claude-3-5-haiku-20241022-v1:0",
         other => panic!("no sample value for {other}: add one, and check the code reads it"),
     }
 }

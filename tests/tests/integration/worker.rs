@@ -127,12 +127,12 @@ async fn a_failed_job_holds_its_conversation_back_until_it_succeeds() {
     .await;
     let mut state = orchestrator(&h, &llm);
     state.retry.max_attempts = 1;
+    state.max_receives = 1000;
     let conv = conversation_with(&h, Provider::Openai, "gpt-test").await;
     h.open_session_on("llm-tab", conv).await;
     h.open_session("echo-tab").await;
     let mut worker = worker(&redis_prefix());
     worker.retry_delay = Duration::from_millis(50);
-    worker.max_deliveries = 1000;
     let held = queued_jobs(&h, "llm-tab", &["flaky first", "then this"]).await;
     let other = queued_jobs(&h, "echo-tab", &["elsewhere"]).await;
     for job in held.iter().chain(&other) {
@@ -171,8 +171,8 @@ async fn a_slow_conversation_does_not_hold_back_the_others() {
     let h = Harness::new().await;
     let llm = FakeLlm::start(|request, _| {
         if last_user_text(request) == "slow" {
-            // One piece 2.5 s in, the end 2.5 s later: 5 s in all.
-            Reply::Stream(pieces(&["slow answer"]), Duration::from_millis(2500))
+            // Two pieces 2.5 s apart: 5 s in all.
+            Reply::Stream(pieces(&["slow ", "answer"]), Duration::from_millis(2500))
         } else {
             Reply::Stream(pieces(&["quick answer"]), Duration::ZERO)
         }
@@ -216,35 +216,76 @@ async fn a_slow_conversation_does_not_hold_back_the_others() {
 }
 
 #[tokio::test]
-async fn an_unparseable_entry_is_dead_lettered_after_its_deliveries() {
+async fn an_unparseable_entry_is_dropped_at_once_not_retried() {
     let h = Harness::new().await;
     let llm = FakeLlm::hello().await;
     let state = orchestrator(&h, &llm);
-    let mut worker = worker(&redis_prefix());
-    worker.max_deliveries = 2;
+    h.open_session("tab").await;
+    let worker = worker(&redis_prefix());
     let mut conn = worker.queue.connection().await.unwrap();
     let _: String = redis::cmd("XADD")
         .arg(worker.queue.stream_key())
         .arg("*")
         .arg("group")
-        .arg("nowhere")
+        .arg(h.seed.conversation.to_string())
         .arg("body")
         .arg("{ not json")
         .query_async(&mut conn)
         .await
         .unwrap();
+    // The same conversation's next job is not held back behind it.
+    for job in queued_jobs(&h, "tab", &["after the garbage"]).await {
+        worker.queue.enqueue(&job).await.unwrap();
+    }
+
+    running(&worker, &state, async {
+        eventually("the next job answered", || async {
+            answered(&h, h.seed.conversation).await == ["Echo: after the garbage"]
+        })
+        .await;
+    })
+    .await;
+    assert_eq!(pending(&worker).await, 0, "acknowledged");
+    assert_eq!(dead_letters(&worker).await, 0, "dropped, not retried");
+}
+
+/// A failure that may pass is retried silently; on its last delivery the user is told, and
+/// the entry goes to the dead-letter stream.
+#[tokio::test]
+async fn a_job_failing_on_every_delivery_tells_the_user_once_then_is_dead_lettered() {
+    let h = Harness::new().await;
+    let llm = FakeLlm::start(|_, _| Reply::Status(503)).await;
+    let mut state = orchestrator(&h, &llm);
+    state.retry.max_attempts = 1;
+    state.max_receives = 3;
+    let conv = conversation_with(&h, Provider::Openai, "gpt-test").await;
+    h.open_session_on("tab", conv).await;
+    let mut worker = worker(&redis_prefix());
+    worker.retry_delay = Duration::from_millis(50);
+    for job in queued_jobs(&h, "tab", &["never answered"]).await {
+        worker.queue.enqueue(&job).await.unwrap();
+    }
 
     running(&worker, &state, async {
         eventually("the entry dead-lettered", || async {
             dead_letters(&worker).await == 1 && pending(&worker).await == 0
         })
         .await;
-        // And nothing more happens to it.
-        tokio::time::sleep(Duration::from_millis(200)).await;
     })
     .await;
-    assert_eq!(dead_letters(&worker).await, 1);
-    assert_eq!(pending(&worker).await, 0);
+    assert_eq!(llm.requests().len(), 3, "one attempt per delivery");
+    let errors: Vec<_> = h
+        .api
+        .frames_to("tab")
+        .into_iter()
+        .filter(|f| f["type"] == "error")
+        .collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "told once, on the last delivery: {errors:?}"
+    );
+    assert_eq!(errors[0]["code"], "agent_failed");
 }
 
 #[tokio::test]
