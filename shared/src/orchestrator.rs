@@ -549,12 +549,17 @@ async fn process_group(
     }
 }
 
-/// The instant a Lambda deadline (milliseconds since the Unix epoch) falls on.
-pub fn deadline_from_epoch_ms(deadline_ms: u64) -> Instant {
+/// The instant a Lambda deadline (milliseconds since the Unix epoch) falls on; none when it is
+/// not in the future (a runtime emulator that sends no real deadline), so the batch still runs.
+pub fn deadline_from_epoch_ms(deadline_ms: u64) -> Option<Instant> {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
+    if deadline_ms <= now_ms {
+        tracing::warn!(deadline_ms, now_ms, "invocation deadline already past; ignored");
+        return None;
+    }
+    Some(Instant::now() + Duration::from_millis(deadline_ms - now_ms))
 }
 
 /// Runs the orchestrator as a Lambda function on its SQS event source, each invocation bounded
@@ -564,7 +569,7 @@ pub async fn run(state: OrchestratorState) -> Result<(), lambda_runtime::Error> 
     lambda_runtime::run(lambda_runtime::service_fn(
         move |event: lambda_runtime::LambdaEvent<SqsEvent>| async move {
             let deadline = deadline_from_epoch_ms(event.context.deadline);
-            Ok::<_, std::convert::Infallible>(handle(state, event.payload, Some(deadline)).await)
+            Ok::<_, std::convert::Infallible>(handle(state, event.payload, deadline).await)
         },
     ))
     .await
@@ -573,6 +578,18 @@ pub async fn run(state: OrchestratorState) -> Result<(), lambda_runtime::Error> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deadline_in_the_past_is_none_and_one_ahead_is_that_far_ahead() {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(deadline_from_epoch_ms(0).is_none());
+        assert!(deadline_from_epoch_ms(now_ms - 1).is_none());
+        let ahead = deadline_from_epoch_ms(now_ms + 60_000).unwrap() - Instant::now();
+        assert!(ahead > Duration::from_secs(59) && ahead <= Duration::from_secs(60));
+    }
 
     #[test]
     fn split_chars_keeps_characters_whole() {
