@@ -556,7 +556,11 @@ pub fn deadline_from_epoch_ms(deadline_ms: u64) -> Option<Instant> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     if deadline_ms <= now_ms {
-        tracing::warn!(deadline_ms, now_ms, "invocation deadline already past; ignored");
+        tracing::warn!(
+            deadline_ms,
+            now_ms,
+            "invocation deadline already past; ignored"
+        );
         return None;
     }
     Some(Instant::now() + Duration::from_millis(deadline_ms - now_ms))
