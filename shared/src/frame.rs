@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::db::messages::{StopReason, Usage};
+use chrono::{DateTime, Utc};
+
+use crate::db::messages::{MessageRole, MessageView, StopReason, Usage};
 use crate::domain::{ClientMessageId, ConversationId, MessageId, MessageText, UserId};
 use crate::{Error, ErrorCode};
 
@@ -12,17 +14,44 @@ pub const MAX_CLIENT_FRAME_BYTES: usize = 128 * 1024;
 /// API Gateway's frame limit: no server frame may be larger.
 pub const MAX_SERVER_FRAME_BYTES: usize = 32 * 1024;
 
+/// The most characters one `chunk` frame carries: even fully escaped (6 bytes a character) it
+/// stays inside API Gateway's 32 KiB frame.
+pub const CHUNK_MAX_CHARS: usize = 4096;
+
+/// `text` in pieces of at most `max` characters.
+pub fn split_chars(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = rest
+            .char_indices()
+            .nth(max)
+            .map_or(rest.len(), |(index, _)| index);
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
+}
+
 /// A frame from the browser, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientFrame {
     Auth {
         token: String,
+        /// The last `seq` the client holds, when it resumes.
+        resume_after: Option<i64>,
     },
     Message {
         text: MessageText,
         client_message_id: Option<ClientMessageId>,
     },
     Ping,
+    /// Stop the reply to this user message.
+    Cancel {
+        reply_to: MessageId,
+    },
 }
 
 /// The wire shape; unknown fields are ignored.
@@ -31,6 +60,8 @@ pub enum ClientFrame {
 enum RawFrame {
     Auth {
         token: String,
+        #[serde(default)]
+        resume_after: Option<i64>,
     },
     Message {
         text: String,
@@ -38,7 +69,13 @@ enum RawFrame {
         client_message_id: Option<String>,
     },
     Ping,
+    Cancel {
+        reply_to: String,
+    },
 }
+
+/// The client frame types, as API Gateway's route selection sees them.
+pub const CLIENT_FRAME_TYPES: [&str; 4] = ["auth", "message", "ping", "cancel"];
 
 #[derive(Deserialize)]
 struct FrameType {
@@ -56,8 +93,22 @@ impl ClientFrame {
         }
         let frame: RawFrame = serde_json::from_str(raw).map_err(|e| describe(raw, e))?;
         Ok(match frame {
-            RawFrame::Auth { token } => Self::Auth { token },
+            RawFrame::Auth {
+                token,
+                resume_after,
+            } => {
+                if resume_after.is_some_and(|seq| seq < 0) {
+                    return Err(Error::BadRequest("resume_after is a seq: 0 or more".into()));
+                }
+                Self::Auth {
+                    token,
+                    resume_after,
+                }
+            }
             RawFrame::Ping => Self::Ping,
+            RawFrame::Cancel { reply_to } => Self::Cancel {
+                reply_to: reply_to.parse()?,
+            },
             RawFrame::Message {
                 text,
                 client_message_id,
@@ -84,7 +135,7 @@ fn describe(raw: &str, err: serde_json::Error) -> Error {
     }
     match ClientFrame::route_of(raw) {
         None => Error::BadRequest("frames need a string `type`".into()),
-        Some(kind) if !["auth", "message", "ping"].contains(&kind.as_str()) => {
+        Some(kind) if !CLIENT_FRAME_TYPES.contains(&kind.as_str()) => {
             Error::BadRequest(format!("unknown frame type `{kind}`"))
         }
         Some(kind) => Error::BadRequest(format!("malformed `{kind}` frame: {err}")),
@@ -98,6 +149,25 @@ pub enum ServerFrame {
     AuthOk {
         conversation_id: ConversationId,
         user_id: UserId,
+        /// The conversation's newest `seq`.
+        last_seq: i64,
+    },
+    /// What a resuming client missed, oldest first, split over frames (`more` on all but the
+    /// last); `recovered: false` (and no messages) when too much was missed.
+    Replay {
+        messages: Vec<MessageView>,
+        recovered: bool,
+        more: bool,
+    },
+    /// A user message stored from another socket of the conversation.
+    Message {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        seq: i64,
+        role: MessageRole,
+        content: String,
+        created_at: DateTime<Utc>,
+        client_message_id: Option<ClientMessageId>,
     },
     Typing {
         conversation_id: ConversationId,
@@ -106,11 +176,18 @@ pub enum ServerFrame {
         conversation_id: ConversationId,
         message_id: MessageId,
         client_message_id: Option<ClientMessageId>,
+        seq: i64,
     },
     Chunk {
         conversation_id: ConversationId,
         message_id: MessageId,
+        reply_to: MessageId,
+        /// Characters of the reply before `delta`.
+        offset: usize,
         delta: String,
+        /// Discard the partial text: the reply restarted (offset 0).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        reset: bool,
     },
     Response {
         /// The whole reply, when it fits in one frame; otherwise absent, and the client
@@ -120,6 +197,7 @@ pub enum ServerFrame {
         conversation_id: ConversationId,
         message_id: MessageId,
         reply_to: MessageId,
+        seq: i64,
         stop_reason: StopReason,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         usage: Option<Usage>,
@@ -159,10 +237,21 @@ mod tests {
     }
 
     #[test]
+    fn split_chars_keeps_characters_whole() {
+        let pieces: Vec<&str> = split_chars("aébc€d", 2).collect();
+        assert_eq!(pieces, vec!["aé", "bc", "€d"]);
+        assert_eq!(split_chars("", 3).count(), 0);
+        assert_eq!(split_chars("abc", 10).collect::<Vec<_>>(), vec!["abc"]);
+    }
+
+    #[test]
     fn client_frames_parse_and_ignore_unknown_fields() {
         assert_eq!(
             ClientFrame::parse(r#"{"type":"auth","token":"t","extra":1}"#).unwrap(),
-            ClientFrame::Auth { token: "t".into() }
+            ClientFrame::Auth {
+                token: "t".into(),
+                resume_after: None
+            }
         );
         assert_eq!(
             ClientFrame::parse(r#"{"type":"ping"}"#).unwrap(),

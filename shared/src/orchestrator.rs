@@ -12,19 +12,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use crate::agent::{
-    AgentReply, AgentRequest, Agents, Bedrock, Echo, OpenAi, OutputLimits, RetryPolicy, Turn,
+    AgentReply, AgentRequest, Agents, Bedrock, Deltas, Echo, OpenAi, OutputLimits, RetryPolicy,
+    Turn,
 };
 use crate::config::{ConfigError, DatabaseConfig, Mode, positive};
-use crate::db::message_path::{self, ContextMessage};
-use crate::db::messages::{Message, StopReason};
+use crate::db::conversations::Conversation;
+use crate::db::message_path::{self, ContextMessage, ReplyFlush, ReplyWrite, StoredReply, Written};
+use crate::db::messages::{Message, MessageStatus, StopReason, Usage};
 use crate::db::{Db, Scope};
 use crate::delivery::{Audience, ConnectionsFanout, Fanout, ManagementApi, RedisFanout, encode};
 use crate::domain::{MessageId, storable};
-use crate::frame::ServerFrame;
+use crate::frame::{CHUNK_MAX_CHARS, ServerFrame, split_chars};
 use crate::job::Job;
 use crate::{Error, ErrorCode};
 
@@ -49,9 +52,6 @@ impl Default for ContextLimits {
 const CHUNK_INTERVAL: Duration = Duration::from_millis(100);
 /// …or as soon as this many bytes are waiting.
 const CHUNK_BYTES: usize = 1024;
-/// The most characters one `chunk` frame carries: even fully escaped (6 bytes a character) it
-/// stays inside API Gateway's 32 KiB frame.
-const CHUNK_MAX_CHARS: usize = 4096;
 
 /// The time kept back from a Lambda invocation's deadline to return the batch response.
 const RESPONSE_MARGIN: Duration = Duration::from_secs(1);
@@ -203,9 +203,10 @@ pub async fn process_one(
     result
 }
 
-/// Two statements reach the database: one reads everything the job needs (recipients
-/// included), one stores the reply and lists the recipients as they are then. Streamed chunks
-/// go to the recipients read first; no chunk costs a query.
+/// One statement reads everything the job needs (recipients included). A reply that arrives
+/// whole is stored by one more; a streamed one is stored as it streams: each flush is one
+/// statement that appends to it, reads the user's `cancel` flag and lists the recipients as
+/// they are then, before the chunk goes out (invariant 7).
 async fn answer(
     state: &OrchestratorState,
     job: &Job,
@@ -235,7 +236,10 @@ async fn answer(
     let conversation = loaded.conversation;
     let audience =
         audience_out.insert(Audience::new(tenant_id, conversation.id, loaded.recipients));
-    if let Some(reply) = loaded.reply {
+    if let Some(reply) = loaded
+        .reply
+        .filter(|r| r.status != MessageStatus::Streaming)
+    {
         tracing::info!("reply already stored; sending it again");
         return deliver(state, audience, &reply, false)
             .await
@@ -249,6 +253,25 @@ async fn answer(
     let agent = loaded.agent.ok_or_else(|| {
         Failure::permanent(Error::NotFound("the conversation's agent is gone".into()))
     })?;
+    if loaded.cancel_requested {
+        tracing::info!("cancelled before it started");
+        let stored = store_whole(
+            state,
+            &conversation,
+            job.message_id,
+            AgentReply {
+                text: String::new(),
+                stop: StopReason::Cancelled,
+                usage: None,
+            },
+            MessageStatus::Cancelled,
+        )
+        .await?;
+        audience.renew(stored.recipients);
+        return deliver(state, audience, &stored.reply, false)
+            .await
+            .map_err(Failure::transient);
+    }
     if !agent.is_active {
         return Err(Failure {
             notice: "this agent is switched off and does not answer; your message is saved",
@@ -266,65 +289,374 @@ async fn answer(
         max_tokens: state.output.max_tokens_for(&agent),
         max_reply_bytes: state.output.max_reply_bytes,
     };
-    let reply_id = MessageId::new();
-    let (deltas, pieces) = mpsc::unbounded_channel();
     let reserve = FINISH_RESERVE.min(state.job_budget / 5);
     let agent_deadline = receipt
         .deadline
         .map(|d| d.checked_sub(reserve).unwrap_or(d));
+    let (deltas, pieces) = Deltas::channel();
+    let stop = tokio::sync::Notify::new();
     let call = async {
-        let result = state
-            .retry
-            .run(
+        let result = tokio::select! {
+            result = state.retry.run(
                 state.agents.provider(&agent),
                 &request,
                 &deltas,
                 agent_deadline,
-            )
-            .await;
+            ) => Some(result),
+            () = stop.notified() => None,
+        };
         drop(deltas);
         result
     };
-    let (result, streamed) = tokio::join!(call, stream_chunks(state, audience, reply_id, pieces));
-    let reply = match result {
-        Ok(reply) => AgentReply {
-            text: storable(&reply.text).into_owned(),
-            ..reply
-        },
-        Err(err) => {
+    let mut stream = ReplyStream::new(state, &conversation, audience, job.message_id);
+    let (result, leftover) = tokio::join!(call, stream.run(pieces, &stop));
+    let outcome = match (result, stream.ended.take()) {
+        (_, Some(Ended::Superseded)) => {
+            tracing::info!("another attempt owns this reply now");
+            return Ok(());
+        }
+        (_, Some(Ended::Failed(failure))) => return Err(failure),
+        (_, Some(Ended::Cancelled)) | (None, None) => Finish::Cancelled,
+        (Some(Ok(reply)), None) => Finish::Complete(reply),
+        (Some(Err(err)), None) => {
             tracing::warn!(error = %err, retryable = err.retryable, "agent failed");
             let error = Error::AgentFailed(err.message);
-            return Err(if err.retryable {
+            let failure = if err.retryable {
                 Failure::transient(error)
             } else {
                 Failure::permanent(error)
-            });
+            };
+            // A streaming reply stays as it is for the next receive to take over (and reset);
+            // on the last, or when retrying cannot help, it ends `failed` with what it had.
+            if stream.reply.is_some() && (!failure.retry || receipt.last) {
+                stream
+                    .finish(&leftover, MessageStatus::Failed, StopReason::Error, None)
+                    .await?;
+            }
+            return Err(failure);
         }
     };
+    let stored = match (outcome, stream.reply.is_some()) {
+        (Finish::Complete(reply), false) => {
+            let text = storable(&reply.text).into_owned();
+            let stored = store_whole(
+                state,
+                &conversation,
+                job.message_id,
+                AgentReply { text, ..reply },
+                MessageStatus::Complete,
+            )
+            .await?;
+            if stored.written == Written::TakenOver {
+                // Clients hold the text of an attempt that died: the response replaces it.
+                tracing::info!("took over a reply left streaming");
+            }
+            stream.audience.renew(stored.recipients);
+            stored.reply
+        }
+        (Finish::Complete(reply), true) => {
+            let Some(stored) = stream
+                .finish(&leftover, MessageStatus::Complete, reply.stop, reply.usage)
+                .await?
+            else {
+                return Ok(());
+            };
+            stored
+        }
+        (Finish::Cancelled, false) => {
+            let stored = store_whole(
+                state,
+                &conversation,
+                job.message_id,
+                AgentReply {
+                    text: leftover,
+                    stop: StopReason::Cancelled,
+                    usage: None,
+                },
+                MessageStatus::Cancelled,
+            )
+            .await?;
+            stream.audience.renew(stored.recipients);
+            stored.reply
+        }
+        (Finish::Cancelled, true) => {
+            let Some(stored) = stream
+                .finish(
+                    &leftover,
+                    MessageStatus::Cancelled,
+                    StopReason::Cancelled,
+                    None,
+                )
+                .await?
+            else {
+                return Ok(());
+            };
+            stored
+        }
+    };
+    let streamed = stream.reply.is_some();
+    deliver(state, stream.audience, &stored, streamed)
+        .await
+        .map_err(Failure::transient)
+}
 
+/// How an agent call ended, when it did not fail.
+enum Finish {
+    Complete(AgentReply),
+    Cancelled,
+}
+
+/// Stores a reply that did not stream, in one statement.
+async fn store_whole(
+    state: &OrchestratorState,
+    conversation: &Conversation,
+    reply_to: MessageId,
+    reply: AgentReply,
+    status: MessageStatus,
+) -> Result<StoredReply, Failure> {
     let mut tx = state
         .db
-        .begin(Scope::Tenant(tenant_id))
+        .begin(Scope::Tenant(conversation.tenant_id))
         .await
         .map_err(Failure::transient)?;
-    let stored = message_path::store_reply(
+    let stored = message_path::write_reply(
         &mut tx,
-        &conversation,
-        reply_id,
-        job.message_id,
-        &reply.text,
-        reply.stop,
-        reply.usage,
+        conversation,
+        ReplyWrite {
+            id: MessageId::new(),
+            reply_to,
+            producer: Uuid::nil(),
+            text: &reply.text,
+            status,
+            stop: Some(reply.stop),
+            usage: reply.usage,
+        },
     )
     .await
     .map_err(Failure::of_database)?;
     tx.commit().await.map_err(Failure::transient)?;
-    audience.renew(stored.recipients);
-    // Chunks carried this id only if this run's reply is the one stored.
-    let streamed = streamed && stored.reply.id == reply_id;
-    deliver(state, audience, &stored.reply, streamed)
+    Ok(stored)
+}
+
+/// Why a stream stopped before the agent was done.
+enum Ended {
+    /// The user asked (`cancel`).
+    Cancelled,
+    /// Another attempt took the reply over, or it ended already.
+    Superseded,
+    /// Storing a flush failed.
+    Failed(Failure),
+}
+
+/// A reply stored as it streams: written at its first flush (numbered then), appended to at
+/// each later one, each time before the chunk goes out; chunks carry the offset they start at.
+struct ReplyStream<'a> {
+    state: &'a OrchestratorState,
+    conversation: &'a Conversation,
+    audience: &'a mut Audience,
+    reply_to: MessageId,
+    /// This attempt, as the row's `producer`.
+    producer: Uuid,
+    /// The row, once written.
+    reply: Option<Message>,
+    /// Characters stored so far.
+    offset: usize,
+    ended: Option<Ended>,
+}
+
+impl<'a> ReplyStream<'a> {
+    fn new(
+        state: &'a OrchestratorState,
+        conversation: &'a Conversation,
+        audience: &'a mut Audience,
+        reply_to: MessageId,
+    ) -> Self {
+        Self {
+            state,
+            conversation,
+            audience,
+            reply_to,
+            producer: Uuid::new_v4(),
+            reply: None,
+            offset: 0,
+            ended: None,
+        }
+    }
+
+    /// Flushes pieces as they come, every [`CHUNK_INTERVAL`] or [`CHUNK_BYTES`]; asks the agent
+    /// to `stop` when the stream cannot go on. Returns what was received but not flushed
+    /// (the tail, stored by [`Self::finish`]).
+    async fn run(&mut self, mut pieces: mpsc::UnboundedReceiver<String>, stop: &Notify) -> String {
+        let mut buffer = String::new();
+        let mut tick = tokio::time::interval(CHUNK_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        loop {
+            tokio::select! {
+                piece = pieces.recv() => match piece {
+                    Some(piece) => {
+                        if self.ended.is_none() {
+                            buffer.push_str(&storable(&piece));
+                        }
+                        if buffer.len() < CHUNK_BYTES {
+                            continue;
+                        }
+                    }
+                    None => return buffer,
+                },
+                _ = tick.tick() => {}
+            }
+            if buffer.is_empty() || self.ended.is_some() {
+                continue;
+            }
+            if let Err(failure) = self.flush(&buffer).await {
+                self.ended = Some(Ended::Failed(failure));
+            }
+            buffer.clear();
+            if self.ended.is_some() {
+                stop.notify_one();
+            }
+        }
+    }
+
+    /// Stores `delta` (the first write, or an append), then sends it as chunks.
+    async fn flush(&mut self, delta: &str) -> Result<(), Failure> {
+        let state = self.state;
+        let mut tx = state
+            .db
+            .begin(Scope::Tenant(self.conversation.tenant_id))
+            .await
+            .map_err(Failure::transient)?;
+        let (reply, reset, cancelled, recipients) = match &self.reply {
+            None => {
+                let stored = message_path::write_reply(
+                    &mut tx,
+                    self.conversation,
+                    ReplyWrite {
+                        id: MessageId::new(),
+                        reply_to: self.reply_to,
+                        producer: self.producer,
+                        text: delta,
+                        status: MessageStatus::Streaming,
+                        stop: None,
+                        usage: None,
+                    },
+                )
+                .await
+                .map_err(Failure::of_database)?;
+                let reply = (stored.written != Written::Existing).then_some(stored.reply);
+                let reset = stored.written == Written::TakenOver;
+                (reply, reset, stored.cancel_requested, stored.recipients)
+            }
+            Some(reply) => {
+                let flushed = message_path::flush_reply(
+                    &mut tx,
+                    self.conversation,
+                    ReplyFlush {
+                        id: reply.id,
+                        producer: self.producer,
+                        offset: self.offset,
+                        delta,
+                        status: MessageStatus::Streaming,
+                        stop: None,
+                        usage: None,
+                    },
+                )
+                .await
+                .map_err(Failure::of_database)?;
+                (
+                    flushed.reply,
+                    false,
+                    flushed.cancel_requested,
+                    flushed.recipients,
+                )
+            }
+        };
+        tx.commit().await.map_err(Failure::transient)?;
+        let Some(reply) = reply else {
+            self.ended = Some(Ended::Superseded);
+            return Ok(());
+        };
+        self.audience.renew(recipients);
+        let mut offset = self.offset;
+        for (i, piece) in split_chars(delta, CHUNK_MAX_CHARS).enumerate() {
+            let chunk = ServerFrame::Chunk {
+                conversation_id: self.conversation.id,
+                message_id: reply.id,
+                reply_to: self.reply_to,
+                offset,
+                delta: piece.to_owned(),
+                reset: reset && i == 0,
+            };
+            if let Err(e) = state.fanout.send(self.audience, &chunk).await {
+                tracing::warn!(error = &e as &dyn std::error::Error, "chunk not sent");
+            }
+            offset += piece.chars().count();
+        }
+        self.offset = offset;
+        self.reply = Some(reply);
+        if cancelled {
+            self.ended = Some(Ended::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Ends the streamed reply with `tail` and its status; `None` when another attempt owns it.
+    async fn finish(
+        &mut self,
+        tail: &str,
+        status: MessageStatus,
+        stop: StopReason,
+        usage: Option<Usage>,
+    ) -> Result<Option<Message>, Failure> {
+        let Some(reply) = &self.reply else {
+            return Ok(None);
+        };
+        let state = self.state;
+        let mut tx = state
+            .db
+            .begin(Scope::Tenant(self.conversation.tenant_id))
+            .await
+            .map_err(Failure::transient)?;
+        let flushed = message_path::flush_reply(
+            &mut tx,
+            self.conversation,
+            ReplyFlush {
+                id: reply.id,
+                producer: self.producer,
+                offset: self.offset,
+                delta: tail,
+                status,
+                stop: Some(stop),
+                usage,
+            },
+        )
         .await
-        .map_err(Failure::transient)
+        .map_err(Failure::of_database)?;
+        tx.commit().await.map_err(Failure::transient)?;
+        self.audience.renew(flushed.recipients);
+        let Some(ended) = flushed.reply else {
+            return Ok(None);
+        };
+        // The tail goes out as chunks, so every client's text is whole before the response.
+        let mut offset = self.offset;
+        for piece in split_chars(tail, CHUNK_MAX_CHARS) {
+            let chunk = ServerFrame::Chunk {
+                conversation_id: self.conversation.id,
+                message_id: ended.id,
+                reply_to: self.reply_to,
+                offset,
+                delta: piece.to_owned(),
+                reset: false,
+            };
+            if let Err(e) = state.fanout.send(self.audience, &chunk).await {
+                tracing::warn!(error = &e as &dyn std::error::Error, "chunk not sent");
+            }
+            offset += piece.chars().count();
+        }
+        self.offset = offset;
+        Ok(Some(ended))
+    }
 }
 
 /// The newest turns that fit the character budget, oldest first; the user message always.
@@ -357,23 +689,34 @@ async fn deliver(
     let reply_to = reply
         .reply_to
         .ok_or_else(|| Error::Internal("a reply without reply_to".into()))?;
+    let stop_reason = reply.stop_reason.unwrap_or(match reply.status {
+        MessageStatus::Cancelled => StopReason::Cancelled,
+        MessageStatus::Failed => StopReason::Error,
+        MessageStatus::Complete | MessageStatus::Streaming => StopReason::End,
+    });
     let mut frame = ServerFrame::Response {
         text: Some(reply.content.clone()),
         conversation_id: reply.conversation_id,
         message_id: reply.id,
         reply_to,
-        stop_reason: reply.stop_reason.unwrap_or(StopReason::End),
+        seq: reply.seq,
+        stop_reason,
         usage: reply.usage(),
     };
     if encode(&frame).is_err() {
         if !streamed {
+            let mut offset = 0;
             for delta in split_chars(&reply.content, CHUNK_MAX_CHARS) {
                 let chunk = ServerFrame::Chunk {
                     conversation_id: reply.conversation_id,
                     message_id: reply.id,
+                    reply_to,
+                    offset,
                     delta: delta.to_owned(),
+                    reset: false,
                 };
                 state.fanout.send(audience, &chunk).await?;
+                offset += delta.chars().count();
             }
         }
         if let ServerFrame::Response { text, .. } = &mut frame {
@@ -381,66 +724,6 @@ async fn deliver(
         }
     }
     state.fanout.send(audience, &frame).await
-}
-
-/// Forwards streamed pieces as `chunk` frames, batched by time and size; says whether any went.
-async fn stream_chunks(
-    state: &OrchestratorState,
-    audience: &mut Audience,
-    message_id: MessageId,
-    mut pieces: mpsc::UnboundedReceiver<String>,
-) -> bool {
-    let mut buffer = String::new();
-    let mut sent = false;
-    let mut tick = tokio::time::interval(CHUNK_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let done = tokio::select! {
-            piece = pieces.recv() => match piece {
-                Some(piece) => {
-                    buffer.push_str(&storable(&piece));
-                    if buffer.len() < CHUNK_BYTES {
-                        continue;
-                    }
-                    false
-                }
-                None => true,
-            },
-            _ = tick.tick() => false,
-        };
-        for delta in split_chars(&buffer, CHUNK_MAX_CHARS) {
-            let chunk = ServerFrame::Chunk {
-                conversation_id: audience.conversation_id,
-                message_id,
-                delta: delta.to_owned(),
-            };
-            match state.fanout.send(audience, &chunk).await {
-                Ok(()) => sent = true,
-                Err(e) => tracing::warn!(error = &e as &dyn std::error::Error, "chunk not sent"),
-            }
-        }
-        buffer.clear();
-        if done {
-            return sent;
-        }
-    }
-}
-
-/// `text` in pieces of at most `max` characters.
-fn split_chars(text: &str, max: usize) -> impl Iterator<Item = &str> {
-    let mut rest = text;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let end = rest
-            .char_indices()
-            .nth(max)
-            .map_or(rest.len(), |(index, _)| index);
-        let (piece, tail) = rest.split_at(end);
-        rest = tail;
-        Some(piece)
-    })
 }
 
 /// An SQS batch. Records of one message group run in order; groups run side by side. After the
@@ -593,13 +876,5 @@ mod tests {
         assert!(deadline_from_epoch_ms(now_ms - 1).is_none());
         let ahead = deadline_from_epoch_ms(now_ms + 60_000).unwrap() - Instant::now();
         assert!(ahead > Duration::from_secs(59) && ahead <= Duration::from_secs(60));
-    }
-
-    #[test]
-    fn split_chars_keeps_characters_whole() {
-        let pieces: Vec<&str> = split_chars("aébc€d", 2).collect();
-        assert_eq!(pieces, vec!["aé", "bc", "€d"]);
-        assert_eq!(split_chars("", 3).count(), 0);
-        assert_eq!(split_chars("abc", 10).collect::<Vec<_>>(), vec!["abc"]);
     }
 }

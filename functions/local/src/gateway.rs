@@ -22,8 +22,8 @@ use axum::routing::{get, post};
 use base64::Engine;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
-use shared::db::{Db, Scope, connections};
-use shared::domain::ConnectionId;
+use shared::db::{Db, Scope, connections, conversations};
+use shared::domain::{ConnectionId, ConversationId, TenantId};
 use shared::frame::ServerFrame;
 use shared::ws::{Route, WsState, reply, route_key};
 use shared::{Error, ErrorCode};
@@ -166,12 +166,39 @@ impl Gateway {
             };
             return (status, [("content-type", "application/json")], body).into_response();
         }
+        let channel = match conversation.as_deref().map(str::parse) {
+            Some(Ok(conversation)) => self
+                .tenant_of(conversation)
+                .await
+                .map(|t| (t, conversation)),
+            _ => None,
+        };
         ws.max_message_size(1 << 20)
-            .on_upgrade(move |socket| self.session(id, socket))
+            .on_upgrade(move |socket| self.session(id, socket, channel))
+    }
+
+    /// The tenant of the conversation a socket named, to subscribe to its replies.
+    async fn tenant_of(&self, conversation: ConversationId) -> Option<TenantId> {
+        let read = async {
+            let mut tx = self.db.begin(Scope::Conversation(conversation)).await?;
+            let found = conversations::find(&mut tx, conversation).await?;
+            tx.rollback().await?;
+            Ok::<_, Error>(found.map(|c| c.tenant_id))
+        };
+        read.await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the conversation's tenant");
+            None
+        })
     }
 
     /// One socket's life, from the upgrade to `$disconnect`.
-    async fn session(self: Arc<Self>, id: ConnectionId, socket: WebSocket) {
+    /// `channel` is the tenant and conversation the socket named, when they exist.
+    async fn session(
+        self: Arc<Self>,
+        id: ConnectionId,
+        socket: WebSocket,
+        channel: Option<(TenantId, ConversationId)>,
+    ) {
         let (mut sink, mut stream) = socket.split();
         let (outbound, mut queue) = mpsc::unbounded_channel();
         self.sockets.add(id.clone(), outbound);
@@ -204,7 +231,7 @@ impl Gateway {
                 _ = &mut writer => break,
                 incoming = stream.next() => match incoming {
                     Some(Ok(Message::Text(text))) => {
-                        authenticated |= self.frame(&id, text.as_str()).await;
+                        authenticated |= self.frame(&id, text.as_str(), channel).await;
                     }
                     Some(Ok(Message::Binary(_))) => {
                         let err = Error::BadRequest("frames must be JSON text".into());
@@ -223,27 +250,44 @@ impl Gateway {
 
     /// Routes one frame like API Gateway (`$request.body.type`) and writes the route response
     /// back. Returns whether the socket is now authenticated.
-    async fn frame(&self, id: &ConnectionId, text: &str) -> bool {
+    ///
+    /// Before an `auth` is routed, the socket joins its conversation's channel: a reply whose
+    /// writer lists it (only once the binding is committed) is published after that, so it
+    /// reaches the socket; until then publishers do not name it, so it gets nothing.
+    async fn frame(
+        &self,
+        id: &ConnectionId,
+        text: &str,
+        channel: Option<(TenantId, ConversationId)>,
+    ) -> bool {
         let key = route_key(text);
         let route = Route::for_key(key);
+        if route == Route::Auth
+            && let Some((tenant, conversation)) = channel
+        {
+            self.sockets.bind(id, tenant, conversation);
+        }
         let answer = self
             .dispatch
             .call(route, self.event(id, key, Some(text.to_owned()), None))
             .await;
-        let Some(Body::Text(body)) = answer.body else {
-            return false;
-        };
-        let auth_ok = route == Route::Auth && body.contains(r#""type":"auth_ok""#);
-        if auth_ok {
-            // Bound before auth_ok goes out, so no reply published after it can miss the socket.
-            match self.binding(id).await {
-                Ok(Some((tenant, conversation))) => self.sockets.bind(id, tenant, conversation),
-                Ok(None) => tracing::warn!(%id, "auth_ok without a binding"),
-                Err(e) => tracing::warn!(%id, error = %e, "cannot read the binding"),
-            }
+        let authenticated = route == Route::Auth
+            && match self.binding(id).await {
+                Ok(Some((tenant, conversation))) => {
+                    // Already joined above, unless the conversation could not be read then.
+                    self.sockets.bind(id, tenant, conversation);
+                    true
+                }
+                Ok(None) => false,
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "cannot read the binding");
+                    false
+                }
+            };
+        if let Some(Body::Text(body)) = answer.body {
+            self.sockets.send_text(id, body);
         }
-        self.sockets.send_text(id, body);
-        auth_ok
+        authenticated
     }
 
     async fn binding(

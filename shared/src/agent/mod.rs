@@ -167,8 +167,35 @@ impl AgentError {
     }
 }
 
-/// Where a streaming provider sends each piece of its reply as it arrives.
-pub type Deltas = mpsc::UnboundedSender<String>;
+/// Where a streaming provider sends each piece of its reply as it arrives. It remembers whether
+/// any piece went out: a failure after that is not retried, since a retry would repeat them.
+#[derive(Debug)]
+pub struct Deltas {
+    pieces: mpsc::UnboundedSender<String>,
+    sent: std::sync::atomic::AtomicBool,
+}
+
+impl Deltas {
+    pub fn channel() -> (Self, mpsc::UnboundedReceiver<String>) {
+        let (pieces, received) = mpsc::unbounded_channel();
+        let deltas = Self {
+            pieces,
+            sent: std::sync::atomic::AtomicBool::new(false),
+        };
+        (deltas, received)
+    }
+
+    /// Sends a piece on; the receiver going away (the job abandoned) is not the provider's
+    /// concern.
+    pub fn send(&self, piece: String) {
+        self.sent.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.pieces.send(piece);
+    }
+
+    pub fn any_sent(&self) -> bool {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
 
 #[async_trait]
 pub trait Provider: Send + Sync {
@@ -248,7 +275,9 @@ impl RetryPolicy {
                     .with_max_times(self.max_attempts.saturating_sub(1))
                     .with_jitter(),
             )
-            .when(|e: &AgentError| e.retryable && left().is_none_or(|l| l > self.min_backoff))
+            .when(|e: &AgentError| {
+                e.retryable && !deltas.any_sent() && left().is_none_or(|l| l > self.min_backoff)
+            })
             .notify(|e, wait| tracing::warn!(error = %e, ?wait, "agent failed; retrying"))
             .await
     }

@@ -267,8 +267,7 @@ impl Provider for OpenAi {
                 let over = cap(&mut piece, max_bytes - reply.len());
                 if !piece.is_empty() {
                     reply.push_str(&piece);
-                    // The receiver only goes away when the job is abandoned.
-                    let _ = deltas.send(piece);
+                    deltas.send(piece);
                 }
                 if over {
                     // The cap: the rest of the stream is not read (dropping it closes it).

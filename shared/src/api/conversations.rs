@@ -2,15 +2,14 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiState, ErrorBody, Json, Path, Query};
 use crate::Error;
 use crate::auth::PortalCaller;
 use crate::db::conversations::{self, Conversation, ConversationSummary, ListFilter};
-use crate::db::messages::{self, Message, MessageRole};
+use crate::db::messages::{self, MessageView, PageFrom};
 use crate::db::{Scope, agents};
 use crate::domain::{AgentId, ConversationId, ListLimit, MessageId, PageLimit, TenantId};
 use crate::rbac::{open_conversation, require_tenant_member};
@@ -125,30 +124,13 @@ pub struct HistoryParams {
     /// How many messages, at most.
     #[param(value_type = Option<u16>, minimum = 1, maximum = 200, default = 50)]
     limit: Option<String>,
-    /// A message id of this conversation: the page ends just before it. Without it, the
-    /// newest messages.
+    /// A message id of this conversation: the page ends just before it. Without it (and
+    /// without `after_seq`), the newest messages.
     #[param(value_type = Option<Uuid>)]
     before: Option<String>,
-}
-
-/// A message as the history shows it.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct HistoryMessage {
-    id: MessageId,
-    role: MessageRole,
-    content: String,
-    created_at: DateTime<Utc>,
-}
-
-impl From<Message> for HistoryMessage {
-    fn from(m: Message) -> Self {
-        Self {
-            id: m.id,
-            role: m.role,
-            content: m.content,
-            created_at: m.created_at,
-        }
-    }
+    /// A `seq`: the page holds the messages just after it (catching up). Not with `before`.
+    #[param(value_type = Option<i64>, minimum = 0)]
+    after_seq: Option<String>,
 }
 
 /// One page of a conversation's messages, oldest first.
@@ -158,7 +140,7 @@ impl From<Message> for HistoryMessage {
     tag = "conversations",
     params(("id" = Uuid, Path, description = "The conversation"), HistoryParams),
     responses(
-        (status = 200, description = "Messages in ascending `created_at`", body = [HistoryMessage]),
+        (status = 200, description = "Messages in ascending `seq`", body = [MessageView]),
         (status = 400, description = "Bad id, `limit` or `before`", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Not your conversation", body = ErrorBody),
@@ -171,18 +153,29 @@ pub async fn history(
     caller: PortalCaller,
     Path(id): Path<String>,
     Query(params): Query<HistoryParams>,
-) -> Result<Json<Vec<HistoryMessage>>, Error> {
+) -> Result<Json<Vec<MessageView>>, Error> {
     let id: ConversationId = id.parse()?;
     let limit = PageLimit::parse(params.limit.as_deref())?;
-    let before = params
-        .before
-        .as_deref()
-        .map(str::parse::<MessageId>)
-        .transpose()?;
+    let from = match (params.before.as_deref(), params.after_seq.as_deref()) {
+        (Some(_), Some(_)) => {
+            return Err(Error::BadRequest(
+                "give before or after_seq, not both".into(),
+            ));
+        }
+        (Some(before), None) => PageFrom::Before(before.parse::<MessageId>()?),
+        (None, Some(after)) => PageFrom::AfterSeq(
+            after
+                .parse::<i64>()
+                .ok()
+                .filter(|seq| *seq >= 0)
+                .ok_or_else(|| Error::BadRequest("after_seq must be a seq: 0 or more".into()))?,
+        ),
+        (None, None) => PageFrom::Newest,
+    };
     let (mut tx, conversation) = open_conversation(&state.db, &caller, id).await?;
-    let page = messages::page(&mut tx, conversation.id, before, limit).await?;
+    let page = messages::page(&mut tx, conversation.id, from, limit).await?;
     tx.commit().await?;
-    Ok(Json(page.into_iter().map(HistoryMessage::from).collect()))
+    Ok(Json(page.into_iter().map(MessageView::from).collect()))
 }
 
 /// Deletes the conversation's messages; the conversation stays, with a new `updated_at`.

@@ -10,10 +10,11 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use sqlx::PgConnection;
 use sqlx::types::Json;
+use uuid::Uuid;
 
 use super::agents::Agent;
 use super::conversations::Conversation;
-use super::messages::{Message, MessageRole, StopReason, Usage};
+use super::messages::{Message, MessageRole, MessageStatus, StopReason, Usage};
 use crate::Error;
 use crate::domain::{
     ClientMessageId, ConnectionId, ConversationId, MessageId, MessageText, Role, TenantId, UserId,
@@ -44,8 +45,12 @@ pub struct Accepted {
     pub conversation_id: ConversationId,
     pub message_id: MessageId,
     pub created_at: DateTime<Utc>,
+    pub seq: i64,
     /// `false` when a message with this `client_message_id` was already stored.
     pub created: bool,
+    /// The conversation's other sockets that may see it, listed after it was numbered (empty
+    /// for a repeat): they get it as a `message` frame.
+    pub others: Vec<Recipient>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -59,7 +64,9 @@ struct AcceptRow {
     window_messages: i32,
     message_id: Option<MessageId>,
     created_at: Option<DateTime<Utc>>,
+    seq: Option<i64>,
     created: bool,
+    others: Json<Vec<Recipient>>,
 }
 
 /// The message route's one statement, in a [`Scope::BoundConnection`](super::Scope) transaction:
@@ -94,18 +101,23 @@ pub async fn accept(
                     exists (select 1 from authorized_connections(c.tenant_id, c.conversation_id) a
                             where a.connection_id = $1) as permitted
              from connection c
+         ), locked as (
+             select v.id, v.last_seq
+             from web_conversations v join checked k on v.id = k.conversation_id
+             where k.conversation_exists and k.permitted and k.window_messages <= $5
+             for no key update of v
          ), inserted as (
              insert into web_conversation_messages
-                 (conversation_id, tenant_id, role, content, client_message_id)
-             select conversation_id, tenant_id, 'user', $3, $4 from checked
-             where conversation_exists and permitted and window_messages <= $5
+                 (conversation_id, tenant_id, role, content, client_message_id, seq)
+             select k.conversation_id, k.tenant_id, 'user', $3, $4, l.last_seq + 1
+             from checked k join locked l on l.id = k.conversation_id
              on conflict (conversation_id, client_message_id) do nothing
-             returning id, conversation_id, created_at
+             returning id, conversation_id, tenant_id, created_at, seq
          ), touched as (
-             update web_conversations v set updated_at = i.created_at
+             update web_conversations v set updated_at = i.created_at, last_seq = i.seq
              from inserted i where v.id = i.conversation_id
          ), earlier as (
-             select m.id, m.created_at
+             select m.id, m.created_at, m.seq
              from web_conversation_messages m join checked k using (conversation_id)
              where $4::uuid is not null and m.client_message_id = $4
          )
@@ -113,7 +125,12 @@ pub async fn accept(
                 k.permitted, k.window_messages,
                 coalesce(i.id, e.id) as message_id,
                 coalesce(i.created_at, e.created_at) as created_at,
-                i.id is not null as created
+                coalesce(i.seq, e.seq) as seq,
+                i.id is not null as created,
+                (select coalesce(jsonb_agg(jsonb_build_object(
+                            'connection_id', w.connection_id, 'endpoint', w.endpoint)), '[]')
+                 from inserted n, authorized_connections_now(n.tenant_id, n.conversation_id) w
+                 where w.connection_id <> $1) as others
          from checked k
          left join inserted i on true
          left join earlier e on i.id is null",
@@ -150,13 +167,13 @@ pub async fn accept(
             limit.messages, limit.window_seconds
         )));
     }
-    let (message_id, created_at) = match (row.message_id, row.created_at) {
-        (Some(id), Some(at)) => (id, at),
+    let (message_id, created_at, seq) = match (row.message_id, row.created_at, row.seq) {
+        (Some(id), Some(at), Some(seq)) => (id, at, seq),
         // A concurrent repeat of the same client_message_id committed after this statement's
         // snapshot was taken: it is stored, read it now.
         _ => {
             sqlx::query_as(
-                "select id, created_at from web_conversation_messages
+                "select id, created_at, seq from web_conversation_messages
              where conversation_id = $1 and client_message_id = $2",
             )
             .bind(row.conversation_id)
@@ -171,7 +188,9 @@ pub async fn accept(
         conversation_id: row.conversation_id,
         message_id,
         created_at,
+        seq,
         created: row.created,
+        others: row.others.0,
     })
 }
 
@@ -216,8 +235,14 @@ pub async fn bind(
              from target t
              where w.connection_id = t.connection_id and t.permitted
              returning w.connection_id
+         ), locked as (
+             -- Writers of the conversation wait until this transaction ends (see `resume`).
+             select v.id from web_conversations v join target t on v.id = t.conversation_id
+             where t.permitted
+             for share of v
          )
-         select t.conversation_id, t.tenant_id, t.permitted, exists (select 1 from bound) as bound
+         select t.conversation_id, t.tenant_id, t.permitted,
+                exists (select 1 from bound) and exists (select 1 from locked) as bound
          from target t",
     )
     .bind(connection)
@@ -238,6 +263,72 @@ pub async fn bind(
     Ok(row.conversation_id)
 }
 
+/// The most messages a `replay` catches up with; past that the client reloads through REST.
+pub const MAX_REPLAY: i64 = 500;
+
+/// What a socket that just authenticated is owed, read after `bind` in its transaction.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    /// The conversation's newest `seq`.
+    pub last_seq: i64,
+    /// The messages after the client's `resume_after`, oldest first (none when it did not
+    /// resume).
+    pub missed: Vec<Message>,
+    /// More than [`MAX_REPLAY`] were missed: `missed` is empty, the client reloads.
+    pub too_many: bool,
+    /// A reply streaming now, with its text so far.
+    pub streaming: Option<Message>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ResumeRow {
+    last_seq: i64,
+    too_many: bool,
+    missed: Json<Vec<Message>>,
+    streaming: Option<Json<Message>>,
+}
+
+/// `auth`'s second statement, after [`bind`] in the same transaction: `bind` locked the
+/// conversation row (`for share`), so this statement's snapshot holds every message whose writer
+/// listed the sockets before the binding was visible, and every writer after it waits for this
+/// transaction and then lists this socket. Together they give each message exactly once: in
+/// this read, or live. `resume_after` is the client's last `seq`, if it resumes.
+pub async fn resume(
+    conn: &mut PgConnection,
+    conversation_id: ConversationId,
+    resume_after: Option<i64>,
+) -> Result<Resume, Error> {
+    let row: ResumeRow = sqlx::query_as(
+        "with missed as (
+             select m.* from web_conversation_messages m
+             where m.conversation_id = $1 and $2::bigint is not null and m.seq > $2
+             order by m.seq
+             limit $3 + 1
+         )
+         select c.last_seq,
+                (select count(*) from missed) > $3 as too_many,
+                case when (select count(*) from missed) > $3 then '[]'::jsonb
+                     else (select coalesce(jsonb_agg(to_jsonb(m) order by m.seq), '[]')
+                           from missed m)
+                end as missed,
+                (select to_jsonb(m) from web_conversation_messages m
+                 where m.conversation_id = c.id and m.status = 'streaming'
+                 order by m.seq desc limit 1) as streaming
+         from web_conversations c where c.id = $1",
+    )
+    .bind(conversation_id)
+    .bind(resume_after)
+    .bind(MAX_REPLAY)
+    .fetch_one(conn)
+    .await?;
+    Ok(Resume {
+        last_seq: row.last_seq,
+        too_many: row.too_many,
+        missed: row.missed.0,
+        streaming: row.streaming.map(|m| m.0),
+    })
+}
+
 /// What one job needs, read at once: the conversation, its agent, a reply already stored (a
 /// redelivered job), the context the agent sees, and the sockets to send to.
 #[derive(Debug, Clone)]
@@ -256,6 +347,8 @@ pub struct JobContext {
     /// reply stored late out of it.
     pub history: Vec<ContextMessage>,
     pub recipients: Vec<Recipient>,
+    /// The user cancelled the job's message before it started.
+    pub cancel_requested: bool,
 }
 
 /// A message of the context window: what the agent needs of it.
@@ -273,6 +366,7 @@ struct JobRow {
     reply: Option<Json<Message>>,
     history: Json<Vec<ContextMessage>>,
     recipients: Json<Vec<Recipient>>,
+    cancel_requested: bool,
 }
 
 /// The orchestrator's read, in the tenant's scope; `None` when the conversation is gone.
@@ -319,7 +413,8 @@ pub async fn load_job(
                  ) h) as history,
                 (select coalesce(jsonb_agg(jsonb_build_object(
                             'connection_id', w.connection_id, 'endpoint', w.endpoint)), '[]')
-                 from authorized_connections(c.tenant_id, c.id) w) as recipients
+                 from authorized_connections(c.tenant_id, c.id) w) as recipients,
+                coalesce(upto.cancel_requested, false) as cancel_requested
          from web_conversations c
          left join web_conversation_messages upto on upto.conversation_id = c.id and upto.id = $2
          where c.id = $1",
@@ -335,29 +430,153 @@ pub async fn load_job(
         reply: row.reply.map(|r| r.0),
         history: row.history.0,
         recipients: row.recipients.0,
+        cancel_requested: row.cancel_requested,
     }))
 }
 
-/// A reply stored, or the one stored before (`created: false`), and who gets it now.
+/// How a reply's first write went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// A new row, numbered now.
+    Created,
+    /// A reply left `streaming` by an attempt that died, restarted with this text (its clients
+    /// are told `reset`).
+    TakenOver,
+    /// A reply that had ended already: this attempt writes nothing (a redelivered job sends it
+    /// again).
+    Existing,
+}
+
+/// A reply written, and who gets its frames now.
 #[derive(Debug, Clone)]
 pub struct StoredReply {
     pub reply: Message,
-    pub created: bool,
+    pub written: Written,
+    /// The user asked to stop this reply (`cancel`).
+    pub cancel_requested: bool,
     pub recipients: Vec<Recipient>,
+}
+
+/// A reply's first write: its first streamed flush (`status: Streaming`, owned by `producer`)
+/// or the whole reply in one go.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyWrite<'a> {
+    /// Chosen by the caller, so that frames sent before the write carry the id it will have.
+    pub id: MessageId,
+    pub reply_to: MessageId,
+    /// The attempt writing it: later flushes must name it.
+    pub producer: Uuid,
+    pub text: &'a str,
+    pub status: MessageStatus,
+    pub stop: Option<StopReason>,
+    pub usage: Option<Usage>,
 }
 
 #[derive(sqlx::FromRow)]
 struct ReplyRow {
     reply: Option<Json<Message>>,
     created: bool,
+    taken_over: bool,
+    cancel_requested: bool,
     recipients: Json<Vec<Recipient>>,
 }
 
-/// The orchestrator's write, in the tenant's scope: stores the agent's reply to `reply_to` at
-/// most once and lists the conversation's recipients as they are now.
-///
-/// `id` is chosen by the caller so that `chunk` frames streamed before the reply is stored
-/// already carry the id it will have.
+/// The recipients column of a writer's statement: read after the conversation's lock (the
+/// `locked` CTE), with a snapshot of its own.
+macro_rules! recipients_now {
+    () => {
+        "(select coalesce(jsonb_agg(jsonb_build_object(
+              'connection_id', w.connection_id, 'endpoint', w.endpoint)), '[]')
+          from locked l, authorized_connections_now(l.tenant_id, l.id) w)"
+    };
+}
+
+/// Writes a reply to `reply_to` for the first time, in the tenant's scope: at most one reply
+/// per user message, numbered when it starts; a `streaming` one left by a dead attempt is
+/// taken over. Lists the recipients as they are now.
+pub async fn write_reply(
+    conn: &mut PgConnection,
+    conversation: &Conversation,
+    write: ReplyWrite<'_>,
+) -> Result<StoredReply, Error> {
+    let producer = (write.status == MessageStatus::Streaming).then_some(write.producer);
+    let row: ReplyRow = sqlx::query_as(concat!(
+        "with locked as (
+             select id, tenant_id, last_seq from web_conversations where id = $1
+             for no key update
+         ), existing as (
+             select m.id from web_conversation_messages m
+             where m.conversation_id = $1 and m.reply_to = $4
+         ), taken as (
+             update web_conversation_messages m
+             set content = $3, status = $6, producer = $7, stop_reason = $8,
+                 input_tokens = $9, output_tokens = $10
+             from existing e, locked l
+             where m.id = e.id and m.status = 'streaming'
+             returning m.*
+         ), inserted as (
+             insert into web_conversation_messages
+                 (id, conversation_id, tenant_id, role, content, reply_to, seq, status, producer,
+                  stop_reason, input_tokens, output_tokens)
+             select $5, $1, $2, 'assistant', $3, $4, l.last_seq + 1, $6, $7, $8, $9, $10
+             from locked l
+             where not exists (select 1 from existing)
+             on conflict (conversation_id, reply_to) do nothing
+             returning *
+         ), touched as (
+             update web_conversations v set updated_at = i.created_at, last_seq = i.seq
+             from inserted i where v.id = i.conversation_id
+         )
+         select coalesce((select to_jsonb(i) from inserted i),
+                         (select to_jsonb(t) from taken t),
+                         (select to_jsonb(m) from web_conversation_messages m
+                          where m.conversation_id = $1 and m.reply_to = $4)) as reply,
+                exists (select 1 from inserted) as created,
+                exists (select 1 from taken) as taken_over,
+                coalesce((select q.cancel_requested from web_conversation_messages q
+                          where q.conversation_id = $1 and q.id = $4), false) as cancel_requested,
+                ",
+        recipients_now!(),
+        " as recipients"
+    ))
+    .bind(conversation.id)
+    .bind(conversation.tenant_id)
+    .bind(write.text)
+    .bind(write.reply_to)
+    .bind(write.id)
+    .bind(write.status)
+    .bind(producer)
+    .bind(write.stop)
+    .bind(write.usage.map(|u| i64::from(u.input_tokens)))
+    .bind(write.usage.map(|u| i64::from(u.output_tokens)))
+    .fetch_one(&mut *conn)
+    .await
+    .on_constraint("web_conversation_messages_reply_to_fkey", || {
+        Error::NotFound("the message replied to is not in this conversation".into())
+    })?;
+    let reply = match row.reply {
+        Some(reply) => reply.0,
+        // A reply stored concurrently, committed after this statement's snapshot.
+        None => super::messages::find_reply(conn, conversation.id, write.reply_to)
+            .await?
+            .ok_or_else(|| Error::Internal("reply conflicted but cannot be read".into()))?,
+    };
+    let written = if row.created {
+        Written::Created
+    } else if row.taken_over {
+        Written::TakenOver
+    } else {
+        Written::Existing
+    };
+    Ok(StoredReply {
+        reply,
+        written,
+        cancel_requested: row.cancel_requested,
+        recipients: row.recipients.0,
+    })
+}
+
+/// The whole reply at once (not streamed): [`write_reply`] with `Complete`.
 pub async fn store_reply(
     conn: &mut PgConnection,
     conversation: &Conversation,
@@ -367,51 +586,152 @@ pub async fn store_reply(
     stop: StopReason,
     usage: Option<Usage>,
 ) -> Result<StoredReply, Error> {
-    let row: ReplyRow = sqlx::query_as(
-        "with inserted as (
-             insert into web_conversation_messages
-                 (id, conversation_id, tenant_id, role, content, reply_to,
-                  stop_reason, input_tokens, output_tokens)
-             values ($5, $1, $2, 'assistant', $3, $4, $6, $7, $8)
-             on conflict (conversation_id, reply_to) do nothing
-             returning *
-         ), touched as (
-             update web_conversations c set updated_at = i.created_at
-             from inserted i where c.id = i.conversation_id
-         )
-         select coalesce((select to_jsonb(i) from inserted i),
-                         (select to_jsonb(m) from web_conversation_messages m
-                          where m.conversation_id = $1 and m.reply_to = $4)) as reply,
-                exists (select 1 from inserted) as created,
-                (select coalesce(jsonb_agg(jsonb_build_object(
-                            'connection_id', w.connection_id, 'endpoint', w.endpoint)), '[]')
-                 from authorized_connections($2, $1) w) as recipients",
+    write_reply(
+        conn,
+        conversation,
+        ReplyWrite {
+            id,
+            reply_to,
+            producer: Uuid::nil(),
+            text: content,
+            status: MessageStatus::Complete,
+            stop: Some(stop),
+            usage,
+        },
     )
-    .bind(conversation.id)
-    .bind(conversation.tenant_id)
-    .bind(content)
-    .bind(reply_to)
-    .bind(id)
-    .bind(stop)
-    .bind(usage.map(|u| i64::from(u.input_tokens)))
-    .bind(usage.map(|u| i64::from(u.output_tokens)))
-    .fetch_one(&mut *conn)
     .await
-    .on_constraint("web_conversation_messages_reply_to_fkey", || {
-        Error::NotFound("the message replied to is not in this conversation".into())
-    })?;
-    let reply = match row.reply {
-        Some(reply) => reply.0,
-        // A reply stored concurrently, committed after this statement's snapshot.
-        None => super::messages::find_reply(conn, conversation.id, reply_to)
-            .await?
-            .ok_or_else(|| Error::Internal("reply conflicted but cannot be read".into()))?,
-    };
-    Ok(StoredReply {
-        reply,
-        created: row.created,
+}
+
+/// A later flush of a streaming reply, or its end.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyFlush<'a> {
+    pub id: MessageId,
+    pub producer: Uuid,
+    /// The reply's length in characters before `delta`: the row must hold exactly that much.
+    pub offset: usize,
+    pub delta: &'a str,
+    /// `Streaming` to go on; another status ends the reply.
+    pub status: MessageStatus,
+    pub stop: Option<StopReason>,
+    pub usage: Option<Usage>,
+}
+
+/// What a flush found.
+#[derive(Debug, Clone)]
+pub struct Flushed {
+    /// The reply after the flush; `None` when this attempt no longer owns it (another took it
+    /// over, or it ended).
+    pub reply: Option<Message>,
+    pub cancel_requested: bool,
+    pub recipients: Vec<Recipient>,
+}
+
+#[derive(sqlx::FromRow)]
+struct FlushRow {
+    reply: Option<Json<Message>>,
+    cancel_requested: bool,
+    recipients: Json<Vec<Recipient>>,
+}
+
+/// Appends `delta` to the reply this attempt streams, in the tenant's scope, and reads the
+/// user's `cancel` flag and the recipients in the same statement: a flush costs one round trip.
+pub async fn flush_reply(
+    conn: &mut PgConnection,
+    conversation: &Conversation,
+    flush: ReplyFlush<'_>,
+) -> Result<Flushed, Error> {
+    let producer = (flush.status == MessageStatus::Streaming).then_some(flush.producer);
+    let row: FlushRow = sqlx::query_as(concat!(
+        "with locked as (
+             select id, tenant_id from web_conversations where id = $1 for no key update
+         ), flushed as (
+             update web_conversation_messages m
+             set content = m.content || $5, status = $6, producer = $7, stop_reason = $8,
+                 input_tokens = $9, output_tokens = $10
+             from locked l
+             where m.conversation_id = l.id and m.id = $2 and m.producer = $3
+               and char_length(m.content) = $4
+             returning m.*
+         )
+         select (select to_jsonb(f) from flushed f) as reply,
+                coalesce((select q.cancel_requested from web_conversation_messages q, flushed f
+                          where q.conversation_id = $1 and q.id = f.reply_to), false)
+                    as cancel_requested,
+                ",
+        recipients_now!(),
+        " as recipients"
+    ))
+    .bind(conversation.id)
+    .bind(flush.id)
+    .bind(flush.producer)
+    .bind(i64::try_from(flush.offset).unwrap_or(i64::MAX))
+    .bind(flush.delta)
+    .bind(flush.status)
+    .bind(producer)
+    .bind(flush.stop)
+    .bind(flush.usage.map(|u| i64::from(u.input_tokens)))
+    .bind(flush.usage.map(|u| i64::from(u.output_tokens)))
+    .fetch_one(conn)
+    .await?;
+    Ok(Flushed {
+        reply: row.reply.map(|r| r.0),
+        cancel_requested: row.cancel_requested,
         recipients: row.recipients.0,
     })
+}
+
+#[derive(sqlx::FromRow)]
+struct CancelRow {
+    fresh: bool,
+    permitted: bool,
+    flagged: bool,
+}
+
+/// `cancel`'s one statement, in a [`Scope::BoundConnection`](super::Scope) transaction: the
+/// socket must be authorized as for a message; flags the user message `reply_to` of its
+/// conversation. The reply's next flush (or its job, not started yet) sees the flag.
+pub async fn cancel(
+    conn: &mut PgConnection,
+    connection: &ConnectionId,
+    reply_to: MessageId,
+) -> Result<(), Error> {
+    let row: Option<CancelRow> = sqlx::query_as(
+        "with me as (
+             select w.conversation_id, w.tenant_id,
+                    coalesce(w.expires_at > now(), false) as fresh,
+                    exists (select 1 from authorized_connections(w.tenant_id, w.conversation_id) a
+                            where a.connection_id = $1) as permitted
+             from ws_connections w where w.connection_id = $1 and w.tenant_id is not null
+         ), flagged as (
+             update web_conversation_messages m set cancel_requested = true
+             from me
+             where me.fresh and me.permitted and m.conversation_id = me.conversation_id
+               and m.id = $2 and m.role = 'user'
+             returning m.id
+         )
+         select me.fresh, me.permitted, exists (select 1 from flagged) as flagged from me",
+    )
+    .bind(connection)
+    .bind(reply_to)
+    .fetch_optional(conn)
+    .await?;
+    let row = row.ok_or_else(|| Error::Unauthenticated("send an auth frame first".into()))?;
+    if !row.fresh {
+        return Err(Error::Unauthenticated(
+            "your token has expired; send an auth frame with a fresh one".into(),
+        ));
+    }
+    if !row.permitted {
+        return Err(Error::Forbidden(
+            "you no longer have access to this conversation".into(),
+        ));
+    }
+    if !row.flagged {
+        return Err(Error::NotFound(
+            "no such message of yours in this conversation".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The sockets a conversation's frames may go to now, in the tenant's scope.

@@ -34,6 +34,20 @@ pub enum StopReason {
     Error,
 }
 
+/// Where a message stands: a reply streams until it ends one of the other ways; a user message
+/// is always `complete`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum MessageStatus {
+    Complete,
+    Streaming,
+    Cancelled,
+    Failed,
+}
+
 /// Tokens a provider reports for one reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
@@ -51,6 +65,9 @@ pub struct Message {
     pub client_message_id: Option<ClientMessageId>,
     pub reply_to: Option<MessageId>,
     pub created_at: DateTime<Utc>,
+    /// The message's place in its conversation (PROTOCOL §2 "Resume").
+    pub seq: i64,
+    pub status: MessageStatus,
     /// Replies only.
     #[serde(default)]
     pub stop_reason: Option<StopReason>,
@@ -58,6 +75,32 @@ pub struct Message {
     pub input_tokens: Option<i32>,
     #[serde(default)]
     pub output_tokens: Option<i32>,
+}
+
+/// A stored message as clients see it: in the history API and in `replay` frames.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MessageView {
+    pub seq: i64,
+    pub id: MessageId,
+    pub role: MessageRole,
+    pub content: String,
+    pub status: MessageStatus,
+    pub reply_to: Option<MessageId>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<Message> for MessageView {
+    fn from(m: Message) -> Self {
+        Self {
+            seq: m.seq,
+            id: m.id,
+            role: m.role,
+            content: m.content,
+            status: m.status,
+            reply_to: m.reply_to,
+            created_at: m.created_at,
+        }
+    }
 }
 
 impl Message {
@@ -80,14 +123,16 @@ pub async fn insert_user(
     client_message_id: Option<ClientMessageId>,
 ) -> Result<Upserted<Message>, Error> {
     let created: Option<Message> = sqlx::query_as(
-        "with inserted as (
+        "with locked as (
+             select id, last_seq from web_conversations where id = $1 for no key update
+         ), inserted as (
              insert into web_conversation_messages
-                 (conversation_id, tenant_id, role, content, client_message_id)
-             values ($1, $2, 'user', $3, $4)
+                 (conversation_id, tenant_id, role, content, client_message_id, seq)
+             select $1, $2, 'user', $3, $4, l.last_seq + 1 from locked l
              on conflict (conversation_id, client_message_id) do nothing
              returning *
          ), touched as (
-             update web_conversations c set updated_at = i.created_at
+             update web_conversations c set updated_at = i.created_at, last_seq = i.seq
              from inserted i where c.id = i.conversation_id
          )
          select * from inserted",
@@ -131,47 +176,70 @@ pub async fn find_reply(
     .await?)
 }
 
-/// One page of history in ascending order: the `limit` messages just older than `before`, or
-/// the newest ones without it. Messages are totally ordered by `(created_at, id)`.
+/// Where a page of history starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageFrom {
+    /// The newest messages.
+    Newest,
+    /// The messages just older than this one.
+    Before(MessageId),
+    /// The messages just after this `seq` (catching up).
+    AfterSeq(i64),
+}
+
+/// One page of history in ascending `seq`.
 pub async fn page(
     conn: &mut PgConnection,
     conversation_id: ConversationId,
-    before: Option<MessageId>,
+    from: PageFrom,
     limit: PageLimit,
 ) -> Result<Vec<Message>, Error> {
-    let cursor: Option<(DateTime<Utc>, MessageId)> = match before {
-        None => None,
-        Some(before) => Some(
-            sqlx::query_as(
-                "select created_at, id from web_conversation_messages
-                 where conversation_id = $1 and id = $2",
+    let limit = i64::from(limit.get());
+    match from {
+        PageFrom::AfterSeq(after) => Ok(sqlx::query_as(
+            "select * from web_conversation_messages
+             where conversation_id = $1 and seq > $2
+             order by seq
+             limit $3",
+        )
+        .bind(conversation_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?),
+        PageFrom::Newest | PageFrom::Before(_) => {
+            let before = match from {
+                PageFrom::Before(id) => Some(
+                    sqlx::query_scalar::<_, i64>(
+                        "select seq from web_conversation_messages
+                         where conversation_id = $1 and id = $2",
+                    )
+                    .bind(conversation_id)
+                    .bind(id)
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::BadRequest("before is not a message of this conversation".into())
+                    })?,
+                ),
+                _ => None,
+            };
+            Ok(sqlx::query_as(
+                "select * from (
+                     select * from web_conversation_messages
+                     where conversation_id = $1 and ($2::bigint is null or seq < $2)
+                     order by seq desc
+                     limit $3
+                 ) newest
+                 order by seq",
             )
             .bind(conversation_id)
             .bind(before)
-            .fetch_optional(&mut *conn)
-            .await?
-            .ok_or_else(|| {
-                Error::BadRequest("before is not a message of this conversation".into())
-            })?,
-        ),
-    };
-    let (cursor_at, cursor_id) = cursor.unzip();
-    Ok(sqlx::query_as(
-        "select * from (
-             select * from web_conversation_messages
-             where conversation_id = $1
-               and ($2::timestamptz is null or (created_at, id) < ($2, $3))
-             order by created_at desc, id desc
-             limit $4
-         ) newest
-         order by created_at, id",
-    )
-    .bind(conversation_id)
-    .bind(cursor_at)
-    .bind(cursor_id)
-    .bind(i64::from(limit.get()))
-    .fetch_all(conn)
-    .await?)
+            .bind(limit)
+            .fetch_all(conn)
+            .await?)
+        }
+    }
 }
 
 /// Deletes every message of the conversation and bumps its `updated_at`; the conversation

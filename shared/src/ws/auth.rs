@@ -7,8 +7,13 @@ use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxy
 
 use super::{RouteEvent, WsState, reply, status};
 use crate::Error;
+use crate::db::messages::{Message, MessageView};
 use crate::db::{Scope, message_path};
-use crate::frame::{ClientFrame, ServerFrame};
+use crate::delivery::encode;
+use crate::domain::ConversationId;
+use crate::frame::{
+    CHUNK_MAX_CHARS, ClientFrame, MAX_SERVER_FRAME_BYTES, ServerFrame, split_chars,
+};
 
 #[tracing::instrument(skip_all, fields(connection_id))]
 pub async fn handle(
@@ -21,7 +26,8 @@ pub async fn handle(
     };
     tracing::Span::current().record("connection_id", route.connection_id.as_str());
     match auth(state, &route).await {
-        Ok(frame) => reply(&frame),
+        Ok(Some(frame)) => reply(&frame),
+        Ok(None) => status(200),
         Err(err) => {
             tracing::info!(error = %err, "auth refused");
             refuse(state, &route, &err).await;
@@ -30,8 +36,15 @@ pub async fn handle(
     }
 }
 
-async fn auth(state: &WsState, route: &RouteEvent) -> Result<ServerFrame, Error> {
-    let ClientFrame::Auth { token } = ClientFrame::parse(route.body()?)? else {
+/// Binds the caller; `auth_ok` is the route response, unless the socket is owed more (a
+/// `replay`, a reply streaming now): then `auth_ok` and those frames are posted, in order,
+/// while the conversation is locked, so no live frame can overtake them.
+async fn auth(state: &WsState, route: &RouteEvent) -> Result<Option<ServerFrame>, Error> {
+    let ClientFrame::Auth {
+        token,
+        resume_after,
+    } = ClientFrame::parse(route.body()?)?
+    else {
         return Err(Error::BadRequest("expected an auth frame".into()));
     };
     let caller = state.tokens.verify(&token)?;
@@ -46,11 +59,101 @@ async fn auth(state: &WsState, route: &RouteEvent) -> Result<ServerFrame, Error>
         caller.expires_at(),
     )
     .await?;
-    tx.commit().await?;
-    Ok(ServerFrame::AuthOk {
+    let resume = message_path::resume(&mut tx, conversation_id, resume_after).await?;
+    let auth_ok = ServerFrame::AuthOk {
         conversation_id,
         user_id: caller.user_id(),
+        last_seq: resume.last_seq,
+    };
+    let owed = owed_frames(conversation_id, resume_after.is_some(), resume);
+    if owed.is_empty() {
+        tx.commit().await?;
+        return Ok(Some(auth_ok));
+    }
+    for frame in std::iter::once(&auth_ok).chain(&owed) {
+        state.post(&route.endpoint, id, frame).await?;
+    }
+    tx.commit().await?;
+    Ok(None)
+}
+
+/// The frames a socket is owed right after `auth_ok`: the messages it missed, then the text so
+/// far of a reply streaming now.
+fn owed_frames(
+    conversation_id: ConversationId,
+    resumed: bool,
+    resume: message_path::Resume,
+) -> Vec<ServerFrame> {
+    let mut frames = Vec::new();
+    if resumed {
+        frames.extend(replay_frames(resume.too_many, resume.missed));
+    }
+    if let (Some(reply), Some(reply_to)) = (
+        resume.streaming.as_ref(),
+        resume.streaming.as_ref().and_then(|m| m.reply_to),
+    ) {
+        let mut offset = 0;
+        for delta in split_chars(&reply.content, CHUNK_MAX_CHARS) {
+            frames.push(ServerFrame::Chunk {
+                conversation_id,
+                message_id: reply.id,
+                reply_to,
+                offset,
+                delta: delta.to_owned(),
+                reset: false,
+            });
+            offset += delta.chars().count();
+        }
+    }
+    frames
+}
+
+/// `replay` frames of at most [`MAX_SERVER_FRAME_BYTES`], in `seq` order, `more` on all but the
+/// last. A message too large for a frame of its own (a reply near the 64 KiB cap) cannot be
+/// replayed: the client is told to reload (`recovered: false`), as when too many were missed.
+pub fn replay_frames(too_many: bool, missed: Vec<Message>) -> Vec<ServerFrame> {
+    let unrecoverable = || {
+        vec![ServerFrame::Replay {
+            messages: Vec::new(),
+            recovered: false,
+            more: false,
+        }]
+    };
+    if too_many {
+        return unrecoverable();
+    }
+    // The envelope's size, and each message's in it (a comma apart).
+    let envelope = encode(&ServerFrame::Replay {
+        messages: Vec::new(),
+        recovered: true,
+        more: false,
     })
+    .map_or(0, |json| json.len());
+    let mut frames: Vec<Vec<MessageView>> = vec![Vec::new()];
+    let mut size = envelope;
+    for message in missed {
+        let view = MessageView::from(message);
+        let len = serde_json::to_string(&view).map_or(usize::MAX, |json| json.len()) + 1;
+        if envelope + len > MAX_SERVER_FRAME_BYTES {
+            return unrecoverable();
+        }
+        if size + len > MAX_SERVER_FRAME_BYTES {
+            frames.push(Vec::new());
+            size = envelope;
+        }
+        size += len;
+        frames.last_mut().expect("one frame at least").push(view);
+    }
+    let last = frames.len() - 1;
+    frames
+        .into_iter()
+        .enumerate()
+        .map(|(i, messages)| ServerFrame::Replay {
+            messages,
+            recovered: true,
+            more: i < last,
+        })
+        .collect()
 }
 
 /// Sends the error, then closes the socket. The frame goes through the management API because

@@ -2,13 +2,20 @@
 //! authenticated socket. One statement checks the socket (token unexpired, user still allowed),
 //! counts it for the rate limit and stores the message (once per `client_message_id`); `typing`
 //! goes out as that commits, then the message is queued for the orchestrator and acknowledged.
-//! An `ack` means the message is stored and queued: it will not be lost.
+//! An `ack` means the message is stored and queued: it will not be lost. The conversation's
+//! other sockets get the stored message as a `message` frame (several tabs stay in step).
+//!
+//! `cancel` flags a user message of the socket's conversation: its reply stops at its next
+//! flush, or is never started. It has no answer of its own; the reply's `response` says
+//! `cancelled`.
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 
-use super::{RouteEvent, WsState, reply};
+use super::{RouteEvent, WsState, reply, status};
 use crate::Error;
+use crate::db::messages::MessageRole;
 use crate::db::{Scope, message_path};
+use crate::delivery::{Audience, ConnectionsFanout, Fanout};
 use crate::domain::{ClientMessageId, MessageText};
 use crate::frame::{ClientFrame, ServerFrame};
 use crate::job::Job;
@@ -26,16 +33,27 @@ pub async fn handle(
         }
         Err(err) => Err(err),
     };
-    reply(&frame.unwrap_or_else(|err| ServerFrame::error(&err)))
+    match frame {
+        Ok(Some(frame)) => reply(&frame),
+        Ok(None) => status(200),
+        Err(err) => reply(&ServerFrame::error(&err)),
+    }
 }
 
-async fn route_frame(state: &WsState, route: &RouteEvent) -> Result<ServerFrame, Error> {
+async fn route_frame(state: &WsState, route: &RouteEvent) -> Result<Option<ServerFrame>, Error> {
     match ClientFrame::parse(route.body()?)? {
-        ClientFrame::Ping => Ok(ServerFrame::Pong),
+        ClientFrame::Ping => Ok(Some(ServerFrame::Pong)),
         ClientFrame::Message {
             text,
             client_message_id,
-        } => message(state, route, text, client_message_id).await,
+        } => Ok(Some(message(state, route, text, client_message_id).await?)),
+        ClientFrame::Cancel { reply_to } => {
+            let id = &route.connection_id;
+            let mut tx = state.db.begin(Scope::BoundConnection(id)).await?;
+            message_path::cancel(&mut tx, id, reply_to).await?;
+            tx.commit().await?;
+            Ok(None)
+        }
         ClientFrame::Auth { .. } => Err(Error::BadRequest(
             "auth frames belong to the auth route".into(),
         )),
@@ -84,10 +102,32 @@ async fn message(
             timestamp: stored.created_at,
         }),
     };
-    state.queue.enqueue(&job).await?;
+    let shown = ServerFrame::Message {
+        conversation_id: stored.conversation_id,
+        message_id: stored.message_id,
+        seq: stored.seq,
+        role: MessageRole::User,
+        content: text.as_str().to_owned(),
+        created_at: stored.created_at,
+        client_message_id,
+    };
+    // Bounded and timed like any fan-out: a stuck tab cannot hold the ack back for long.
+    let fanout = ConnectionsFanout::new(state.db.clone(), state.delivery.clone());
+    let mut others = Audience::new(stored.tenant_id, stored.conversation_id, stored.others);
+    let show_others = async {
+        if let Err(err) = fanout.send(&mut others, &shown).await {
+            tracing::warn!(
+                error = &err as &dyn std::error::Error,
+                "message not shown on other tabs"
+            );
+        }
+    };
+    let (queued, _) = tokio::join!(state.queue.enqueue(&job), show_others);
+    queued?;
     Ok(ServerFrame::Ack {
         conversation_id: stored.conversation_id,
         message_id: stored.message_id,
         client_message_id,
+        seq: stored.seq,
     })
 }

@@ -254,6 +254,12 @@ impl ManagementApi {
         self.recorded.lock().unwrap().latency = latency;
     }
 
+    /// Starts counting [`Self::max_in_flight`] afresh.
+    pub fn reset_max_in_flight(&self) {
+        let mut r = self.recorded.lock().unwrap();
+        r.max_in_flight = r.in_flight;
+    }
+
     /// The most posts that were in flight at once.
     pub fn max_in_flight(&self) -> usize {
         self.recorded.lock().unwrap().max_in_flight

@@ -193,6 +193,12 @@ async fn both_tabs_get_the_reply_and_another_conversation_gets_nothing() {
     expect(&mut tab1, "typing").await;
     expect(&mut tab1, "ack").await;
     assert_eq!(expect(&mut tab1, "response").await["text"], "Echo: to both");
+    let shown = expect(&mut tab2, "message").await;
+    assert_eq!(
+        (shown["content"].as_str(), shown["role"].as_str()),
+        (Some("to both"), Some("user")),
+        "the other tab shows the message: {shown}"
+    );
     assert_eq!(expect(&mut tab2, "response").await["text"], "Echo: to both");
     assert_eq!(next(&mut elsewhere, Duration::from_millis(700)).await, None);
     local.stop().await;
@@ -636,6 +642,7 @@ async fn an_expired_or_removed_user_gets_no_more_frames_and_may_authenticate_aga
         converse(&mut expiring, "renewed").await["text"],
         "Echo: renewed"
     );
+    assert_eq!(expect(&mut other, "message").await["content"], "renewed");
     assert_eq!(
         expect(&mut other, "response").await["text"],
         "Echo: renewed"

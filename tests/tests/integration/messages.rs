@@ -1,6 +1,7 @@
 use shared::Error;
 use shared::db::conversations::{self, Conversation};
-use shared::db::messages::{self, MessageRole, StopReason};
+use shared::db::message_path::Written;
+use shared::db::messages::{self, MessageRole, PageFrom, StopReason};
 use shared::db::{Db, Scope, message_path};
 use shared::domain::{ClientMessageId, MessageId, MessageText, PageLimit};
 
@@ -38,7 +39,7 @@ async fn page(db: &Db, s: &Seed, before: Option<MessageId>, limit: i64) -> Vec<M
     messages::page(
         &mut tx,
         s.conversation,
-        before,
+        before.map_or(PageFrom::Newest, PageFrom::Before),
         PageLimit::new(limit).unwrap(),
     )
     .await
@@ -92,9 +93,14 @@ async fn a_new_message_bumps_the_conversation() {
     let after = conversation(&db, &s).await.updated_at;
     assert!(after > before);
     let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
-    let stored = messages::page(&mut tx, s.conversation, None, PageLimit::default())
-        .await
-        .unwrap();
+    let stored = messages::page(
+        &mut tx,
+        s.conversation,
+        PageFrom::Newest,
+        PageLimit::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(stored[0].id, ids[0]);
     assert_eq!(stored[0].created_at, after);
 }
@@ -146,9 +152,14 @@ async fn a_cursor_from_another_conversation_is_a_bad_request() {
     store(&db, &s, 2).await;
     let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
     for before in [foreign, MessageId::new()] {
-        let err = messages::page(&mut tx, s.conversation, Some(before), PageLimit::default())
-            .await
-            .unwrap_err();
+        let err = messages::page(
+            &mut tx,
+            s.conversation,
+            PageFrom::Before(before),
+            PageLimit::default(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, Error::BadRequest(_)), "{err:?}");
     }
 }
@@ -189,8 +200,8 @@ async fn a_reply_is_stored_once_per_user_message() {
     )
     .await
     .unwrap();
-    assert!(first.created);
-    assert!(!again.created);
+    assert_eq!(first.written, Written::Created);
+    assert_eq!(again.written, Written::Existing);
     assert_eq!(again.reply, first.reply, "the first reply stands");
     assert_eq!(first.reply.role, MessageRole::Assistant);
     assert_eq!(first.reply.reply_to, Some(question));

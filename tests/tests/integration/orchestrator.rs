@@ -9,7 +9,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use shared::agent::{Agents, Bedrock, Echo, OpenAi, OutputLimits, RetryPolicy};
 use shared::db::agents::Provider;
-use shared::db::messages::{self, MessageRole, StopReason};
+use shared::db::messages::{self, MessageRole, MessageStatus, PageFrom, StopReason};
 use shared::db::{Scope, conversations, message_path};
 use shared::delivery::{ConnectionsFanout, ManagementApi, RedisFanout, parse_published};
 use shared::domain::{ConnectionId, ConversationId, MessageId, PageLimit};
@@ -142,12 +142,17 @@ pub async fn run(state: &OrchestratorState, records: Vec<SqsMessage>) -> Vec<Str
 
 pub async fn replies(h: &Harness, conversation: ConversationId) -> Vec<messages::Message> {
     let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
-    messages::page(&mut tx, conversation, None, PageLimit::new(200).unwrap())
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|m| m.role == MessageRole::Assistant)
-        .collect()
+    messages::page(
+        &mut tx,
+        conversation,
+        PageFrom::Newest,
+        PageLimit::new(200).unwrap(),
+    )
+    .await
+    .unwrap()
+    .into_iter()
+    .filter(|m| m.role == MessageRole::Assistant && m.status != MessageStatus::Streaming)
+    .collect()
 }
 
 pub fn of_type<'a>(frames: &'a [Value], kind: &str) -> Vec<&'a Value> {
@@ -179,6 +184,7 @@ async fn one_job_gives_one_stored_reply_on_both_tabs() {
             json!({
                 "type": "response",
                 "text": "Echo: hi there",
+                "seq": 2,
                 "stop_reason": "end",
                 "conversation_id": h.seed.conversation,
                 "message_id": stored[0].id,
@@ -356,9 +362,14 @@ async fn a_permanent_400_is_agent_failed_and_the_user_message_stays() {
         "no reply stored"
     );
     let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
-    let history = messages::page(&mut tx, conversation, None, PageLimit::default())
-        .await
-        .unwrap();
+    let history = messages::page(
+        &mut tx,
+        conversation,
+        PageFrom::Newest,
+        PageLimit::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(history.len(), 1);
     assert_eq!(
         history[0].content, "bad request",

@@ -332,7 +332,8 @@ async fn a_platform_admin_may_open_any_conversation() {
         .unwrap();
     assert_eq!(
         ok,
-        json!({ "type": "auth_ok", "conversation_id": h.seed.conversation, "user_id": admin })
+        json!({ "type": "auth_ok", "conversation_id": h.seed.conversation, "user_id": admin,
+                "last_seq": 0 })
     );
     let binding = h.connection("c1").await.unwrap().binding().unwrap();
     assert_eq!(
