@@ -17,6 +17,7 @@ mod pressure;
 mod rbac;
 mod redis_keys;
 mod reliability;
+mod resume;
 mod rls;
 mod round_trips;
 mod schemathesis;

@@ -103,7 +103,14 @@ impl Harness {
 
     /// The `auth` route's own answer, if any (failures are posted, then the socket closed).
     pub async fn auth(&self, connection: &str, token: &str) -> Option<Value> {
-        let body = json!({ "type": "auth", "token": token }).to_string();
+        self.auth_with(connection, json!({ "type": "auth", "token": token }))
+            .await
+    }
+
+    /// An `auth` frame as given; the route's own answer, if any (a socket owed a `replay` or
+    /// a reply's text so far gets `auth_ok` and those posted instead).
+    pub async fn auth_with(&self, connection: &str, frame: Value) -> Option<Value> {
+        let body = frame.to_string();
         let response = Route::Auth
             .handle(
                 &self.state,
@@ -121,19 +128,28 @@ impl Harness {
     pub async fn open_session_on(&self, connection: &str, conversation: ConversationId) {
         let response = self.connect_to(connection, &conversation.to_string()).await;
         assert_eq!(response.status_code, 200);
-        let ok = self
+        let answer = self
             .auth(connection, &token(self.seed.user, Role::CustomerOperator))
             .await;
-        assert_eq!(ok.unwrap()["type"], "auth_ok");
+        // Posted with what the socket is owed (a reply streaming now), or the route's answer.
+        let ok = answer.unwrap_or_else(|| self.api.frames_to(connection)[0].clone());
+        assert_eq!(ok["type"], "auth_ok", "{ok}");
     }
 
     /// Sends a raw frame down the route API Gateway would pick and returns the route response.
     pub async fn send(&self, connection: &str, body: &str) -> Value {
+        self.route(connection, body)
+            .await
+            .expect("the message route answers this frame")
+    }
+
+    /// Sends a raw frame down its route; the route response, if any (`cancel` has none).
+    pub async fn route(&self, connection: &str, body: &str) -> Option<Value> {
         let key = shared::ws::route_key(body);
         let response = Route::for_key(key)
             .handle(&self.state, event(connection, key, Some(body), json!(null)))
             .await;
-        frame_of(&response).expect("the message route always answers")
+        frame_of(&response)
     }
 
     pub async fn stored_messages(&self) -> i64 {
