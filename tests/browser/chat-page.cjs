@@ -24,7 +24,7 @@ async function main() {
     await page.waitForSelector(".message.user:not(.pending)", { timeout: 5000 });
 
     // The socket drops; the page reconnects, authenticates again and reloads the history.
-    await page.evaluate(() => socket.close());
+    await page.evaluate(() => window.chat.socket.close());
     await page.waitForFunction(
       () => document.getElementById("status").textContent.startsWith("disconnected"), null, { timeout: 5000 });
     await connected();

@@ -482,6 +482,102 @@ async fn the_chat_page_talks_to_the_agent_in_headless_chromium() {
     local.stop().await;
 }
 
+/// The page and its client module (`/konstruct-chat.js`) across a socket dropped mid-stream, a
+/// second tab and a reload mid-stream, a message typed while disconnected, one whose `ack` was
+/// lost, and `cancel`: every message and every reply shown exactly once, each stored once.
+#[tokio::test]
+async fn the_chat_page_resumes_across_drops_reloads_and_tabs_in_headless_chromium() {
+    use crate::llm::{FakeLlm, Reply, last_user_text};
+
+    let node_path = std::env::var("NODE_PATH").expect(
+        "NODE_PATH is not set: run the tests through `make test`, which installs playwright-core",
+    );
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    // About two seconds a reply: time to drop, reload and open tabs while it streams.
+    let llm = FakeLlm::start(|request, _| {
+        let words = format!("Streaming answer to: {}.", last_user_text(request));
+        let pieces: Vec<String> = words.split_inclusive(' ').map(str::to_owned).collect();
+        let gap = Duration::from_millis(2000 / pieces.len().max(1) as u64);
+        Reply::Stream(pieces, gap)
+    })
+    .await;
+    let agent = seed_agent_with(&db, s.tenant, "model", Provider::Openai, "gpt-test").await;
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    let conversation = conversations::get_or_create(&mut tx, s.tenant, agent, s.user)
+        .await
+        .unwrap()
+        .row
+        .id;
+    tx.commit().await.unwrap();
+    let env = Env::new(&test);
+    let local = Server::start(
+        &std::env::var("KONSTRUCT_LOCAL_BIN").unwrap(),
+        &env.database_url,
+        &env.redis_url,
+        &env.prefix,
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[
+            ("OPENAI_BASE_URL", llm.base_url.as_str()),
+            ("OPENAI_API_KEY", "sk-test"),
+        ],
+    )
+    .await
+    .unwrap();
+    let url = format!(
+        "http://{}/?conversation={}#token={}",
+        local.address,
+        conversation,
+        token(s.user, Role::CustomerOperator)
+    );
+    let output = Command::new("node")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/browser/resume.cjs"))
+        .arg(&url)
+        .env("NODE_PATH", node_path)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run node");
+    let report = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "the browser test failed:\n{report}"
+    );
+
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    let counts: Vec<(String, i64, i64)> = sqlx::query_as(
+        "select q.content, count(distinct q.id),
+                (select count(*) from web_conversation_messages r where r.reply_to = any(array_agg(q.id)))
+         from web_conversation_messages q
+         where q.conversation_id = $1 and q.role = 'user'
+         group by q.content order by min(q.seq)",
+    )
+    .bind(conversation)
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    let expected: Vec<(String, i64, i64)> = [
+        "first",
+        "second",
+        "third",
+        "offline",
+        "unacknowledged",
+        "stop me",
+    ]
+    .into_iter()
+    .map(|q| (q.to_owned(), 1, 1))
+    .collect();
+    assert_eq!(
+        counts, expected,
+        "each stored once, each answered once\n{report}"
+    );
+    local.stop().await;
+}
+
 /// `cargo lambda watch` and the functions it starts, stopped together when dropped.
 struct CargoLambda {
     child: Child,

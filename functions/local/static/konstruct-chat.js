@@ -1,0 +1,324 @@
+// Konstruct web chat: the browser client of the chat protocol (PROTOCOL.md §2 "Resume").
+// Dependency-free ES module. It keeps one conversation in step with the server across drops,
+// reloads, API Gateway's 10-minute idle cut and 2-hour connection limit:
+//
+// - an outbox: a message is shown at once (pending) and sent when a socket is authenticated;
+//   unacknowledged ones are sent again, with the same client_message_id, after reconnecting
+//   (the server stores and answers each once). The outbox survives a reload (sessionStorage).
+// - resume: `auth` carries `resume_after` = the largest `seq` seen; `replay` fills the gap;
+//   more than the server replays (`recovered: false`) reloads the history over REST.
+// - chunks are applied by `offset` (a repeated one is ignored, `reset` starts over); every
+//   message is kept once, by id.
+// - reconnects with exponential backoff and jitter; pings every 5 minutes; reconnects by
+//   itself before the 2-hour cut.
+//
+// Usage:
+//   import { Chat } from "/konstruct-chat.js";
+//   const chat = new Chat({ conversationId, token: () => currentJwt(), onChange: render });
+//   chat.start();
+//   chat.send("Hello");            // shown pending at once, sent when connected
+//   chat.cancel(userMessageId);    // stops the reply to it
+//   chat.messages;                 // ChatMessage[] in seq order, pending ones last
+
+/**
+ * @typedef {"pending" | "complete" | "streaming" | "cancelled" | "failed"} MessageStatus
+ *
+ * @typedef {object} ChatMessage
+ * @property {string} key             stable key for rendering (client_message_id until stored)
+ * @property {string | null} id       the stored message id (null while pending)
+ * @property {number | null} seq      its place in the conversation (null while pending)
+ * @property {"user" | "assistant"} role
+ * @property {string} content
+ * @property {MessageStatus} status
+ * @property {string | null} replyTo  for a reply, the user message it answers
+ * @property {string | null} clientMessageId
+ * @property {string | null} stopReason  for a reply: end, length, cancelled or error
+ *
+ * @typedef {object} ChatOptions
+ * @property {string} conversationId
+ * @property {string | (() => string | Promise<string>)} token  the portal JWT, or a function
+ *   giving a fresh one (called at every connect)
+ * @property {string} [socketUrl]  default: ws(s)://<this host>/chat/ws/<conversationId>
+ *   (on AWS: wss://{api}.execute-api.{region}.amazonaws.com/{stage}?conversation_id=…)
+ * @property {string} [apiBase]    default: this origin; REST history is read from
+ *   <apiBase>/api/portal/chat/conversations/<id>/messages
+ * @property {(chat: Chat) => void} [onChange]  called after every change of state
+ * @property {(error: {code: string, message: string}) => void} [onError]
+ * @property {number} [maxConnectionMs]  reconnect before this (default 115 minutes)
+ * @property {Storage | null} [storage]  where the outbox survives a reload (default
+ *   sessionStorage; null for none)
+ */
+
+const PING_MS = 5 * 60 * 1000;
+const TWO_HOURS_LESS_MARGIN_MS = 115 * 60 * 1000;
+
+export class Chat {
+  /** @param {ChatOptions} options */
+  constructor(options) {
+    this.options = options;
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    this.socketUrl = options.socketUrl || `${scheme}://${location.host}/chat/ws/${options.conversationId}`;
+    this.apiBase = options.apiBase ?? location.origin;
+    this.storage = options.storage === undefined ? globalThis.sessionStorage ?? null : options.storage;
+    this.outboxKey = `konstruct.outbox.${options.conversationId}`;
+    /** @type {Map<string, ChatMessage>} stored messages by id */
+    this.byId = new Map();
+    /** @type {Map<string, ChatMessage>} unacknowledged user messages by client_message_id */
+    this.outbox = new Map();
+    /** The largest seq seen: what a reconnect resumes after. */
+    this.lastSeq = 0;
+    /** "connecting" | "connected" | "disconnected" */
+    this.state = "disconnected";
+    this.typing = false;
+    this.socket = null;
+    this.attempt = 0;
+    this.timers = [];
+    this.stopped = false;
+    this.loaded = false;
+    this.restoreOutbox();
+  }
+
+  /** Every message, stored ones in seq order, then the pending ones in the order typed. */
+  get messages() {
+    const stored = [...this.byId.values()].sort((a, b) => a.seq - b.seq);
+    return [...stored, ...this.outbox.values()];
+  }
+
+  /** Loads the history, then connects. */
+  async start() {
+    this.stopped = false;
+    await this.reload();
+    this.connect();
+  }
+
+  /** Closes the socket for good. */
+  stop() {
+    this.stopped = true;
+    this.clearTimers();
+    if (this.socket) this.socket.close(1000, "client stopped");
+  }
+
+  /**
+   * Queues a user message: shown pending at once, sent now if connected, else on reconnect.
+   * @param {string} text
+   * @returns {string} its client_message_id
+   */
+  send(text) {
+    const clientMessageId = crypto.randomUUID();
+    /** @type {ChatMessage} */
+    const message = {
+      key: clientMessageId, id: null, seq: null, role: "user", content: text,
+      status: "pending", replyTo: null, clientMessageId, stopReason: null,
+    };
+    this.outbox.set(clientMessageId, message);
+    this.saveOutbox();
+    this.transmit(message);
+    this.changed();
+    return clientMessageId;
+  }
+
+  /**
+   * Stops the agent's reply to a user message (one not started is never started).
+   * @param {string} userMessageId
+   */
+  cancel(userMessageId) {
+    this.frame({ type: "cancel", reply_to: userMessageId });
+  }
+
+  // --- connection -------------------------------------------------------------------------
+
+  connect() {
+    if (this.stopped) return;
+    this.clearTimers();
+    this.state = "connecting";
+    this.changed();
+    const socket = new WebSocket(this.socketUrl);
+    this.socket = socket;
+    socket.onopen = async () => {
+      const token = typeof this.options.token === "function" ? await this.options.token() : this.options.token;
+      if (socket !== this.socket) return;
+      const auth = { type: "auth", token };
+      if (this.loaded) auth.resume_after = this.lastSeq;
+      socket.send(JSON.stringify(auth));
+    };
+    socket.onmessage = (event) => {
+      if (socket === this.socket) this.receive(JSON.parse(event.data));
+    };
+    socket.onclose = (event) => {
+      if (socket !== this.socket) return;
+      this.socket = null;
+      this.state = "disconnected";
+      this.closeCode = event.code;
+      this.clearTimers();
+      this.changed();
+      if (!this.stopped) this.later(() => this.connect(), this.backoff());
+    };
+  }
+
+  /** Exponential backoff with full jitter: up to 0.5 s, 1 s, 2 s, … 30 s. */
+  backoff() {
+    const ceiling = Math.min(30000, 500 * 2 ** this.attempt++);
+    return Math.round(ceiling / 2 + Math.random() * ceiling / 2);
+  }
+
+  later(f, ms) {
+    this.timers.push(setTimeout(f, ms));
+  }
+
+  clearTimers() {
+    for (const t of this.timers) { clearTimeout(t); clearInterval(t); }
+    this.timers = [];
+  }
+
+  /** Sends a frame if a socket is authenticated; says whether it went. */
+  frame(frame) {
+    if (this.state !== "connected" || !this.socket) return false;
+    this.socket.send(JSON.stringify(frame));
+    return true;
+  }
+
+  transmit(message) {
+    this.frame({ type: "message", text: message.content, client_message_id: message.clientMessageId });
+  }
+
+  // --- frames from the server --------------------------------------------------------------
+
+  receive(frame) {
+    switch (frame.type) {
+      case "auth_ok":
+        this.state = "connected";
+        this.attempt = 0;
+        this.timers.push(setInterval(() => this.frame({ type: "ping" }), PING_MS));
+        // API Gateway cuts every connection at 2 hours: leave first, and resume.
+        this.later(() => this.socket && this.socket.close(4000, "renewing before the 2-hour cut"),
+          this.options.maxConnectionMs ?? TWO_HOURS_LESS_MARGIN_MS);
+        if (!this.loaded) { this.loaded = true; this.seen(frame.last_seq); }
+        // Whatever is still unacknowledged goes again, with the same client_message_id.
+        for (const message of this.outbox.values()) this.transmit(message);
+        break;
+      case "replay":
+        if (!frame.recovered) { this.reload(); break; }
+        for (const m of frame.messages) this.store(m);
+        break;
+      case "ack": {
+        const message = this.outbox.get(frame.client_message_id);
+        this.outbox.delete(frame.client_message_id);
+        this.saveOutbox();
+        this.store({
+          id: frame.message_id, seq: frame.seq, role: "user",
+          content: message ? message.content : (this.byId.get(frame.message_id)?.content ?? ""),
+          status: "complete", reply_to: null, client_message_id: frame.client_message_id,
+        });
+        break;
+      }
+      case "message":
+        this.store({ ...frame, id: frame.message_id, status: "complete", reply_to: null });
+        break;
+      case "typing":
+        this.typing = true;
+        break;
+      case "chunk":
+        this.chunk(frame);
+        break;
+      case "response": {
+        const reply = this.reply(frame);
+        if (frame.text !== undefined && frame.text !== null) reply.content = frame.text;
+        reply.seq = frame.seq;
+        reply.stopReason = frame.stop_reason;
+        reply.status = { cancelled: "cancelled", error: "failed" }[frame.stop_reason] || "complete";
+        this.seen(frame.seq);
+        this.typing = false;
+        break;
+      }
+      case "error":
+        this.typing = false;
+        if (this.options.onError) this.options.onError(frame);
+        break;
+    }
+    this.changed();
+  }
+
+  /** A stored message, as replay, history and frames describe it; kept once, by id. */
+  store(m) {
+    const existing = this.byId.get(m.id);
+    const message = existing || /** @type {ChatMessage} */ ({ key: m.id });
+    Object.assign(message, {
+      id: m.id, seq: m.seq, role: m.role, content: m.content, status: m.status,
+      replyTo: m.reply_to ?? null, clientMessageId: m.client_message_id ?? message.clientMessageId ?? null,
+      stopReason: message.stopReason ?? null,
+    });
+    if (message.clientMessageId && this.outbox.has(message.clientMessageId)) {
+      message.key = message.clientMessageId;
+      this.outbox.delete(message.clientMessageId);
+      this.saveOutbox();
+    }
+    this.byId.set(m.id, message);
+    this.seen(m.seq);
+  }
+
+  /** The reply a chunk or response belongs to, created when first seen. */
+  reply(frame) {
+    let reply = this.byId.get(frame.message_id);
+    if (!reply) {
+      reply = {
+        key: frame.message_id, id: frame.message_id, seq: frame.seq ?? Number.MAX_SAFE_INTEGER,
+        role: "assistant", content: "", status: "streaming", replyTo: frame.reply_to,
+        clientMessageId: null, stopReason: null,
+      };
+      this.byId.set(frame.message_id, reply);
+    }
+    return reply;
+  }
+
+  /** Appends a chunk only where it belongs: at the length held (so a repeat is ignored). */
+  chunk(frame) {
+    const reply = this.reply(frame);
+    if (reply.status !== "streaming") return;
+    if (frame.reset) reply.content = "";
+    const held = [...reply.content].length;
+    if (frame.offset === held) reply.content += frame.delta;
+    this.typing = false;
+  }
+
+  seen(seq) {
+    if (typeof seq === "number" && seq > this.lastSeq) this.lastSeq = seq;
+  }
+
+  /** The newest page of history over REST: the first load, and after too much was missed. */
+  async reload() {
+    const token = typeof this.options.token === "function" ? await this.options.token() : this.options.token;
+    const url = `${this.apiBase}/api/portal/chat/conversations/${this.options.conversationId}/messages?limit=200`;
+    const response = await fetch(url, { headers: { Authorization: "Bearer " + token } });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      if (this.options.onError) this.options.onError({ code: body.code || "internal", message: body.detail || response.statusText });
+      return;
+    }
+    this.byId.clear();
+    for (const m of await response.json()) this.store(m);
+    this.loaded = true;
+    this.changed();
+  }
+
+  // --- the outbox across reloads ----------------------------------------------------------
+
+  saveOutbox() {
+    if (!this.storage) return;
+    const pending = [...this.outbox.values()].map((m) => ({ c: m.clientMessageId, t: m.content }));
+    this.storage.setItem(this.outboxKey, JSON.stringify(pending));
+  }
+
+  restoreOutbox() {
+    if (!this.storage) return;
+    for (const { c, t } of JSON.parse(this.storage.getItem(this.outboxKey) || "[]")) {
+      this.outbox.set(c, {
+        key: c, id: null, seq: null, role: "user", content: t, status: "pending",
+        replyTo: null, clientMessageId: c, stopReason: null,
+      });
+    }
+  }
+
+  changed() {
+    if (this.options.onChange) this.options.onChange(this);
+  }
+}
