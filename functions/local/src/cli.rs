@@ -78,6 +78,13 @@ struct ServeArgs {
     /// Seconds a socket may stay unauthenticated before it is closed.
     #[arg(long, default_value_t = 10)]
     auth_timeout: u64,
+    /// Seconds a socket may live, as API Gateway's 2-hour limit (closed with 1001).
+    #[arg(long, env = "KONSTRUCT_WS_MAX_SECONDS", default_value_t = 7200)]
+    max_connection: u64,
+    /// Seconds without a frame from the client before its socket is closed (1001), as API
+    /// Gateway's 10-minute idle timeout.
+    #[arg(long, env = "KONSTRUCT_WS_IDLE_SECONDS", default_value_t = 600)]
+    idle_timeout: u64,
 }
 
 /// Local mode only: the gateway needs Redis, and dev tokens must never reach a deployed stack.
@@ -167,6 +174,8 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         db: db.clone(),
         host: address.to_string(),
         auth_timeout: Duration::from_secs(args.auth_timeout),
+        max_connection: Duration::from_secs(args.max_connection),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
     });
     let app = api::router(ApiState {
         db: db.clone(),

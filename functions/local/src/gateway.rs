@@ -92,7 +92,17 @@ pub struct Gateway {
     pub host: String,
     /// A socket that has not authenticated in this time is closed (PROTOCOL §2: 10 s).
     pub auth_timeout: Duration,
+    /// API Gateway's limits, which clients can tell: a socket lives at most `max_connection`
+    /// (2 hours) and is closed after `idle_timeout` (10 minutes) without a client frame; both
+    /// close with 1001 (going away).
+    pub max_connection: Duration,
+    pub idle_timeout: Duration,
 }
+
+/// API Gateway's limits on what a client sends: a frame of at most 32 KiB, a message (frames
+/// joined) of at most 128 KiB; past either the connection is closed with 1009.
+const MAX_CLIENT_FRAME: usize = 32 * 1024;
+const MAX_CLIENT_MESSAGE: usize = shared::frame::MAX_CLIENT_FRAME_BYTES;
 
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
@@ -173,7 +183,8 @@ impl Gateway {
                 .map(|t| (t, conversation)),
             _ => None,
         };
-        ws.max_message_size(1 << 20)
+        ws.max_frame_size(MAX_CLIENT_FRAME)
+            .max_message_size(MAX_CLIENT_MESSAGE)
             .on_upgrade(move |socket| self.session(id, socket, channel))
     }
 
@@ -222,24 +233,45 @@ impl Gateway {
         });
         let deadline = tokio::time::sleep(self.auth_timeout);
         tokio::pin!(deadline);
+        let lifetime = tokio::time::sleep(self.max_connection);
+        tokio::pin!(lifetime);
+        let idle = tokio::time::sleep(self.idle_timeout);
+        tokio::pin!(idle);
         let mut authenticated = false;
         loop {
             tokio::select! {
                 () = &mut deadline, if !authenticated => {
                     self.sockets.close(&id, 1008, "not authenticated in time");
                 }
+                () = &mut lifetime => {
+                    self.sockets.close(&id, 1001, "connection lifetime reached");
+                }
+                () = &mut idle => {
+                    self.sockets.close(&id, 1001, "idle timeout");
+                }
                 _ = &mut writer => break,
-                incoming = stream.next() => match incoming {
-                    Some(Ok(Message::Text(text))) => {
-                        authenticated |= self.frame(&id, text.as_str(), channel).await;
+                incoming = stream.next() => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + self.idle_timeout);
+                    match incoming {
+                        Some(Ok(Message::Text(text))) => {
+                            authenticated |= self.frame(&id, text.as_str(), channel).await;
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            let err = Error::BadRequest("frames must be JSON text".into());
+                            self.sockets.send_text(&id, ServerFrame::error(&err).to_json());
+                        }
+                        Some(Err(e)) => {
+                            // Over the frame or message limit (or a broken connection): closed
+                            // as API Gateway does, with 1009, once the writer has said so.
+                            tracing::info!(%id, error = %e, "socket read failed");
+                            self.sockets.close(&id, 1009, "message too big");
+                            let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer).await;
+                            break;
+                        }
+                        Some(Ok(Message::Close(_))) | None => break,
+                        Some(Ok(_)) => {}
                     }
-                    Some(Ok(Message::Binary(_))) => {
-                        let err = Error::BadRequest("frames must be JSON text".into());
-                        self.sockets.send_text(&id, ServerFrame::error(&err).to_json());
-                    }
-                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
-                    Some(Ok(_)) => {}
-                },
+                }
             }
         }
         self.sockets.remove(&id);

@@ -578,6 +578,83 @@ async fn the_chat_page_resumes_across_drops_reloads_and_tabs_in_headless_chromiu
     local.stop().await;
 }
 
+/// The close code the server sends next, skipping other frames; `None` when nothing closes the
+/// socket within `wait`.
+async fn close_code(socket: &mut Socket, wait: Duration) -> Option<u16> {
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(until, socket.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_)) | None) | Err(_) => return None,
+        }
+    }
+}
+
+/// What clients can tell of API Gateway, the local gateway does too: the connection lifetime
+/// and the idle timeout (shortened here), and 1009 for a frame over 32 KiB.
+#[tokio::test]
+async fn the_local_gateway_closes_sockets_as_api_gateway_does() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let local = Local::start(
+        &Env::new(&test),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-connection",
+            "3",
+            "--idle-timeout",
+            "1",
+        ],
+    )
+    .await;
+
+    // Kept busy, it lives until its lifetime ends.
+    let mut busy = authenticated(&local.address, &s, s.conversation).await;
+    let started = tokio::time::Instant::now();
+    let pinger = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if busy
+                .send(Message::Text(json!({ "type": "ping" }).to_string().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            if let Some(code) = close_code(&mut busy, Duration::from_millis(200)).await {
+                return code;
+            }
+        }
+        0
+    };
+    let mut quiet = authenticated(&local.address, &s, s.conversation).await;
+    let (busy_code, quiet_code) =
+        tokio::join!(pinger, close_code(&mut quiet, Duration::from_secs(5)));
+    assert_eq!(quiet_code, Some(1001), "closed when idle");
+    assert_eq!(busy_code, 1001, "closed at the end of its lifetime");
+    assert!(
+        started.elapsed() >= Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A frame over 32 KiB closes the socket with 1009; one under it is answered.
+    let mut socket = authenticated(&local.address, &s, s.conversation).await;
+    let fits = json!({ "type": "message", "text": "x".repeat(8000), "pad": "y".repeat(20_000) });
+    send(&mut socket, fits).await;
+    expect(&mut socket, "typing").await;
+    let too_big = json!({ "type": "message", "text": "x", "pad": "y".repeat(40 * 1024) });
+    send(&mut socket, too_big).await;
+    assert_eq!(
+        close_code(&mut socket, Duration::from_secs(5)).await,
+        Some(1009)
+    );
+    local.stop().await;
+}
+
 /// `cargo lambda watch` and the functions it starts, stopped together when dropped.
 struct CargoLambda {
     child: Child,
