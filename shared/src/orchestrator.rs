@@ -483,9 +483,10 @@ impl<'a> ReplyStream<'a> {
         }
     }
 
-    /// Flushes pieces as they come, every [`CHUNK_INTERVAL`] or [`CHUNK_BYTES`]; asks the agent
-    /// to `stop` when the stream cannot go on. Returns what was received but not flushed
-    /// (the tail, stored by [`Self::finish`]).
+    /// Flushes the first piece at once (what a person waits for), then pieces as they come,
+    /// every [`CHUNK_INTERVAL`] or [`CHUNK_BYTES`]; asks the agent to `stop` when the stream
+    /// cannot go on. Returns what was received but not flushed (the tail, stored by
+    /// [`Self::finish`]).
     async fn run(&mut self, mut pieces: mpsc::UnboundedReceiver<String>, stop: &Notify) -> String {
         let mut buffer = String::new();
         let mut tick = tokio::time::interval(CHUNK_INTERVAL);
@@ -498,7 +499,7 @@ impl<'a> ReplyStream<'a> {
                         if self.ended.is_none() {
                             buffer.push_str(&storable(&piece));
                         }
-                        if buffer.len() < CHUNK_BYTES {
+                        if buffer.len() < CHUNK_BYTES && self.reply.is_some() {
                             continue;
                         }
                     }

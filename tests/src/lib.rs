@@ -3,3 +3,4 @@
 
 pub mod load;
 pub mod stack;
+pub mod streaming;

@@ -203,6 +203,32 @@ async fn rest(
     }))
 }
 
+/// One user's streamed replies: the seat's agent switched to the streaming model.
+async fn streaming(
+    address: &str,
+    db: &Db,
+    seat: &stack::Seat,
+    messages: usize,
+) -> anyhow::Result<Value> {
+    let mut tx = db.begin(Scope::Tenant(seat.tenant)).await?;
+    sqlx::query(
+        "update agents set provider = 'openai', model = 'bench-model'
+         where id = (select agent_id from web_conversations where id = $1)",
+    )
+    .bind(seat.conversation)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let seen = tests::streaming::one_after_another(address, seat, messages).await?;
+    let quantiles = |h: &Histogram<u64>| json!({ "p50": h.value_at_quantile(0.5) as f64 / 1000.0, "p99": h.value_at_quantile(0.99) as f64 / 1000.0 });
+    Ok(json!({
+        "replies": seen.replies, "pieces": 20, "piece_gap_ms": 25,
+        "first_chunk_ms": quantiles(&seen.first_chunk),
+        "chunk_gap_ms": quantiles(&seen.chunk_gap),
+        "reply_ms": quantiles(&seen.reply),
+    }))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let conversations = arg("--conversations", 50.0) as usize;
@@ -215,6 +241,8 @@ async fn main() -> anyhow::Result<()> {
     let bin = std::env::var("KONSTRUCT_LOCAL_BIN").context("KONSTRUCT_LOCAL_BIN")?;
 
     let (url, db, seats) = stack::seeded_database(&database_url, conversations).await?;
+    // A streaming model for the streaming scenario: 20 pieces 25 ms apart (half a second).
+    let model = tests::streaming::start_model(20, Duration::from_millis(25)).await?;
     let prefix = format!("load:{}:", uuid::Uuid::new_v4().simple());
     let server = Server::start(
         &bin,
@@ -226,6 +254,7 @@ async fn main() -> anyhow::Result<()> {
         &[
             ("DATABASE_MAX_CONNECTIONS", "8"),
             ("WS_RATE_LIMIT_MESSAGES", "100000"),
+            ("OPENAI_BASE_URL", model.as_str()),
         ],
     )
     .await?;
@@ -266,6 +295,7 @@ async fn main() -> anyhow::Result<()> {
         120,
     )
     .await?;
+    let streaming = streaming(&server.address, &db, &seats[seats.len() - 1], 30).await?;
     let rest = rest(&server.address, &seats, 2000, 32).await?;
     let floor_single = floor(&db, &redis_url, &seats[..1], 200, 1).await?;
     let floor = floor(&db, &redis_url, &seats, 2000, 8).await?;
@@ -282,6 +312,7 @@ async fn main() -> anyhow::Result<()> {
         "floor_single": floor_single,
         "floor": floor,
         "rest_history": rest,
+        "streaming_single_user": streaming,
         "pipeline_throughput_vs_floor": overhead,
     });
     for (name, r) in [
@@ -328,6 +359,16 @@ async fn main() -> anyhow::Result<()> {
         rest["requests_per_second"].as_f64().unwrap_or(0.0),
         rest["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
         rest["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+    );
+    let ms = |h: &Value, q: &str| h[q].as_f64().unwrap_or(0.0);
+    println!(
+        " streaming: {:>6} replies of 20 pieces 25 ms apart, one after another: first chunk p50 {:.2} ms p99 {:.2}; between chunks p50 {:.2} ms p99 {:.2}; whole reply p50 {:.1} ms",
+        streaming["replies"],
+        ms(&streaming["first_chunk_ms"], "p50"),
+        ms(&streaming["first_chunk_ms"], "p99"),
+        ms(&streaming["chunk_gap_ms"], "p50"),
+        ms(&streaming["chunk_gap_ms"], "p99"),
+        ms(&streaming["reply_ms"], "p50"),
     );
     if let Some(path) = json_path() {
         std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;

@@ -578,6 +578,53 @@ async fn the_chat_page_resumes_across_drops_reloads_and_tabs_in_headless_chromiu
     local.stop().await;
 }
 
+/// The streaming benchmark's client against konstruct-local (what `make bench` times): each
+/// reply's chunks, applied by offset, are its text, and the first chunk comes before the reply
+/// ends.
+#[tokio::test]
+async fn streamed_replies_reach_one_user_whole_one_after_another() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let model = tests::streaming::start_model(8, Duration::from_millis(30))
+        .await
+        .unwrap();
+    let agent = seed_agent_with(&db, s.tenant, "model", Provider::Openai, "bench-model").await;
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    let conversation = conversations::get_or_create(&mut tx, s.tenant, agent, s.user)
+        .await
+        .unwrap()
+        .row
+        .id;
+    tx.commit().await.unwrap();
+    let env = Env::new(&test);
+    let local = Server::start(
+        &std::env::var("KONSTRUCT_LOCAL_BIN").unwrap(),
+        &env.database_url,
+        &env.redis_url,
+        &env.prefix,
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[("OPENAI_BASE_URL", model.as_str())],
+    )
+    .await
+    .unwrap();
+    let seat = tests::stack::Seat {
+        tenant: s.tenant,
+        conversation,
+        token: token(s.user, Role::CustomerOperator),
+    };
+    let seen = tests::streaming::one_after_another(&local.address, &seat, 3)
+        .await
+        .unwrap();
+    assert_eq!(seen.replies, 3);
+    assert_eq!(seen.first_chunk.len(), 3, "every reply streamed");
+    assert!(seen.chunk_gap.len() >= 3, "in several chunks");
+    assert!(
+        seen.first_chunk.max() < seen.reply.min(),
+        "the first chunk before the end"
+    );
+    local.stop().await;
+}
+
 /// The close code the server sends next, skipping other frames; `None` when nothing closes the
 /// socket within `wait`.
 async fn close_code(socket: &mut Socket, wait: Duration) -> Option<u16> {
