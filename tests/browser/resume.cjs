@@ -7,7 +7,7 @@ const { chromium } = require("playwright-core");
 const answer = (text) => `Streaming answer to: ${text}.`;
 
 async function main() {
-  const [url] = process.argv.slice(2);
+  const [url, mode] = process.argv.slice(2);
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
     args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -50,6 +50,22 @@ async function main() {
       throw new Error(`page shows ${JSON.stringify(got)}\nwanted ${JSON.stringify(want)}`);
     };
     const asked = [];
+
+    if (mode === "cuts") {
+      // The server cuts every socket after 2 s, and any socket quiet for 1 s: replies stream
+      // across the cuts, and the page resumes each time.
+      const a = await open();
+      for (const q of ["across the cuts", "and again", "once more"]) {
+        await a.evaluate((text) => window.chat.send(text), q);
+        asked.push(q);
+        await settled(a, q);
+      }
+      await expectExactly(a, asked);
+      const reconnects = await a.evaluate(() => window.chat.reconnects);
+      if (reconnects < 2) throw new Error(`only ${reconnects} reconnects: the cuts did not happen`);
+      console.log("cuts ok after", reconnects, "reconnects");
+      return;
+    }
 
     step("drop the socket mid-stream: the page resumes and ends with the reply once");
     const a = await open();

@@ -72,6 +72,8 @@ export class Chat {
     this.typing = false;
     this.socket = null;
     this.attempt = 0;
+    /** How many times the socket was opened again. */
+    this.reconnects = 0;
     this.timers = [];
     this.stopped = false;
     this.loaded = false;
@@ -151,7 +153,10 @@ export class Chat {
       this.closeCode = event.code;
       this.clearTimers();
       this.changed();
-      if (!this.stopped) this.later(() => this.connect(), this.backoff());
+      if (!this.stopped) {
+        this.reconnects++;
+        this.later(() => this.connect(), this.backoff());
+      }
     };
   }
 

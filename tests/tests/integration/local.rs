@@ -482,11 +482,10 @@ async fn the_chat_page_talks_to_the_agent_in_headless_chromium() {
     local.stop().await;
 }
 
-/// The page and its client module (`/konstruct-chat.js`) across a socket dropped mid-stream, a
-/// second tab and a reload mid-stream, a message typed while disconnected, one whose `ack` was
-/// lost, and `cancel`: every message and every reply shown exactly once, each stored once.
-#[tokio::test]
-async fn the_chat_page_resumes_across_drops_reloads_and_tabs_in_headless_chromium() {
+/// Runs `tests/browser/resume.cjs` (in `mode`, if any) against konstruct-local (with these
+/// extra `serve` arguments) and a model that streams each reply over about two seconds; returns
+/// how many times each user message was stored and answered, by text, in `seq` order.
+async fn resume_in_chromium(serve: &[&str], mode: Option<&str>) -> Vec<(String, i64, i64)> {
     use crate::llm::{FakeLlm, Reply, last_user_text};
 
     let node_path = std::env::var("NODE_PATH").expect(
@@ -494,7 +493,6 @@ async fn the_chat_page_resumes_across_drops_reloads_and_tabs_in_headless_chromiu
     );
     let (test, db) = TestDb::migrated().await;
     let s = seed(&db, "acme").await;
-    // About two seconds a reply: time to drop, reload and open tabs while it streams.
     let llm = FakeLlm::start(|request, _| {
         let words = format!("Streaming answer to: {}.", last_user_text(request));
         let pieces: Vec<String> = words.split_inclusive(' ').map(str::to_owned).collect();
@@ -511,12 +509,14 @@ async fn the_chat_page_resumes_across_drops_reloads_and_tabs_in_headless_chromiu
         .id;
     tx.commit().await.unwrap();
     let env = Env::new(&test);
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(serve);
     let local = Server::start(
         &std::env::var("KONSTRUCT_LOCAL_BIN").unwrap(),
         &env.database_url,
         &env.redis_url,
         &env.prefix,
-        &["serve", "--listen", "127.0.0.1:0"],
+        &args,
         &[
             ("OPENAI_BASE_URL", llm.base_url.as_str()),
             ("OPENAI_API_KEY", "sk-test"),
@@ -530,14 +530,13 @@ async fn the_chat_page_resumes_across_drops_reloads_and_tabs_in_headless_chromiu
         conversation,
         token(s.user, Role::CustomerOperator)
     );
-    let output = Command::new("node")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/browser/resume.cjs"))
+    let mut node = Command::new("node");
+    node.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/browser/resume.cjs"))
         .arg(&url)
+        .args(mode)
         .env("NODE_PATH", node_path)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("run node");
+        .stdin(Stdio::null());
+    let output = node.output().await.expect("run node");
     let report = format!(
         "{}\n{}",
         String::from_utf8_lossy(&output.stdout),
@@ -547,9 +546,8 @@ async fn the_chat_page_resumes_across_drops_reloads_and_tabs_in_headless_chromiu
         output.status.success(),
         "the browser test failed:\n{report}"
     );
-
     let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
-    let counts: Vec<(String, i64, i64)> = sqlx::query_as(
+    let counts = sqlx::query_as(
         "select q.content, count(distinct q.id),
                 (select count(*) from web_conversation_messages r where r.reply_to = any(array_agg(q.id)))
          from web_conversation_messages q
@@ -560,22 +558,45 @@ async fn the_chat_page_resumes_across_drops_reloads_and_tabs_in_headless_chromiu
     .fetch_all(&mut *tx)
     .await
     .unwrap();
-    let expected: Vec<(String, i64, i64)> = [
-        "first",
-        "second",
-        "third",
-        "offline",
-        "unacknowledged",
-        "stop me",
-    ]
-    .into_iter()
-    .map(|q| (q.to_owned(), 1, 1))
-    .collect();
-    assert_eq!(
-        counts, expected,
-        "each stored once, each answered once\n{report}"
-    );
     local.stop().await;
+    counts
+}
+
+fn once_each(questions: &[&str]) -> Vec<(String, i64, i64)> {
+    questions.iter().map(|q| (q.to_string(), 1, 1)).collect()
+}
+
+/// The page and its client module (`/konstruct-chat.js`) across a socket dropped mid-stream, a
+/// second tab and a reload mid-stream, a message typed while disconnected, one whose `ack` was
+/// lost, and `cancel`: every message and every reply shown exactly once, each stored once.
+#[tokio::test]
+async fn the_chat_page_resumes_across_drops_reloads_and_tabs_in_headless_chromium() {
+    let counts = resume_in_chromium(&[], None).await;
+    assert_eq!(
+        counts,
+        once_each(&[
+            "first",
+            "second",
+            "third",
+            "offline",
+            "unacknowledged",
+            "stop me"
+        ]),
+        "each stored once, each answered once"
+    );
+}
+
+/// The same page against a gateway that cuts every socket after 2 s (API Gateway's 2-hour
+/// limit, shortened) and any socket quiet for 1 s (its idle timeout): replies stream across
+/// the cuts and the page resumes each time.
+#[tokio::test]
+async fn the_chat_page_resumes_across_the_connection_limit_and_the_idle_cut() {
+    let serve = ["--max-connection", "2", "--idle-timeout", "1"];
+    let counts = resume_in_chromium(&serve, Some("cuts")).await;
+    assert_eq!(
+        counts,
+        once_each(&["across the cuts", "and again", "once more"])
+    );
 }
 
 /// The streaming benchmark's client against konstruct-local (what `make bench` times): each
