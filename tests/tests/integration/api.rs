@@ -620,3 +620,72 @@ async fn health_is_503_when_the_database_does_not_answer() {
     let response = call(&db, Method::GET, "/healthz", None, None).await;
     assert_error(&response, StatusCode::SERVICE_UNAVAILABLE, "internal");
 }
+
+/// History by `seq`: each message carries it with its status; `after_seq` catches up from a
+/// `seq`, and a bad one or one beside `before` is a 400.
+#[tokio::test]
+async fn history_carries_seq_and_status_and_catches_up_after_a_seq() {
+    let (_test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let ids = add_messages(&db, &s, &["one", "two", "three", "four", "five"]).await;
+    let t = token(s.user, Role::CustomerOperator);
+
+    let all = call(
+        &db,
+        Method::GET,
+        &history_uri(s.conversation, ""),
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(all.status, StatusCode::OK, "{}", all.body);
+    let seqs: Vec<i64> = all
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    assert!(
+        all.body
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["status"] == "complete" && m["reply_to"].is_null())
+    );
+
+    let after = call(
+        &db,
+        Method::GET,
+        &history_uri(s.conversation, "?after_seq=2&limit=2"),
+        Some(&t),
+        None,
+    )
+    .await;
+    assert_eq!(after.status, StatusCode::OK, "{}", after.body);
+    let got: Vec<&str> = after
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, ["three", "four"], "the two just after seq 2");
+
+    for query in [
+        "?after_seq=-1",
+        "?after_seq=x",
+        &format!("?after_seq=1&before={}", ids[3]),
+    ] {
+        let bad = call(
+            &db,
+            Method::GET,
+            &history_uri(s.conversation, query),
+            Some(&t),
+            None,
+        )
+        .await;
+        assert_error(&bad, StatusCode::BAD_REQUEST, "bad_request");
+    }
+}
