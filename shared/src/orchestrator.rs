@@ -579,22 +579,7 @@ impl<'a> ReplyStream<'a> {
             return Ok(());
         };
         self.audience.renew(recipients);
-        let mut offset = self.offset;
-        for (i, piece) in split_chars(delta, CHUNK_MAX_CHARS).enumerate() {
-            let chunk = ServerFrame::Chunk {
-                conversation_id: self.conversation.id,
-                message_id: reply.id,
-                reply_to: self.reply_to,
-                offset,
-                delta: piece.to_owned(),
-                reset: reset && i == 0,
-            };
-            if let Err(e) = state.fanout.send(self.audience, &chunk).await {
-                tracing::warn!(error = &e as &dyn std::error::Error, "chunk not sent");
-            }
-            offset += piece.chars().count();
-        }
-        self.offset = offset;
+        self.send_chunks(reply.id, delta, reset).await;
         self.reply = Some(reply);
         if cancelled {
             self.ended = Some(Ended::Cancelled);
@@ -640,23 +625,27 @@ impl<'a> ReplyStream<'a> {
             return Ok(None);
         };
         // The tail goes out as chunks, so every client's text is whole before the response.
-        let mut offset = self.offset;
-        for piece in split_chars(tail, CHUNK_MAX_CHARS) {
+        self.send_chunks(ended.id, tail, false).await;
+        Ok(Some(ended))
+    }
+
+    /// Sends stored text as chunks from the current offset (a frame's worth each), and moves
+    /// the offset past it. A socket that misses one catches up on resume.
+    async fn send_chunks(&mut self, message_id: MessageId, text: &str, reset: bool) {
+        for (i, piece) in split_chars(text, CHUNK_MAX_CHARS).enumerate() {
             let chunk = ServerFrame::Chunk {
                 conversation_id: self.conversation.id,
-                message_id: ended.id,
+                message_id,
                 reply_to: self.reply_to,
-                offset,
+                offset: self.offset,
                 delta: piece.to_owned(),
-                reset: false,
+                reset: reset && i == 0,
             };
-            if let Err(e) = state.fanout.send(self.audience, &chunk).await {
+            if let Err(e) = self.state.fanout.send(self.audience, &chunk).await {
                 tracing::warn!(error = &e as &dyn std::error::Error, "chunk not sent");
             }
-            offset += piece.chars().count();
+            self.offset += piece.chars().count();
         }
-        self.offset = offset;
-        Ok(Some(ended))
     }
 }
 

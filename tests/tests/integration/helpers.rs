@@ -187,6 +187,19 @@ pub async fn seed_agent_with(
     agent.id
 }
 
+/// A conversation of the seeded user with a new OpenAI-compatible agent (model `gpt-test`).
+pub async fn model_conversation(db: &Db, s: &Seed) -> ConversationId {
+    let agent = seed_agent_with(db, s.tenant, "model", Provider::Openai, "gpt-test").await;
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    let conversation = conversations::get_or_create(&mut tx, s.tenant, agent, s.user)
+        .await
+        .unwrap()
+        .row
+        .id;
+    tx.commit().await.unwrap();
+    conversation
+}
+
 pub async fn seed(db: &Db, name: &str) -> Seed {
     let tenant = seed_tenant(db, name).await;
     let user = seed_user(db, name).await;

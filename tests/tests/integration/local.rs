@@ -42,6 +42,16 @@ pub struct Local;
 
 impl Local {
     pub async fn start(env: &Env, args: &[&str]) -> Server {
+        Self::start_with(env, args, &[]).await
+    }
+
+    /// With an OpenAI-compatible model at `base_url` for the agents that use one.
+    pub async fn start_with_model(env: &Env, args: &[&str], base_url: &str) -> Server {
+        let model = [("OPENAI_BASE_URL", base_url), ("OPENAI_API_KEY", "sk-test")];
+        Self::start_with(env, args, &model).await
+    }
+
+    async fn start_with(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> Server {
         let bin = std::env::var("KONSTRUCT_LOCAL_BIN").expect(
             "KONSTRUCT_LOCAL_BIN is not set: run the tests through `make test`, which builds it",
         );
@@ -51,7 +61,7 @@ impl Local {
             &env.redis_url,
             &env.prefix,
             args,
-            &[],
+            vars,
         )
         .await
         .expect("konstruct-local starts")
@@ -500,30 +510,11 @@ async fn resume_in_chromium(serve: &[&str], mode: Option<&str>) -> Vec<(String, 
         Reply::Stream(pieces, gap)
     })
     .await;
-    let agent = seed_agent_with(&db, s.tenant, "model", Provider::Openai, "gpt-test").await;
-    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
-    let conversation = conversations::get_or_create(&mut tx, s.tenant, agent, s.user)
-        .await
-        .unwrap()
-        .row
-        .id;
-    tx.commit().await.unwrap();
+    let conversation = crate::helpers::model_conversation(&db, &s).await;
     let env = Env::new(&test);
     let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
     args.extend_from_slice(serve);
-    let local = Server::start(
-        &std::env::var("KONSTRUCT_LOCAL_BIN").unwrap(),
-        &env.database_url,
-        &env.redis_url,
-        &env.prefix,
-        &args,
-        &[
-            ("OPENAI_BASE_URL", llm.base_url.as_str()),
-            ("OPENAI_API_KEY", "sk-test"),
-        ],
-    )
-    .await
-    .unwrap();
+    let local = Local::start_with_model(&env, &args, &llm.base_url).await;
     let url = format!(
         "http://{}/?conversation={}#token={}",
         local.address,
@@ -609,25 +600,9 @@ async fn streamed_replies_reach_one_user_whole_one_after_another() {
     let model = tests::streaming::start_model(8, Duration::from_millis(30))
         .await
         .unwrap();
-    let agent = seed_agent_with(&db, s.tenant, "model", Provider::Openai, "bench-model").await;
-    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
-    let conversation = conversations::get_or_create(&mut tx, s.tenant, agent, s.user)
-        .await
-        .unwrap()
-        .row
-        .id;
-    tx.commit().await.unwrap();
+    let conversation = crate::helpers::model_conversation(&db, &s).await;
     let env = Env::new(&test);
-    let local = Server::start(
-        &std::env::var("KONSTRUCT_LOCAL_BIN").unwrap(),
-        &env.database_url,
-        &env.redis_url,
-        &env.prefix,
-        &["serve", "--listen", "127.0.0.1:0"],
-        &[("OPENAI_BASE_URL", model.as_str())],
-    )
-    .await
-    .unwrap();
+    let local = Local::start_with_model(&env, &["serve", "--listen", "127.0.0.1:0"], &model).await;
     let seat = tests::stack::Seat {
         tenant: s.tenant,
         conversation,

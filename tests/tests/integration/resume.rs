@@ -460,7 +460,7 @@ async fn a_reply_stored_while_a_socket_resumes_reaches_it_exactly_once() {
 /// over, the socket is told `reset`, and the conversation ends with the whole reply once.
 #[tokio::test]
 async fn a_worker_killed_mid_stream_leaves_a_reply_the_next_worker_restarts() {
-    use crate::helpers::{TestDb, seed, seed_agent_with};
+    use crate::helpers::{TestDb, seed};
     use crate::local::{Env, authenticated, next, send};
 
     let (test, db) = TestDb::migrated().await;
@@ -469,14 +469,7 @@ async fn a_worker_killed_mid_stream_leaves_a_reply_the_next_worker_restarts() {
     let model = tests::streaming::start_model(20, Duration::from_millis(100))
         .await
         .unwrap();
-    let agent = seed_agent_with(&db, s.tenant, "model", Provider::Openai, "gpt-test").await;
-    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
-    let conversation = conversations::get_or_create(&mut tx, s.tenant, agent, s.user)
-        .await
-        .unwrap()
-        .row
-        .id;
-    tx.commit().await.unwrap();
+    let conversation = crate::helpers::model_conversation(&db, &s).await;
     let env = Env::new(&test);
     let bin = std::env::var("KONSTRUCT_LOCAL_BIN").unwrap();
     let model_env = [("OPENAI_BASE_URL", model.as_str())];

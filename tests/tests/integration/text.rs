@@ -16,7 +16,7 @@ use shared::ws::RateLimit;
 use tower::ServiceExt;
 
 use crate::aws::{depth, drain};
-use crate::helpers::{TestDb, seed, seed_agent_with, token, verifier};
+use crate::helpers::{TestDb, seed, token, verifier};
 use crate::llm::{FakeLlm, Reply, pieces};
 use crate::local::{Env, authenticated, next, send};
 use crate::orchestrator::{conversation_with, orchestrator, replies, run};
@@ -101,28 +101,14 @@ async fn konstruct_local_streams_and_stores_a_model_reply_with_nul_without_it() 
     let (test, db) = TestDb::migrated().await;
     let s = seed(&db, "acme").await;
     let llm = nul_model().await;
-    let agent = seed_agent_with(&db, s.tenant, "model", Provider::Openai, "gpt-test").await;
-    let mut tx = db.begin(shared::db::Scope::Tenant(s.tenant)).await.unwrap();
-    let conversation = shared::db::conversations::get_or_create(&mut tx, s.tenant, agent, s.user)
-        .await
-        .unwrap()
-        .row
-        .id;
-    tx.commit().await.unwrap();
+    let conversation = crate::helpers::model_conversation(&db, &s).await;
     let env = Env::new(&test);
-    let local = tests::stack::Server::start(
-        &std::env::var("KONSTRUCT_LOCAL_BIN").unwrap(),
-        &env.database_url,
-        &env.redis_url,
-        &env.prefix,
+    let local = crate::local::Local::start_with_model(
+        &env,
         &["serve", "--listen", "127.0.0.1:0"],
-        &[
-            ("OPENAI_BASE_URL", llm.base_url.as_str()),
-            ("OPENAI_API_KEY", "sk-test"),
-        ],
+        &llm.base_url,
     )
-    .await
-    .unwrap();
+    .await;
     let mut socket = authenticated(&local.address, &s, conversation).await;
 
     send(&mut socket, json!({ "type": "message", "text": "first" })).await;
