@@ -37,12 +37,17 @@ pub async fn run(
                 }
                 if subscribed {
                     tracing::info!("bridge: subscribed");
+                    sockets.mark_subscribed(None, true);
                     backoff = first;
                     loop {
                         tokio::select! {
                             change = changes.recv() => {
                                 let ok = match change {
-                                    Some(Subscription::Add(c)) => sink.subscribe(&c).await.is_ok(),
+                                    Some(Subscription::Add(c)) => {
+                                        let ok = sink.subscribe(&c).await.is_ok();
+                                        sockets.mark_subscribed(Some(&c), ok);
+                                        ok
+                                    }
                                     Some(Subscription::Remove(c)) => sink.unsubscribe(&c).await.is_ok(),
                                     None => return,
                                 };
@@ -64,6 +69,7 @@ pub async fn run(
                         }
                     }
                 }
+                sockets.mark_subscribed(None, false);
                 tracing::warn!("bridge: lost Redis; reconnecting");
             }
             Err(e) => tracing::warn!(error = %e, "bridge: cannot reach Redis"),

@@ -103,6 +103,8 @@ pub struct Gateway {
 /// joined) of at most 128 KiB; past either the connection is closed with 1009.
 const MAX_CLIENT_FRAME: usize = 32 * 1024;
 const MAX_CLIENT_MESSAGE: usize = shared::frame::MAX_CLIENT_FRAME_BYTES;
+/// How long `auth` waits for the bridge to subscribe to the socket's conversation.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(1);
 
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
@@ -297,7 +299,10 @@ impl Gateway {
         if route == Route::Auth
             && let Some((tenant, conversation)) = channel
         {
-            self.sockets.bind(id, tenant, conversation);
+            // Subscribed before the binding commits, so a writer that lists the socket next
+            // publishes to a gateway that hears it (not waiting past a second if Redis is away).
+            let mut ready = self.sockets.bind(id, tenant, conversation);
+            let _ = tokio::time::timeout(SUBSCRIBE_WAIT, ready.wait_for(|s| *s)).await;
         }
         let answer = self
             .dispatch
@@ -307,7 +312,7 @@ impl Gateway {
             && match self.binding(id).await {
                 Ok(Some((tenant, conversation))) => {
                     // Already joined above, unless the conversation could not be read then.
-                    self.sockets.bind(id, tenant, conversation);
+                    drop(self.sockets.bind(id, tenant, conversation));
                     true
                 }
                 Ok(None) => false,

@@ -10,7 +10,7 @@ use shared::delivery::{Delivery, Posted, encode};
 use shared::domain::{ConnectionId, ConversationId, TenantId};
 use shared::frame::ServerFrame;
 use shared::redis_keys::webchat_response_key;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// What the gateway writes to one socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +36,8 @@ pub enum Subscription {
 pub struct Sockets {
     table: Mutex<HashMap<ConnectionId, Socket>>,
     subscriptions: mpsc::UnboundedSender<Subscription>,
+    /// Per channel with sockets here: whether the bridge's subscription to it is in place.
+    subscribed: Mutex<HashMap<String, watch::Sender<bool>>>,
 }
 
 impl Sockets {
@@ -43,6 +45,7 @@ impl Sockets {
         Self {
             table: Mutex::default(),
             subscriptions,
+            subscribed: Mutex::default(),
         }
     }
 
@@ -60,9 +63,23 @@ impl Sockets {
         );
     }
 
-    /// Marks the socket as authenticated on a conversation, so its replies reach it.
-    pub fn bind(&self, id: &ConnectionId, tenant_id: TenantId, conversation_id: ConversationId) {
+    /// Marks the socket as authenticated on a conversation, so its replies reach it. The
+    /// receiver turns `true` once the bridge is subscribed to the conversation's channel (at
+    /// once when it already was).
+    pub fn bind(
+        &self,
+        id: &ConnectionId,
+        tenant_id: TenantId,
+        conversation_id: ConversationId,
+    ) -> watch::Receiver<bool> {
         let channel = webchat_response_key(tenant_id, conversation_id);
+        let ready = self
+            .subscribed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(channel.clone())
+            .or_insert_with(|| watch::channel(false).0)
+            .subscribe();
         let mut table = self.lock();
         let first = !table
             .values()
@@ -71,6 +88,17 @@ impl Sockets {
             let previous = socket.channel.replace(channel.clone());
             if previous.as_deref() != Some(channel.as_str()) && first {
                 let _ = self.subscriptions.send(Subscription::Add(channel));
+            }
+        }
+        ready
+    }
+
+    /// The bridge's word on a channel's subscription (`false` for all when it lost Redis).
+    pub fn mark_subscribed(&self, channel: Option<&str>, subscribed: bool) {
+        let channels = self.subscribed.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, ready) in channels.iter() {
+            if channel.is_none_or(|c| c == name) {
+                ready.send_replace(subscribed);
             }
         }
     }
@@ -85,6 +113,10 @@ impl Sockets {
                 .values()
                 .any(|s| s.channel.as_deref() == Some(channel.as_str()))
         {
+            self.subscribed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&channel);
             let _ = self.subscriptions.send(Subscription::Remove(channel));
         }
     }
