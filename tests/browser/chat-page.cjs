@@ -18,6 +18,9 @@ async function main() {
 
     await page.goto(url);
     await connected();
+    if (await page.evaluate(() => location.hash.includes("token"))) {
+      throw new Error("the token stayed in the address bar");
+    }
     await page.fill("#text", "Hello from the browser");
     await page.click("#send");
     await page.waitForSelector('.message.assistant:has-text("Echo: Hello from the browser")', { timeout: 15000 });

@@ -95,6 +95,15 @@ fn redis_url() -> Result<String, Failure> {
     }
 }
 
+/// Development commands refuse a deployed configuration: `KONSTRUCT_MODE=aws`, however spaced
+/// or cased (the mode parser reads it trimmed, so must this check).
+fn refuse_aws_mode(command: &str) -> Result<(), Failure> {
+    if std::env::var("KONSTRUCT_MODE").is_ok_and(|m| m.trim().eq_ignore_ascii_case("aws")) {
+        return Err(format!("refusing to run {command} with KONSTRUCT_MODE=aws").into());
+    }
+    Ok(())
+}
+
 async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
     tracing::info!("shutting down");
@@ -126,11 +135,12 @@ impl Cli {
                 eprintln!("migrations applied");
                 Ok(())
             }
-            Command::SeedDemo { url } => seed_demo(&url).await,
+            Command::SeedDemo { url } => {
+                refuse_aws_mode("seed-demo")?;
+                seed_demo(&url).await
+            }
             Command::Token { user, role, hours } => {
-                if matches!(std::env::var("KONSTRUCT_MODE").as_deref(), Ok("aws")) {
-                    return Err("refusing to mint a token with KONSTRUCT_MODE=aws".into());
-                }
+                refuse_aws_mode("token")?;
                 let role: Role = role.parse()?;
                 let token = issue_token(
                     &AuthConfig::from_env()?,

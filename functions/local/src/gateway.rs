@@ -240,15 +240,20 @@ impl Gateway {
         let idle = tokio::time::sleep(self.idle_timeout);
         tokio::pin!(idle);
         let mut authenticated = false;
+        // Once a close is under way, no timer fires again (a finished sleep stays ready).
+        let mut closing = false;
         loop {
             tokio::select! {
-                () = &mut deadline, if !authenticated => {
+                () = &mut deadline, if !authenticated && !closing => {
+                    closing = true;
                     self.sockets.close(&id, 1008, "not authenticated in time");
                 }
-                () = &mut lifetime => {
+                () = &mut lifetime, if !closing => {
+                    closing = true;
                     self.sockets.close(&id, 1001, "connection lifetime reached");
                 }
-                () = &mut idle => {
+                () = &mut idle, if !closing => {
+                    closing = true;
                     self.sockets.close(&id, 1001, "idle timeout");
                 }
                 _ = &mut writer => break,

@@ -57,7 +57,8 @@ export class Chat {
   constructor(options) {
     this.options = options;
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    this.socketUrl = options.socketUrl || `${scheme}://${location.host}/chat/ws/${options.conversationId}`;
+    const conversation = encodeURIComponent(options.conversationId);
+    this.socketUrl = options.socketUrl || `${scheme}://${location.host}/chat/ws/${conversation}`;
     this.apiBase = options.apiBase ?? location.origin;
     this.storage = options.storage === undefined ? globalThis.sessionStorage ?? null : options.storage;
     this.outboxKey = `konstruct.outbox.${options.conversationId}`;
@@ -292,7 +293,8 @@ export class Chat {
   /** The newest page of history over REST: the first load, and after too much was missed. */
   async reload() {
     const token = typeof this.options.token === "function" ? await this.options.token() : this.options.token;
-    const url = `${this.apiBase}/api/portal/chat/conversations/${this.options.conversationId}/messages?limit=200`;
+    const conversation = encodeURIComponent(this.options.conversationId);
+    const url = `${this.apiBase}/api/portal/chat/conversations/${conversation}/messages?limit=200`;
     const response = await fetch(url, { headers: { Authorization: "Bearer " + token } });
     if (!response.ok) {
       const body = await response.json().catch(() => ({}));

@@ -914,3 +914,31 @@ async fn an_idle_stack_answers_one_user_without_a_stall() {
     );
     local.stop().await;
 }
+
+/// `token` and `seed-demo` are for development: a deployed configuration (`KONSTRUCT_MODE=aws`,
+/// however spaced or cased) is refused before anything is done.
+#[tokio::test]
+async fn development_commands_refuse_a_deployed_configuration() {
+    let bin = std::env::var("KONSTRUCT_LOCAL_BIN").unwrap();
+    let user = uuid::Uuid::new_v4().to_string();
+    for mode in ["aws", " aws ", "AWS"] {
+        for args in [vec!["token", "--user", user.as_str()], vec!["seed-demo"]] {
+            let output = Command::new(&bin)
+                .args(&args)
+                .env("KONSTRUCT_MODE", mode)
+                .env("PORTAL_JWT_SECRET", SECRET)
+                .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "{args:?} ran with {mode:?}");
+            assert!(
+                stderr.contains("refusing") && stderr.contains("KONSTRUCT_MODE=aws"),
+                "{args:?} with {mode:?}: {stderr}"
+            );
+            assert!(output.stdout.is_empty(), "nothing minted or seeded");
+        }
+    }
+}
