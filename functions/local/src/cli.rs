@@ -220,6 +220,13 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     };
 
     eprintln!("konstruct-local listening on http://{address}");
+    if !address.ip().is_loopback() {
+        tracing::warn!(
+            %address,
+            "listening beyond this machine: the chat and its REST API are reachable from the \
+             network (the connection-management API still answers loopback clients only)"
+        );
+    }
     let mut server_stopped = stopped.clone();
     // Every accepted socket carries small frames one after another: without TCP_NODELAY, Nagle's
     // algorithm holds each frame after the first until the client's delayed ACK (~40 ms).
@@ -228,16 +235,19 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
             tracing::warn!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                () = shutdown_signal() => {}
-                _ = server_stopped.wait_for(|s| *s) => {}
-            }
-            // Sockets are closed as going away; their clients reconnect to the next server.
-            sockets.close_all(1001, "server shutting down");
-        })
-        .await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            _ = server_stopped.wait_for(|s| *s) => {}
+        }
+        // Sockets are closed as going away; their clients reconnect to the next server.
+        sockets.close_all(1001, "server shutting down");
+    })
+    .await?;
     let _ = stop.send(true);
     if let Some(worker) = worker {
         // The pass under way finishes; what it did not acknowledge is read again later.

@@ -6,6 +6,7 @@
 //! outside the process can reach the sockets.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use aws_lambda_events::query_map::QueryMap;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -385,11 +386,29 @@ fn connection(raw: &str) -> Option<ConnectionId> {
     ConnectionId::parse(raw).ok()
 }
 
+/// The connection-management API posts to any socket: only this machine may call it (functions
+/// under `cargo lambda watch`, the in-process handlers), never a client on the network.
+/// The refusal for a caller elsewhere; `None` for this machine.
+fn refused_unless_local(peer: SocketAddr) -> Option<Response> {
+    (!peer.ip().is_loopback()).then(|| {
+        (
+            StatusCode::FORBIDDEN,
+            [("x-amzn-ErrorType", "ForbiddenException")],
+            axum::Json(serde_json::json!({ "message": "Forbidden" })),
+        )
+            .into_response()
+    })
+}
+
 async fn management_post(
     State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
+    if let Some(refused) = refused_unless_local(peer) {
+        return refused;
+    }
     let Some(id) = connection(&id) else {
         return gone();
     };
@@ -413,7 +432,14 @@ async fn management_post(
     }
 }
 
-async fn management_get(State(gateway): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+async fn management_get(
+    State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+) -> Response {
+    if let Some(refused) = refused_unless_local(peer) {
+        return refused;
+    }
     match connection(&id) {
         Some(id) if gateway.sockets.is_open(&id) => axum::Json(serde_json::json!({
             "ConnectedAt": null,
@@ -426,8 +452,12 @@ async fn management_get(State(gateway): State<Arc<Gateway>>, Path(id): Path<Stri
 
 async fn management_delete(
     State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
 ) -> Response {
+    if let Some(refused) = refused_unless_local(peer) {
+        return refused;
+    }
     match connection(&id) {
         Some(id) if gateway.sockets.close(&id, 1000, "closed by the server") => {
             StatusCode::NO_CONTENT.into_response()

@@ -942,3 +942,50 @@ async fn development_commands_refuse_a_deployed_configuration() {
         }
     }
 }
+
+/// This machine's first address that is not loopback (`hostname -I`, from Debian's essential
+/// `hostname` package).
+fn network_address() -> std::net::IpAddr {
+    let out = std::process::Command::new("hostname")
+        .arg("-I")
+        .output()
+        .expect("hostname -I");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+        .find(|a| a.is_ipv4() && !a.is_loopback())
+        .expect("this test needs a network interface besides loopback")
+}
+
+/// Listening beyond this machine, the server still takes the connection-management API (which
+/// posts to any socket) from this machine only; the page and the REST API answer everyone.
+#[tokio::test]
+async fn the_management_api_answers_only_this_machine() {
+    let (test, _db) = TestDb::migrated().await;
+    let local = Local::start(&Env::new(&test), &["serve", "--listen", "0.0.0.0:0"]).await;
+    let port = local.address.rsplit(':').next().unwrap().to_owned();
+    let http = reqwest::Client::new();
+    let post = |host: String| {
+        http.post(format!(
+            "http://{host}:{port}/@connections/AAAAAAAAAAAAAAAA"
+        ))
+        .body("{}")
+        .send()
+    };
+    let here = post("127.0.0.1".into()).await.unwrap();
+    assert_eq!(
+        here.status(),
+        410,
+        "loopback: answered (that socket is gone)"
+    );
+    let elsewhere = network_address().to_string();
+    let remote = post(elsewhere.clone()).await.unwrap();
+    assert_eq!(remote.status(), 403, "from the network: refused");
+    let page = http
+        .get(format!("http://{elsewhere}:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200, "the page still answers");
+    local.stop().await;
+}
