@@ -629,63 +629,43 @@ async fn history_carries_seq_and_status_and_catches_up_after_a_seq() {
     let s = seed(&db, "acme").await;
     let ids = add_messages(&db, &s, &["one", "two", "three", "four", "five"]).await;
     let t = token(s.user, Role::CustomerOperator);
-
-    let all = call(
-        &db,
-        Method::GET,
-        &history_uri(s.conversation, ""),
-        Some(&t),
-        None,
-    )
-    .await;
-    assert_eq!(all.status, StatusCode::OK, "{}", all.body);
-    let seqs: Vec<i64> = all
-        .body
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_i64().unwrap())
-        .collect();
-    assert_eq!(seqs, [1, 2, 3, 4, 5]);
-    assert!(
-        all.body
+    let history = |query: String| {
+        let uri = history_uri(s.conversation, &query);
+        let (db, t) = (db.clone(), t.clone());
+        async move { call(&db, Method::GET, &uri, Some(&t), None).await }
+    };
+    let field = |r: &Response, name: &str| -> Vec<Value> {
+        r.body
             .as_array()
             .unwrap()
             .iter()
-            .all(|m| m["status"] == "complete" && m["reply_to"].is_null())
+            .map(|m| m[name].clone())
+            .collect()
+    };
+
+    let all = history(String::new()).await;
+    assert_eq!(all.status, StatusCode::OK, "{}", all.body);
+    assert_eq!(field(&all, "seq"), [1, 2, 3, 4, 5].map(|n| json!(n)));
+    assert!(field(&all, "status").iter().all(|s| s == "complete"));
+    assert!(field(&all, "reply_to").iter().all(Value::is_null));
+
+    let after = history("?after_seq=2&limit=2".into()).await;
+    assert_eq!(after.status, StatusCode::OK, "{}", after.body);
+    assert_eq!(
+        field(&after, "content"),
+        [json!("three"), json!("four")],
+        "just after seq 2"
     );
 
-    let after = call(
-        &db,
-        Method::GET,
-        &history_uri(s.conversation, "?after_seq=2&limit=2"),
-        Some(&t),
-        None,
-    )
-    .await;
-    assert_eq!(after.status, StatusCode::OK, "{}", after.body);
-    let got: Vec<&str> = after
-        .body
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["content"].as_str().unwrap())
-        .collect();
-    assert_eq!(got, ["three", "four"], "the two just after seq 2");
-
     for query in [
-        "?after_seq=-1",
-        "?after_seq=x",
-        &format!("?after_seq=1&before={}", ids[3]),
+        "?after_seq=-1".to_owned(),
+        "?after_seq=x".to_owned(),
+        format!("?after_seq=1&before={}", ids[3]),
     ] {
-        let bad = call(
-            &db,
-            Method::GET,
-            &history_uri(s.conversation, query),
-            Some(&t),
-            None,
-        )
-        .await;
-        assert_error(&bad, StatusCode::BAD_REQUEST, "bad_request");
+        assert_error(
+            &history(query).await,
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        );
     }
 }
