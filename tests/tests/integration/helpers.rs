@@ -187,17 +187,27 @@ pub async fn seed_agent_with(
     agent.id
 }
 
-/// A conversation of the seeded user with a new OpenAI-compatible agent (model `gpt-test`).
-pub async fn model_conversation(db: &Db, s: &Seed) -> ConversationId {
-    let agent = seed_agent_with(db, s.tenant, "model", Provider::Openai, "gpt-test").await;
-    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
-    let conversation = conversations::get_or_create(&mut tx, s.tenant, agent, s.user)
+/// The user's conversation with the agent, created if need be.
+pub async fn conversation_for(
+    db: &Db,
+    tenant: TenantId,
+    agent: AgentId,
+    user: UserId,
+) -> ConversationId {
+    let mut tx = db.begin(Scope::Tenant(tenant)).await.unwrap();
+    let conversation = conversations::get_or_create(&mut tx, tenant, agent, user)
         .await
         .unwrap()
         .row
         .id;
     tx.commit().await.unwrap();
     conversation
+}
+
+/// A conversation of the seeded user with a new OpenAI-compatible agent (model `gpt-test`).
+pub async fn model_conversation(db: &Db, s: &Seed) -> ConversationId {
+    let agent = seed_agent_with(db, s.tenant, "model", Provider::Openai, "gpt-test").await;
+    conversation_for(db, s.tenant, agent, s.user).await
 }
 
 pub async fn seed(db: &Db, name: &str) -> Seed {

@@ -62,14 +62,7 @@ pub fn orchestrator(h: &Harness, llm: &FakeLlm) -> OrchestratorState {
 /// A conversation of the seeded user with a new agent of this provider.
 pub async fn conversation_with(h: &Harness, provider: Provider, model: &str) -> ConversationId {
     let agent = seed_agent_with(&h.db, h.seed.tenant, "model agent", provider, model).await;
-    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
-    let conversation = conversations::get_or_create(&mut tx, h.seed.tenant, agent, h.seed.user)
-        .await
-        .unwrap()
-        .row
-        .id;
-    tx.commit().await.unwrap();
-    conversation
+    crate::helpers::conversation_for(&h.db, h.seed.tenant, agent, h.seed.user).await
 }
 
 /// The jobs the message route queued for these messages, as the orchestrator receives them.
@@ -93,14 +86,7 @@ pub async fn records_for(h: &Harness, connection: &str, texts: &[&str]) -> Vec<S
 /// Another OpenAI-backed conversation of the seeded user, with an agent of this name.
 pub async fn conversation_with_named(h: &Harness, name: &str) -> ConversationId {
     let agent = seed_agent_with(&h.db, h.seed.tenant, name, Provider::Openai, "gpt-test").await;
-    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
-    let conversation = conversations::get_or_create(&mut tx, h.seed.tenant, agent, h.seed.user)
-        .await
-        .unwrap()
-        .row
-        .id;
-    tx.commit().await.unwrap();
-    conversation
+    crate::helpers::conversation_for(&h.db, h.seed.tenant, agent, h.seed.user).await
 }
 
 /// Sends user messages on a socket and returns the jobs the route queued, in order.

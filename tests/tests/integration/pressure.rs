@@ -344,14 +344,7 @@ async fn a_bedrock_model_outside_the_allow_list_is_refused_without_a_call() {
 /// A second Bedrock conversation (the seeded user has one per agent).
 async fn conversation_with_agent_model(h: &Harness, model: &str) -> ConversationId {
     let agent = seed_agent_with(&h.db, h.seed.tenant, "costly", Provider::Bedrock, model).await;
-    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
-    let conversation = conversations::get_or_create(&mut tx, h.seed.tenant, agent, h.seed.user)
-        .await
-        .unwrap()
-        .row
-        .id;
-    tx.commit().await.unwrap();
-    conversation
+    crate::helpers::conversation_for(&h.db, h.seed.tenant, agent, h.seed.user).await
 }
 
 /// On the queue's last receive a transient failure is told; before it, never.
