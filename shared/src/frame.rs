@@ -209,6 +209,38 @@ pub enum ServerFrame {
     Pong,
 }
 
+/// Where a reply's `chunk` frames belong: the reply, the user message it answers, its
+/// conversation.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkOf {
+    pub conversation_id: ConversationId,
+    pub message_id: MessageId,
+    pub reply_to: MessageId,
+}
+
+impl ChunkOf {
+    /// `text` as `chunk` frames of at most [`CHUNK_MAX_CHARS`] characters, the first starting
+    /// at `offset` (and carrying `reset`, when given).
+    pub fn chunks(self, offset: usize, text: &str, reset: bool) -> Vec<ServerFrame> {
+        let mut offset = offset;
+        split_chars(text, CHUNK_MAX_CHARS)
+            .enumerate()
+            .map(|(i, delta)| {
+                let chunk = ServerFrame::Chunk {
+                    conversation_id: self.conversation_id,
+                    message_id: self.message_id,
+                    reply_to: self.reply_to,
+                    offset,
+                    delta: delta.to_owned(),
+                    reset: reset && i == 0,
+                };
+                offset += delta.chars().count();
+                chunk
+            })
+            .collect()
+    }
+}
+
 impl ServerFrame {
     /// The `error` frame for an error; internal causes are logged, not sent.
     pub fn error(err: &Error) -> Self {

@@ -17,17 +17,16 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::agent::{
-    AgentReply, AgentRequest, Agents, Bedrock, Deltas, Echo, OpenAi, OutputLimits, RetryPolicy,
-    Turn,
+    AgentRequest, Agents, Bedrock, Deltas, Echo, OpenAi, OutputLimits, RetryPolicy, Turn,
 };
 use crate::config::{ConfigError, DatabaseConfig, Mode, positive};
 use crate::db::conversations::Conversation;
-use crate::db::message_path::{self, ContextMessage, ReplyFlush, ReplyWrite, StoredReply, Written};
+use crate::db::message_path::{self, ContextMessage, ReplyFlush, ReplyWrite, Written};
 use crate::db::messages::{Message, MessageStatus, StopReason, Usage};
 use crate::db::{Db, Scope};
 use crate::delivery::{Audience, ConnectionsFanout, Fanout, ManagementApi, RedisFanout, encode};
 use crate::domain::{MessageId, storable};
-use crate::frame::{CHUNK_MAX_CHARS, ServerFrame, split_chars};
+use crate::frame::{ChunkOf, ServerFrame};
 use crate::job::Job;
 use crate::{Error, ErrorCode};
 
@@ -255,22 +254,16 @@ async fn answer(
     })?;
     if loaded.cancel_requested {
         tracing::info!("cancelled before it started");
-        let stored = store_whole(
-            state,
-            &conversation,
-            job.message_id,
-            AgentReply {
-                text: String::new(),
-                stop: StopReason::Cancelled,
-                usage: None,
-            },
-            MessageStatus::Cancelled,
-        )
-        .await?;
-        audience.renew(stored.recipients);
-        return deliver(state, audience, &stored.reply, false)
-            .await
-            .map_err(Failure::transient);
+        let mut stream = ReplyStream::new(state, &conversation, audience, job.message_id);
+        let stored = stream
+            .end("", MessageStatus::Cancelled, StopReason::Cancelled, None)
+            .await?;
+        return match stored {
+            Some(reply) => deliver(state, stream.audience, &reply, false)
+                .await
+                .map_err(Failure::transient),
+            None => Ok(()),
+        };
     }
     if !agent.is_active {
         return Err(Failure {
@@ -310,14 +303,26 @@ async fn answer(
     };
     let mut stream = ReplyStream::new(state, &conversation, audience, job.message_id);
     let (result, leftover) = tokio::join!(call, stream.run(pieces, &stop));
-    let outcome = match (result, stream.ended.take()) {
+    let (text, status, stop, usage) = match (result, stream.ended.take()) {
         (_, Some(Ended::Superseded)) => {
             tracing::info!("another attempt owns this reply now");
             return Ok(());
         }
         (_, Some(Ended::Failed(failure))) => return Err(failure),
-        (_, Some(Ended::Cancelled)) | (None, None) => Finish::Cancelled,
-        (Some(Ok(reply)), None) => Finish::Complete(reply),
+        (_, Some(Ended::Cancelled)) | (None, None) => (
+            leftover,
+            MessageStatus::Cancelled,
+            StopReason::Cancelled,
+            None,
+        ),
+        // A provider that does not stream: the whole reply, stored in one statement.
+        (Some(Ok(reply)), None) if stream.reply.is_none() => (
+            storable(&reply.text).into_owned(),
+            MessageStatus::Complete,
+            reply.stop,
+            reply.usage,
+        ),
+        (Some(Ok(reply)), None) => (leftover, MessageStatus::Complete, reply.stop, reply.usage),
         (Some(Err(err)), None) => {
             tracing::warn!(error = %err, retryable = err.retryable, "agent failed");
             let error = Error::AgentFailed(err.message);
@@ -330,112 +335,19 @@ async fn answer(
             // on the last, or when retrying cannot help, it ends `failed` with what it had.
             if stream.reply.is_some() && (!failure.retry || receipt.last) {
                 stream
-                    .finish(&leftover, MessageStatus::Failed, StopReason::Error, None)
+                    .end(&leftover, MessageStatus::Failed, StopReason::Error, None)
                     .await?;
             }
             return Err(failure);
         }
     };
-    let stored = match (outcome, stream.reply.is_some()) {
-        (Finish::Complete(reply), false) => {
-            let text = storable(&reply.text).into_owned();
-            let stored = store_whole(
-                state,
-                &conversation,
-                job.message_id,
-                AgentReply { text, ..reply },
-                MessageStatus::Complete,
-            )
-            .await?;
-            if stored.written == Written::TakenOver {
-                // Clients hold the text of an attempt that died: the response replaces it.
-                tracing::info!("took over a reply left streaming");
-            }
-            stream.audience.renew(stored.recipients);
-            stored.reply
-        }
-        (Finish::Complete(reply), true) => {
-            let Some(stored) = stream
-                .finish(&leftover, MessageStatus::Complete, reply.stop, reply.usage)
-                .await?
-            else {
-                return Ok(());
-            };
-            stored
-        }
-        (Finish::Cancelled, false) => {
-            let stored = store_whole(
-                state,
-                &conversation,
-                job.message_id,
-                AgentReply {
-                    text: leftover,
-                    stop: StopReason::Cancelled,
-                    usage: None,
-                },
-                MessageStatus::Cancelled,
-            )
-            .await?;
-            stream.audience.renew(stored.recipients);
-            stored.reply
-        }
-        (Finish::Cancelled, true) => {
-            let Some(stored) = stream
-                .finish(
-                    &leftover,
-                    MessageStatus::Cancelled,
-                    StopReason::Cancelled,
-                    None,
-                )
-                .await?
-            else {
-                return Ok(());
-            };
-            stored
-        }
-    };
     let streamed = stream.reply.is_some();
+    let Some(stored) = stream.end(&text, status, stop, usage).await? else {
+        return Ok(());
+    };
     deliver(state, stream.audience, &stored, streamed)
         .await
         .map_err(Failure::transient)
-}
-
-/// How an agent call ended, when it did not fail.
-enum Finish {
-    Complete(AgentReply),
-    Cancelled,
-}
-
-/// Stores a reply that did not stream, in one statement.
-async fn store_whole(
-    state: &OrchestratorState,
-    conversation: &Conversation,
-    reply_to: MessageId,
-    reply: AgentReply,
-    status: MessageStatus,
-) -> Result<StoredReply, Failure> {
-    let mut tx = state
-        .db
-        .begin(Scope::Tenant(conversation.tenant_id))
-        .await
-        .map_err(Failure::transient)?;
-    let stored = message_path::write_reply(
-        &mut tx,
-        conversation,
-        ReplyWrite {
-            id: MessageId::new(),
-            reply_to,
-            producer: Uuid::nil(),
-            text: &reply.text,
-            status,
-            stop: Some(reply.stop),
-            usage: reply.usage,
-        },
-    )
-    .await
-    .map_err(Failure::of_database)?;
-    tx.commit().await.map_err(Failure::transient)?;
-    Ok(stored)
 }
 
 /// Why a stream stopped before the agent was done.
@@ -587,65 +499,86 @@ impl<'a> ReplyStream<'a> {
         Ok(())
     }
 
-    /// Ends the streamed reply with `tail` and its status; `None` when another attempt owns it.
-    async fn finish(
+    /// Ends the reply with `text` and its status: a streamed reply's unflushed tail, appended
+    /// and sent as chunks (so every client's text is whole before the response); otherwise the
+    /// whole reply, written in one statement. `None` when another attempt owns the reply.
+    async fn end(
         &mut self,
-        tail: &str,
+        text: &str,
         status: MessageStatus,
         stop: StopReason,
         usage: Option<Usage>,
     ) -> Result<Option<Message>, Failure> {
-        let Some(reply) = &self.reply else {
-            return Ok(None);
-        };
         let state = self.state;
         let mut tx = state
             .db
             .begin(Scope::Tenant(self.conversation.tenant_id))
             .await
             .map_err(Failure::transient)?;
-        let flushed = message_path::flush_reply(
-            &mut tx,
-            self.conversation,
-            ReplyFlush {
-                id: reply.id,
-                producer: self.producer,
-                offset: self.offset,
-                delta: tail,
-                status,
-                stop: Some(stop),
-                usage,
-            },
-        )
-        .await
-        .map_err(Failure::of_database)?;
-        tx.commit().await.map_err(Failure::transient)?;
-        self.audience.renew(flushed.recipients);
-        let Some(ended) = flushed.reply else {
-            return Ok(None);
+        let (ended, recipients) = match &self.reply {
+            Some(reply) => {
+                let flushed = message_path::flush_reply(
+                    &mut tx,
+                    self.conversation,
+                    ReplyFlush {
+                        id: reply.id,
+                        producer: self.producer,
+                        offset: self.offset,
+                        delta: text,
+                        status,
+                        stop: Some(stop),
+                        usage,
+                    },
+                )
+                .await
+                .map_err(Failure::of_database)?;
+                (flushed.reply, flushed.recipients)
+            }
+            None => {
+                let stored = message_path::write_reply(
+                    &mut tx,
+                    self.conversation,
+                    ReplyWrite {
+                        id: MessageId::new(),
+                        reply_to: self.reply_to,
+                        producer: self.producer,
+                        text,
+                        status,
+                        stop: Some(stop),
+                        usage,
+                    },
+                )
+                .await
+                .map_err(Failure::of_database)?;
+                if stored.written == Written::TakenOver {
+                    // Clients hold the text of an attempt that died: the response replaces it.
+                    tracing::info!("took over a reply left streaming");
+                }
+                (Some(stored.reply), stored.recipients)
+            }
         };
-        // The tail goes out as chunks, so every client's text is whole before the response.
-        self.send_chunks(ended.id, tail, false).await;
-        Ok(Some(ended))
+        tx.commit().await.map_err(Failure::transient)?;
+        self.audience.renew(recipients);
+        if let (Some(ended), true) = (&ended, self.reply.is_some()) {
+            self.send_chunks(ended.id, text, false).await;
+        }
+        Ok(ended)
     }
 
     /// Sends stored text as chunks from the current offset (a frame's worth each), and moves
     /// the offset past it. A socket that misses one catches up on resume.
     async fn send_chunks(&mut self, message_id: MessageId, text: &str, reset: bool) {
-        for (i, piece) in split_chars(text, CHUNK_MAX_CHARS).enumerate() {
-            let chunk = ServerFrame::Chunk {
-                conversation_id: self.conversation.id,
-                message_id,
-                reply_to: self.reply_to,
-                offset: self.offset,
-                delta: piece.to_owned(),
-                reset: reset && i == 0,
-            };
+        let of = ChunkOf {
+            conversation_id: self.conversation.id,
+            message_id,
+            reply_to: self.reply_to,
+        };
+        for chunk in of.chunks(self.offset, text, reset) {
             if let Err(e) = self.state.fanout.send(self.audience, &chunk).await {
                 tracing::warn!(error = &e as &dyn std::error::Error, "chunk not sent");
             }
-            self.offset += piece.chars().count();
         }
+        self.offset += text.chars().count();
     }
 }
 
@@ -695,18 +628,13 @@ async fn deliver(
     };
     if encode(&frame).is_err() {
         if !streamed {
-            let mut offset = 0;
-            for delta in split_chars(&reply.content, CHUNK_MAX_CHARS) {
-                let chunk = ServerFrame::Chunk {
-                    conversation_id: reply.conversation_id,
-                    message_id: reply.id,
-                    reply_to,
-                    offset,
-                    delta: delta.to_owned(),
-                    reset: false,
-                };
+            let of = ChunkOf {
+                conversation_id: reply.conversation_id,
+                message_id: reply.id,
+                reply_to,
+            };
+            for chunk in of.chunks(0, &reply.content, false) {
                 state.fanout.send(audience, &chunk).await?;
-                offset += delta.chars().count();
             }
         }
         if let ServerFrame::Response { text, .. } = &mut frame {

@@ -115,7 +115,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             "/@connections/{id}",
             post(management_post)
                 .get(management_get)
-                .delete(management_delete),
+                .delete(management_delete)
+                .route_layer(axum::middleware::from_fn(this_machine_only)),
         )
         .with_state(gateway)
 }
@@ -388,27 +389,27 @@ fn connection(raw: &str) -> Option<ConnectionId> {
 
 /// The connection-management API posts to any socket: only this machine may call it (functions
 /// under `cargo lambda watch`, the in-process handlers), never a client on the network.
-/// The refusal for a caller elsewhere; `None` for this machine.
-fn refused_unless_local(peer: SocketAddr) -> Option<Response> {
-    (!peer.ip().is_loopback()).then(|| {
-        (
+async fn this_machine_only(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !peer.ip().is_loopback() {
+        return (
             StatusCode::FORBIDDEN,
             [("x-amzn-ErrorType", "ForbiddenException")],
             axum::Json(serde_json::json!({ "message": "Forbidden" })),
         )
-            .into_response()
-    })
+            .into_response();
+    }
+    next.run(request).await
 }
 
 async fn management_post(
     State(gateway): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    if let Some(refused) = refused_unless_local(peer) {
-        return refused;
-    }
     let Some(id) = connection(&id) else {
         return gone();
     };
@@ -432,14 +433,7 @@ async fn management_post(
     }
 }
 
-async fn management_get(
-    State(gateway): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(id): Path<String>,
-) -> Response {
-    if let Some(refused) = refused_unless_local(peer) {
-        return refused;
-    }
+async fn management_get(State(gateway): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
     match connection(&id) {
         Some(id) if gateway.sockets.is_open(&id) => axum::Json(serde_json::json!({
             "ConnectedAt": null,
@@ -452,12 +446,8 @@ async fn management_get(
 
 async fn management_delete(
     State(gateway): State<Arc<Gateway>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
 ) -> Response {
-    if let Some(refused) = refused_unless_local(peer) {
-        return refused;
-    }
     match connection(&id) {
         Some(id) if gateway.sockets.close(&id, 1000, "closed by the server") => {
             StatusCode::NO_CONTENT.into_response()

@@ -11,9 +11,7 @@ use crate::db::messages::{Message, MessageView};
 use crate::db::{Scope, message_path};
 use crate::delivery::encode;
 use crate::domain::ConversationId;
-use crate::frame::{
-    CHUNK_MAX_CHARS, ClientFrame, MAX_SERVER_FRAME_BYTES, ServerFrame, split_chars,
-};
+use crate::frame::{ChunkOf, ClientFrame, MAX_SERVER_FRAME_BYTES, ServerFrame};
 
 #[tracing::instrument(skip_all, fields(connection_id))]
 pub async fn handle(
@@ -88,22 +86,15 @@ fn owed_frames(
     if resumed {
         frames.extend(replay_frames(resume.too_many, resume.missed));
     }
-    if let (Some(reply), Some(reply_to)) = (
-        resume.streaming.as_ref(),
-        resume.streaming.as_ref().and_then(|m| m.reply_to),
-    ) {
-        let mut offset = 0;
-        for delta in split_chars(&reply.content, CHUNK_MAX_CHARS) {
-            frames.push(ServerFrame::Chunk {
-                conversation_id,
-                message_id: reply.id,
-                reply_to,
-                offset,
-                delta: delta.to_owned(),
-                reset: false,
-            });
-            offset += delta.chars().count();
-        }
+    if let Some(reply) = resume.streaming
+        && let Some(reply_to) = reply.reply_to
+    {
+        let of = ChunkOf {
+            conversation_id,
+            message_id: reply.id,
+            reply_to,
+        };
+        frames.extend(of.chunks(0, &reply.content, false));
     }
     frames
 }

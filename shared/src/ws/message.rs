@@ -102,19 +102,27 @@ async fn message(
             timestamp: stored.created_at,
         }),
     };
-    let shown = ServerFrame::Message {
-        conversation_id: stored.conversation_id,
-        message_id: stored.message_id,
-        seq: stored.seq,
-        role: MessageRole::User,
-        content: text.as_str().to_owned(),
-        created_at: stored.created_at,
-        client_message_id,
-    };
-    // Bounded and timed like any fan-out: a stuck tab cannot hold the ack back for long.
-    let fanout = ConnectionsFanout::new(state.db.clone(), state.delivery.clone());
-    let mut others = Audience::new(stored.tenant_id, stored.conversation_id, stored.others);
+    // Bounded and timed like any fan-out: a stuck tab cannot hold the ack back for long. A
+    // socket alone on its conversation (the usual case) costs nothing here.
     let show_others = async {
+        if stored.others.is_empty() {
+            return;
+        }
+        let shown = ServerFrame::Message {
+            conversation_id: stored.conversation_id,
+            message_id: stored.message_id,
+            seq: stored.seq,
+            role: MessageRole::User,
+            content: text.as_str().to_owned(),
+            created_at: stored.created_at,
+            client_message_id,
+        };
+        let fanout = ConnectionsFanout::new(state.db.clone(), state.delivery.clone());
+        let mut others = Audience::new(
+            stored.tenant_id,
+            stored.conversation_id,
+            stored.others.clone(),
+        );
         if let Err(err) = fanout.send(&mut others, &shown).await {
             tracing::warn!(
                 error = &err as &dyn std::error::Error,

@@ -215,13 +215,7 @@ pub async fn seed(db: &Db, name: &str) -> Seed {
     let user = seed_user(db, name).await;
     seed_member(db, tenant, user, TenantRole::CustomerOperator).await;
     let agent = seed_agent(db, tenant, &format!("{name} agent")).await;
-    let mut tx = db.begin(Scope::Tenant(tenant)).await.unwrap();
-    let conversation = conversations::get_or_create(&mut tx, tenant, agent, user)
-        .await
-        .unwrap()
-        .row
-        .id;
-    tx.commit().await.unwrap();
+    let conversation = conversation_for(db, tenant, agent, user).await;
     Seed {
         tenant,
         user,

@@ -452,11 +452,30 @@ impl OwnRedis {
     }
 }
 
-#[tokio::test]
-async fn the_chat_page_talks_to_the_agent_in_headless_chromium() {
+/// Runs a script of `tests/browser/` in Node (headless Chromium through playwright-core) and
+/// fails the test with everything it said unless it succeeds.
+async fn browser_script(script: &str, args: &[&str]) {
     let node_path = std::env::var("NODE_PATH").expect(
         "NODE_PATH is not set: run the tests through `make test`, which installs playwright-core",
     );
+    let output = Command::new("node")
+        .arg(format!("{}/browser/{script}", env!("CARGO_MANIFEST_DIR")))
+        .args(args)
+        .env("NODE_PATH", node_path)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run node");
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test]
+async fn the_chat_page_talks_to_the_agent_in_headless_chromium() {
     let (test, db) = TestDb::migrated().await;
     let s = seed(&db, "acme").await;
     let local = Local::start(&Env::new(&test), &["serve", "--listen", "127.0.0.1:0"]).await;
@@ -467,27 +486,7 @@ async fn the_chat_page_talks_to_the_agent_in_headless_chromium() {
         token(s.user, Role::CustomerOperator)
     );
     let screenshot = std::env::temp_dir().join(format!("chat-page-{}.png", s.conversation));
-    let output = Command::new("node")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/browser/chat-page.cjs"
-        ))
-        .arg(&url)
-        .arg(&screenshot)
-        .env("NODE_PATH", node_path)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("run node");
-    let report = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success(),
-        "the browser test failed:\n{report}"
-    );
+    browser_script("chat-page.cjs", &[&url, &screenshot.to_string_lossy()]).await;
     assert!(screenshot.exists());
     local.stop().await;
 }
@@ -498,9 +497,6 @@ async fn the_chat_page_talks_to_the_agent_in_headless_chromium() {
 async fn resume_in_chromium(serve: &[&str], mode: Option<&str>) -> Vec<(String, i64, i64)> {
     use crate::llm::{FakeLlm, Reply, last_user_text};
 
-    let node_path = std::env::var("NODE_PATH").expect(
-        "NODE_PATH is not set: run the tests through `make test`, which installs playwright-core",
-    );
     let (test, db) = TestDb::migrated().await;
     let s = seed(&db, "acme").await;
     let llm = FakeLlm::start(|request, _| {
@@ -521,22 +517,9 @@ async fn resume_in_chromium(serve: &[&str], mode: Option<&str>) -> Vec<(String, 
         conversation,
         token(s.user, Role::CustomerOperator)
     );
-    let mut node = Command::new("node");
-    node.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/browser/resume.cjs"))
-        .arg(&url)
-        .args(mode)
-        .env("NODE_PATH", node_path)
-        .stdin(Stdio::null());
-    let output = node.output().await.expect("run node");
-    let report = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success(),
-        "the browser test failed:\n{report}"
-    );
+    let mut args = vec![url.as_str()];
+    args.extend(mode);
+    browser_script("resume.cjs", &args).await;
     let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
     let counts = sqlx::query_as(
         "select q.content, count(distinct q.id),

@@ -126,7 +126,8 @@ pub async fn run(state: &OrchestratorState, records: Vec<SqsMessage>) -> Vec<Str
         .collect()
 }
 
-pub async fn replies(h: &Harness, conversation: ConversationId) -> Vec<messages::Message> {
+/// Every message of the conversation, oldest first.
+pub async fn stored(h: &Harness, conversation: ConversationId) -> Vec<messages::Message> {
     let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
     messages::page(
         &mut tx,
@@ -136,9 +137,15 @@ pub async fn replies(h: &Harness, conversation: ConversationId) -> Vec<messages:
     )
     .await
     .unwrap()
-    .into_iter()
-    .filter(|m| m.role == MessageRole::Assistant && m.status != MessageStatus::Streaming)
-    .collect()
+}
+
+/// The conversation's replies that have ended, oldest first.
+pub async fn replies(h: &Harness, conversation: ConversationId) -> Vec<messages::Message> {
+    stored(h, conversation)
+        .await
+        .into_iter()
+        .filter(|m| m.role == MessageRole::Assistant && m.status != MessageStatus::Streaming)
+        .collect()
 }
 
 pub fn of_type<'a>(frames: &'a [Value], kind: &str) -> Vec<&'a Value> {

@@ -10,25 +10,14 @@ use serde_json::{Value, json};
 use shared::db::agents::Provider;
 use shared::db::messages::{self, MessageRole, MessageStatus, PageFrom};
 use shared::db::{Scope, conversations};
-use shared::domain::{ConversationId, MessageText, PageLimit, Role};
+use shared::domain::{MessageText, PageLimit, Role};
 
 use crate::helpers::token;
 use crate::llm::{FakeLlm, Reply, pieces};
-use crate::orchestrator::{conversation_with, of_type, orchestrator, records_for, replies, run};
+use crate::orchestrator::{
+    conversation_with, of_type, orchestrator, records_for, replies, run, stored,
+};
 use crate::ws::Harness;
-
-/// Every message of the conversation, oldest first.
-async fn stored(h: &Harness, conversation: ConversationId) -> Vec<messages::Message> {
-    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
-    messages::page(
-        &mut tx,
-        conversation,
-        PageFrom::Newest,
-        PageLimit::new(200).unwrap(),
-    )
-    .await
-    .unwrap()
-}
 
 /// The text a client following the protocol holds after these frames: a chunk is applied when
 /// its offset is the length held (`reset` starts over), a `response` with text replaces it.
