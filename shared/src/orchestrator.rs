@@ -350,6 +350,13 @@ async fn answer(
         .map_err(Failure::transient)
 }
 
+/// What one [`ReplyStream::store`] found.
+struct Stored {
+    reply: Option<Message>,
+    reset: bool,
+    cancel_requested: bool,
+}
+
 /// Why a stream stopped before the agent was done.
 enum Ended {
     /// The user asked (`cancel`).
@@ -434,66 +441,16 @@ impl<'a> ReplyStream<'a> {
 
     /// Stores `delta` (the first write, or an append), then sends it as chunks.
     async fn flush(&mut self, delta: &str) -> Result<(), Failure> {
-        let state = self.state;
-        let mut tx = state
-            .db
-            .begin(Scope::Tenant(self.conversation.tenant_id))
-            .await
-            .map_err(Failure::transient)?;
-        let (reply, reset, cancelled, recipients) = match &self.reply {
-            None => {
-                let stored = message_path::write_reply(
-                    &mut tx,
-                    self.conversation,
-                    ReplyWrite {
-                        id: MessageId::new(),
-                        reply_to: self.reply_to,
-                        producer: self.producer,
-                        text: delta,
-                        status: MessageStatus::Streaming,
-                        stop: None,
-                        usage: None,
-                    },
-                )
-                .await
-                .map_err(Failure::of_database)?;
-                let reply = (stored.written != Written::Existing).then_some(stored.reply);
-                let reset = stored.written == Written::TakenOver;
-                (reply, reset, stored.cancel_requested, stored.recipients)
-            }
-            Some(reply) => {
-                let flushed = message_path::flush_reply(
-                    &mut tx,
-                    self.conversation,
-                    ReplyFlush {
-                        id: reply.id,
-                        producer: self.producer,
-                        offset: self.offset,
-                        delta,
-                        status: MessageStatus::Streaming,
-                        stop: None,
-                        usage: None,
-                    },
-                )
-                .await
-                .map_err(Failure::of_database)?;
-                (
-                    flushed.reply,
-                    false,
-                    flushed.cancel_requested,
-                    flushed.recipients,
-                )
-            }
-        };
-        tx.commit().await.map_err(Failure::transient)?;
-        let Some(reply) = reply else {
+        let stored = self
+            .store(delta, MessageStatus::Streaming, None, None)
+            .await?;
+        let Some(reply) = stored.reply else {
             self.ended = Some(Ended::Superseded);
             return Ok(());
         };
-        self.audience.renew(recipients);
-        self.send_chunks(reply.id, delta, reset).await;
+        self.send_chunks(reply.id, delta, stored.reset).await;
         self.reply = Some(reply);
-        if cancelled {
+        if stored.cancel_requested {
             self.ended = Some(Ended::Cancelled);
         }
         Ok(())
@@ -509,13 +466,31 @@ impl<'a> ReplyStream<'a> {
         stop: StopReason,
         usage: Option<Usage>,
     ) -> Result<Option<Message>, Failure> {
+        let streamed = self.reply.is_some();
+        let stored = self.store(text, status, Some(stop), usage).await?;
+        if let (Some(ended), true) = (&stored.reply, streamed) {
+            self.send_chunks(ended.id, text, false).await;
+        }
+        Ok(stored.reply)
+    }
+
+    /// One transaction: the reply's first write (a take-over of a dead attempt's says `reset`),
+    /// or an append by this attempt; either also reads the cancel flag and the recipients (the
+    /// audience from then on). `reply` is `None` when this attempt no longer owns the reply.
+    async fn store(
+        &mut self,
+        text: &str,
+        status: MessageStatus,
+        stop: Option<StopReason>,
+        usage: Option<Usage>,
+    ) -> Result<Stored, Failure> {
         let state = self.state;
         let mut tx = state
             .db
             .begin(Scope::Tenant(self.conversation.tenant_id))
             .await
             .map_err(Failure::transient)?;
-        let (ended, recipients) = match &self.reply {
+        let stored = match &self.reply {
             Some(reply) => {
                 let flushed = message_path::flush_reply(
                     &mut tx,
@@ -526,16 +501,21 @@ impl<'a> ReplyStream<'a> {
                         offset: self.offset,
                         delta: text,
                         status,
-                        stop: Some(stop),
+                        stop,
                         usage,
                     },
                 )
                 .await
                 .map_err(Failure::of_database)?;
-                (flushed.reply, flushed.recipients)
+                self.audience.renew(flushed.recipients);
+                Stored {
+                    reply: flushed.reply,
+                    reset: false,
+                    cancel_requested: flushed.cancel_requested,
+                }
             }
             None => {
-                let stored = message_path::write_reply(
+                let written = message_path::write_reply(
                     &mut tx,
                     self.conversation,
                     ReplyWrite {
@@ -544,25 +524,26 @@ impl<'a> ReplyStream<'a> {
                         producer: self.producer,
                         text,
                         status,
-                        stop: Some(stop),
+                        stop,
                         usage,
                     },
                 )
                 .await
                 .map_err(Failure::of_database)?;
-                if stored.written == Written::TakenOver {
-                    // Clients hold the text of an attempt that died: the response replaces it.
-                    tracing::info!("took over a reply left streaming");
+                // A streaming write meeting a reply that ended already leaves it to its owner; a
+                // whole write returns it (to send again).
+                let ended_before =
+                    written.written == Written::Existing && status == MessageStatus::Streaming;
+                self.audience.renew(written.recipients);
+                Stored {
+                    reply: (!ended_before).then_some(written.reply),
+                    reset: written.written == Written::TakenOver,
+                    cancel_requested: written.cancel_requested,
                 }
-                (Some(stored.reply), stored.recipients)
             }
         };
         tx.commit().await.map_err(Failure::transient)?;
-        self.audience.renew(recipients);
-        if let (Some(ended), true) = (&ended, self.reply.is_some()) {
-            self.send_chunks(ended.id, text, false).await;
-        }
-        Ok(ended)
+        Ok(stored)
     }
 
     /// Sends stored text as chunks from the current offset (a frame's worth each), and moves
