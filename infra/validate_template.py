@@ -6,6 +6,11 @@
    mistakes (a misspelt !GetAtt target, an invalid runtime), the translated one does not.
 3. Checks that every crate under functions/ (but the local runtime) has exactly one function
    whose Binary is that crate, and every function's Binary is a crate.
+4. Checks the secrets (PROTOCOL §4, invariant 8): no function's environment holds a secret's
+   value (a `{{resolve:` reference, or a variable that carries one: PORTAL_JWT_SECRET,
+   DATABASE_URL, …); each secret is named by a `…_SECRET_ARN` variable, and each function's role
+   may read exactly the secrets its variables name.
+5. Checks Bedrock: a function may invoke only the models of BedrockModelIds.
 
 Usage: python validate_template.py TEMPLATE [--functions OUT.json]
 OUT.json lists each function's binary and the environment variables it is given, for the test
@@ -25,9 +30,12 @@ from samtranslator.yaml_helper import yaml_parse
 
 # Values for the parameters without a default; any well-formed value translates the same way.
 SAMPLE_PARAMETERS = {
-    "DatabaseUrlSecretName": "konstruct/database-url",
-    "PortalJwtSecretName": "konstruct/portal-jwt-secret",
+    "DatabaseUrlSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:konstruct/database-url-AbCdEf",
+    "MigratorDatabaseUrlSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:konstruct/migrator-AbCdEf",
+    "PortalJwtSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:konstruct/portal-jwt-AbCdEf",
 }
+# Variables whose value would be a secret: a function names the secret instead (…_SECRET_ARN).
+SECRET_VARIABLES = {"PORTAL_JWT_SECRET", "DATABASE_URL", "MIGRATOR_DATABASE_URL", "OPENAI_API_KEY"}
 NOT_FUNCTIONS = {"local"}
 
 
@@ -59,6 +67,49 @@ def resolve(node, sam):
     if function == "Fn::Sub" and isinstance(args, str):
         return args
     fail(f"cannot resolve {function} in a policy resource")
+
+
+def refs(node):
+    """Every parameter or resource a template expression refers to with Ref (both branches of
+    an Fn::If)."""
+    if isinstance(node, list):
+        return {r for n in node for r in refs(n)}
+    if not isinstance(node, dict):
+        return set()
+    if set(node) == {"Ref"}:
+        return {node["Ref"]}
+    if "Fn::If" in node:
+        return refs(node["Fn::If"][1:])
+    return {r for v in node.values() for r in refs(v)}
+
+
+def check_secrets(sam, functions):
+    """Invariant 8: secrets are named in the functions' environment, never placed there, and
+    each function may read exactly the secrets it names."""
+    globals_env = sam.get("Globals", {}).get("Function", {}).get("Environment", {}).get("Variables", {})
+    for name, resource in functions.items():
+        env = dict(globals_env)
+        env.update(resource.get("Properties", {}).get("Environment", {}).get("Variables", {}) or {})
+        for variable, value in env.items():
+            if "{{resolve:" in json.dumps(value):
+                fail(f"{name}: {variable} resolves a secret into the function's configuration")
+            if variable in SECRET_VARIABLES:
+                fail(f"{name}: {variable} puts a secret in the function's configuration; name it with {variable}_SECRET_ARN")
+        named = {r for v, value in env.items() if v.endswith("_SECRET_ARN") for r in refs(value)}
+        readable = set()
+        for policy in resource.get("Properties", {}).get("Policies", []) or []:
+            for statement in policy.get("Statement", []) if isinstance(policy, dict) else []:
+                actions = statement.get("Action", [])
+                actions = [actions] if isinstance(actions, str) else actions
+                if any(str(a).startswith("secretsmanager:") for a in actions):
+                    if any(a != "secretsmanager:GetSecretValue" for a in actions):
+                        fail(f"{name}: may do more with secrets than read them: {actions}")
+                    readable |= refs(statement.get("Resource"))
+        if readable != named:
+            fail(
+                f"{name}: its role may read the secrets {sorted(readable)} but its environment "
+                f"names {sorted(named)}; they must be the same"
+            )
 
 
 def fail(message):
@@ -105,6 +156,8 @@ def main():
     for name, binary in binaries.items():
         if binary not in crates:
             fail(f"{name}: Binary {binary!r} is not a crate under functions/")
+
+    check_secrets(sam, functions)
 
     allowed_models = resolve({"Ref": "BedrockModelIds"}, sam)
     for name, resource in functions.items():

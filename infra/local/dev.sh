@@ -19,6 +19,9 @@ export PORTAL_JWT_SECRET=${PORTAL_JWT_SECRET:-konstruct-local-development-secret
 cargo build -q -p local
 bin=${CARGO_TARGET_DIR:-$root/target}/debug/konstruct-local
 
+# Migrations run as the migrator (the schema's owner); the server and seed-demo connect as the
+# runtime role, which owns nothing.
+"$bin" migrate
 demo=$("$bin" seed-demo --url "http://$listen")
 field() { printf '%s' "$demo" | sed -n "s/.*\"$1\": \"\(.*\)\".*/\1/p"; }
 cat <<MSG

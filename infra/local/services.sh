@@ -19,7 +19,11 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 dir=${KONSTRUCT_LOCAL_DIR:-$root/.local/dev}
 pg_port=${KONSTRUCT_PG_PORT:-61329}
 redis_port=${KONSTRUCT_REDIS_PORT:-63799}
-app_role=konstruct
+# Two roles, as deployed (infra/README.md): the migrator owns the database and its schema; the
+# functions connect as the runtime role, which owns nothing and gets data privileges through
+# the group role konstruct_runtime (granted by the migrations).
+migrator_role=konstruct_migrator
+runtime_role=konstruct_app
 app_db=konstruct
 
 log() { echo "services: $*" >&2; }
@@ -84,14 +88,26 @@ pg_up() {
     sleep 0.5
   done
   "$bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || { log "postgres did not answer"; exit 1; }
-  # The application role may create databases (one per test) but is neither superuser nor
-  # BYPASSRLS, so row-level security holds for everything it does.
+  # Neither role is superuser or BYPASSRLS, so row-level security holds for everything they do.
+  # The migrator may create databases (the tests make one each).
   "$bin/psql" -q -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres -v ON_ERROR_STOP=1 <<SQL >/dev/null
-select 'create role $app_role login createdb nosuperuser nobypassrls'
-where not exists (select from pg_roles where rolname = '$app_role') \gexec
-alter role $app_role nosuperuser nobypassrls createdb;
-select 'create database $app_db owner $app_role'
+select 'create role konstruct_runtime nologin'
+where not exists (select from pg_roles where rolname = 'konstruct_runtime') \gexec
+select 'create role $migrator_role login'
+where not exists (select from pg_roles where rolname = '$migrator_role') \gexec
+alter role $migrator_role nosuperuser nobypassrls createdb nocreaterole;
+select 'create role $runtime_role login'
+where not exists (select from pg_roles where rolname = '$runtime_role') \gexec
+alter role $runtime_role nosuperuser nobypassrls nocreatedb nocreaterole;
+grant konstruct_runtime to $runtime_role;
+select 'create database $app_db owner $migrator_role'
 where not exists (select from pg_database where datname = '$app_db') \gexec
+SQL
+  # A data directory from before the two roles: hand what the single role owned (the database
+  # and, in it, the schema) to the migrator.
+  "$bin/psql" -q -h 127.0.0.1 -p "$pg_port" -U postgres -d "$app_db" -v ON_ERROR_STOP=1 <<SQL >/dev/null
+select 'reassign owned by konstruct to $migrator_role'
+where exists (select from pg_roles where rolname = 'konstruct') \gexec
 SQL
 }
 
@@ -123,7 +139,8 @@ redis_down() {
 
 print_env() {
   cat <<ENV
-export DATABASE_URL=postgres://$app_role@127.0.0.1:$pg_port/$app_db
+export DATABASE_URL=postgres://$runtime_role@127.0.0.1:$pg_port/$app_db
+export MIGRATOR_DATABASE_URL=postgres://$migrator_role@127.0.0.1:$pg_port/$app_db
 export REDIS_URL=redis://127.0.0.1:$redis_port
 ENV
 }

@@ -1,6 +1,8 @@
 //! Portal session tokens (PROTOCOL §1): HS256 JWTs that prove who the caller is. They never
 //! prove tenant access; that is read from the database (see `rbac`).
 
+use std::sync::{Arc, RwLock};
+
 use chrono::{DateTime, Utc};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -10,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::Error;
 use crate::config::AuthConfig;
 use crate::domain::{Role, UserId};
+use crate::secrets::Secret;
 
 /// Longer tokens are refused before any decoding work; real portal tokens are a few hundred
 /// bytes.
@@ -49,6 +52,12 @@ impl PortalCaller {
 #[derive(Debug, Clone, Copy)]
 pub struct PlatformAdmin(());
 
+const SIGNATURE_FAILS: &str = "token signature does not verify";
+
+fn key_of(secret: &Secret) -> DecodingKey {
+    DecodingKey::from_secret(secret.current().expose_secret().as_bytes())
+}
+
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: UserId,
@@ -57,9 +66,14 @@ struct Claims {
 }
 
 /// Verifies portal tokens; built once per process from [`AuthConfig`].
+///
+/// The key follows its secret: when a token's signature does not verify,
+/// [`TokenVerifier::verify_fresh`] reads a managed secret again (see [`crate::secrets`]) and, if
+/// it changed, verifies with the new one, so rotating the portal's secret needs no redeploy.
 #[derive(Clone)]
 pub struct TokenVerifier {
-    key: DecodingKey,
+    key: Arc<RwLock<DecodingKey>>,
+    secret: Secret,
     validation: Validation,
 }
 
@@ -93,8 +107,23 @@ impl TokenVerifier {
         }
         validation.set_required_spec_claims(&required);
         Self {
-            key: DecodingKey::from_secret(config.secret.expose_secret().as_bytes()),
+            key: Arc::new(RwLock::new(key_of(&config.secret))),
+            secret: config.secret.clone(),
             validation,
+        }
+    }
+
+    /// [`TokenVerifier::verify`], reading the secret again once if the signature does not
+    /// verify with the current one.
+    pub async fn verify_fresh(&self, token: &str) -> Result<PortalCaller, Error> {
+        match self.verify(token) {
+            Err(Error::Unauthenticated(reason))
+                if reason == SIGNATURE_FAILS && self.secret.refresh().await =>
+            {
+                *self.key.write().expect("key lock") = key_of(&self.secret);
+                self.verify(token)
+            }
+            verified => verified,
         }
     }
 
@@ -106,12 +135,13 @@ impl TokenVerifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(Error::Unauthenticated("token is too long".into()));
         }
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+        let key = self.key.read().expect("key lock").clone();
+        let claims = jsonwebtoken::decode::<Claims>(token, &key, &self.validation)
             .map_err(|e| {
                 let reason = match e.kind() {
                     ErrorKind::ExpiredSignature => "token has expired",
                     ErrorKind::ImmatureSignature => "token is not valid yet",
-                    ErrorKind::InvalidSignature => "token signature does not verify",
+                    ErrorKind::InvalidSignature => SIGNATURE_FAILS,
                     ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
                         "token must be signed with HS256"
                     }
@@ -133,13 +163,13 @@ impl TokenVerifier {
     }
 
     /// Reads `Authorization: Bearer <token>`.
-    pub fn verify_bearer(&self, header: Option<&str>) -> Result<PortalCaller, Error> {
+    pub async fn verify_bearer(&self, header: Option<&str>) -> Result<PortalCaller, Error> {
         let header = header.ok_or_else(|| Error::Unauthenticated("missing bearer token".into()))?;
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
             .ok_or_else(|| Error::Unauthenticated("expected a bearer token".into()))?;
-        self.verify(token)
+        self.verify_fresh(token).await
     }
 }
 
@@ -175,7 +205,7 @@ pub fn issue_token(
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,
-        &EncodingKey::from_secret(config.secret.expose_secret().as_bytes()),
+        &EncodingKey::from_secret(config.secret.current().expose_secret().as_bytes()),
     )
     .map_err(|e| Error::Internal(format!("cannot sign a token: {e}")))
 }

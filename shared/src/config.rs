@@ -6,8 +6,10 @@
 
 use std::str::FromStr;
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use sqlx::postgres::PgConnectOptions;
+
+use crate::secrets::{Secret, Secrets};
 
 /// A variable that is missing or malformed; the message names it.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +60,7 @@ fn required(lookup: &impl Lookup, var: &'static str) -> Result<String, ConfigErr
 /// Portal token checks (PROTOCOL §1).
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
-    pub secret: SecretString,
+    pub secret: Secret,
     pub issuer: Option<String>,
     pub audience: Option<String>,
 }
@@ -67,23 +69,83 @@ impl AuthConfig {
     /// HS256 keys shorter than the hash output are guessable; the contract asks for 32 bytes.
     pub const MIN_SECRET_BYTES: usize = 32;
 
+    /// From the plain variables (local mode, development commands).
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(env_lookup)
     }
 
+    /// From the plain variables of `lookup`.
     pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
-        let secret = required(&lookup, "PORTAL_JWT_SECRET")?;
-        if secret.len() < Self::MIN_SECRET_BYTES {
+        let secret = optional(&lookup, "PORTAL_JWT_SECRET")
+            .map(|value| Secret::fixed("PORTAL_JWT_SECRET", value));
+        Self::with_secret(&lookup, secret)
+    }
+
+    /// From the environment, reading the secret from Secrets Manager when
+    /// `PORTAL_JWT_SECRET_ARN` names it. In aws mode, warns of what a deployment should set.
+    pub async fn load(secrets: &Secrets) -> Result<Self, ConfigError> {
+        Self::load_from(env_lookup, secrets).await
+    }
+
+    /// [`AuthConfig::load`] from the variables of `lookup`.
+    pub async fn load_from(lookup: impl Lookup, secrets: &Secrets) -> Result<Self, ConfigError> {
+        let secret = secrets
+            .load(&lookup, "PORTAL_JWT_SECRET", "PORTAL_JWT_SECRET_ARN")
+            .await?;
+        let config = Self::with_secret(&lookup, secret)?;
+        if deployed(&lookup) {
+            warn_if_plain(&config.secret, "PORTAL_JWT_SECRET_ARN");
+            for (var, value) in [
+                ("PORTAL_JWT_ISSUER", &config.issuer),
+                ("PORTAL_JWT_AUDIENCE", &config.audience),
+            ] {
+                if value.is_none() {
+                    tracing::warn!(
+                        variable = var,
+                        "{var} is not set: tokens are accepted whoever issued them for whomever; \
+                         set the portal's value (template parameters PortalJwtIssuer, PortalJwtAudience)"
+                    );
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    fn with_secret(lookup: &impl Lookup, secret: Option<Secret>) -> Result<Self, ConfigError> {
+        let secret = secret.ok_or_else(|| {
+            ConfigError::new(
+                "PORTAL_JWT_SECRET",
+                "is not set (nor PORTAL_JWT_SECRET_ARN)",
+            )
+        })?;
+        if secret.current().expose_secret().len() < Self::MIN_SECRET_BYTES {
             return Err(ConfigError::new(
                 "PORTAL_JWT_SECRET",
                 format!("must be at least {} bytes", Self::MIN_SECRET_BYTES),
             ));
         }
         Ok(Self {
-            secret: secret.into(),
-            issuer: optional(&lookup, "PORTAL_JWT_ISSUER"),
-            audience: optional(&lookup, "PORTAL_JWT_AUDIENCE"),
+            secret,
+            issuer: optional(lookup, "PORTAL_JWT_ISSUER"),
+            audience: optional(lookup, "PORTAL_JWT_AUDIENCE"),
         })
+    }
+}
+
+/// Whether this is a deployed function (`KONSTRUCT_MODE=aws`, however spaced or cased).
+pub fn deployed(lookup: &impl Lookup) -> bool {
+    lookup("KONSTRUCT_MODE").is_some_and(|m| m.trim().eq_ignore_ascii_case("aws"))
+}
+
+/// A deployed function should name its secrets by ARN: a value in its configuration can be
+/// read by anyone who may read the function's configuration.
+fn warn_if_plain(secret: &Secret, arn_var: &'static str) {
+    if !secret.is_managed() {
+        tracing::warn!(
+            variable = secret.var(),
+            "{} is in the function's configuration; name the secret with {arn_var} instead",
+            secret.var()
+        );
     }
 }
 
@@ -93,36 +155,121 @@ impl AuthConfig {
 pub struct DatabaseConfig {
     pub options: PgConnectOptions,
     pub max_connections: u32,
+    /// Where the options came from, read again when a login fails (a rotated password).
+    pub credentials: Option<Secret>,
 }
 
 impl DatabaseConfig {
     pub const DEFAULT_MAX_CONNECTIONS: u32 = 2;
 
+    /// The functions' connection, from the plain `DATABASE_URL`.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(env_lookup)
     }
 
     pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
-        let url = SecretString::from(required(&lookup, "DATABASE_URL")?);
-        if !["postgres://", "postgresql://"]
-            .iter()
-            .any(|scheme| url.expose_secret().starts_with(scheme))
+        let secret = optional(&lookup, "DATABASE_URL").map(|v| Secret::fixed("DATABASE_URL", v));
+        Self::with_secret(&lookup, secret, "DATABASE_URL")
+    }
+
+    /// The functions' connection: `DATABASE_URL`, or the secret `DATABASE_URL_SECRET_ARN`
+    /// names (a URL, or the JSON Secrets Manager keeps for an RDS database).
+    pub async fn load(secrets: &Secrets) -> Result<Self, ConfigError> {
+        Self::load_role(
+            env_lookup,
+            secrets,
+            "DATABASE_URL",
+            "DATABASE_URL_SECRET_ARN",
+        )
+        .await
+    }
+
+    /// The migrator's connection (the role that owns the schema): `MIGRATOR_DATABASE_URL` or
+    /// `MIGRATOR_DATABASE_URL_SECRET_ARN`.
+    pub async fn load_migrator(
+        lookup: impl Lookup,
+        secrets: &Secrets,
+    ) -> Result<Self, ConfigError> {
+        Self::load_role(
+            lookup,
+            secrets,
+            "MIGRATOR_DATABASE_URL",
+            "MIGRATOR_DATABASE_URL_SECRET_ARN",
+        )
+        .await
+    }
+
+    /// One role's connection: the plain `var` or the secret `arn_var` names.
+    pub async fn load_role(
+        lookup: impl Lookup,
+        secrets: &Secrets,
+        var: &'static str,
+        arn_var: &'static str,
+    ) -> Result<Self, ConfigError> {
+        let secret = secrets.load(&lookup, var, arn_var).await?;
+        let config = Self::with_secret(&lookup, secret, var)?;
+        if deployed(&lookup)
+            && let Some(secret) = &config.credentials
         {
-            return Err(ConfigError::new(
-                "DATABASE_URL",
-                "must be a postgres:// URL",
-            ));
+            warn_if_plain(secret, arn_var);
         }
-        let options = PgConnectOptions::from_str(url.expose_secret())
-            .map_err(|e| ConfigError::new("DATABASE_URL", format!("is not a Postgres URL: {e}")))?;
-        let max_connections = positive(&lookup, "DATABASE_MAX_CONNECTIONS")?
+        Ok(config)
+    }
+
+    fn with_secret(
+        lookup: &impl Lookup,
+        secret: Option<Secret>,
+        var: &'static str,
+    ) -> Result<Self, ConfigError> {
+        let secret = secret.ok_or_else(|| ConfigError::new(var, "is not set"))?;
+        let options = connect_options(secret.current().expose_secret())
+            .map_err(|problem| ConfigError::new(var, problem))?;
+        let max_connections = positive(lookup, "DATABASE_MAX_CONNECTIONS")?
             .map_or(Ok(Self::DEFAULT_MAX_CONNECTIONS), u32::try_from)
             .map_err(|_| ConfigError::new("DATABASE_MAX_CONNECTIONS", "is too large"))?;
         Ok(Self {
             options,
             max_connections,
+            credentials: Some(secret),
         })
     }
+}
+
+/// Connection options from a `postgres://` URL or from the JSON Secrets Manager keeps for an
+/// RDS database (`{"username", "password", "host", "port", "dbname"}`, as its rotation
+/// functions write it).
+pub fn connect_options(value: &str) -> Result<PgConnectOptions, String> {
+    let value = value.trim();
+    if value.starts_with('{') {
+        #[derive(serde::Deserialize)]
+        struct Rds {
+            username: String,
+            password: String,
+            host: String,
+            port: Option<u16>,
+            dbname: Option<String>,
+        }
+        let rds: Rds = serde_json::from_str(value).map_err(|_| {
+            "is JSON without the username, password and host of a database secret".to_owned()
+        })?;
+        let mut options = PgConnectOptions::new()
+            .host(&rds.host)
+            .port(rds.port.unwrap_or(5432))
+            .username(&rds.username)
+            .password(&rds.password);
+        if let Some(dbname) = &rds.dbname {
+            options = options.database(dbname);
+        }
+        return Ok(options);
+    }
+    if !["postgres://", "postgresql://"]
+        .iter()
+        .any(|scheme| value.starts_with(scheme))
+    {
+        return Err("must be a postgres:// URL".to_owned());
+    }
+    // The parser's message may quote the URL, password included: never repeat it.
+    PgConnectOptions::from_str(value).map_err(|_| "is not a valid Postgres URL".to_owned())
 }
 
 /// Which edges the process uses: AWS's (SQS, connection-management API) or the laptop's (Redis).

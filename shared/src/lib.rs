@@ -15,10 +15,12 @@ pub mod error;
 pub mod frame;
 pub mod job;
 pub mod message;
+pub mod migrate;
 pub mod orchestrator;
 pub mod queue;
 pub mod rbac;
 pub mod redis_keys;
+pub mod secrets;
 pub mod worker;
 pub mod ws;
 

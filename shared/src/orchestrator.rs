@@ -82,8 +82,8 @@ impl OrchestratorState {
     /// From the environment; opens no connection.
     pub async fn from_env() -> Result<Self, ConfigError> {
         let env = |name: &str| std::env::var(name).ok();
-        let db = Db::connect_lazy(&DatabaseConfig::from_env()?);
-        let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let (aws, secrets) = crate::secrets::aws_config().await;
+        let db = Db::connect_lazy(&DatabaseConfig::load(&secrets).await?);
         let fanout: Arc<dyn Fanout> = match Mode::from_env()? {
             Mode::Aws { .. } => Arc::new(ConnectionsFanout::from_lookup(
                 db.clone(),
@@ -100,7 +100,7 @@ impl OrchestratorState {
             fanout,
             agents: Arc::new(Agents {
                 echo: Echo,
-                openai: OpenAi::from_lookup(env)?,
+                openai: OpenAi::load(&secrets).await?,
                 bedrock: Bedrock::from_lookup(aws_sdk_bedrockruntime::Client::new(&aws), env),
             }),
             retry: RetryPolicy::from_lookup(env)?,

@@ -27,29 +27,75 @@ pub struct Seat {
     pub token: String,
 }
 
-/// A fresh database (created through the maintenance URL), migrated, with `n` users each
-/// owning a conversation with one echo agent. Returns its URL, its handle and the seats.
+/// Where the two database roles connect (infra/README.md, "Database roles"): the migrator owns
+/// the schema, the runtime role (the functions') owns nothing.
+#[derive(Debug, Clone)]
+pub struct DatabaseUrls {
+    pub runtime: String,
+    pub migrator: String,
+}
+
+impl DatabaseUrls {
+    /// `DATABASE_URL` and `MIGRATOR_DATABASE_URL`, as `infra/local/services.sh env` prints them.
+    pub fn from_env() -> Self {
+        let env = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: run through `make test`, which starts the services")
+            })
+        };
+        Self {
+            runtime: env("DATABASE_URL"),
+            migrator: env("MIGRATOR_DATABASE_URL"),
+        }
+    }
+
+    /// The same roles on another database of the same server.
+    pub fn for_database(&self, name: &str) -> Self {
+        let swap = |url: &str| {
+            let cut = url.rfind('/').expect("a database URL names a database");
+            format!("{}/{name}", &url[..cut])
+        };
+        Self {
+            runtime: swap(&self.runtime),
+            migrator: swap(&self.migrator),
+        }
+    }
+
+    /// Creates a database of a fresh name starting with `prefix`, owned by the migrator.
+    pub async fn create_database(&self, prefix: &str) -> anyhow::Result<String> {
+        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = PgConnectOptions::from_str(&self.migrator)?
+            .connect()
+            .await?;
+        sqlx::query(AssertSqlSafe(format!("create database {name}")))
+            .execute(&mut conn)
+            .await?;
+        conn.close().await.ok();
+        Ok(name)
+    }
+}
+
+/// A fresh database on the server `urls` reach, migrated by the migrator, with `n` users each
+/// owning a conversation with one echo agent. Returns the runtime role's URL and handle, and
+/// the seats.
 pub async fn seeded_database(
-    maintenance_url: &str,
+    urls: &DatabaseUrls,
     n: usize,
 ) -> anyhow::Result<(String, Db, Vec<Seat>)> {
-    let admin = PgConnectOptions::from_str(maintenance_url)?;
-    let name = format!("load_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = admin.connect().await?;
-    sqlx::query(AssertSqlSafe(format!("create database {name}")))
-        .execute(&mut conn)
+    let name = urls.create_database("load").await?;
+    let urls = urls.for_database(&name);
+    let migrator = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(PgConnectOptions::from_str(&urls.migrator)?)
         .await?;
-    conn.close().await.ok();
+    Db::from_pool(migrator.clone()).migrate().await?;
+    migrator.close().await;
     let pool = PgPoolOptions::new()
         .max_connections(16)
-        .connect_with(admin.clone().database(&name))
+        .connect_with(PgConnectOptions::from_str(&urls.runtime)?)
         .await?;
     let db = Db::from_pool(pool);
-    db.migrate().await?;
-    let cut = maintenance_url
-        .rfind('/')
-        .ok_or_else(|| anyhow!("DATABASE_URL names no database"))?;
-    let url = format!("{}/{name}", &maintenance_url[..cut]);
+    let url = urls.runtime;
 
     let auth = AuthConfig::from_lookup(|k| (k == "PORTAL_JWT_SECRET").then(|| SECRET.to_owned()))?;
     let tenant = TenantId::new();

@@ -4,7 +4,8 @@ use shared::config::CorsConfig;
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     lambda_http::tracing::init_default_subscriber();
-    let state = ApiState::from_env()?;
+    let (_, secrets) = shared::secrets::aws_config().await;
+    let state = ApiState::load(&secrets).await?;
     let cors = CorsConfig::from_env()?;
     lambda_http::run(api::router(state).layer(api::cors(&cors))).await
 }

@@ -15,8 +15,9 @@ use shared::db::{Db, Scope, conversations, memberships, tenants, users};
 use shared::domain::{Role, TenantId, TenantRole, UserId};
 use shared::orchestrator::OrchestratorState;
 use shared::queue::RedisQueue;
+use shared::secrets::Secrets;
 use shared::worker::Worker;
-use shared::ws::{RateLimit, WsState};
+use shared::ws::{Edge, RateLimit, WsState};
 use tokio::sync::mpsc;
 
 use crate::gateway::{Dispatch, Gateway};
@@ -44,7 +45,8 @@ enum Command {
         #[arg(long, default_value = "local-worker")]
         consumer: String,
     },
-    /// Applies the database migrations.
+    /// Applies the database migrations, as the role that owns the schema
+    /// (`MIGRATOR_DATABASE_URL`).
     Migrate,
     /// Creates (or finds) a demo tenant, user, echo agent and conversation; prints them and a
     /// token as JSON.
@@ -129,9 +131,12 @@ impl Cli {
                 Ok(())
             }
             Command::Migrate => {
-                Db::connect_lazy(&DatabaseConfig::from_env()?)
-                    .migrate()
-                    .await?;
+                let config = DatabaseConfig::load_migrator(
+                    |name: &str| std::env::var(name).ok(),
+                    &Secrets::none(),
+                )
+                .await?;
+                Db::connect_lazy(&config).migrate().await?;
                 eprintln!("migrations applied");
                 Ok(())
             }
@@ -169,14 +174,16 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
             http: reqwest::Client::new(),
             url: url.trim_end_matches('/').to_owned(),
         },
-        None => Dispatch::InProcess(Box::new(WsState {
-            db: db.clone(),
-            tokens: tokens.clone(),
-            queue: Arc::new(RedisQueue::new(&redis_url, &redis_prefix())?),
-            delivery: sockets.clone(),
-            management_endpoint: Some(format!("http://{address}")),
-            rate_limit: RateLimit::from_env()?,
-        })),
+        None => Dispatch::InProcess(Box::new(WsState::new(
+            Edge {
+                db: db.clone(),
+                delivery: sockets.clone(),
+                management_endpoint: Some(format!("http://{address}")),
+            },
+            tokens.clone(),
+            Arc::new(RedisQueue::new(&redis_url, &redis_prefix())?),
+            RateLimit::from_env()?,
+        ))),
     };
     let gateway = Arc::new(Gateway {
         sockets: sockets.clone(),
@@ -263,7 +270,6 @@ const DEMO_AGENT: &str = "Echo agent";
 
 async fn seed_demo(url: &str) -> Result<(), Failure> {
     let db = Db::connect_lazy(&DatabaseConfig::from_env()?);
-    db.migrate().await?;
     let tenant_id: TenantId = DEMO_TENANT.parse()?;
 
     let mut conn = db.pool().acquire().await?;

@@ -1,8 +1,14 @@
-use shared::ws::{self, Route, WsState};
+use shared::auth::TokenVerifier;
+use shared::config::AuthConfig;
+use shared::ws::{self, AuthRoute, Edge, auth};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
-    let state = WsState::from_env().await?;
-    ws::run(state, Route::Auth).await
+    let (aws, secrets) = shared::secrets::aws_config().await;
+    let state = AuthRoute {
+        edge: Edge::load(&aws, &secrets).await?,
+        tokens: TokenVerifier::new(&AuthConfig::load(&secrets).await?),
+    };
+    ws::run(|event| auth::handle(&state, event)).await
 }

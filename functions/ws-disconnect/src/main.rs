@@ -1,8 +1,9 @@
-use shared::ws::{self, Route, WsState};
+use shared::ws::{self, Edge, disconnect};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
-    let state = WsState::from_env().await?;
-    ws::run(state, Route::Disconnect).await
+    let (aws, secrets) = shared::secrets::aws_config().await;
+    let edge = Edge::load(&aws, &secrets).await?;
+    ws::run(|event| disconnect::handle(&edge, event)).await
 }

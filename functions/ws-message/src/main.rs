@@ -1,8 +1,9 @@
-use shared::ws::{self, Route, WsState};
+use shared::ws::{self, MessageRoute, message};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
-    let state = WsState::from_env().await?;
-    ws::run(state, Route::Message).await
+    let (aws, secrets) = shared::secrets::aws_config().await;
+    let state = MessageRoute::load(&aws, &secrets).await?;
+    ws::run(|event| message::handle(&state, event)).await
 }

@@ -7,13 +7,14 @@ use async_trait::async_trait;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use reqwest::StatusCode;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{AgentError, AgentReply, AgentRequest, Deltas, Provider, cap};
 use crate::config::{ConfigError, Lookup};
 use crate::db::messages::{MessageRole, StopReason, Usage};
+use crate::secrets::{Secret, Secrets};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 
@@ -29,7 +30,7 @@ const SETTINGS: [&str; 4] = [
 pub struct OpenAi {
     http: reqwest::Client,
     base_url: String,
-    api_key: Option<SecretString>,
+    api_key: Option<Secret>,
 }
 
 impl OpenAi {
@@ -41,7 +42,7 @@ impl OpenAi {
         Self {
             http,
             base_url: base_url.trim_end_matches('/').to_owned(),
-            api_key: api_key.map(SecretString::from),
+            api_key: api_key.map(|key| Secret::fixed("OPENAI_API_KEY", key)),
         }
     }
 
@@ -59,6 +60,19 @@ impl OpenAi {
         }
         let api_key = lookup("OPENAI_API_KEY").filter(|v| !v.trim().is_empty());
         Ok(Self::new(&base_url, api_key))
+    }
+
+    /// As [`OpenAi::from_lookup`] from the environment, with the key read from Secrets Manager
+    /// when `OPENAI_API_KEY_SECRET_ARN` names it.
+    pub async fn load(secrets: &Secrets) -> Result<Self, ConfigError> {
+        let env = |name: &str| std::env::var(name).ok();
+        let mut openai = Self::from_lookup(|name: &str| {
+            (name != "OPENAI_API_KEY").then(|| env(name)).flatten()
+        })?;
+        openai.api_key = secrets
+            .load(&env, "OPENAI_API_KEY", "OPENAI_API_KEY_SECRET_ARN")
+            .await?;
+        Ok(openai)
     }
 
     fn body(request: &AgentRequest<'_>) -> Value {
@@ -195,13 +209,22 @@ impl Provider for OpenAi {
             .post(format!("{}/chat/completions", self.base_url))
             .json(&Self::body(request));
         if let Some(key) = &self.api_key {
-            call = call.bearer_auth(key.expose_secret());
+            call = call.bearer_auth(key.current().expose_secret());
         }
         let response = call
             .send()
             .await
             .map_err(|e| AgentError::retryable(format!("agent endpoint unreachable: {e}")))?;
         let status = response.status();
+        if status == StatusCode::UNAUTHORIZED
+            && let Some(key) = &self.api_key
+            && key.refresh().await
+        {
+            // A rotated key: the next attempt uses the new one.
+            return Err(AgentError::retryable(
+                "the model endpoint refused the old API key",
+            ));
+        }
         if !status.is_success() {
             let detail = response.text().await.unwrap_or_default();
             return Err(by_status(

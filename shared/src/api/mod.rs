@@ -24,6 +24,7 @@ use crate::Error;
 use crate::auth::{PortalCaller, TokenVerifier};
 use crate::config::{AuthConfig, ConfigError, CorsConfig, DatabaseConfig};
 use crate::db::Db;
+use crate::secrets::Secrets;
 
 /// Request bodies here are a few UUIDs; anything larger is refused unread.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -36,11 +37,12 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    /// From `DATABASE_URL` and the `PORTAL_JWT_*` variables; connects to nothing yet.
-    pub fn from_env() -> Result<Self, ConfigError> {
+    /// From `DATABASE_URL` and the `PORTAL_JWT_*` variables, or the secrets their `…_ARN`
+    /// variables name; connects to nothing yet.
+    pub async fn load(secrets: &Secrets) -> Result<Self, ConfigError> {
         Ok(Self {
-            db: Db::connect_lazy(&DatabaseConfig::from_env()?),
-            tokens: TokenVerifier::new(&AuthConfig::from_env()?),
+            db: Db::connect_lazy(&DatabaseConfig::load(secrets).await?),
+            tokens: TokenVerifier::new(&AuthConfig::load(secrets).await?),
         })
     }
 }
@@ -59,7 +61,7 @@ impl FromRequestParts<ApiState> for PortalCaller {
                     .map_err(|_| Error::Unauthenticated("malformed Authorization header".into()))
             })
             .transpose()?;
-        state.tokens.verify_bearer(header)
+        state.tokens.verify_bearer(header).await
     }
 }
 

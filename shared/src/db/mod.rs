@@ -16,16 +16,20 @@ pub mod messages;
 pub mod tenants;
 pub mod users;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, Connection, PgPool, Postgres};
+use tokio::sync::OnceCell;
 
 use crate::Error;
 use crate::auth::PlatformAdmin;
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, connect_options};
 use crate::domain::{ConnectionId, ConversationId, TenantId};
+use crate::secrets::Secret;
+use secrecy::ExposeSecret;
 
 /// The schema's migrations, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
@@ -95,6 +99,12 @@ impl Scope<'_> {
     }
 }
 
+/// A refused login (SQLSTATE class 28: a wrong password, an unknown or locked role).
+fn is_login_failure(err: &Error) -> bool {
+    matches!(err, Error::Database(sqlx::Error::Database(db))
+        if db.code().is_some_and(|code| code.starts_with("28")))
+}
+
 /// A string as an SQL literal (`standard_conforming_strings` is on, as it is by default).
 fn literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
@@ -108,9 +118,15 @@ pub struct Upserted<T> {
 }
 
 /// The application's handle on Postgres; cheap to clone.
+///
+/// Its first transaction checks, once per process (a Lambda execution environment), that the
+/// role it connects as is one row-level security holds: see [`Db::verify_runtime_role`].
 #[derive(Debug, Clone)]
 pub struct Db {
     pool: PgPool,
+    role_verified: Arc<OnceCell<()>>,
+    /// Read again when a login fails, so a rotated password takes effect.
+    credentials: Option<Secret>,
 }
 
 impl Db {
@@ -138,11 +154,18 @@ impl Db {
                 })
             })
             .connect_lazy_with(config.options.clone());
-        Self { pool }
+        Self {
+            credentials: config.credentials.clone(),
+            ..Self::from_pool(pool)
+        }
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            role_verified: Arc::default(),
+            credentials: None,
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -151,10 +174,43 @@ impl Db {
 
     /// Starts a transaction that sees what `scope` allows and nothing else.
     pub async fn begin(&self, scope: Scope<'_>) -> Result<Tx, Error> {
+        match self.begin_checked(scope).await {
+            Err(err) if is_login_failure(&err) && self.credentials_changed().await => {
+                self.begin_checked(scope).await
+            }
+            begun => begun,
+        }
+    }
+
+    async fn begin_checked(&self, scope: Scope<'_>) -> Result<Tx, Error> {
+        self.role_verified
+            .get_or_try_init(|| self.verify_runtime_role())
+            .await?;
         Ok(self
             .pool
             .begin_with(AssertSqlSafe(scope.begin_statement()))
             .await?)
+    }
+
+    /// After a failed login: whether the credentials' secret holds a new value, which new
+    /// connections then use.
+    async fn credentials_changed(&self) -> bool {
+        let Some(secret) = &self.credentials else {
+            return false;
+        };
+        if !secret.refresh().await {
+            return false;
+        }
+        match connect_options(secret.current().expose_secret()) {
+            Ok(options) => {
+                self.pool.set_connect_options(options);
+                true
+            }
+            Err(problem) => {
+                tracing::error!(secret = secret.var(), %problem, "the database secret's new value is unusable");
+                false
+            }
+        }
     }
 
     /// Whether the database answers (the health check).
@@ -164,8 +220,9 @@ impl Db {
     }
 
     /// Refuses a role that row-level security would not hold (PROTOCOL §4): superusers and
-    /// `BYPASSRLS` roles ignore every policy.
-    pub async fn verify_role(&self) -> Result<(), Error> {
+    /// `BYPASSRLS` roles ignore every policy. The migrator is checked with this before it
+    /// migrates.
+    pub async fn refuse_rls_exempt_role(&self) -> Result<(), Error> {
         let (name, superuser, bypass): (String, bool, bool) = sqlx::query_as(
             "select rolname::text, rolsuper, rolbypassrls from pg_roles where rolname = current_user",
         )
@@ -179,9 +236,51 @@ impl Db {
         Ok(())
     }
 
-    /// Applies pending migrations after checking the role.
+    /// What the functions' role must be (PROTOCOL §4, invariant 4): not exempt from row-level
+    /// security, and owning nothing, neither by itself nor through a role it may become. An
+    /// owner can `alter table … no force row level security` or `drop policy`; the owner of
+    /// the database or of the schema can drop what is in it. [`Db::begin`] runs this once per
+    /// process and refuses to work until it passes; an error of the database itself is not
+    /// remembered, so the next transaction checks again.
+    pub async fn verify_runtime_role(&self) -> Result<(), Error> {
+        self.refuse_rls_exempt_role().await?;
+        let owned: Option<String> = sqlx::query_scalar(
+            "select what from (
+                 select 'the database ' || quote_ident(d.datname) as what, d.datdba as owner
+                     from pg_database d where d.datname = current_database()
+                 union all
+                 select 'the schema public', n.nspowner
+                     from pg_namespace n where n.nspname = 'public'
+                 union all
+                 select 'the table ' || c.oid::regclass::text, c.relowner
+                     from pg_class c where c.relnamespace = 'public'::regnamespace
+             ) objects
+             where pg_has_role(current_user, owner, 'MEMBER')
+             limit 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(what) = owned {
+            return Err(Error::Internal(format!(
+                "database role `{}` owns (or may act as the owner of) {what}; the functions must \
+                 connect as a role that owns nothing, or row-level security could be switched \
+                 off (infra/README.md, \"Database roles\")",
+                self.current_role().await?
+            )));
+        }
+        Ok(())
+    }
+
+    async fn current_role(&self) -> Result<String, Error> {
+        Ok(sqlx::query_scalar("select current_user::text")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Applies pending migrations after checking the role: run this as the migrator, the role
+    /// that owns the schema.
     pub async fn migrate(&self) -> Result<(), Error> {
-        self.verify_role().await?;
+        self.refuse_rls_exempt_role().await?;
         Ok(MIGRATOR.run(&self.pool).await?)
     }
 }

@@ -5,7 +5,7 @@
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 
-use super::{RouteEvent, WsState, reply, status};
+use super::{AuthRoute, RouteEvent, reply, status};
 use crate::Error;
 use crate::db::messages::{Message, MessageView};
 use crate::db::{Scope, message_path};
@@ -15,10 +15,10 @@ use crate::frame::{ChunkOf, ClientFrame, MAX_SERVER_FRAME_BYTES, ServerFrame};
 
 #[tracing::instrument(skip_all, fields(connection_id))]
 pub async fn handle(
-    state: &WsState,
+    state: &AuthRoute,
     event: ApiGatewayWebsocketProxyRequest,
 ) -> ApiGatewayProxyResponse {
-    let route = match RouteEvent::parse(&event, state.management_endpoint.as_deref()) {
+    let route = match RouteEvent::parse(&event, state.edge.management_endpoint.as_deref()) {
         Ok(route) => route,
         Err(err) => return reply(&ServerFrame::error(&err)),
     };
@@ -37,7 +37,7 @@ pub async fn handle(
 /// Binds the caller; `auth_ok` is the route response, unless the socket is owed more (a
 /// `replay`, a reply streaming now): then `auth_ok` and those frames are posted, in order,
 /// while the conversation is locked, so no live frame can overtake them.
-async fn auth(state: &WsState, route: &RouteEvent) -> Result<Option<ServerFrame>, Error> {
+async fn auth(state: &AuthRoute, route: &RouteEvent) -> Result<Option<ServerFrame>, Error> {
     let ClientFrame::Auth {
         token,
         resume_after,
@@ -45,10 +45,10 @@ async fn auth(state: &WsState, route: &RouteEvent) -> Result<Option<ServerFrame>
     else {
         return Err(Error::BadRequest("expected an auth frame".into()));
     };
-    let caller = state.tokens.verify(&token)?;
+    let caller = state.tokens.verify_fresh(&token).await?;
 
     let id = &route.connection_id;
-    let mut tx = state.db.begin(Scope::ConnectingConnection(id)).await?;
+    let mut tx = state.edge.db.begin(Scope::ConnectingConnection(id)).await?;
     let conversation_id = message_path::bind(
         &mut tx,
         id,
@@ -69,7 +69,7 @@ async fn auth(state: &WsState, route: &RouteEvent) -> Result<Option<ServerFrame>
         return Ok(Some(auth_ok));
     }
     for frame in std::iter::once(&auth_ok).chain(&owed) {
-        state.post(&route.endpoint, id, frame).await?;
+        state.edge.post(&route.endpoint, id, frame).await?;
     }
     tx.commit().await?;
     Ok(None)
@@ -149,9 +149,10 @@ pub fn replay_frames(too_many: bool, missed: Vec<Message>) -> Vec<ServerFrame> {
 
 /// Sends the error, then closes the socket. The frame goes through the management API because
 /// a route response would arrive after the close, that is never.
-async fn refuse(state: &WsState, route: &RouteEvent, err: &Error) {
+async fn refuse(state: &AuthRoute, route: &RouteEvent, err: &Error) {
     let id = &route.connection_id;
     if let Err(e) = state
+        .edge
         .post(&route.endpoint, id, &ServerFrame::error(err))
         .await
     {
@@ -160,7 +161,7 @@ async fn refuse(state: &WsState, route: &RouteEvent, err: &Error) {
             "could not send the auth error"
         );
     }
-    if let Err(e) = state.delivery.close(&route.endpoint, id).await {
+    if let Err(e) = state.edge.delivery.close(&route.endpoint, id).await {
         tracing::warn!(
             error = &e as &dyn std::error::Error,
             "could not close the connection"

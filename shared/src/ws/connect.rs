@@ -4,7 +4,7 @@
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 
-use super::{RouteEvent, WsState, reply, status};
+use super::{Edge, RouteEvent, reply, status};
 use crate::Error;
 use crate::db::{Scope, connections};
 use crate::domain::ConversationId;
@@ -12,7 +12,7 @@ use crate::frame::ServerFrame;
 
 #[tracing::instrument(skip_all, fields(connection_id))]
 pub async fn handle(
-    state: &WsState,
+    state: &Edge,
     event: ApiGatewayWebsocketProxyRequest,
 ) -> ApiGatewayProxyResponse {
     match connect(state, &event).await {
@@ -27,7 +27,7 @@ pub async fn handle(
     }
 }
 
-async fn connect(state: &WsState, event: &ApiGatewayWebsocketProxyRequest) -> Result<(), Error> {
+async fn connect(state: &Edge, event: &ApiGatewayWebsocketProxyRequest) -> Result<(), Error> {
     let route = RouteEvent::parse(event, state.management_endpoint.as_deref())?;
     tracing::Span::current().record("connection_id", route.connection_id.as_str());
     let conversation_id: ConversationId = event

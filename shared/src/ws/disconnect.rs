@@ -2,13 +2,13 @@
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 
-use super::{RouteEvent, WsState, status};
+use super::{Edge, RouteEvent, status};
 use crate::Error;
 use crate::db::{Scope, connections};
 
 #[tracing::instrument(skip_all, fields(connection_id))]
 pub async fn handle(
-    state: &WsState,
+    state: &Edge,
     event: ApiGatewayWebsocketProxyRequest,
 ) -> ApiGatewayProxyResponse {
     match disconnect(state, &event).await {
@@ -20,7 +20,7 @@ pub async fn handle(
     }
 }
 
-async fn disconnect(state: &WsState, event: &ApiGatewayWebsocketProxyRequest) -> Result<(), Error> {
+async fn disconnect(state: &Edge, event: &ApiGatewayWebsocketProxyRequest) -> Result<(), Error> {
     let route = RouteEvent::parse(event, state.management_endpoint.as_deref())?;
     tracing::Span::current().record("connection_id", route.connection_id.as_str());
     let mut tx = state

@@ -11,7 +11,7 @@
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 
-use super::{RouteEvent, WsState, reply, status};
+use super::{MessageRoute, RouteEvent, reply, status};
 use crate::Error;
 use crate::db::messages::MessageRole;
 use crate::db::{Scope, message_path};
@@ -23,10 +23,10 @@ use crate::message::{WebEvent, normalize_web_event};
 
 #[tracing::instrument(skip_all, fields(connection_id))]
 pub async fn handle(
-    state: &WsState,
+    state: &MessageRoute,
     event: ApiGatewayWebsocketProxyRequest,
 ) -> ApiGatewayProxyResponse {
-    let frame = match RouteEvent::parse(&event, state.management_endpoint.as_deref()) {
+    let frame = match RouteEvent::parse(&event, state.edge.management_endpoint.as_deref()) {
         Ok(route) => {
             tracing::Span::current().record("connection_id", route.connection_id.as_str());
             route_frame(state, &route).await
@@ -40,7 +40,10 @@ pub async fn handle(
     }
 }
 
-async fn route_frame(state: &WsState, route: &RouteEvent) -> Result<Option<ServerFrame>, Error> {
+async fn route_frame(
+    state: &MessageRoute,
+    route: &RouteEvent,
+) -> Result<Option<ServerFrame>, Error> {
     match ClientFrame::parse(route.body()?)? {
         ClientFrame::Ping => Ok(Some(ServerFrame::Pong)),
         ClientFrame::Message {
@@ -49,7 +52,7 @@ async fn route_frame(state: &WsState, route: &RouteEvent) -> Result<Option<Serve
         } => Ok(Some(message(state, route, text, client_message_id).await?)),
         ClientFrame::Cancel { reply_to } => {
             let id = &route.connection_id;
-            let mut tx = state.db.begin(Scope::BoundConnection(id)).await?;
+            let mut tx = state.edge.db.begin(Scope::BoundConnection(id)).await?;
             message_path::cancel(&mut tx, id, reply_to).await?;
             tx.commit().await?;
             Ok(None)
@@ -61,13 +64,13 @@ async fn route_frame(state: &WsState, route: &RouteEvent) -> Result<Option<Serve
 }
 
 async fn message(
-    state: &WsState,
+    state: &MessageRoute,
     route: &RouteEvent,
     text: MessageText,
     client_message_id: Option<ClientMessageId>,
 ) -> Result<ServerFrame, Error> {
     let id = &route.connection_id;
-    let mut tx = state.db.begin(Scope::BoundConnection(id)).await?;
+    let mut tx = state.edge.db.begin(Scope::BoundConnection(id)).await?;
     let stored =
         message_path::accept(&mut tx, id, &text, client_message_id, state.rate_limit).await?;
     // The message is accepted: typing goes out while the transaction commits (its
@@ -78,7 +81,7 @@ async fn message(
         let frame = ServerFrame::Typing {
             conversation_id: stored.conversation_id,
         };
-        if let Err(err) = state.post(&route.endpoint, id, &frame).await {
+        if let Err(err) = state.edge.post(&route.endpoint, id, &frame).await {
             tracing::warn!(error = &err as &dyn std::error::Error, "typing not sent");
         }
     };
@@ -117,7 +120,7 @@ async fn message(
             created_at: stored.created_at,
             client_message_id,
         };
-        let fanout = ConnectionsFanout::new(state.db.clone(), state.delivery.clone());
+        let fanout = ConnectionsFanout::new(state.edge.db.clone(), state.edge.delivery.clone());
         let mut others = Audience::new(
             stored.tenant_id,
             stored.conversation_id,

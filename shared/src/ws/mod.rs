@@ -18,14 +18,13 @@ use aws_lambda_events::encodings::Body;
 
 use crate::Error;
 use crate::auth::TokenVerifier;
-use crate::config::{
-    AuthConfig, ConfigError, DatabaseConfig, Mode, WsConfig, positive, redis_prefix,
-};
+use crate::config::{ConfigError, DatabaseConfig, Mode, WsConfig, positive, redis_prefix};
 use crate::db::Db;
 use crate::delivery::{Delivery, ManagementApi, Posted, post_or_forget};
 use crate::domain::ConnectionId;
 use crate::frame::{ClientFrame, ServerFrame};
 use crate::queue::{JobQueue, RedisQueue, SqsQueue};
+use crate::secrets::Secrets;
 
 /// The message route's rate limit; the accept statement enforces it.
 pub use crate::db::message_path::RateLimit;
@@ -62,41 +61,26 @@ impl Default for RateLimit {
     }
 }
 
-/// What the route handlers need; built once per process.
+/// What every route needs: the database and the way to the sockets. Each route's function
+/// builds this and what its own route needs besides ([`AuthRoute`], [`MessageRoute`]) and
+/// nothing else: `$connect` and `$disconnect` hold no token key and no queue client.
 #[derive(Clone)]
-pub struct WsState {
+pub struct Edge {
     pub db: Db,
-    pub tokens: TokenVerifier,
-    pub queue: Arc<dyn JobQueue>,
     pub delivery: Arc<dyn Delivery>,
     /// Replaces the endpoint derived from each event (`WS_MANAGEMENT_ENDPOINT`).
     pub management_endpoint: Option<String>,
-    pub rate_limit: RateLimit,
 }
 
-impl WsState {
-    /// From the environment (PROTOCOL §4). Builds clients but opens no connection: a cold start
-    /// does no network I/O.
-    pub async fn from_env() -> Result<Self, ConfigError> {
+impl Edge {
+    /// From the environment (PROTOCOL §4): the database URL (or its secret) and the
+    /// management endpoint. Opens no connection: the pool connects on first use.
+    pub async fn load(aws: &aws_config::SdkConfig, secrets: &Secrets) -> Result<Self, ConfigError> {
         let config = WsConfig::from_env()?;
-        let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        let queue: Arc<dyn JobQueue> = match &config.mode {
-            Mode::Aws { queue_url } => Arc::new(SqsQueue {
-                client: aws_sdk_sqs::Client::new(&aws),
-                queue_url: queue_url.clone(),
-            }),
-            Mode::Local { redis_url } => Arc::new(
-                RedisQueue::new(redis_url, &redis_prefix())
-                    .map_err(|e| ConfigError::new("REDIS_URL", e.to_string()))?,
-            ),
-        };
         Ok(Self {
-            db: Db::connect_lazy(&DatabaseConfig::from_env()?),
-            tokens: TokenVerifier::new(&AuthConfig::from_env()?),
-            queue,
-            delivery: Arc::new(ManagementApi::new(aws)),
+            db: Db::connect_lazy(&DatabaseConfig::load(secrets).await?),
+            delivery: Arc::new(ManagementApi::new(aws.clone())),
             management_endpoint: config.management_endpoint,
-            rate_limit: RateLimit::from_env()?,
         })
     }
 
@@ -115,6 +99,74 @@ impl WsState {
             frame,
         )
         .await
+    }
+}
+
+/// What `auth` needs: the edge and the token key.
+#[derive(Clone)]
+pub struct AuthRoute {
+    pub edge: Edge,
+    pub tokens: TokenVerifier,
+}
+
+/// What `message`, `ping` and `$default` need: the edge, the queue and the rate limit.
+#[derive(Clone)]
+pub struct MessageRoute {
+    pub edge: Edge,
+    pub queue: Arc<dyn JobQueue>,
+    pub rate_limit: RateLimit,
+}
+
+impl MessageRoute {
+    /// The edge, the queue of the mode (SQS or Redis) and the rate limit.
+    pub async fn load(aws: &aws_config::SdkConfig, secrets: &Secrets) -> Result<Self, ConfigError> {
+        let queue: Arc<dyn JobQueue> = match WsConfig::from_env()?.mode {
+            Mode::Aws { queue_url } => Arc::new(SqsQueue {
+                client: aws_sdk_sqs::Client::new(aws),
+                queue_url,
+            }),
+            Mode::Local { redis_url } => Arc::new(
+                RedisQueue::new(&redis_url, &redis_prefix())
+                    .map_err(|e| ConfigError::new("REDIS_URL", e.to_string()))?,
+            ),
+        };
+        Ok(Self {
+            edge: Edge::load(aws, secrets).await?,
+            queue,
+            rate_limit: RateLimit::from_env()?,
+        })
+    }
+}
+
+/// Every route at once, for one process serving them all (`konstruct-local`, tests).
+#[derive(Clone)]
+pub struct WsState {
+    pub auth: AuthRoute,
+    pub message: MessageRoute,
+}
+
+impl WsState {
+    pub fn new(
+        edge: Edge,
+        tokens: TokenVerifier,
+        queue: Arc<dyn JobQueue>,
+        rate_limit: RateLimit,
+    ) -> Self {
+        Self {
+            auth: AuthRoute {
+                edge: edge.clone(),
+                tokens,
+            },
+            message: MessageRoute {
+                edge,
+                queue,
+                rate_limit,
+            },
+        }
+    }
+
+    pub fn edge(&self) -> &Edge {
+        &self.auth.edge
     }
 }
 
@@ -147,10 +199,10 @@ impl Route {
         // Boxed: the nested futures of a route are deep enough to exhaust the compiler's layout
         // recursion in release builds; one allocation per event is nothing beside the I/O.
         match self {
-            Self::Connect => Box::pin(connect::handle(state, event)).await,
-            Self::Auth => Box::pin(auth::handle(state, event)).await,
-            Self::Message => Box::pin(message::handle(state, event)).await,
-            Self::Disconnect => Box::pin(disconnect::handle(state, event)).await,
+            Self::Connect => Box::pin(connect::handle(state.edge(), event)).await,
+            Self::Auth => Box::pin(auth::handle(&state.auth, event)).await,
+            Self::Message => Box::pin(message::handle(&state.message, event)).await,
+            Self::Disconnect => Box::pin(disconnect::handle(state.edge(), event)).await,
         }
     }
 }
@@ -166,12 +218,16 @@ pub fn route_key(raw: &str) -> &'static str {
     }
 }
 
-/// Runs one route as a Lambda function until the runtime stops it.
-pub async fn run(state: WsState, route: Route) -> Result<(), lambda_runtime::Error> {
-    let state = &state;
+/// Runs one route's handler as a Lambda function until the runtime stops it.
+pub async fn run<F, Fut>(handler: F) -> Result<(), lambda_runtime::Error>
+where
+    F: Fn(ApiGatewayWebsocketProxyRequest) -> Fut,
+    Fut: std::future::Future<Output = ApiGatewayProxyResponse>,
+{
+    let handler = &handler;
     lambda_runtime::run(lambda_runtime::service_fn(
         move |event: lambda_runtime::LambdaEvent<ApiGatewayWebsocketProxyRequest>| async move {
-            Ok::<_, std::convert::Infallible>(route.handle(state, event.payload).await)
+            Ok::<_, std::convert::Infallible>(handler(event.payload).await)
         },
     ))
     .await

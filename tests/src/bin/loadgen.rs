@@ -236,11 +236,11 @@ async fn main() -> anyhow::Result<()> {
     let rate = arg("--rate", 1000.0);
     let seconds = arg("--seconds", 10.0);
     let burst = arg("--burst", 40.0) as usize;
-    let database_url = std::env::var("DATABASE_URL").context("DATABASE_URL")?;
     let redis_url = std::env::var("REDIS_URL").context("REDIS_URL")?;
     let bin = std::env::var("KONSTRUCT_LOCAL_BIN").context("KONSTRUCT_LOCAL_BIN")?;
 
-    let (url, db, seats) = stack::seeded_database(&database_url, conversations).await?;
+    let (url, db, seats) =
+        stack::seeded_database(&stack::DatabaseUrls::from_env(), conversations).await?;
     // A streaming model for the streaming scenario: 20 pieces 25 ms apart (half a second).
     let model = tests::streaming::start_model(20, Duration::from_millis(25)).await?;
     let prefix = format!("load:{}:", uuid::Uuid::new_v4().simple());

@@ -1,6 +1,7 @@
 //! What every integration test needs: a fresh migrated database, a Redis key prefix, seeded
 //! rows and tokens. The servers come from `make test` (infra/local/services.sh), which exports
-//! `DATABASE_URL` (the application role's maintenance database) and `REDIS_URL`.
+//! `DATABASE_URL` and `MIGRATOR_DATABASE_URL` (the runtime and migrator roles' maintenance
+//! database) and `REDIS_URL`.
 
 use std::str::FromStr;
 use std::sync::Once;
@@ -12,14 +13,15 @@ use shared::config::AuthConfig;
 use shared::db::agents::{self, NewAgent, Provider};
 use shared::db::{Db, Scope, conversations, memberships, tenants, users};
 use shared::domain::{AgentId, ConversationId, Role, TenantId, TenantRole, UserId};
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
 use uuid::Uuid;
 
+use tests::stack::DatabaseUrls;
 /// The portal secret of every stack the tests start (`tests::stack` gives it to the servers).
 pub use tests::stack::SECRET;
 
-fn env(name: &str) -> String {
+pub fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: run the tests through `make test`, which starts the services")
     })
@@ -37,42 +39,50 @@ pub fn init_tracing() {
     });
 }
 
-/// A database of its own for one test, created by the application role (not a superuser, not
-/// BYPASSRLS) and dropped by nobody: `make test` throws the whole server away.
+/// A database of its own for one test, created and migrated by the migrator role (the schema's
+/// owner), used by the runtime role (which owns nothing), as deployed; dropped by nobody:
+/// `make test` throws the whole server away. Neither role is superuser or BYPASSRLS.
 pub struct TestDb {
+    /// The runtime role's pool: what the functions use.
     pub pool: PgPool,
-    /// The database's URL, for processes the test starts.
+    /// The runtime role's URL, for processes the test starts.
     pub url: String,
+    /// The migrator role's pool and URL.
+    pub migrator: PgPool,
+    pub migrator_url: String,
 }
 
 impl TestDb {
     /// An empty database, not migrated.
     pub async fn empty() -> Self {
         init_tracing();
-        let admin = PgConnectOptions::from_str(&env("DATABASE_URL")).expect("DATABASE_URL");
-        let name = format!("test_{}", Uuid::new_v4().simple());
-        let mut conn = admin.connect().await.expect("connect to the test Postgres");
-        sqlx::query(AssertSqlSafe(format!("create database {name}")))
-            .execute(&mut conn)
+        let urls = DatabaseUrls::from_env();
+        let name = urls
+            .create_database("test")
             .await
             .expect("create the test database");
-        conn.close().await.ok();
-        let pool = PgPoolOptions::new()
-            .max_connections(25)
-            .connect_with(admin.database(&name))
-            .await
-            .expect("connect to the test database");
-        let mut url = env("DATABASE_URL");
-        let cut = url.rfind('/').expect("DATABASE_URL names a database");
-        url.replace_range(cut + 1.., &name);
-        Self { pool, url }
+        let urls = urls.for_database(&name);
+        let connect = |url: &str, max| {
+            PgPoolOptions::new()
+                .max_connections(max)
+                .connect_lazy_with(PgConnectOptions::from_str(url).expect("a database URL"))
+        };
+        Self {
+            pool: connect(&urls.runtime, 25),
+            migrator: connect(&urls.migrator, 4),
+            url: urls.runtime,
+            migrator_url: urls.migrator,
+        }
     }
 
     /// A database with every migration applied, and the application's handle on it.
     pub async fn migrated() -> (Self, Db) {
         let test = Self::empty().await;
+        Db::from_pool(test.migrator.clone())
+            .migrate()
+            .await
+            .expect("migrations apply");
         let db = Db::from_pool(test.pool.clone());
-        db.migrate().await.expect("migrations apply");
         (test, db)
     }
 }

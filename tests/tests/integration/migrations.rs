@@ -25,7 +25,7 @@ async fn migrations_go_up_from_empty_down_to_empty_and_up_again() {
     let test = TestDb::empty().await;
     assert_eq!(public_objects(&test).await, (0, 0));
 
-    MIGRATOR.run(&test.pool).await.expect("up from empty");
+    MIGRATOR.run(&test.migrator).await.expect("up from empty");
     let (tables, functions) = public_objects(&test).await;
     assert_eq!(tables, 8, "every table of the schema");
     assert_eq!(
@@ -33,10 +33,13 @@ async fn migrations_go_up_from_empty_down_to_empty_and_up_again() {
         "the row-level security helpers and the authorization rule"
     );
 
-    MIGRATOR.undo(&test.pool, 0).await.expect("down to empty");
+    MIGRATOR
+        .undo(&test.migrator, 0)
+        .await
+        .expect("down to empty");
     assert_eq!(public_objects(&test).await, (0, 0));
 
-    MIGRATOR.run(&test.pool).await.expect("up again");
+    MIGRATOR.run(&test.migrator).await.expect("up again");
     assert_eq!(public_objects(&test).await, (tables, functions));
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use shared::db::{Db, Scope};
 use tests::load::{self, Plan, Report};
-use tests::stack::{self, Seat, Server};
+use tests::stack::{self, DatabaseUrls, Seat, Server};
 
 use crate::helpers::redis_prefix;
 use crate::local::OwnRedis;
@@ -15,11 +15,6 @@ fn local_bin() -> String {
     std::env::var("KONSTRUCT_LOCAL_BIN").expect(
         "KONSTRUCT_LOCAL_BIN is not set: run the tests through `make test`, which builds it",
     )
-}
-
-fn maintenance_url() -> String {
-    std::env::var("DATABASE_URL")
-        .expect("DATABASE_URL is not set: run the tests through `make test`")
 }
 
 /// No user message has two stored replies; with `all`, every stored user message has one.
@@ -52,7 +47,7 @@ fn assert_clean(report: &Report) {
 
 #[tokio::test]
 async fn load_100_sockets_x_20_messages_each_answered_once_in_order() {
-    let (url, db, seats) = stack::seeded_database(&maintenance_url(), 100)
+    let (url, db, seats) = stack::seeded_database(&DatabaseUrls::from_env(), 100)
         .await
         .unwrap();
     let server = Server::start(
@@ -88,7 +83,7 @@ async fn load_100_sockets_x_20_messages_each_answered_once_in_order() {
 
 #[tokio::test]
 async fn a_worker_killed_mid_batch_loses_and_duplicates_no_reply() {
-    let (url, db, seats) = stack::seeded_database(&maintenance_url(), 20)
+    let (url, db, seats) = stack::seeded_database(&DatabaseUrls::from_env(), 20)
         .await
         .unwrap();
     let redis = std::env::var("REDIS_URL").unwrap();
@@ -193,7 +188,7 @@ async fn load_through_fault<T>(
 
 #[tokio::test]
 async fn acknowledged_messages_survive_a_redis_restart_mid_run() {
-    let (url, db, seats) = stack::seeded_database(&maintenance_url(), 10)
+    let (url, db, seats) = stack::seeded_database(&DatabaseUrls::from_env(), 10)
         .await
         .unwrap();
     // A Redis that keeps its data, like any deployed one: a restart must not lose queued jobs.
@@ -229,7 +224,7 @@ async fn a_flaky_agent_is_retried_and_gives_up_only_when_retries_run_out() {
     use crate::ws::Harness;
 
     let mut h = Harness::new().await;
-    h.state.rate_limit = shared::ws::RateLimit {
+    h.state.message.rate_limit = shared::ws::RateLimit {
         messages: 1000,
         window_seconds: 10,
     };
@@ -353,8 +348,12 @@ impl OwnPostgres {
         self.services("restart-postgres");
     }
 
-    fn url(&self) -> String {
-        format!("postgres://konstruct@127.0.0.1:{}/konstruct", self.port)
+    fn urls(&self) -> DatabaseUrls {
+        let url = |role| format!("postgres://{role}@127.0.0.1:{}/konstruct", self.port);
+        DatabaseUrls {
+            runtime: url("konstruct_app"),
+            migrator: url("konstruct_migrator"),
+        }
     }
 }
 
@@ -374,7 +373,7 @@ impl Drop for OwnPostgres {
 #[tokio::test]
 async fn acknowledged_messages_survive_a_postgres_restart_mid_run() {
     let postgres = OwnPostgres::start();
-    let (url, db, seats) = stack::seeded_database(&postgres.url(), 10).await.unwrap();
+    let (url, db, seats) = stack::seeded_database(&postgres.urls(), 10).await.unwrap();
     let server = Server::start(
         &local_bin(),
         &url,

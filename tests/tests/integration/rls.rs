@@ -119,7 +119,9 @@ async fn the_application_role_is_neither_superuser_nor_bypassrls() {
             .unwrap();
     assert!(!superuser, "the application role must not be a superuser");
     assert!(!bypass, "the application role must not have BYPASSRLS");
-    db.verify_role().await.expect("the role check accepts it");
+    db.verify_runtime_role()
+        .await
+        .expect("the role check accepts it");
 }
 
 #[tokio::test]

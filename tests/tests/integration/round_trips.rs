@@ -184,7 +184,8 @@ async fn functions_through(proxy: &PgProxy, h: &mut Harness, llm: &FakeLlm) -> O
         })
         .unwrap(),
     );
-    h.state.db = db.clone();
+    h.state.auth.edge.db = db.clone();
+    h.state.message.edge.db = db.clone();
     let bedrock = aws_sdk_bedrockruntime::Client::from_conf(
         aws_sdk_bedrockruntime::config::Builder::from(&sdk_config())
             .endpoint_url(&llm.endpoint)

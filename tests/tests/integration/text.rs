@@ -161,7 +161,7 @@ struct RoundTrip {
 impl RoundTrip {
     async fn new() -> Self {
         let mut h = Harness::new().await;
-        h.state.rate_limit = RateLimit {
+        h.state.message.rate_limit = RateLimit {
             messages: 1_000_000,
             window_seconds: 1,
         };

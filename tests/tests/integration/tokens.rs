@@ -25,8 +25,8 @@ fn good_claims() -> Value {
     json!({ "sub": UserId::new(), "role": "customer_operator", "exp": now() + 300 })
 }
 
-#[test]
-fn a_valid_token_gives_the_caller() {
+#[tokio::test]
+async fn a_valid_token_gives_the_caller() {
     let user = UserId::new();
     for role in [
         Role::PlatformAdmin,
@@ -46,6 +46,7 @@ fn a_valid_token_gives_the_caller() {
             "Bearer {}",
             token(user, Role::CustomerAdmin)
         )))
+        .await
         .unwrap();
     assert_eq!(caller.user_id(), user);
 }
@@ -134,8 +135,8 @@ fn missing_or_unknown_claims_are_refused() {
     }
 }
 
-#[test]
-fn malformed_tokens_are_refused() {
+#[tokio::test]
+async fn malformed_tokens_are_refused() {
     for junk in [
         "", "   ", "abc", "a.b", "a.b.c", "....", "Bearer x", "é.é.é",
     ] {
@@ -143,9 +144,9 @@ fn malformed_tokens_are_refused() {
     }
     let huge = format!("{}.{}.x", "a".repeat(MAX_TOKEN_BYTES), "b");
     assert!(refused(verifier().verify(&huge)).contains("too long"));
-    refused(verifier().verify_bearer(None));
-    refused(verifier().verify_bearer(Some("Basic dXNlcjpwYXNz")));
-    refused(verifier().verify_bearer(Some(&sign(&good_claims()))));
+    refused(verifier().verify_bearer(None).await);
+    refused(verifier().verify_bearer(Some("Basic dXNlcjpwYXNz")).await);
+    refused(verifier().verify_bearer(Some(&sign(&good_claims()))).await);
 }
 
 #[test]

@@ -14,7 +14,7 @@ use shared::domain::{ClientMessageId, ConnectionId, ConversationId, Role};
 use shared::frame::ServerFrame;
 use shared::job::Job;
 use shared::queue::{JobQueue, RedisQueue, SqsQueue};
-use shared::ws::{RateLimit, Route, WsState};
+use shared::ws::{Edge, RateLimit, Route, WsState};
 
 use crate::aws::{ManagementApi, depth, drain, fifo_queue, sdk_config};
 use crate::helpers::{Seed, TestDb, now, seed, seed_user, sign, token, verifier};
@@ -66,14 +66,16 @@ impl Harness {
         let seed = seed(&db, "acme").await;
         let api = ManagementApi::start().await;
         let queue = fifo_queue().await;
-        let state = WsState {
-            db: db.clone(),
-            tokens: verifier(),
-            queue: Arc::new(queue.clone()),
-            delivery: Arc::new(shared::delivery::ManagementApi::new(sdk_config())),
-            management_endpoint: Some(api.endpoint.clone()),
-            rate_limit: RateLimit::default(),
-        };
+        let state = WsState::new(
+            Edge {
+                db: db.clone(),
+                delivery: Arc::new(shared::delivery::ManagementApi::new(sdk_config())),
+                management_endpoint: Some(api.endpoint.clone()),
+            },
+            verifier(),
+            Arc::new(queue.clone()),
+            RateLimit::default(),
+        );
         Self {
             _test: test,
             db,
@@ -442,7 +444,7 @@ async fn ping_gets_pong_even_before_auth() {
 #[tokio::test]
 async fn a_flood_from_one_connection_is_rate_limited() {
     let mut h = Harness::new().await;
-    h.state.rate_limit = RateLimit {
+    h.state.message.rate_limit = RateLimit {
         messages: 3,
         window_seconds: 60,
     };
@@ -494,11 +496,19 @@ async fn a_gone_connection_is_forgotten_and_only_that_one() {
         conversation_id: h.seed.conversation,
     };
     assert_eq!(
-        h.state.post(&h.api.endpoint, &stale, &frame).await.unwrap(),
+        h.state
+            .edge()
+            .post(&h.api.endpoint, &stale, &frame)
+            .await
+            .unwrap(),
         Posted::Gone
     );
     assert_eq!(
-        h.state.post(&h.api.endpoint, &live, &frame).await.unwrap(),
+        h.state
+            .edge()
+            .post(&h.api.endpoint, &live, &frame)
+            .await
+            .unwrap(),
         Posted::Delivered
     );
     assert!(

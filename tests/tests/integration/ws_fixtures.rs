@@ -91,7 +91,7 @@ fn fixture(path: &str) -> ApiGatewayWebsocketProxyRequest {
 #[tokio::test]
 async fn every_ws_fixture_is_handled_by_its_route() {
     let mut h = Harness::new().await;
-    h.state.tokens = fixture_verifier();
+    h.state.auth.tokens = fixture_verifier();
     seed_fixture_ids(&h.db).await;
     let mut tx =
         h.db.begin(Scope::Tenant(TENANT.parse().unwrap()))

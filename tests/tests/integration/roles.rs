@@ -1,0 +1,131 @@
+//! The two database roles (PROTOCOL §4, invariant 4): the migrator owns the schema; the runtime
+//! role the functions use owns nothing, so no statement it runs can switch row-level security
+//! off, and a function connected as an owner refuses to work.
+
+use serde_json::json;
+use shared::db::{Db, Scope};
+use shared::domain::Role;
+use sqlx::{AssertSqlSafe, Connection};
+
+use crate::helpers::{TestDb, seed, token};
+use crate::local::{Env, Local};
+
+/// The SQLSTATE a statement failed with.
+async fn refused(test: &TestDb, statement: &str) -> String {
+    let mut conn = test.pool.acquire().await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    let err = sqlx::query(AssertSqlSafe(statement.to_owned()))
+        .execute(&mut *tx)
+        .await
+        .expect_err(statement);
+    match err {
+        sqlx::Error::Database(db) => db.code().unwrap_or_default().into_owned(),
+        other => panic!("{statement}: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn the_runtime_role_cannot_switch_row_level_security_off_or_change_the_schema() {
+    let (test, _db) = TestDb::migrated().await;
+    for statement in [
+        "alter table web_conversations no force row level security",
+        "alter table web_conversation_messages disable row level security",
+        "drop policy tenant_isolation on tenants",
+        "create policy open on web_conversations using (true)",
+        "create table intruder (id int)",
+        "drop table ws_connections",
+        "alter table agents add column intruder text",
+        "set role konstruct_migrator",
+        "create function app_is_platform_admin() returns boolean language sql as 'select true'",
+    ] {
+        let code = refused(&test, statement).await;
+        assert!(
+            code == "42501" || code == "42723",
+            "{statement}: expected insufficient privilege, got {code}"
+        );
+    }
+    // The migrations' ledger is the migrator's alone.
+    assert_eq!(
+        refused(&test, "delete from _sqlx_migrations").await,
+        "42501"
+    );
+}
+
+#[tokio::test]
+async fn the_runtime_role_reads_and_writes_through_row_level_security() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    db.verify_runtime_role()
+        .await
+        .expect("the runtime role passes");
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    let conversations: i64 = sqlx::query_scalar("select count(*) from web_conversations")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(conversations, 1);
+    // Without a scope it sees nothing, as before.
+    let unscoped: i64 = sqlx::query_scalar("select count(*) from web_conversations")
+        .fetch_one(&test.pool)
+        .await
+        .unwrap();
+    assert_eq!(unscoped, 0);
+}
+
+#[tokio::test]
+async fn a_handle_connected_as_the_owner_refuses_to_work_and_says_why() {
+    let (test, _db) = TestDb::migrated().await;
+    let owner = Db::from_pool(test.migrator.clone());
+    let err = owner
+        .begin(Scope::Tenant(shared::domain::TenantId::new()))
+        .await
+        .expect_err("the owner's handle refuses");
+    let message = err.to_string();
+    assert!(
+        message.contains("konstruct_migrator") && message.contains("owns"),
+        "{message}"
+    );
+    // It keeps refusing: nothing was remembered as verified.
+    assert!(
+        owner
+            .begin(Scope::Tenant(shared::domain::TenantId::new()))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn konstruct_local_started_as_the_owner_serves_nothing() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let mut env = Env::new(&test);
+    env.database_url = test.migrator_url.clone();
+    let server = Local::start(&env, &["serve", "--no-worker"]).await;
+    let response = reqwest::Client::new()
+        .get(format!(
+            "http://{}/api/portal/chat/conversations?tenant_id={}",
+            server.address, s.tenant
+        ))
+        .bearer_auth(token(s.user, Role::CustomerOperator))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 500);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], json!("internal"), "{body}");
+    server.stop().await;
+
+    // The same server as the runtime role answers.
+    let server = Local::start(&Env::new(&test), &["serve", "--no-worker"]).await;
+    let response = reqwest::Client::new()
+        .get(format!(
+            "http://{}/api/portal/chat/conversations?tenant_id={}",
+            server.address, s.tenant
+        ))
+        .bearer_auth(token(s.user, Role::CustomerOperator))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    server.stop().await;
+}
