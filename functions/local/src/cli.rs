@@ -17,7 +17,7 @@ use shared::orchestrator::OrchestratorState;
 use shared::queue::RedisQueue;
 use shared::secrets::Secrets;
 use shared::worker::Worker;
-use shared::ws::{Edge, RateLimit, WsState};
+use shared::ws::{Edge, Limits, SocketCaps, WsState};
 use tokio::sync::mpsc;
 
 use crate::gateway::{Dispatch, Gateway};
@@ -182,7 +182,8 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
             },
             tokens.clone(),
             Arc::new(RedisQueue::new(&redis_url, &redis_prefix())?),
-            RateLimit::from_env()?,
+            Limits::from_env()?,
+            SocketCaps::from_env()?,
         ))),
     };
     let gateway = Arc::new(Gateway {

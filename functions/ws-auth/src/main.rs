@@ -1,6 +1,6 @@
 use shared::auth::TokenVerifier;
 use shared::config::AuthConfig;
-use shared::ws::{self, AuthRoute, Edge, auth};
+use shared::ws::{self, AuthRoute, Edge, SocketCaps, auth};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
@@ -9,6 +9,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let state = AuthRoute {
         edge: Edge::load(&aws, &secrets).await?,
         tokens: TokenVerifier::new(&AuthConfig::load(&secrets).await?),
+        caps: SocketCaps::from_env()?,
     };
     ws::run(|event| auth::handle(&state, event)).await
 }

@@ -202,5 +202,16 @@ pub async fn reset(
     let (mut tx, conversation) = open_conversation(&state.db, &caller, id).await?;
     messages::reset(&mut tx, conversation.id).await?;
     tx.commit().await?;
+    if caller.user_id() != conversation.user_id {
+        // Only a platform admin can reach here: what it erased is on record with who did it.
+        tracing::info!(
+            conversation_id = %conversation.id,
+            tenant_id = %conversation.tenant_id,
+            owner_id = %conversation.user_id,
+            reset_by = %caller.user_id(),
+            role = ?caller.role(),
+            "conversation reset by someone other than its owner"
+        );
+    }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -129,3 +129,36 @@ pub async fn delete(conn: &mut PgConnection, id: &ConnectionId) -> Result<bool, 
         .await?;
     Ok(deleted.rows_affected() > 0)
 }
+
+/// A socket that never authenticated, forgotten by [`forget_unauthenticated`].
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Unauthenticated {
+    pub connection_id: ConnectionId,
+    pub endpoint: String,
+}
+
+/// Deletes the rows of sockets that have not authenticated `older_than` after connecting (at
+/// most `limit`, oldest first) and returns them, in a
+/// [`Scope::Unauthenticated`](super::Scope) transaction. A socket that authenticates meanwhile
+/// finds its row gone and is refused.
+pub async fn forget_unauthenticated(
+    conn: &mut PgConnection,
+    older_than: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<Unauthenticated>, Error> {
+    Ok(sqlx::query_as(
+        "delete from ws_connections
+         where connection_id in (
+             select connection_id from ws_connections
+             where authenticated_at is null
+               and connected_at < now() - make_interval(secs => $1)
+             order by connected_at
+             limit $2)
+           and authenticated_at is null
+         returning connection_id, endpoint",
+    )
+    .bind(older_than.as_secs_f64())
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}

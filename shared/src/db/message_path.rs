@@ -29,12 +29,24 @@ pub struct Recipient {
     pub endpoint: String,
 }
 
-/// How many `message` frames one connection may send per window: at most `messages` per
-/// `window_seconds` (read from the environment by `ws::RateLimit::from_env`).
+/// How many `message` frames may be sent per window: at most `messages` per `window_seconds`.
+/// One limit counts a connection's frames in a fixed window; another counts a user's stored
+/// messages across all their sockets in a sliding one (see [`Limits`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
     pub messages: u32,
     pub window_seconds: u32,
+}
+
+/// What the message route enforces besides authorization (read from the environment by
+/// `ws::Limits::from_env`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `message` frames per connection: a flood from one socket.
+    pub connection: RateLimit,
+    /// Messages per user, whichever sockets they come from: reconnecting or opening more
+    /// sockets does not reset it.
+    pub user: RateLimit,
 }
 
 /// A user message stored (or found stored, for a repeated `client_message_id`).
@@ -62,6 +74,7 @@ struct AcceptRow {
     conversation_exists: bool,
     permitted: bool,
     window_messages: i32,
+    user_messages: i64,
     message_id: Option<MessageId>,
     created_at: Option<DateTime<Utc>>,
     seq: Option<i64>,
@@ -70,8 +83,9 @@ struct AcceptRow {
 }
 
 /// The message route's one statement, in a [`Scope::BoundConnection`](super::Scope) transaction:
-/// counts the message in the connection's rate window, checks the socket is authenticated, its
-/// token unexpired and its user still allowed, and stores the message only if all holds.
+/// counts the message in the connection's rate window and the user's recent messages, checks the
+/// socket is authenticated, its token unexpired and its user still allowed, and stores the
+/// message, with its author, only if all holds.
 ///
 /// Refusals come back as the contract's errors: `unauthenticated` (no `auth` yet, or the token
 /// expired), `not_found`, `forbidden`, `rate_limited`.
@@ -80,8 +94,9 @@ pub async fn accept(
     connection: &ConnectionId,
     text: &MessageText,
     client_message_id: Option<ClientMessageId>,
-    limit: RateLimit,
+    limits: Limits,
 ) -> Result<Accepted, Error> {
+    let limit = limits.connection;
     let row: Option<AcceptRow> = sqlx::query_as(
         "with connection as (
              update ws_connections set
@@ -99,17 +114,22 @@ pub async fn accept(
                             where v.id = c.conversation_id and v.tenant_id = c.tenant_id)
                         as conversation_exists,
                     exists (select 1 from authorized_connections(c.tenant_id, c.conversation_id) a
-                            where a.connection_id = $1) as permitted
+                            where a.connection_id = $1) as permitted,
+                    (select count(*) from web_conversation_messages m
+                     where m.tenant_id = c.tenant_id and m.author_id = c.user_id
+                       and m.role = 'user'
+                       and m.created_at > now() - make_interval(secs => $7)) as user_messages
              from connection c
          ), locked as (
              select v.id, v.last_seq
              from web_conversations v join checked k on v.id = k.conversation_id
              where k.conversation_exists and k.permitted and k.window_messages <= $5
+               and k.user_messages < $6
              for no key update of v
          ), inserted as (
              insert into web_conversation_messages
-                 (conversation_id, tenant_id, role, content, client_message_id, seq)
-             select k.conversation_id, k.tenant_id, 'user', $3, $4, l.last_seq + 1
+                 (conversation_id, tenant_id, role, content, client_message_id, seq, author_id)
+             select k.conversation_id, k.tenant_id, 'user', $3, $4, l.last_seq + 1, k.user_id
              from checked k join locked l on l.id = k.conversation_id
              on conflict (conversation_id, client_message_id) do nothing
              returning id, conversation_id, tenant_id, created_at, seq
@@ -122,7 +142,7 @@ pub async fn accept(
              where $4::uuid is not null and m.client_message_id = $4
          )
          select k.conversation_id, k.tenant_id, k.user_id, k.fresh, k.conversation_exists,
-                k.permitted, k.window_messages,
+                k.permitted, k.window_messages, k.user_messages,
                 coalesce(i.id, e.id) as message_id,
                 coalesce(i.created_at, e.created_at) as created_at,
                 coalesce(i.seq, e.seq) as seq,
@@ -140,6 +160,8 @@ pub async fn accept(
     .bind(text.as_str())
     .bind(client_message_id)
     .bind(i64::from(limit.messages))
+    .bind(i64::from(limits.user.messages))
+    .bind(f64::from(limits.user.window_seconds))
     .fetch_optional(&mut *conn)
     .await?;
 
@@ -165,6 +187,12 @@ pub async fn accept(
         return Err(Error::RateLimited(format!(
             "at most {} messages per {} seconds",
             limit.messages, limit.window_seconds
+        )));
+    }
+    if row.user_messages >= i64::from(limits.user.messages) {
+        return Err(Error::RateLimited(format!(
+            "at most {} messages per {} seconds from one user, across all their sockets",
+            limits.user.messages, limits.user.window_seconds
         )));
     }
     let (message_id, created_at, seq) = match (row.message_id, row.created_at, row.seq) {
@@ -194,27 +222,40 @@ pub async fn accept(
     })
 }
 
+/// How many authenticated sockets may be open at once, per user (in a tenant) and per
+/// conversation: a reply fans out to every socket of its conversation, every chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketCaps {
+    pub per_user: u32,
+    pub per_conversation: u32,
+}
+
 #[derive(sqlx::FromRow)]
 struct BindRow {
     conversation_id: ConversationId,
     tenant_id: Option<TenantId>,
     permitted: bool,
+    user_sockets: i64,
+    conversation_sockets: i64,
     bound: bool,
 }
 
 /// `auth`'s one statement, in a [`Scope::ConnectingConnection`](super::Scope) transaction:
 /// binds the verified caller to the connection until `expires_at`, if the conversation the
 /// socket named exists and the caller may see it (its owner while a member of its tenant, or a
-/// platform admin). Sent again with a fresh token, it renews the binding. Returns the
+/// platform admin), and if neither the user nor the conversation has `caps` sockets open already
+/// (this one aside). Sent again with a fresh token, it renews the binding. Returns the
 /// conversation.
 ///
-/// Refusals: `not_found` (no such connection or conversation), `forbidden`.
+/// Refusals: `not_found` (no such connection or conversation), `forbidden`, `rate_limited`
+/// (too many sockets).
 pub async fn bind(
     conn: &mut PgConnection,
     connection: &ConnectionId,
     user_id: UserId,
     role: Role,
     expires_at: DateTime<Utc>,
+    caps: SocketCaps,
 ) -> Result<ConversationId, Error> {
     let row: Option<BindRow> = sqlx::query_as(
         "with target as (
@@ -228,12 +269,26 @@ pub async fn bind(
              from ws_connections w
              left join web_conversations c on c.id = w.conversation_id
              where w.connection_id = $1
+         ), counted as (
+             -- Sockets open now (authenticated, token unexpired), this one aside.
+             select
+                 (select count(*) from ws_connections o
+                  where o.tenant_id = t.tenant_id and o.user_id = $2 and o.connection_id <> $1
+                    and o.authenticated_at is not null and o.expires_at > now())
+                     as user_sockets,
+                 (select count(*) from ws_connections o
+                  where o.tenant_id = t.tenant_id and o.conversation_id = t.conversation_id
+                    and o.connection_id <> $1
+                    and o.authenticated_at is not null and o.expires_at > now())
+                     as conversation_sockets
+             from target t
          ), bound as (
              update ws_connections w
              set tenant_id = t.tenant_id, user_id = $2, role = $3, expires_at = $4,
                  authenticated_at = now(), last_seen_at = now()
-             from target t
+             from target t, counted n
              where w.connection_id = t.connection_id and t.permitted
+               and n.user_sockets < $5 and n.conversation_sockets < $6
              returning w.connection_id
          ), locked as (
              -- Writers of the conversation wait until this transaction ends (see `resume`).
@@ -241,21 +296,41 @@ pub async fn bind(
              where t.permitted
              for share of v
          )
-         select t.conversation_id, t.tenant_id, t.permitted,
+         select t.conversation_id, t.tenant_id, t.permitted, n.user_sockets,
+                n.conversation_sockets,
                 exists (select 1 from bound) and exists (select 1 from locked) as bound
-         from target t",
+         from target t, counted n",
     )
     .bind(connection)
     .bind(user_id)
     .bind(role)
     .bind(expires_at)
+    .bind(i64::from(caps.per_user))
+    .bind(i64::from(caps.per_conversation))
     .fetch_optional(conn)
     .await?;
     let row = row.ok_or_else(|| Error::NotFound("this connection is not recorded".into()))?;
     if row.tenant_id.is_none() {
         return Err(Error::NotFound("no such conversation".into()));
     }
-    if !(row.permitted && row.bound) {
+    if !row.permitted {
+        return Err(Error::Forbidden(
+            "not your conversation, or not a member of its tenant".into(),
+        ));
+    }
+    if row.user_sockets >= i64::from(caps.per_user) {
+        return Err(Error::RateLimited(format!(
+            "you have {} sockets open already; close one first",
+            caps.per_user
+        )));
+    }
+    if row.conversation_sockets >= i64::from(caps.per_conversation) {
+        return Err(Error::RateLimited(format!(
+            "this conversation has {} sockets open already",
+            caps.per_conversation
+        )));
+    }
+    if !row.bound {
         return Err(Error::Forbidden(
             "not your conversation, or not a member of its tenant".into(),
         ));
@@ -357,6 +432,10 @@ pub struct ContextMessage {
     pub id: MessageId,
     pub role: MessageRole,
     pub content: String,
+    /// A user message written by someone other than the conversation's owner (a platform
+    /// admin).
+    #[serde(default)]
+    pub by_someone_else: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -383,7 +462,9 @@ pub async fn load_job(
                 (select to_jsonb(r) from web_conversation_messages r
                  where r.conversation_id = c.id and r.reply_to = $2) as reply,
                 (select coalesce(jsonb_agg(jsonb_build_object(
-                                'id', h.id, 'role', h.role, 'content', h.content)
+                                'id', h.id, 'role', h.role, 'content', h.content,
+                                'by_someone_else', h.author_id is not null
+                                                   and h.author_id <> c.user_id)
                             order by h.anchor_at, h.anchor_id, (h.role = 'assistant')), '[]')
                  from (
                      select a.* from (

@@ -7,7 +7,9 @@ use sqlx::PgConnection;
 use super::Upserted;
 use super::conversations::Conversation;
 use crate::Error;
-use crate::domain::{ClientMessageId, ConversationId, MessageId, MessageText, PageLimit, TenantId};
+use crate::domain::{
+    ClientMessageId, ConversationId, MessageId, MessageText, PageLimit, TenantId, UserId,
+};
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
@@ -75,6 +77,10 @@ pub struct Message {
     pub input_tokens: Option<i32>,
     #[serde(default)]
     pub output_tokens: Option<i32>,
+    /// User messages: who wrote it (the owner, or a platform admin).
+    #[serde(default)]
+    #[sqlx(default)]
+    pub author_id: Option<UserId>,
 }
 
 /// A stored message as clients see it: in the history API and in `replay` frames.
@@ -87,6 +93,9 @@ pub struct MessageView {
     pub status: MessageStatus,
     pub reply_to: Option<MessageId>,
     pub created_at: DateTime<Utc>,
+    /// User messages: who wrote it, the conversation's owner or a platform admin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author_id: Option<UserId>,
 }
 
 impl From<Message> for MessageView {
@@ -99,6 +108,7 @@ impl From<Message> for MessageView {
             status: m.status,
             reply_to: m.reply_to,
             created_at: m.created_at,
+            author_id: m.author_id,
         }
     }
 }
@@ -127,8 +137,8 @@ pub async fn insert_user(
              select id, last_seq from web_conversations where id = $1 for no key update
          ), inserted as (
              insert into web_conversation_messages
-                 (conversation_id, tenant_id, role, content, client_message_id, seq)
-             select $1, $2, 'user', $3, $4, l.last_seq + 1 from locked l
+                 (conversation_id, tenant_id, role, content, client_message_id, seq, author_id)
+             select $1, $2, 'user', $3, $4, l.last_seq + 1, $5 from locked l
              on conflict (conversation_id, client_message_id) do nothing
              returning *
          ), touched as (
@@ -141,6 +151,7 @@ pub async fn insert_user(
     .bind(conversation.tenant_id)
     .bind(text.as_str())
     .bind(client_message_id)
+    .bind(conversation.user_id)
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(row) = created {

@@ -59,6 +59,9 @@ pub enum Scope<'a> {
     /// One connection row, the conversation it named at `$connect`, and that conversation's
     /// tenant: what `auth` needs to check the caller and bind the socket in one transaction.
     ConnectingConnection(&'a ConnectionId),
+    /// The connection rows that never authenticated (they carry no tenant), to read and
+    /// delete: the sweeper's scope, and nothing else.
+    Unauthenticated,
 }
 
 impl Scope<'_> {
@@ -74,6 +77,7 @@ impl Scope<'_> {
             Self::AllTenants(_) => set("app.platform_admin", "on"),
             Self::Conversation(id) => set("app.current_conversation", &id.to_string()),
             Self::Connection(id) => set("app.current_connection", id.as_str()),
+            Self::Unauthenticated => set("app.sweep", "on"),
             // The tenant is read from the row the connection key has just made visible: a
             // later statement of the same query sees the earlier one's setting.
             Self::BoundConnection(id) => format!(
@@ -127,6 +131,8 @@ pub struct Db {
     role_verified: Arc<OnceCell<()>>,
     /// Read again when a login fails, so a rotated password takes effect.
     credentials: Option<Secret>,
+    /// The last health check and when it ran (see [`Db::health`]).
+    health: Arc<tokio::sync::Mutex<Option<(std::time::Instant, bool)>>>,
 }
 
 impl Db {
@@ -165,6 +171,7 @@ impl Db {
             pool,
             role_verified: Arc::default(),
             credentials: None,
+            health: Arc::default(),
         }
     }
 
@@ -213,10 +220,37 @@ impl Db {
         }
     }
 
-    /// Whether the database answers (the health check).
+    /// Whether the database answers.
     pub async fn ping(&self) -> Result<(), Error> {
         sqlx::query("select 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// How long a health check's answer is reused.
+    pub const HEALTH_TTL: Duration = Duration::from_secs(5);
+
+    /// Whether the database answered its last ping, pinging at most once per
+    /// [`Db::HEALTH_TTL`] however often it is asked: the health check takes no token, so its
+    /// callers must not be able to turn it into load on the database.
+    pub async fn health(&self) -> bool {
+        let mut last = self.health.lock().await;
+        if let Some((at, healthy)) = *last
+            && at.elapsed() < Self::HEALTH_TTL
+        {
+            return healthy;
+        }
+        let healthy = match self.ping().await {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(
+                    error = &err as &dyn std::error::Error,
+                    "health check failed"
+                );
+                false
+            }
+        };
+        *last = Some((std::time::Instant::now(), healthy));
+        healthy
     }
 
     /// Refuses a role that row-level security would not hold (PROTOCOL §4): superusers and

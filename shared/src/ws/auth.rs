@@ -55,6 +55,7 @@ async fn auth(state: &AuthRoute, route: &RouteEvent) -> Result<Option<ServerFram
         caller.user_id(),
         caller.role(),
         caller.expires_at(),
+        state.caps,
     )
     .await?;
     let resume = message_path::resume(&mut tx, conversation_id, resume_after).await?;

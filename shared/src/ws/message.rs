@@ -71,8 +71,7 @@ async fn message(
 ) -> Result<ServerFrame, Error> {
     let id = &route.connection_id;
     let mut tx = state.edge.db.begin(Scope::BoundConnection(id)).await?;
-    let stored =
-        message_path::accept(&mut tx, id, &text, client_message_id, state.rate_limit).await?;
+    let stored = message_path::accept(&mut tx, id, &text, client_message_id, state.limits).await?;
     // The message is accepted: typing goes out while the transaction commits (its
     // conversation is known only from the connection row), and before the job is queued, so
     // it cannot arrive after the reply. A courtesy: failing to show it must not cost the

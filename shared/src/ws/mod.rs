@@ -10,6 +10,7 @@ pub mod auth;
 pub mod connect;
 pub mod disconnect;
 pub mod message;
+pub mod sweep;
 
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use aws_lambda_events::encodings::Body;
 
 use crate::Error;
 use crate::auth::TokenVerifier;
-use crate::config::{ConfigError, DatabaseConfig, Mode, WsConfig, positive, redis_prefix};
+use crate::config::{ConfigError, DatabaseConfig, Lookup, Mode, WsConfig, positive, redis_prefix};
 use crate::db::Db;
 use crate::delivery::{Delivery, ManagementApi, Posted, post_or_forget};
 use crate::domain::ConnectionId;
@@ -26,25 +27,42 @@ use crate::frame::{ClientFrame, ServerFrame};
 use crate::queue::{JobQueue, RedisQueue, SqsQueue};
 use crate::secrets::Secrets;
 
-/// The message route's rate limit; the accept statement enforces it.
-pub use crate::db::message_path::RateLimit;
+/// The caps on open sockets; the bind statement enforces them.
+pub use crate::db::message_path::SocketCaps;
+/// The message route's rate limits; the accept statement enforces them.
+pub use crate::db::message_path::{Limits, RateLimit};
 
-impl RateLimit {
-    /// `WS_RATE_LIMIT_MESSAGES` per `WS_RATE_LIMIT_WINDOW_SECONDS`, 20 per 10 s when unset.
-    pub fn from_lookup(lookup: impl crate::config::Lookup) -> Result<Self, ConfigError> {
-        let mut limit = Self::default();
-        let number = |var| -> Result<Option<u32>, ConfigError> {
-            positive(&lookup, var)?
-                .map(|n| u32::try_from(n).map_err(|_| ConfigError::new(var, "is too large")))
-                .transpose()
+/// An optional positive number that fits a `u32`.
+fn number(lookup: &impl Lookup, var: &'static str) -> Result<Option<u32>, ConfigError> {
+    positive(lookup, var)?
+        .map(|n| u32::try_from(n).map_err(|_| ConfigError::new(var, "is too large")))
+        .transpose()
+}
+
+impl Limits {
+    /// `WS_RATE_LIMIT_MESSAGES` per `WS_RATE_LIMIT_WINDOW_SECONDS` per connection (default 20
+    /// per 10 s), and `WS_USER_RATE_LIMIT_MESSAGES` per `WS_USER_RATE_LIMIT_WINDOW_SECONDS` per
+    /// user (default 60 per 60 s: more than a person types, far less than a script sends).
+    pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
+        let read = |default: RateLimit, messages, seconds| -> Result<RateLimit, ConfigError> {
+            Ok(RateLimit {
+                messages: number(&lookup, messages)?.unwrap_or(default.messages),
+                window_seconds: number(&lookup, seconds)?.unwrap_or(default.window_seconds),
+            })
         };
-        if let Some(messages) = number("WS_RATE_LIMIT_MESSAGES")? {
-            limit.messages = messages;
-        }
-        if let Some(seconds) = number("WS_RATE_LIMIT_WINDOW_SECONDS")? {
-            limit.window_seconds = seconds;
-        }
-        Ok(limit)
+        let defaults = Self::default();
+        Ok(Self {
+            connection: read(
+                defaults.connection,
+                "WS_RATE_LIMIT_MESSAGES",
+                "WS_RATE_LIMIT_WINDOW_SECONDS",
+            )?,
+            user: read(
+                defaults.user,
+                "WS_USER_RATE_LIMIT_MESSAGES",
+                "WS_USER_RATE_LIMIT_WINDOW_SECONDS",
+            )?,
+        })
     }
 
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -52,11 +70,43 @@ impl RateLimit {
     }
 }
 
-impl Default for RateLimit {
+impl Default for Limits {
     fn default() -> Self {
         Self {
-            messages: 20,
-            window_seconds: 10,
+            connection: RateLimit {
+                messages: 20,
+                window_seconds: 10,
+            },
+            user: RateLimit {
+                messages: 60,
+                window_seconds: 60,
+            },
+        }
+    }
+}
+
+impl SocketCaps {
+    /// `WS_MAX_SOCKETS_PER_USER` (default 20) and `WS_MAX_SOCKETS_PER_CONVERSATION` (default
+    /// 50): a person has a few tabs open, a conversation a few viewers.
+    pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        Ok(Self {
+            per_user: number(&lookup, "WS_MAX_SOCKETS_PER_USER")?.unwrap_or(defaults.per_user),
+            per_conversation: number(&lookup, "WS_MAX_SOCKETS_PER_CONVERSATION")?
+                .unwrap_or(defaults.per_conversation),
+        })
+    }
+
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name: &str| std::env::var(name).ok())
+    }
+}
+
+impl Default for SocketCaps {
+    fn default() -> Self {
+        Self {
+            per_user: 20,
+            per_conversation: 50,
         }
     }
 }
@@ -102,19 +152,20 @@ impl Edge {
     }
 }
 
-/// What `auth` needs: the edge and the token key.
+/// What `auth` needs: the edge, the token key and the caps on open sockets.
 #[derive(Clone)]
 pub struct AuthRoute {
     pub edge: Edge,
     pub tokens: TokenVerifier,
+    pub caps: SocketCaps,
 }
 
-/// What `message`, `ping` and `$default` need: the edge, the queue and the rate limit.
+/// What `message`, `ping` and `$default` need: the edge, the queue and the rate limits.
 #[derive(Clone)]
 pub struct MessageRoute {
     pub edge: Edge,
     pub queue: Arc<dyn JobQueue>,
-    pub rate_limit: RateLimit,
+    pub limits: Limits,
 }
 
 impl MessageRoute {
@@ -133,7 +184,7 @@ impl MessageRoute {
         Ok(Self {
             edge: Edge::load(aws, secrets).await?,
             queue,
-            rate_limit: RateLimit::from_env()?,
+            limits: Limits::from_env()?,
         })
     }
 }
@@ -150,17 +201,19 @@ impl WsState {
         edge: Edge,
         tokens: TokenVerifier,
         queue: Arc<dyn JobQueue>,
-        rate_limit: RateLimit,
+        limits: Limits,
+        caps: SocketCaps,
     ) -> Self {
         Self {
             auth: AuthRoute {
                 edge: edge.clone(),
                 tokens,
+                caps,
             },
             message: MessageRoute {
                 edge,
                 queue,
-                rate_limit,
+                limits,
             },
         }
     }
@@ -227,7 +280,9 @@ where
     let handler = &handler;
     lambda_runtime::run(lambda_runtime::service_fn(
         move |event: lambda_runtime::LambdaEvent<ApiGatewayWebsocketProxyRequest>| async move {
-            Ok::<_, std::convert::Infallible>(handler(event.payload).await)
+            // Boxed, as in `Route::handle`: a route's nested futures are deep enough to exhaust
+            // the compiler's layout recursion in release builds.
+            Ok::<_, std::convert::Infallible>(Box::pin(handler(event.payload)).await)
         },
     ))
     .await

@@ -254,6 +254,7 @@ async fn main() -> anyhow::Result<()> {
         &[
             ("DATABASE_MAX_CONNECTIONS", "8"),
             ("WS_RATE_LIMIT_MESSAGES", "100000"),
+            ("WS_USER_RATE_LIMIT_MESSAGES", "100000"),
             ("OPENAI_BASE_URL", model.as_str()),
         ],
     )

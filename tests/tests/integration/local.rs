@@ -51,7 +51,8 @@ impl Local {
         Self::start_with(env, args, &model).await
     }
 
-    async fn start_with(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> Server {
+    /// With these variables besides the test's own.
+    pub async fn start_with(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> Server {
         let bin = std::env::var("KONSTRUCT_LOCAL_BIN").expect(
             "KONSTRUCT_LOCAL_BIN is not set: run the tests through `make test`, which builds it",
         );

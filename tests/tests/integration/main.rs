@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod abuse;
 mod api;
 mod aws;
 mod chat_api_lambda;

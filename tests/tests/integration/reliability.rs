@@ -224,9 +224,15 @@ async fn a_flaky_agent_is_retried_and_gives_up_only_when_retries_run_out() {
     use crate::ws::Harness;
 
     let mut h = Harness::new().await;
-    h.state.message.rate_limit = shared::ws::RateLimit {
-        messages: 1000,
-        window_seconds: 10,
+    h.state.message.limits = shared::ws::Limits {
+        connection: shared::ws::RateLimit {
+            messages: 1000,
+            window_seconds: 10,
+        },
+        user: shared::ws::RateLimit {
+            messages: 1000,
+            window_seconds: 10,
+        },
     };
     // 30 % of calls fail with a 503, about one in thirteen stalls past the attempt timeout,
     // never three in a row; one message's calls always fail.

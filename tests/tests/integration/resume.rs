@@ -413,7 +413,8 @@ async fn cancel_is_refused_before_auth_and_for_a_message_not_in_the_conversation
 #[tokio::test]
 async fn a_reply_stored_while_a_socket_resumes_reaches_it_exactly_once() {
     let mut h = Harness::new().await;
-    h.state.message.rate_limit.messages = 1000;
+    h.state.message.limits.connection.messages = 1000;
+    h.state.message.limits.user.messages = 1000;
     let llm = FakeLlm::hello().await;
     let state = orchestrator(&h, &llm);
     h.open_session("tab").await;

@@ -125,6 +125,11 @@ fn sample(name: &str, secrets: &Secrets) -> String {
         "AGENT_DEFAULT_MAX_TOKENS" => "1024".into(),
         "AGENT_MAX_TOKENS" => "4096".into(),
         "REPLY_MAX_BYTES" => "65536".into(),
+        "WS_AUTH_DEADLINE_SECONDS" => "10".into(),
+        "WS_MAX_SOCKETS_PER_USER" => "20".into(),
+        "WS_MAX_SOCKETS_PER_CONVERSATION" => "50".into(),
+        "WS_USER_RATE_LIMIT_MESSAGES" => "60".into(),
+        "WS_USER_RATE_LIMIT_WINDOW_SECONDS" => "60".into(),
         "BEDROCK_MODEL_IDS" => {
             "amazon.nova-lite-v1:0,anthropic.claude-3-5-haiku-20241022-v1:0".into()
         }
@@ -220,7 +225,7 @@ async fn every_function_starts_with_the_environment_the_template_gives_it() {
     let functions: BTreeMap<String, Vec<String>> =
         serde_json::from_str(&std::fs::read_to_string(&listing).unwrap()).unwrap();
     std::fs::remove_file(&listing).ok();
-    assert_eq!(functions.len(), 7, "{functions:?}");
+    assert_eq!(functions.len(), 8, "{functions:?}");
     let secrets = Secrets::create().await;
 
     for (binary, names) in &functions {

@@ -12,7 +12,7 @@ use shared::api::{self, ApiState};
 use shared::db::agents::Provider;
 use shared::domain::Role;
 use shared::orchestrator::OrchestratorState;
-use shared::ws::RateLimit;
+use shared::ws::{Limits, RateLimit};
 use tower::ServiceExt;
 
 use crate::aws::{depth, drain};
@@ -161,9 +161,15 @@ struct RoundTrip {
 impl RoundTrip {
     async fn new() -> Self {
         let mut h = Harness::new().await;
-        h.state.message.rate_limit = RateLimit {
-            messages: 1_000_000,
-            window_seconds: 1,
+        h.state.message.limits = Limits {
+            connection: RateLimit {
+                messages: 1_000_000,
+                window_seconds: 1,
+            },
+            user: RateLimit {
+                messages: 1_000_000,
+                window_seconds: 1,
+            },
         };
         h.open_session("tab").await;
         let llm = FakeLlm::hello().await;

@@ -14,7 +14,7 @@ use shared::domain::{ClientMessageId, ConnectionId, ConversationId, Role};
 use shared::frame::ServerFrame;
 use shared::job::Job;
 use shared::queue::{JobQueue, RedisQueue, SqsQueue};
-use shared::ws::{Edge, RateLimit, Route, WsState};
+use shared::ws::{Edge, Limits, RateLimit, Route, SocketCaps, WsState};
 
 use crate::aws::{ManagementApi, depth, drain, fifo_queue, sdk_config};
 use crate::helpers::{Seed, TestDb, now, seed, seed_user, sign, token, verifier};
@@ -74,7 +74,8 @@ impl Harness {
             },
             verifier(),
             Arc::new(queue.clone()),
-            RateLimit::default(),
+            Limits::default(),
+            SocketCaps::default(),
         );
         Self {
             _test: test,
@@ -444,7 +445,7 @@ async fn ping_gets_pong_even_before_auth() {
 #[tokio::test]
 async fn a_flood_from_one_connection_is_rate_limited() {
     let mut h = Harness::new().await;
-    h.state.message.rate_limit = RateLimit {
+    h.state.message.limits.connection = RateLimit {
         messages: 3,
         window_seconds: 60,
     };
