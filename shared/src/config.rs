@@ -349,8 +349,13 @@ impl WsConfig {
     pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
         Ok(Self {
             mode: Mode::from_lookup(&lookup)?,
-            management_endpoint: http_url(&lookup, "WS_MANAGEMENT_ENDPOINT")?,
+            management_endpoint: Self::management_endpoint(&lookup)?,
         })
+    }
+
+    /// `WS_MANAGEMENT_ENDPOINT` alone, for the routes that queue nothing.
+    pub fn management_endpoint(lookup: &impl Lookup) -> Result<Option<String>, ConfigError> {
+        http_url(lookup, "WS_MANAGEMENT_ENDPOINT")
     }
 }
 

@@ -126,11 +126,11 @@ impl Edge {
     /// From the environment (PROTOCOL §4): the database URL (or its secret) and the
     /// management endpoint. Opens no connection: the pool connects on first use.
     pub async fn load(aws: &aws_config::SdkConfig, secrets: &Secrets) -> Result<Self, ConfigError> {
-        let config = WsConfig::from_env()?;
+        let env = |name: &str| std::env::var(name).ok();
         Ok(Self {
             db: Db::connect_lazy(&DatabaseConfig::load(secrets).await?),
             delivery: Arc::new(ManagementApi::new(aws.clone())),
-            management_endpoint: config.management_endpoint,
+            management_endpoint: WsConfig::management_endpoint(&env)?,
         })
     }
 

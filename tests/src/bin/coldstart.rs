@@ -5,6 +5,9 @@
 //!
 //! Usage: coldstart BIN_DIR [ZIP_DIR] [--runs N] [--json PATH]. The functions get the
 //! environment the template gives them, with unreachable endpoints: init must not need them.
+//! Each is measured twice: with its secrets as plain variables (local mode, tests), and named by
+//! ARN as deployed, read at start from a fake Secrets Manager endpoint (its JSON protocol, on
+//! this machine): the difference is what the secret fetch costs a cold start, less the network.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,14 +22,40 @@ use serde_json::{Value, json};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
-const FUNCTIONS: [&str; 6] = [
+const FUNCTIONS: [&str; 8] = [
     "chat-api",
+    "migrate",
     "orchestrator",
     "ws-auth",
     "ws-connect",
     "ws-disconnect",
     "ws-message",
+    "ws-sweep",
 ];
+
+const DATABASE_URL: &str = "postgres://app@127.0.0.1:1/app";
+const PORTAL_SECRET: &str = "a-portal-secret-of-at-least-32-bytes-0123";
+const ARN: &str = "arn:aws:secretsmanager:us-east-1:123456789012:secret:konstruct/";
+
+/// Secrets Manager's `GetSecretValue`, as the SDK calls it (JSON 1.1 over POST), for the
+/// secrets the functions name.
+async fn get_secret_value(body: axum::body::Bytes) -> impl IntoResponse {
+    let request: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let id = request["SecretId"].as_str().unwrap_or_default().to_owned();
+    let value = if id.ends_with("portal-AbCdEf") {
+        PORTAL_SECRET
+    } else {
+        DATABASE_URL
+    };
+    (
+        [("content-type", "application/x-amz-json-1.1")],
+        axum::Json(json!({
+            "ARN": id, "Name": "konstruct/secret", "SecretString": value,
+            "VersionId": "00000000-0000-4000-8000-000000000001",
+            "VersionStages": ["AWSCURRENT"], "CreatedDate": 1_764_000_000.0,
+        })),
+    )
+}
 
 /// The first event each function gets: one it can answer without a database.
 fn event(function: &str) -> Value {
@@ -48,6 +77,16 @@ fn event(function: &str) -> Value {
             "isBase64Encoded": false
         }),
         "orchestrator" => json!({ "Records": [] }),
+        // A Delete: answered at the response URL (this server) without the database.
+        "migrate" => json!({
+            "RequestType": "Delete", "ResponseURL": "RESPONSE_URL", "StackId": "arn:aws:cloudformation:us-east-1:123456789012:stack/s/1",
+            "RequestId": "r", "LogicalResourceId": "Migrations", "PhysicalResourceId": "konstruct-schema",
+            "ResourceType": "Custom::Migrations", "ResourceProperties": {}
+        }),
+        // A scheduled event: the sweep fails at once on the unreachable database.
+        "ws-sweep" => {
+            json!({ "source": "aws.events", "detail-type": "Scheduled Event", "detail": {} })
+        }
         "ws-connect" => ws(
             "$connect",
             Value::Null,
@@ -132,10 +171,29 @@ fn rss_bytes(pid: u32) -> u64 {
         * 1024
 }
 
+/// How a function is given its secrets.
+#[derive(Clone, Copy, PartialEq)]
+enum Secrets {
+    /// The values themselves, in plain variables.
+    Plain,
+    /// Named by ARN, read from the fake Secrets Manager at start.
+    Managed,
+}
+
 /// One cold start: (init, first response, RSS after it).
-async fn once(binary: &str, function: &str) -> anyhow::Result<(Duration, Duration, u64)> {
+async fn once(
+    binary: &str,
+    function: &str,
+    secrets: Secrets,
+) -> anyhow::Result<(Duration, Duration, u64)> {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (done, mut answered) = mpsc::unbounded_channel();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let api = listener.local_addr()?.to_string();
+    let mut event = event(function);
+    if let Some(url) = event.get_mut("ResponseURL") {
+        *url = json!(format!("http://{api}/cloudformation-response"));
+    }
     let app = Router::new()
         .route("/2018-06-01/runtime/invocation/next", get(next))
         .route(
@@ -144,9 +202,37 @@ async fn once(binary: &str, function: &str) -> anyhow::Result<(Duration, Duratio
         )
         .route("/2018-06-01/runtime/invocation/{id}/error", post(respond))
         .route("/2018-06-01/runtime/init/error", post(respond))
-        .with_state((seen.clone(), event(function), done));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let api = listener.local_addr()?.to_string();
+        .route(
+            "/cloudformation-response",
+            axum::routing::put(|| async { "" }),
+        )
+        .route("/", post(get_secret_value))
+        .with_state((seen.clone(), event, done));
+    let secret_vars: Vec<(String, String)> = match secrets {
+        Secrets::Plain => vec![
+            ("DATABASE_URL".into(), DATABASE_URL.into()),
+            ("MIGRATOR_DATABASE_URL".into(), DATABASE_URL.into()),
+            ("PORTAL_JWT_SECRET".into(), PORTAL_SECRET.into()),
+        ],
+        Secrets::Managed => vec![
+            (
+                "DATABASE_URL_SECRET_ARN".into(),
+                format!("{ARN}database-AbCdEf"),
+            ),
+            (
+                "MIGRATOR_DATABASE_URL_SECRET_ARN".into(),
+                format!("{ARN}migrator-AbCdEf"),
+            ),
+            (
+                "PORTAL_JWT_SECRET_ARN".into(),
+                format!("{ARN}portal-AbCdEf"),
+            ),
+            (
+                "AWS_ENDPOINT_URL_SECRETS_MANAGER".into(),
+                format!("http://{api}"),
+            ),
+        ],
+    };
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let started = Instant::now();
@@ -165,17 +251,13 @@ async fn once(binary: &str, function: &str) -> anyhow::Result<(Duration, Duratio
             ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
             ("AWS_SECRET_ACCESS_KEY", "secret"),
             ("KONSTRUCT_MODE", "aws"),
-            ("DATABASE_URL", "postgres://app@127.0.0.1:1/app"),
-            (
-                "PORTAL_JWT_SECRET",
-                "a-portal-secret-of-at-least-32-bytes-0123",
-            ),
             (
                 "QUEUE_URL",
                 "https://sqs.us-east-1.amazonaws.com/123456789012/w.fifo",
             ),
             ("WS_MANAGEMENT_ENDPOINT", "http://127.0.0.1:1/prod"),
         ])
+        .envs(secret_vars)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -214,17 +296,29 @@ async fn main() -> anyhow::Result<()> {
 
     let mut results = serde_json::Map::new();
     println!(
-        "{:<14} {:>9} {:>9} {:>14} {:>8} {:>10} {:>9}",
-        "function", "init ms", "min ms", "1st reply ms", "rss MB", "binary MB", "zip MB"
+        "{:<14} {:>9} {:>9} {:>14} {:>13} {:>17} {:>8} {:>10} {:>9}",
+        "function",
+        "init ms",
+        "min ms",
+        "1st reply ms",
+        "init+secrets",
+        "1st reply+secrets",
+        "rss MB",
+        "binary MB",
+        "zip MB"
     );
     for function in FUNCTIONS {
         let binary = format!("{bin_dir}/{function}");
         let (mut inits, mut replies, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut managed_inits, mut managed_replies) = (Vec::new(), Vec::new());
         for _ in 0..runs {
-            let (init, reply, memory) = once(&binary, function).await?;
+            let (init, reply, memory) = once(&binary, function, Secrets::Plain).await?;
             inits.push(init.as_secs_f64() * 1000.0);
             replies.push(reply.as_secs_f64() * 1000.0);
             rss.push(memory as f64 / 1048576.0);
+            let (init, reply, _) = once(&binary, function, Secrets::Managed).await?;
+            managed_inits.push(init.as_secs_f64() * 1000.0);
+            managed_replies.push(reply.as_secs_f64() * 1000.0);
         }
         let size = |path: String| {
             std::fs::metadata(path)
@@ -237,13 +331,19 @@ async fn main() -> anyhow::Result<()> {
         let row = json!({
             "init_ms_median": median(inits.clone()), "init_ms_min": min,
             "first_response_ms_median": median(replies), "rss_mb_median": median(rss),
+            "init_with_secrets_ms_median": median(managed_inits),
+            "first_response_with_secrets_ms_median": median(managed_replies),
             "binary_mb": binary_mb, "zip_mb": zip_mb, "runs": runs,
         });
         println!(
-            "{function:<14} {:>9.2} {:>9.2} {:>14.2} {:>8.1} {:>10} {:>9}",
+            "{function:<14} {:>9.2} {:>9.2} {:>14.2} {:>13.2} {:>17.2} {:>8.1} {:>10} {:>9}",
             row["init_ms_median"].as_f64().unwrap_or(0.0),
             min,
             row["first_response_ms_median"].as_f64().unwrap_or(0.0),
+            row["init_with_secrets_ms_median"].as_f64().unwrap_or(0.0),
+            row["first_response_with_secrets_ms_median"]
+                .as_f64()
+                .unwrap_or(0.0),
             row["rss_mb_median"].as_f64().unwrap_or(0.0),
             binary_mb.map_or("-".into(), |m| format!("{m:.1}")),
             zip_mb.map_or("-".into(), |m| format!("{m:.1}")),

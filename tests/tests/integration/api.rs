@@ -613,6 +613,26 @@ async fn health_and_openapi_need_no_token() {
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
 }
 
+/// The health check takes no token: however often it is called, the database is pinged at
+/// most once per `Db::HEALTH_TTL`.
+#[tokio::test]
+async fn health_pings_the_database_at_most_once_per_interval() {
+    let (test, db) = TestDb::migrated().await;
+    assert_eq!(
+        call(&db, Method::GET, "/healthz", None, None).await.status,
+        StatusCode::OK
+    );
+    test.pool.close().await;
+    // Within the interval the answer is the one just found, without a query.
+    for _ in 0..20 {
+        let response = call(&db, Method::GET, "/healthz", None, None).await;
+        assert_eq!(response.status, StatusCode::OK);
+    }
+    tokio::time::sleep(Db::HEALTH_TTL).await;
+    let response = call(&db, Method::GET, "/healthz", None, None).await;
+    assert_error(&response, StatusCode::SERVICE_UNAVAILABLE, "internal");
+}
+
 #[tokio::test]
 async fn health_is_503_when_the_database_does_not_answer() {
     let (test, db) = TestDb::migrated().await;

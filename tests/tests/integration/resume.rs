@@ -415,6 +415,9 @@ async fn a_reply_stored_while_a_socket_resumes_reaches_it_exactly_once() {
     let mut h = Harness::new().await;
     h.state.message.limits.connection.messages = 1000;
     h.state.message.limits.user.messages = 1000;
+    // A socket per round, none closed.
+    h.state.auth.caps.per_user = 1000;
+    h.state.auth.caps.per_conversation = 1000;
     let llm = FakeLlm::hello().await;
     let state = orchestrator(&h, &llm);
     h.open_session("tab").await;

@@ -177,7 +177,7 @@ async fn runtime_api() -> (String, mpsc::UnboundedReceiver<()>) {
 }
 
 /// Starts a function binary as Lambda would, with only these variables; whether it got as far
-/// as asking for its first event.
+/// as asking for its first event, and everything it wrote (its logs and errors).
 async fn starts(binary: &str, variables: &[(String, String)]) -> (bool, String) {
     let bin_dir = std::env::var("KONSTRUCT_BIN_DIR")
         .expect("KONSTRUCT_BIN_DIR is not set: run the tests through `make test`, which builds the functions");
@@ -200,7 +200,7 @@ async fn starts(binary: &str, variables: &[(String, String)]) -> (bool, String) 
             crate::secrets::endpoint(),
         )
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -213,7 +213,11 @@ async fn starts(binary: &str, variables: &[(String, String)]) -> (bool, String) 
     let output = child.wait_with_output().await.unwrap();
     (
         outcome,
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
     )
 }
 
@@ -257,4 +261,53 @@ async fn every_function_starts_with_the_environment_the_template_gives_it() {
             "{binary} names the missing variable:\n{stderr}"
         );
     }
+}
+
+/// In aws mode a function that verifies tokens says at start when the portal's issuer or
+/// audience is not set (tokens are then accepted whoever issued them, for whomever).
+#[tokio::test]
+async fn token_verifiers_warn_at_start_when_issuer_or_audience_is_unset() {
+    let secrets = Secrets::create().await;
+    let base = |issuer: &str, audience: &str| -> Vec<(String, String)> {
+        [
+            ("KONSTRUCT_MODE", "aws"),
+            ("DATABASE_URL_SECRET_ARN", secrets.database.as_str()),
+            ("PORTAL_JWT_SECRET_ARN", secrets.portal.as_str()),
+            (
+                "WS_MANAGEMENT_ENDPOINT",
+                "https://abc123.execute-api.us-east-1.amazonaws.com/prod",
+            ),
+            ("PORTAL_JWT_ISSUER", issuer),
+            ("PORTAL_JWT_AUDIENCE", audience),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    };
+    for binary in ["ws-auth", "chat-api"] {
+        let (ready, said) = starts(binary, &base("", "")).await;
+        assert!(ready, "{binary}:\n{said}");
+        for var in ["PORTAL_JWT_ISSUER", "PORTAL_JWT_AUDIENCE"] {
+            assert!(
+                said.contains(&format!("{var} is not set")),
+                "{binary}:\n{said}"
+            );
+        }
+        let (ready, said) = starts(binary, &base("https://portal.example", "konstruct")).await;
+        assert!(ready, "{binary}:\n{said}");
+        assert!(!said.contains("is not set"), "{binary}:\n{said}");
+    }
+    // A plain secret variable in a deployed function is worth a warning too.
+    let mut plain = base("https://portal.example", "konstruct");
+    plain.retain(|(k, _)| k != "PORTAL_JWT_SECRET_ARN");
+    plain.push((
+        "PORTAL_JWT_SECRET".into(),
+        "a-portal-secret-of-at-least-32-bytes-0123".into(),
+    ));
+    let (ready, said) = starts("ws-auth", &plain).await;
+    assert!(ready, "{said}");
+    assert!(
+        said.contains("name the secret with PORTAL_JWT_SECRET_ARN"),
+        "{said}"
+    );
 }
