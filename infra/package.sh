@@ -24,9 +24,19 @@ for f in $functions; do packages+=(--package "$f"); done
 cargo lambda build --release "$arch" --output-format zip "${packages[@]}"
 
 target=${CARGO_TARGET_DIR:-$root/target}
+# Each function holds only the clients it uses; a zip past 5 MiB means one grew a dependency it
+# should not have (or the release profile lost its size settings).
+max_bytes=$((5 * 1024 * 1024))
+too_big=()
 echo "Lambda packages ($architecture; deploy with Architecture=$architecture):"
 for f in $functions; do
   zip=$target/lambda/$f/bootstrap.zip
   [ -f "$zip" ] || { echo "package: $zip is missing" >&2; exit 1; }
-  printf '  %-16s %8s bytes  %s\n' "$f" "$(stat -c %s "$zip")" "$zip"
+  bytes=$(stat -c %s "$zip")
+  printf '  %-16s %8s bytes  %s\n' "$f" "$bytes" "$zip"
+  [ "$bytes" -le "$max_bytes" ] || too_big+=("$f")
 done
+if [ ${#too_big[@]} -gt 0 ]; then
+  echo "package: over 5 MiB: ${too_big[*]}" >&2
+  exit 1
+fi

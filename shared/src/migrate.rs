@@ -45,13 +45,31 @@ impl MigrateState {
     }
 }
 
-/// The fields every request kind carries, and the answer's id.
+/// Where and how to answer one request: the fields every request kind carries, and the id of
+/// the resource.
 struct Reply {
     response_url: String,
-    stack_id: String,
-    request_id: String,
-    logical_resource_id: String,
-    physical_resource_id: String,
+    response: Response,
+}
+
+impl Reply {
+    fn new(
+        response_url: String,
+        stack_id: String,
+        request_id: String,
+        logical_resource_id: String,
+        physical_resource_id: String,
+    ) -> Self {
+        let mut response = Response::default();
+        response.stack_id = stack_id;
+        response.request_id = request_id;
+        response.logical_resource_id = logical_resource_id;
+        response.physical_resource_id = physical_resource_id;
+        Self {
+            response_url,
+            response,
+        }
+    }
 }
 
 /// Handles one event: migrates (Create, Update) or does nothing (Delete), then answers at the
@@ -61,35 +79,35 @@ pub async fn handle(
     request: Request,
     time_left: Duration,
 ) -> Result<(), Error> {
-    let (reply, migrate) = match request {
+    let (mut reply, migrate) = match request {
         Request::Create(r) => (
-            Reply {
-                response_url: r.response_url,
-                stack_id: r.stack_id,
-                request_id: r.request_id,
-                logical_resource_id: r.logical_resource_id,
-                physical_resource_id: PHYSICAL_ID.to_owned(),
-            },
+            Reply::new(
+                r.response_url,
+                r.stack_id,
+                r.request_id,
+                r.logical_resource_id,
+                PHYSICAL_ID.to_owned(),
+            ),
             true,
         ),
         Request::Update(r) => (
-            Reply {
-                response_url: r.response_url,
-                stack_id: r.stack_id,
-                request_id: r.request_id,
-                logical_resource_id: r.logical_resource_id,
-                physical_resource_id: r.physical_resource_id,
-            },
+            Reply::new(
+                r.response_url,
+                r.stack_id,
+                r.request_id,
+                r.logical_resource_id,
+                r.physical_resource_id,
+            ),
             true,
         ),
         Request::Delete(r) => (
-            Reply {
-                response_url: r.response_url,
-                stack_id: r.stack_id,
-                request_id: r.request_id,
-                logical_resource_id: r.logical_resource_id,
-                physical_resource_id: r.physical_resource_id,
-            },
+            Reply::new(
+                r.response_url,
+                r.stack_id,
+                r.request_id,
+                r.logical_resource_id,
+                r.physical_resource_id,
+            ),
             false,
         ),
         _ => {
@@ -111,23 +129,18 @@ pub async fn handle(
         tracing::info!("stack deleted: the schema stays");
         Ok(HashMap::new())
     };
-    let mut response = Response::default();
     match outcome {
         Ok(data) => {
-            response.status = Status::Success;
-            response.data = data;
+            reply.response.status = Status::Success;
+            reply.response.data = data;
         }
         Err(reason) => {
             tracing::error!(%reason, "migrations failed");
-            response.status = Status::Failed;
-            response.reason = Some(reason);
+            reply.response.status = Status::Failed;
+            reply.response.reason = Some(reason);
         }
     }
-    response.physical_resource_id = reply.physical_resource_id;
-    response.stack_id = reply.stack_id;
-    response.request_id = reply.request_id;
-    response.logical_resource_id = reply.logical_resource_id;
-    answer(&state.http, &reply.response_url, &response).await
+    answer(&state.http, &reply.response_url, &reply.response).await
 }
 
 /// Applies pending migrations; the latest applied version, for the stack's outputs.

@@ -9,15 +9,15 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use shared::db::Scope;
 use shared::db::agents::Provider;
-use shared::db::messages::{self, MessageRole, MessageView, PageFrom};
-use shared::domain::{ConnectionId, PageLimit, Role, UserId};
+use shared::db::messages::{MessageRole, MessageView};
+use shared::domain::{ConnectionId, Role, UserId};
 use shared::orchestrator::ADMIN_MARK;
 use shared::ws::{RateLimit, sweep};
 
 use crate::helpers::{TestDb, seed, seed_user, token};
 use crate::llm::{FakeLlm, last_user_text};
 use crate::local::{Env, Local, authenticated, expect, next, open, send};
-use crate::orchestrator::{conversation_with, orchestrator, records_for, run};
+use crate::orchestrator::{conversation_with, orchestrator, records_for, run, stored};
 use crate::ws::Harness;
 
 fn message(text: &str) -> String {
@@ -159,16 +159,8 @@ async fn a_platform_admins_message_is_stored_as_theirs_and_marked_for_the_agent(
     assert!(run(&state, admin_jobs).await.is_empty());
 
     // Stored with its author, and shown so in history.
-    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
-    let page = messages::page(
-        &mut tx,
-        conversation,
-        PageFrom::Newest,
-        PageLimit::default(),
-    )
-    .await
-    .unwrap();
-    let authors: Vec<(String, Option<UserId>)> = page
+    let authors: Vec<(String, Option<UserId>)> = stored(&h, conversation)
+        .await
         .into_iter()
         .map(MessageView::from)
         .filter(|m| m.role == MessageRole::User)

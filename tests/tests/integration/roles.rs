@@ -7,7 +7,7 @@ use shared::db::{Db, Scope};
 use shared::domain::Role;
 use sqlx::{AssertSqlSafe, Connection};
 
-use crate::helpers::{TestDb, seed, token};
+use crate::helpers::{Seed, TestDb, seed, token};
 use crate::local::{Env, Local};
 
 /// The SQLSTATE a statement failed with.
@@ -94,6 +94,18 @@ async fn a_handle_connected_as_the_owner_refuses_to_work_and_says_why() {
     );
 }
 
+async fn list_conversations(server: &tests::stack::Server, s: &Seed) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!(
+            "http://{}/api/portal/chat/conversations?tenant_id={}",
+            server.address, s.tenant
+        ))
+        .bearer_auth(token(s.user, Role::CustomerOperator))
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn konstruct_local_started_as_the_owner_serves_nothing() {
     let (test, db) = TestDb::migrated().await;
@@ -101,15 +113,7 @@ async fn konstruct_local_started_as_the_owner_serves_nothing() {
     let mut env = Env::new(&test);
     env.database_url = test.migrator_url.clone();
     let server = Local::start(&env, &["serve", "--no-worker"]).await;
-    let response = reqwest::Client::new()
-        .get(format!(
-            "http://{}/api/portal/chat/conversations?tenant_id={}",
-            server.address, s.tenant
-        ))
-        .bearer_auth(token(s.user, Role::CustomerOperator))
-        .send()
-        .await
-        .unwrap();
+    let response = list_conversations(&server, &s).await;
     assert_eq!(response.status(), 500);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["code"], json!("internal"), "{body}");
@@ -117,15 +121,6 @@ async fn konstruct_local_started_as_the_owner_serves_nothing() {
 
     // The same server as the runtime role answers.
     let server = Local::start(&Env::new(&test), &["serve", "--no-worker"]).await;
-    let response = reqwest::Client::new()
-        .get(format!(
-            "http://{}/api/portal/chat/conversations?tenant_id={}",
-            server.address, s.tenant
-        ))
-        .bearer_auth(token(s.user, Role::CustomerOperator))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(list_conversations(&server, &s).await.status(), 200);
     server.stop().await;
 }
