@@ -14,6 +14,7 @@ use crate::domain::{ConnectionId, ConversationId, TenantId};
 use crate::frame::{MAX_SERVER_FRAME_BYTES, ServerFrame};
 use crate::queue::RedisConnection;
 use crate::redis_keys::webchat_response_key;
+use crate::telemetry::{self, Event, PostOutcome};
 
 /// What became of a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +46,18 @@ pub async fn post_or_forget(
     connection: &ConnectionId,
     frame: &ServerFrame,
 ) -> Result<Posted, Error> {
-    let posted = delivery.post(endpoint, connection, frame).await?;
+    let started = std::time::Instant::now();
+    let posted = delivery.post(endpoint, connection, frame).await;
+    let outcome = match &posted {
+        Ok(Posted::Delivered) => PostOutcome::Delivered,
+        Ok(Posted::Gone) => PostOutcome::Gone,
+        Err(_) => PostOutcome::Failed,
+    };
+    telemetry::record(Event::Post {
+        outcome,
+        latency: started.elapsed(),
+    });
+    let posted = posted?;
     if posted == Posted::Gone {
         tracing::info!(%connection, "connection gone; forgetting it");
         let mut tx = db.begin(Scope::Connection(connection)).await?;

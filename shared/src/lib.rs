@@ -21,6 +21,7 @@ pub mod queue;
 pub mod rbac;
 pub mod redis_keys;
 pub mod secrets;
+pub mod telemetry;
 pub mod worker;
 pub mod ws;
 

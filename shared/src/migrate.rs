@@ -192,9 +192,9 @@ pub async fn run(state: MigrateState) -> Result<(), lambda_runtime::Error> {
             let time_left = deadline
                 .duration_since(std::time::SystemTime::now())
                 .unwrap_or(Duration::from_secs(60));
-            handle(state, event.payload, time_left)
-                .await
-                .map_err(lambda_runtime::Error::from)
+            let answered = handle(state, event.payload, time_left).await;
+            crate::telemetry::flush();
+            answered.map_err(lambda_runtime::Error::from)
         },
     ))
     .await

@@ -28,6 +28,7 @@ use crate::delivery::{Audience, ConnectionsFanout, Fanout, ManagementApi, RedisF
 use crate::domain::{MessageId, storable};
 use crate::frame::{ChunkOf, ServerFrame};
 use crate::job::Job;
+use crate::telemetry::{self, Event, JobOutcome};
 use crate::{Error, ErrorCode};
 
 /// How much of the conversation the agent sees: the last `messages`, and no more than `chars`
@@ -117,10 +118,12 @@ impl OrchestratorState {
 
 /// One delivery of a job: whether the queue will give up on it after this, and when it must
 /// be done (a Lambda invocation's deadline; none for the local worker).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Receipt {
     pub last: bool,
     pub deadline: Option<Instant>,
+    /// The X-Ray trace header the job travelled with (from the route that queued it).
+    pub trace: Option<String>,
 }
 
 /// A job that did not complete. `retry` says whether delivering it again can help; each
@@ -180,14 +183,27 @@ impl Failure {
 /// the job gives up (a permanent failure, or a transient one on its last receive), the
 /// conversation's sockets get `agent_failed`; until then a transient failure is silent, the
 /// message still being worked on.
-#[tracing::instrument(skip_all, fields(conversation_id = %job.conversation_id, message_id = %job.message_id))]
+#[tracing::instrument(skip_all, fields(
+    conversation_id = %job.conversation_id,
+    message_id = %job.message_id,
+    tenant_id = %job.tenant_id,
+    trace = %receipt.trace.as_deref().unwrap_or(""),
+))]
 pub async fn process_one(
     state: &OrchestratorState,
     job: &Job,
     receipt: Receipt,
 ) -> Result<(), Failure> {
     let mut audience = None;
-    let result = answer(state, job, receipt, &mut audience).await;
+    let started = Instant::now();
+    let result = answer(state, job, &receipt, &mut audience).await;
+    // One line per job, carrying the span's ids: what a search for a message finds.
+    tracing::info!(
+        ok = result.is_ok(),
+        last = receipt.last,
+        ms = started.elapsed().as_millis() as u64,
+        "job finished"
+    );
     if let (Err(failure), Some(audience)) = (&result, audience.as_mut())
         && (!failure.retry || receipt.last)
     {
@@ -209,7 +225,7 @@ pub async fn process_one(
 async fn answer(
     state: &OrchestratorState,
     job: &Job,
-    receipt: Receipt,
+    receipt: &Receipt,
     audience_out: &mut Option<Audience>,
 ) -> Result<(), Failure> {
     let tenant_id = job.tenant_id;
@@ -302,7 +318,11 @@ async fn answer(
         result
     };
     let mut stream = ReplyStream::new(state, &conversation, audience, job.message_id);
+    let asked = Instant::now();
     let (result, leftover) = tokio::join!(call, stream.run(pieces, &stop));
+    if result.is_some() {
+        telemetry::record(Event::AgentLatency(asked.elapsed()));
+    }
     let (text, status, stop, usage) = match (result, stream.ended.take()) {
         (_, Some(Ended::Superseded)) => {
             tracing::info!("another attempt owns this reply now");
@@ -325,6 +345,9 @@ async fn answer(
         (Some(Ok(reply)), None) => (leftover, MessageStatus::Complete, reply.stop, reply.usage),
         (Some(Err(err)), None) => {
             tracing::warn!(error = %err, retryable = err.retryable, "agent failed");
+            telemetry::record(Event::AgentFailure {
+                transient: err.retryable,
+            });
             let error = Error::AgentFailed(err.message);
             let failure = if err.retryable {
                 Failure::transient(error)
@@ -342,12 +365,20 @@ async fn answer(
         }
     };
     let streamed = stream.reply.is_some();
+    if let Some(usage) = usage {
+        telemetry::record(Event::OutputTokens(usage.output_tokens));
+    }
     let Some(stored) = stream.end(&text, status, stop, usage).await? else {
         return Ok(());
     };
     deliver(state, stream.audience, &stored, streamed)
         .await
-        .map_err(Failure::transient)
+        .map_err(Failure::transient)?;
+    let waited = (chrono::Utc::now() - job.message.timestamp)
+        .to_std()
+        .unwrap_or_default();
+    telemetry::record(Event::ReplyLatency(waited));
+    Ok(())
 }
 
 /// What one [`ReplyStream::store`] found.
@@ -381,6 +412,8 @@ struct ReplyStream<'a> {
     /// Characters stored so far.
     offset: usize,
     ended: Option<Ended>,
+    /// When the agent was asked: the time to the first chunk counts from here.
+    started: Instant,
 }
 
 impl<'a> ReplyStream<'a> {
@@ -399,6 +432,7 @@ impl<'a> ReplyStream<'a> {
             reply: None,
             offset: 0,
             ended: None,
+            started: Instant::now(),
         }
     }
 
@@ -429,8 +463,11 @@ impl<'a> ReplyStream<'a> {
             if buffer.is_empty() || self.ended.is_some() {
                 continue;
             }
+            let first = self.reply.is_none();
             if let Err(failure) = self.flush(&buffer).await {
                 self.ended = Some(Ended::Failed(failure));
+            } else if first {
+                telemetry::record(Event::TimeToFirstChunk(self.started.elapsed()));
             }
             buffer.clear();
             if self.ended.is_some() {
@@ -715,14 +752,24 @@ async fn process_group(
         let receipt = Receipt {
             last: receives >= state.max_receives,
             deadline: cutoff,
+            trace: record
+                .attributes
+                .get(crate::queue::TRACE_ATTRIBUTE)
+                .cloned(),
         };
         let outcome = match record.body.as_deref().map(Job::from_body) {
-            Some(Ok(job)) => process_one(state, &job, receipt).await,
+            Some(Ok(job)) => process_one(state, &job, receipt.clone()).await,
             Some(Err(e)) => Err(Failure::permanent(e)),
             None => Err(Failure::permanent(Error::BadRequest(
                 "record has no body".into(),
             ))),
         };
+        telemetry::record(Event::Job(match &outcome {
+            Ok(()) => JobOutcome::Answered,
+            Err(f) if !f.retry => JobOutcome::Failed,
+            Err(_) if receipt.last => JobOutcome::DeadLettered,
+            Err(_) => JobOutcome::Retried,
+        }));
         match outcome {
             Ok(()) => {}
             Err(f) if !f.retry => {
@@ -765,7 +812,9 @@ pub async fn run(state: OrchestratorState) -> Result<(), lambda_runtime::Error> 
     lambda_runtime::run(lambda_runtime::service_fn(
         move |event: lambda_runtime::LambdaEvent<SqsEvent>| async move {
             let deadline = deadline_from_epoch_ms(event.context.deadline);
-            Ok::<_, std::convert::Infallible>(handle(state, event.payload, deadline).await)
+            let response = handle(state, event.payload, deadline).await;
+            crate::telemetry::flush();
+            Ok::<_, std::convert::Infallible>(response)
         },
     ))
     .await

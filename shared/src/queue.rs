@@ -26,18 +26,47 @@ pub struct SqsQueue {
 #[async_trait]
 impl JobQueue for SqsQueue {
     async fn enqueue(&self, job: &Job) -> Result<(), Error> {
+        // The invocation's trace travels with the job (the header Lambda's runtime puts in
+        // `_X_AMZN_TRACE_ID`), so X-Ray follows one message from the route into the
+        // orchestrator.
+        let trace = std::env::var(TRACE_ENV)
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                aws_sdk_sqs::types::MessageSystemAttributeValue::builder()
+                    .data_type("String")
+                    .string_value(t)
+                    .build()
+            });
         self.client
             .send_message()
             .queue_url(&self.queue_url)
             .message_body(job.to_body())
             .message_group_id(job.conversation_id.to_string())
             .message_deduplication_id(job.message_id.to_string())
+            .set_message_system_attributes(
+                trace
+                    .transpose()
+                    .map_err(|e| Error::Internal(format!("trace header: {e}")))?
+                    .map(|value| {
+                        std::collections::HashMap::from([(
+                            aws_sdk_sqs::types::MessageSystemAttributeNameForSends::AwsTraceHeader,
+                            value,
+                        )])
+                    }),
+            )
             .send()
             .await
             .map_err(|e| Error::upstream("SQS SendMessage", e))?;
         Ok(())
     }
 }
+
+/// Where Lambda's runtime puts the invocation's X-Ray trace header.
+pub const TRACE_ENV: &str = "_X_AMZN_TRACE_ID";
+
+/// The SQS system attribute that carries it to the orchestrator.
+pub const TRACE_ATTRIBUTE: &str = "AWSTraceHeader";
 
 /// How long a queued message id is remembered, as SQS FIFO does.
 pub const DEDUPLICATION_SECONDS: u64 = 300;

@@ -147,6 +147,8 @@ pub struct Server {
     pub child: Child,
     /// `127.0.0.1:port`
     pub address: String,
+    /// Every line it wrote to stderr (its log), as written.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -193,14 +195,21 @@ impl Server {
             .context("konstruct-local did not listen within 30 s")??;
         }
         let echo = std::env::var_os("TEST_LOG").is_some();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = log.clone();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 if echo {
                     eprintln!("[konstruct-local] {line}");
                 }
+                kept.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         });
-        Ok(Self { child, address })
+        Ok(Self {
+            child,
+            address,
+            log,
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -200,7 +200,8 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         tokens,
     })
     .merge(crate::gateway::router(gateway))
-    .merge(crate::page::router());
+    .merge(crate::page::router())
+    .merge(crate::metrics::router()?);
 
     tokio::spawn(crate::bridge::run(
         redis_url.clone(),

@@ -3,6 +3,7 @@
 mod bridge;
 mod cli;
 mod gateway;
+mod metrics;
 mod page;
 mod sockets;
 
@@ -16,6 +17,8 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in a file or a pipe.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli::Cli::parse().run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,

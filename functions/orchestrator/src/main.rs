@@ -3,6 +3,7 @@ use shared::orchestrator::{self, OrchestratorState};
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
+    shared::telemetry::lambda_start("orchestrator");
     let state = OrchestratorState::from_env().await?;
     orchestrator::run(state).await
 }

@@ -93,6 +93,17 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// The router with the metrics recorded while serving each request written out after it (see
+/// [`crate::telemetry::flush`]): what `chat-api` serves on Lambda.
+pub fn flushing_metrics(router: Router) -> Router {
+    router.layer(axum::middleware::map_response(
+        |response: axum::response::Response| async move {
+            crate::telemetry::flush();
+            response
+        },
+    ))
+}
+
 /// CORS for the portal's origins (`CORS_ALLOWED_ORIGINS`); none configured means same-origin
 /// only.
 pub fn cors(config: &CorsConfig) -> CorsLayer {

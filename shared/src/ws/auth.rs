@@ -13,7 +13,7 @@ use crate::delivery::encode;
 use crate::domain::ConversationId;
 use crate::frame::{ChunkOf, ClientFrame, MAX_SERVER_FRAME_BYTES, ServerFrame};
 
-#[tracing::instrument(skip_all, fields(connection_id))]
+#[tracing::instrument(skip_all, fields(connection_id, conversation_id))]
 pub async fn handle(
     state: &AuthRoute,
     event: ApiGatewayWebsocketProxyRequest,
@@ -58,6 +58,7 @@ async fn auth(state: &AuthRoute, route: &RouteEvent) -> Result<Option<ServerFram
         state.caps,
     )
     .await?;
+    tracing::Span::current().record("conversation_id", tracing::field::display(conversation_id));
     let resume = message_path::resume(&mut tx, conversation_id, resume_after).await?;
     let auth_ok = ServerFrame::AuthOk {
         conversation_id,

@@ -20,8 +20,9 @@ use crate::domain::{ClientMessageId, MessageText};
 use crate::frame::{ClientFrame, ServerFrame};
 use crate::job::Job;
 use crate::message::{WebEvent, normalize_web_event};
+use crate::telemetry::{self, Event};
 
-#[tracing::instrument(skip_all, fields(connection_id))]
+#[tracing::instrument(skip_all, fields(connection_id, conversation_id, message_id))]
 pub async fn handle(
     state: &MessageRoute,
     event: ApiGatewayWebsocketProxyRequest,
@@ -36,7 +37,10 @@ pub async fn handle(
     match frame {
         Ok(Some(frame)) => reply(&frame),
         Ok(None) => status(200),
-        Err(err) => reply(&ServerFrame::error(&err)),
+        Err(err) => {
+            telemetry::record(Event::MessageRefused(err.code()));
+            reply(&ServerFrame::error(&err))
+        }
     }
 }
 
@@ -134,6 +138,19 @@ async fn message(
     };
     let (queued, _) = tokio::join!(state.queue.enqueue(&job), show_others);
     queued?;
+    telemetry::record(Event::MessageAccepted);
+    let span = tracing::Span::current();
+    span.record(
+        "conversation_id",
+        tracing::field::display(stored.conversation_id),
+    );
+    span.record("message_id", tracing::field::display(stored.message_id));
+    tracing::info!(
+        seq = stored.seq,
+        tenant_id = %stored.tenant_id,
+        repeat = !stored.created,
+        "message accepted"
+    );
     Ok(ServerFrame::Ack {
         conversation_id: stored.conversation_id,
         message_id: stored.message_id,

@@ -282,7 +282,9 @@ where
         move |event: lambda_runtime::LambdaEvent<ApiGatewayWebsocketProxyRequest>| async move {
             // Boxed, as in `Route::handle`: a route's nested futures are deep enough to exhaust
             // the compiler's layout recursion in release builds.
-            Ok::<_, std::convert::Infallible>(Box::pin(handler(event.payload)).await)
+            let response = Box::pin(handler(event.payload)).await;
+            crate::telemetry::flush();
+            Ok::<_, std::convert::Infallible>(response)
         },
     ))
     .await

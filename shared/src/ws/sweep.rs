@@ -66,8 +66,9 @@ pub async fn run(edge: Edge, deadline: Duration) -> Result<(), lambda_runtime::E
     let edge = &edge;
     lambda_runtime::run(lambda_runtime::service_fn(
         move |_: lambda_runtime::LambdaEvent<serde_json::Value>| async move {
-            sweep(edge, deadline)
-                .await
+            let swept = sweep(edge, deadline).await;
+            crate::telemetry::flush();
+            swept
                 .map(|swept| serde_json::json!({ "swept": swept }))
                 .map_err(lambda_runtime::Error::from)
         },

@@ -14,7 +14,7 @@ use shared::domain::{ConnectionId, Role, UserId};
 use shared::orchestrator::ADMIN_MARK;
 use shared::ws::{RateLimit, sweep};
 
-use crate::helpers::{TestDb, seed, seed_user, token};
+use crate::helpers::{Captured, TestDb, seed, seed_user, token};
 use crate::llm::{FakeLlm, last_user_text};
 use crate::local::{Env, Local, authenticated, expect, next, open, send};
 use crate::orchestrator::{conversation_with, orchestrator, records_for, run, stored};
@@ -250,41 +250,12 @@ async fn konstruct_local_holds_the_user_limit_and_the_socket_cap() {
     server.stop().await;
 }
 
-/// Log lines written while it is held, on this thread (a `#[tokio::test]` runs every task on
-/// its own thread).
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 #[tokio::test]
 async fn a_reset_by_someone_other_than_the_owner_is_logged_with_who_did_it() {
     let (_test, db) = TestDb::migrated().await;
     let s = seed(&db, "acme").await;
     let admin = seed_user(&db, "admin").await;
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Captured::start();
     let uri = format!("/api/portal/chat/conversations/{}", s.conversation);
 
     let own = crate::api::call(

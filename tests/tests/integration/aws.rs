@@ -62,6 +62,8 @@ pub struct Queued {
     pub body: Value,
     pub group_id: String,
     pub dedup_id: String,
+    /// The X-Ray trace header the route sent it with, if any.
+    pub trace: Option<String>,
 }
 
 /// Everything on the queue, taken off it: each batch is deleted once read, since a FIFO queue
@@ -97,6 +99,9 @@ pub async fn drain(queue: &SqsQueue) -> Vec<Queued> {
                 body: serde_json::from_str(m.body.as_deref().unwrap()).unwrap(),
                 group_id: attrs[&MessageSystemAttributeName::MessageGroupId].clone(),
                 dedup_id: attrs[&MessageSystemAttributeName::MessageDeduplicationId].clone(),
+                trace: attrs
+                    .get(&MessageSystemAttributeName::AwsTraceHeader)
+                    .cloned(),
             });
         }
     }
@@ -114,6 +119,11 @@ impl Queued {
         record
             .attributes
             .insert("MessageDeduplicationId".into(), self.dedup_id.clone());
+        if let Some(trace) = &self.trace {
+            record
+                .attributes
+                .insert(shared::queue::TRACE_ATTRIBUTE.into(), trace.clone());
+        }
         record
     }
 }

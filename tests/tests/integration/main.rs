@@ -25,6 +25,7 @@ mod roles;
 mod round_trips;
 mod schemathesis;
 mod secrets;
+mod telemetry;
 mod template;
 mod text;
 mod tokens;
