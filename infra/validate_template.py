@@ -11,6 +11,8 @@
    DATABASE_URL, …); each secret is named by a `…_SECRET_ARN` variable, and each function's role
    may read exactly the secrets its variables name.
 5. Checks Bedrock: a function may invoke only the models of BedrockModelIds.
+6. Checks the dashboard and alarms: the dashboard's body is JSON, and every metric of the
+   Konstruct/WebChat namespace they name is one the code emits (shared/src/telemetry.rs).
 
 Usage: python validate_template.py TEMPLATE [--functions OUT.json]
 OUT.json lists each function's binary and the environment variables it is given, for the test
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -112,6 +115,38 @@ def check_secrets(sam, functions):
             )
 
 
+def check_operations(sam, workspace):
+    """The dashboard parses, and names in our namespace exist in shared/src/telemetry.rs."""
+    source = (workspace / "shared" / "src" / "telemetry.rs").read_text()
+    emitted = set(re.findall(r'(?:counter|histogram)!\(\s*"([A-Za-z]+)"', source))
+    namespace = re.search(r'pub const NAMESPACE: &str = "([^"]+)"', source).group(1)
+    named = set()
+    for name, resource in sam.get("Resources", {}).items():
+        properties = resource.get("Properties", {})
+        if resource.get("Type") == "AWS::CloudWatch::Dashboard":
+            body = properties.get("DashboardBody", {})
+            text = body.get("Fn::Sub", body) if isinstance(body, dict) else body
+            text = text[0] if isinstance(text, list) else text
+            try:
+                dashboard = json.loads(re.sub(r"\$\{[^}]+\}", "x", text))
+            except (TypeError, json.JSONDecodeError) as error:
+                fail(f"{name}: the dashboard body is not JSON: {error}")
+            for widget in dashboard.get("widgets", []):
+                for metric in widget.get("properties", {}).get("metrics", []):
+                    if len(metric) > 1 and metric[0] == namespace:
+                        named.add((name, metric[1]))
+        if resource.get("Type") == "AWS::CloudWatch::Alarm":
+            stats = [properties] + [
+                m.get("MetricStat", {}).get("Metric", {}) for m in properties.get("Metrics", [])
+            ]
+            for stat in stats:
+                if stat.get("Namespace") == namespace:
+                    named.add((name, stat.get("MetricName")))
+    for resource, metric in sorted(named):
+        if metric not in emitted:
+            fail(f"{resource}: metric {metric} of {namespace} is not one the code emits {sorted(emitted)}")
+
+
 def fail(message):
     print(f"template: {message}", file=sys.stderr)
     sys.exit(1)
@@ -158,6 +193,7 @@ def main():
             fail(f"{name}: Binary {binary!r} is not a crate under functions/")
 
     check_secrets(sam, functions)
+    check_operations(sam, workspace)
 
     allowed_models = resolve({"Ref": "BedrockModelIds"}, sam)
     for name, resource in functions.items():

@@ -22,10 +22,9 @@ pub const NAMESPACE: &str = "Konstruct/WebChat";
 /// How a job ended on this receive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobOutcome {
-    /// A reply was stored and sent (or a stored one sent again).
+    /// Done: a reply stored and sent (or a stored one sent again), or nothing left to do (the
+    /// conversation or the message is gone, or another attempt owns the reply).
     Answered,
-    /// Nothing left to do: the conversation or the message is gone, or another attempt owns it.
-    Dropped,
     /// Retrying cannot help (the user was told `agent_failed`).
     Failed,
     /// A transient failure; the queue delivers it again.
@@ -38,7 +37,6 @@ impl JobOutcome {
     fn label(self) -> &'static str {
         match self {
             Self::Answered => "answered",
-            Self::Dropped => "dropped",
             Self::Failed => "failed",
             Self::Retried => "retried",
             Self::DeadLettered => "dead_lettered",

@@ -195,7 +195,7 @@ async fn a_message_path_records_its_metrics() {
 
 /// `konstruct-local` serves the same metrics in Prometheus' text format; its log, written to a
 /// pipe, has no colour codes; and at the default level a whole message path (auth, message,
-/// streamed reply, history) logs neither the token nor the message's text.
+/// reply, history) logs neither the token nor the message's text.
 #[tokio::test]
 async fn konstruct_local_serves_prometheus_metrics_and_logs_no_secret_no_text_no_colour() {
     let (test, db) = TestDb::migrated().await;

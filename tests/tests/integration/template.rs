@@ -83,6 +83,17 @@ async fn broken_templates_fail_validation() {
             "PORTAL_JWT_SECRET: a-portal-secret-of-at-least-32-bytes-0123",
             "puts a secret in the function's configuration",
         ),
+        // A dashboard or an alarm naming a metric the code does not emit.
+        (
+            "MetricName: ReplyLatency",
+            "MetricName: ReplyLatencey",
+            "ReplyLatencey",
+        ),
+        (
+            "\"TimeToFirstChunk\", \"function\"",
+            "\"TimeToFirstChunks\", \"function\"",
+            "TimeToFirstChunks",
+        ),
         // A function whose role may read a secret it does not use.
         (
             "Action: secretsmanager:GetSecretValue\n              Resource: !Ref DatabaseUrlSecretArn",
