@@ -6,7 +6,8 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-tools_env=$(infra/local/tools.sh)
+# cargo-lambda only: packaging needs none of the browser test's tools.
+tools_env=$(infra/local/tools.sh python)
 eval "$tools_env"
 export PATH="$(dirname "$CARGO_LAMBDA"):$PATH"
 

@@ -22,14 +22,14 @@ bin=${CARGO_TARGET_DIR:-$root/target}/debug/konstruct-local
 # Migrations run as the migrator (the schema's owner); the server and seed-demo connect as the
 # runtime role, which owns nothing.
 "$bin" migrate
-demo=$("$bin" seed-demo --url "http://$listen")
-field() { printf '%s' "$demo" | sed -n "s/.*\"$1\": \"\(.*\)\".*/\1/p"; }
+# The binary prints the demo's fields as shell assignments: url, token, conversation_id, ...
+eval "$("$bin" seed-demo --url "http://$listen" --shell)"
 cat <<MSG
 
   Konstruct web chat is starting.
-  Open:          $(field url)
-  Token:         $(field token)
-  Conversation:  $(field conversation_id)  (tenant $(field tenant_id), user $(field user_id))
+  Open:          $url
+  Token:         $token
+  Conversation:  $conversation_id  (tenant $tenant_id, user $user_id)
 
   Ctrl-C stops the server; \`make services-down\` stops Postgres and Redis.
 

@@ -5,7 +5,8 @@
 #   infra/local/services.sh up      start both (installs the Debian packages if missing), wait
 #                                   until they answer, print the environment to use them
 #   infra/local/services.sh env     print that environment (DATABASE_URL, REDIS_URL, ...)
-#   infra/local/services.sh down    stop both; the data stays for the next `up`
+#   infra/local/services.sh down    stop both; the data stays for the next `up` (a Redis found
+#                                   answering on the port, not started here, is used and left alone)
 #   infra/local/services.sh reset   stop both and delete their data
 #   infra/local/services.sh up-postgres | restart-postgres | reset-postgres
 #                                   the same for Postgres alone (the fault tests restart it)
@@ -111,9 +112,18 @@ where exists (select from pg_roles where rolname = 'konstruct') \gexec
 SQL
 }
 
+# The Redis this script started, if it runs.
+redis_ours() {
+  local pidfile=$dir/redis/redis.pid
+  [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
 redis_up() {
   mkdir -p "$dir/redis"
-  if redis-cli -h 127.0.0.1 -p "$redis_port" ping >/dev/null 2>&1; then return; fi
+  if redis-cli -h 127.0.0.1 -p "$redis_port" ping >/dev/null 2>&1; then
+    redis_ours || log "a Redis not started here answers on 127.0.0.1:$redis_port; using it (it will not be stopped)"
+    return
+  fi
   log "redis on 127.0.0.1:$redis_port"
   redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
     --daemonize yes --dir "$dir/redis" --pidfile "$dir/redis/redis.pid" \
@@ -133,7 +143,9 @@ pg_down() {
   as_pg "$bin/pg_ctl" -D "$data" -m fast -w stop >/dev/null 2>&1 || true
 }
 
+# Stops only the Redis this script started: one found on the port belongs to someone else.
 redis_down() {
+  redis_ours || return 0
   redis-cli -h 127.0.0.1 -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
 }
 

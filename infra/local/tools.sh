@@ -3,6 +3,9 @@
 # clone so repeated runs reuse it. Reinstalls only when the requirements change. Prints the
 # environment that points the tests at the tools.
 #
+#   infra/local/tools.sh          everything the tests need
+#   infra/local/tools.sh python   the Python tools only (cargo-lambda for `make package`)
+#
 # Settings: KONSTRUCT_VENV (default ~/.cache/konstruct-webchat/venv).
 set -euo pipefail
 
@@ -33,6 +36,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing $(grep -cv '^\s*\(#\|$\)' "$requirements") pinned packages"
   "$venv/bin/pip" install -q --disable-pip-version-check -r "$requirements" >&2
   echo "$want" > "$stamp"
+fi
+
+if [ "${1:-}" = python ]; then
+  echo "export MOTO_SERVER=$venv/bin/moto_server"
+  echo "export CARGO_LAMBDA=$venv/bin/cargo-lambda"
+  echo "export KONSTRUCT_PYTHON=$venv/bin/python"
+  exit 0
 fi
 
 # The chat page's browser test: Debian's Chromium, driven by playwright-core from npm (no

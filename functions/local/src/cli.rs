@@ -54,6 +54,9 @@ enum Command {
         /// Where the chat page is served, for the printed URL.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
+        /// Print `name='value'` lines for a shell to `eval` instead of JSON.
+        #[arg(long)]
+        shell: bool,
     },
     /// Mints a development token (refused when KONSTRUCT_MODE=aws).
     Token {
@@ -140,9 +143,9 @@ impl Cli {
                 eprintln!("migrations applied");
                 Ok(())
             }
-            Command::SeedDemo { url } => {
+            Command::SeedDemo { url, shell } => {
                 refuse_aws_mode("seed-demo")?;
-                seed_demo(&url).await
+                seed_demo(&url, shell).await
             }
             Command::Token { user, role, hours } => {
                 refuse_aws_mode("token")?;
@@ -270,7 +273,7 @@ const DEMO_TENANT: &str = "d3e40000-0000-4000-8000-000000000001";
 const DEMO_EMAIL: &str = "demo@konstruct.local";
 const DEMO_AGENT: &str = "Echo agent";
 
-async fn seed_demo(url: &str) -> Result<(), Failure> {
+async fn seed_demo(url: &str, shell: bool) -> Result<(), Failure> {
     let db = Db::connect_lazy(&DatabaseConfig::from_env()?);
     let tenant_id: TenantId = DEMO_TENANT.parse()?;
 
@@ -327,6 +330,13 @@ async fn seed_demo(url: &str) -> Result<(), Failure> {
         "token": token,
         "url": format!("{url}/?conversation={}#token={token}", conversation.id),
     });
-    println!("{}", serde_json::to_string_pretty(&seeded)?);
+    if shell {
+        // Every value is a URL, a UUID or a JWT: none holds a quote.
+        for (name, value) in seeded.as_object().into_iter().flatten() {
+            println!("{name}='{}'", value.as_str().unwrap_or_default());
+        }
+    } else {
+        println!("{}", serde_json::to_string_pretty(&seeded)?);
+    }
     Ok(())
 }

@@ -96,13 +96,6 @@ pub fn redis_client() -> redis::Client {
     redis::Client::open(env("REDIS_URL")).expect("REDIS_URL")
 }
 
-pub async fn redis() -> redis::aio::MultiplexedConnection {
-    redis_client()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to the test Redis")
-}
-
 pub fn auth_config() -> AuthConfig {
     AuthConfig::from_lookup(|name| (name == "PORTAL_JWT_SECRET").then(|| SECRET.to_owned()))
         .unwrap()

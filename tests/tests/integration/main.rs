@@ -17,7 +17,6 @@ mod migrations;
 mod orchestrator;
 mod pressure;
 mod rbac;
-mod redis_keys;
 mod reliability;
 mod resume;
 mod rls;
