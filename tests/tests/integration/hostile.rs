@@ -1,5 +1,7 @@
 //! Hostile input, generated: whatever reaches an edge (frames, API Gateway events, job bodies,
-//! tokens, REST paths and queries) ends in a contract error, never a panic or a 5xx.
+//! tokens, REST paths and queries) ends in a contract error, never a panic or a 5xx; and what is
+//! valid survives its round trip (a message frame parses to what was sent, a job's body to the
+//! job, a minted token verifies to its claims and not once altered).
 
 use axum::body::Body;
 use http::{Request, StatusCode};
@@ -7,13 +9,15 @@ use proptest::prelude::*;
 use serde_json::json;
 use shared::ErrorCode;
 use shared::api::{self, ApiState};
-use shared::domain::Role;
+use shared::auth::issue_token;
+use shared::domain::{ConversationId, MessageId, MessageText, Role, TenantId, UserId};
 use shared::frame::ClientFrame;
 use shared::job::Job;
+use shared::message::{WebEvent, normalize_web_event};
 use shared::ws::RouteEvent;
 use tower::ServiceExt;
 
-use crate::helpers::{TestDb, seed, token, verifier};
+use crate::helpers::{TestDb, auth_config, seed, token, verifier};
 
 fn contract_error(code: ErrorCode) -> bool {
     matches!(code, ErrorCode::BadRequest | ErrorCode::TooLarge)
@@ -51,6 +55,74 @@ proptest! {
         }
     }
 
+    /// What the route sends the orchestrator is what it receives.
+    #[test]
+    fn a_job_survives_its_body(
+        text in "\\PC{1,300}",
+        seconds in 0i64..4_000_000_000,
+    ) {
+        let Ok(text) = MessageText::parse(&text) else { return Ok(()) };
+        let (tenant, conversation, user, message) =
+            (TenantId::new(), ConversationId::new(), UserId::new(), MessageId::new());
+        let job = Job {
+            tenant_id: tenant,
+            conversation_id: conversation,
+            portal_user_id: user,
+            message_id: message,
+            message: normalize_web_event(WebEvent {
+                tenant_id: tenant,
+                conversation_id: conversation,
+                portal_user_id: user,
+                message_id: message,
+                text: &text,
+                display_name: None,
+                timestamp: chrono::DateTime::from_timestamp(seconds, 0).unwrap(),
+            }),
+        };
+        prop_assert_eq!(Job::from_body(&job.to_body()).unwrap(), job);
+    }
+
+    /// A message frame a client may send parses to its text (trimmed) and its id.
+    #[test]
+    fn a_valid_message_frame_parses_to_what_was_sent(
+        text in "[ \t]{0,3}\\PC{1,200}[ \t]{0,3}",
+        id in proptest::option::of(any::<u128>()),
+    ) {
+        let Ok(expected) = MessageText::parse(&text) else { return Ok(()) };
+        let id = id.map(|n| uuid::Uuid::from_u128(n).to_string());
+        let mut frame = json!({ "type": "message", "text": text });
+        if let Some(id) = &id { frame["client_message_id"] = json!(id); }
+        match ClientFrame::parse(&frame.to_string()) {
+            Ok(ClientFrame::Message { text, client_message_id }) => {
+                prop_assert_eq!(text.as_str(), expected.as_str());
+                prop_assert_eq!(client_message_id.map(|c| c.to_string()), id);
+            }
+            other => prop_assert!(false, "{other:?}"),
+        }
+    }
+
+    /// A token the portal minted verifies to its user and role; one altered character anywhere
+    /// in it is refused.
+    #[test]
+    fn a_minted_token_verifies_to_its_claims_and_not_once_altered(
+        admin in any::<bool>(),
+        ttl in 60u64..100_000,
+        at in any::<prop::sample::Index>(),
+        replacement in "[A-Za-z0-9_-]",
+    ) {
+        let user = UserId::new();
+        let role = if admin { Role::PlatformAdmin } else { Role::CustomerOperator };
+        let minted = issue_token(&auth_config(), user, role, std::time::Duration::from_secs(ttl)).unwrap();
+        let caller = verifier().verify(&minted).unwrap();
+        prop_assert_eq!((caller.user_id(), caller.role()), (user, role));
+        let position = at.index(minted.len());
+        let original = &minted[position..=position];
+        prop_assume!(original != "." && original != replacement);
+        let altered = format!("{}{replacement}{}", &minted[..position], &minted[position + 1..]);
+        prop_assert!(verifier().verify(&altered).is_err(), "{altered}");
+    }
+
+    /// Garbage never panics the job parser.
     #[test]
     fn any_job_body_is_parsed_or_refused(raw in "\\PC{0,400}") {
         if let Err(e) = Job::from_body(&raw) {
