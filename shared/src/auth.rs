@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, TokenData, Validation};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
@@ -52,7 +52,45 @@ impl PortalCaller {
 #[derive(Debug, Clone, Copy)]
 pub struct PlatformAdmin(());
 
-const SIGNATURE_FAILS: &str = "token signature does not verify";
+/// The token, trimmed, if it is worth decoding: longer ones are refused unread.
+fn bounded(token: &str) -> Result<&str, Error> {
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(Error::Unauthenticated("missing token".into()));
+    }
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(Error::Unauthenticated("token is too long".into()));
+    }
+    Ok(token)
+}
+
+/// The caller a decoded token proves, or why it proves nothing.
+fn caller(decoded: jsonwebtoken::errors::Result<TokenData<Claims>>) -> Result<PortalCaller, Error> {
+    let claims = decoded
+        .map_err(|e| {
+            let reason = match e.kind() {
+                ErrorKind::ExpiredSignature => "token has expired",
+                ErrorKind::ImmatureSignature => "token is not valid yet",
+                ErrorKind::InvalidSignature => "token signature does not verify",
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    "token must be signed with HS256"
+                }
+                ErrorKind::InvalidIssuer => "token has the wrong issuer",
+                ErrorKind::InvalidAudience => "token has the wrong audience",
+                ErrorKind::MissingRequiredClaim(_) => "token lacks a required claim",
+                _ => "token is malformed",
+            };
+            Error::Unauthenticated(reason.into())
+        })?
+        .claims;
+    let expires_at = DateTime::from_timestamp(claims.exp, 0)
+        .ok_or_else(|| Error::Unauthenticated("token expiry is out of range".into()))?;
+    Ok(PortalCaller {
+        user_id: claims.sub,
+        role: claims.role,
+        expires_at,
+    })
+}
 
 fn key_of(secret: &Secret) -> DecodingKey {
     DecodingKey::from_secret(secret.current().expose_secret().as_bytes())
@@ -113,53 +151,28 @@ impl TokenVerifier {
         }
     }
 
+    pub fn verify(&self, token: &str) -> Result<PortalCaller, Error> {
+        let token = bounded(token)?;
+        caller(self.decode(token))
+    }
+
     /// [`TokenVerifier::verify`], reading the secret again once if the signature does not
     /// verify with the current one.
     pub async fn verify_fresh(&self, token: &str) -> Result<PortalCaller, Error> {
-        match self.verify(token) {
-            Err(Error::Unauthenticated(reason))
-                if reason == SIGNATURE_FAILS && self.secret.refresh().await =>
-            {
-                *self.key.write().expect("key lock") = key_of(&self.secret);
-                self.verify(token)
-            }
-            verified => verified,
+        let token = bounded(token)?;
+        let mut decoded = self.decode(token);
+        if matches!(&decoded, Err(e) if *e.kind() == ErrorKind::InvalidSignature)
+            && self.secret.refresh().await
+        {
+            *self.key.write().expect("key lock") = key_of(&self.secret);
+            decoded = self.decode(token);
         }
+        caller(decoded)
     }
 
-    pub fn verify(&self, token: &str) -> Result<PortalCaller, Error> {
-        let token = token.trim();
-        if token.is_empty() {
-            return Err(Error::Unauthenticated("missing token".into()));
-        }
-        if token.len() > MAX_TOKEN_BYTES {
-            return Err(Error::Unauthenticated("token is too long".into()));
-        }
+    fn decode(&self, token: &str) -> jsonwebtoken::errors::Result<TokenData<Claims>> {
         let key = self.key.read().expect("key lock").clone();
-        let claims = jsonwebtoken::decode::<Claims>(token, &key, &self.validation)
-            .map_err(|e| {
-                let reason = match e.kind() {
-                    ErrorKind::ExpiredSignature => "token has expired",
-                    ErrorKind::ImmatureSignature => "token is not valid yet",
-                    ErrorKind::InvalidSignature => SIGNATURE_FAILS,
-                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                        "token must be signed with HS256"
-                    }
-                    ErrorKind::InvalidIssuer => "token has the wrong issuer",
-                    ErrorKind::InvalidAudience => "token has the wrong audience",
-                    ErrorKind::MissingRequiredClaim(_) => "token lacks a required claim",
-                    _ => "token is malformed",
-                };
-                Error::Unauthenticated(reason.into())
-            })?
-            .claims;
-        let expires_at = DateTime::from_timestamp(claims.exp, 0)
-            .ok_or_else(|| Error::Unauthenticated("token expiry is out of range".into()))?;
-        Ok(PortalCaller {
-            user_id: claims.sub,
-            role: claims.role,
-            expires_at,
-        })
+        jsonwebtoken::decode::<Claims>(token, &key, &self.validation)
     }
 
     /// Reads `Authorization: Bearer <token>`.

@@ -103,7 +103,7 @@ fn redis_url() -> Result<String, Failure> {
 /// Development commands refuse a deployed configuration: `KONSTRUCT_MODE=aws`, however spaced
 /// or cased (the mode parser reads it trimmed, so must this check).
 fn refuse_aws_mode(command: &str) -> Result<(), Failure> {
-    if std::env::var("KONSTRUCT_MODE").is_ok_and(|m| m.trim().eq_ignore_ascii_case("aws")) {
+    if shared::config::deployed(&|name: &str| std::env::var(name).ok()) {
         return Err(format!("refusing to run {command} with KONSTRUCT_MODE=aws").into());
     }
     Ok(())

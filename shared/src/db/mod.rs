@@ -103,6 +103,12 @@ impl Scope<'_> {
     }
 }
 
+fn rls_exempt(role: &str) -> Error {
+    Error::Internal(format!(
+        "database role `{role}` is a superuser or has BYPASSRLS; row-level security would not hold"
+    ))
+}
+
 /// A refused login (SQLSTATE class 28: a wrong password, an unknown or locked role).
 fn is_login_failure(err: &Error) -> bool {
     matches!(err, Error::Database(sqlx::Error::Database(db))
@@ -263,9 +269,7 @@ impl Db {
         .fetch_one(&self.pool)
         .await?;
         if superuser || bypass {
-            return Err(Error::Internal(format!(
-                "database role `{name}` is a superuser or has BYPASSRLS; row-level security would not hold"
-            )));
+            return Err(rls_exempt(&name));
         }
         Ok(())
     }
@@ -277,38 +281,38 @@ impl Db {
     /// process and refuses to work until it passes; an error of the database itself is not
     /// remembered, so the next transaction checks again.
     pub async fn verify_runtime_role(&self) -> Result<(), Error> {
-        self.refuse_rls_exempt_role().await?;
-        let owned: Option<String> = sqlx::query_scalar(
-            "select what from (
-                 select 'the database ' || quote_ident(d.datname) as what, d.datdba as owner
-                     from pg_database d where d.datname = current_database()
-                 union all
-                 select 'the schema public', n.nspowner
-                     from pg_namespace n where n.nspname = 'public'
-                 union all
-                 select 'the table ' || c.oid::regclass::text, c.relowner
-                     from pg_class c where c.relnamespace = 'public'::regnamespace
-             ) objects
-             where pg_has_role(current_user, owner, 'MEMBER')
-             limit 1",
-        )
-        .fetch_optional(&self.pool)
-        .await?;
+        // One round trip: it is on the first request of every execution environment.
+        let (name, superuser, bypass, owned): (String, bool, bool, Option<String>) =
+            sqlx::query_as(
+                "select r.rolname::text, r.rolsuper, r.rolbypassrls,
+                        (select what from (
+                             select 'the database ' || quote_ident(d.datname) as what,
+                                    d.datdba as owner
+                                 from pg_database d where d.datname = current_database()
+                             union all
+                             select 'the schema public', n.nspowner
+                                 from pg_namespace n where n.nspname = 'public'
+                             union all
+                             select 'the table ' || c.oid::regclass::text, c.relowner
+                                 from pg_class c where c.relnamespace = 'public'::regnamespace
+                         ) objects
+                         where pg_has_role(current_user, owner, 'MEMBER')
+                         limit 1)
+                 from pg_roles r where r.rolname = current_user",
+            )
+            .fetch_one(&self.pool)
+            .await?;
+        if superuser || bypass {
+            return Err(rls_exempt(&name));
+        }
         if let Some(what) = owned {
             return Err(Error::Internal(format!(
-                "database role `{}` owns (or may act as the owner of) {what}; the functions must \
-                 connect as a role that owns nothing, or row-level security could be switched \
-                 off (infra/README.md, \"Database roles\")",
-                self.current_role().await?
+                "database role `{name}` owns (or may act as the owner of) {what}; the functions \
+                 must connect as a role that owns nothing, or row-level security could be \
+                 switched off (infra/README.md, \"Database roles\")"
             )));
         }
         Ok(())
-    }
-
-    async fn current_role(&self) -> Result<String, Error> {
-        Ok(sqlx::query_scalar("select current_user::text")
-            .fetch_one(&self.pool)
-            .await?)
     }
 
     /// Applies pending migrations after checking the role: run this as the migrator, the role

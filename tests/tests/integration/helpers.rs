@@ -21,7 +21,7 @@ use tests::stack::DatabaseUrls;
 /// The portal secret of every stack the tests start (`tests::stack` gives it to the servers).
 pub use tests::stack::SECRET;
 
-pub fn env(name: &str) -> String {
+fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: run the tests through `make test`, which starts the services")
     })
