@@ -6,11 +6,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use serde_json::json;
 use shared::auth::issue_token;
 use shared::config::AuthConfig;
-use shared::db::agents::{self, NewAgent, Provider};
-use shared::db::{Db, Scope, conversations, memberships, tenants, users};
+use shared::db::{Db, seed};
 use shared::domain::{ConversationId, Role, TenantId, TenantRole};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
@@ -98,38 +96,16 @@ pub async fn seeded_database(
     let url = urls.runtime;
 
     let auth = AuthConfig::from_lookup(|k| (k == "PORTAL_JWT_SECRET").then(|| SECRET.to_owned()))?;
-    let tenant = TenantId::new();
-    let mut tx = db.begin(Scope::Tenant(tenant)).await?;
-    tenants::insert(&mut tx, tenant, "Load").await?;
-    let agent = agents::insert(
-        &mut tx,
-        NewAgent {
-            tenant_id: tenant,
-            name: "Echo",
-            system_prompt: "",
-            provider: Provider::Echo,
-            model: "",
-            settings: json!({}),
-        },
-    )
-    .await?;
-    tx.commit().await?;
+    let tenant = seed::tenant(&db, TenantId::new(), "Load").await?;
+    let agent = seed::agent(&db, tenant, &seed::AgentPlan::echo("Echo")).await?;
     let mut seats = Vec::with_capacity(n);
     for i in 0..n {
-        let mut conn = db.pool().acquire().await?;
-        let user =
-            users::insert(&mut conn, &format!("load-{i}-{name}@example.test"), "Load").await?;
-        drop(conn);
-        let mut tx = db.begin(Scope::Tenant(tenant)).await?;
-        memberships::grant(&mut tx, tenant, user.id, TenantRole::CustomerOperator).await?;
-        let conversation = conversations::get_or_create(&mut tx, tenant, agent.id, user.id)
-            .await?
-            .row
-            .id;
-        tx.commit().await?;
+        let user = seed::user(&db, &format!("load-{i}-{name}@example.test"), "Load").await?;
+        seed::member(&db, tenant, user, TenantRole::CustomerOperator).await?;
+        let conversation = seed::conversation(&db, tenant, agent, user).await?;
         let token = issue_token(
             &auth,
-            user.id,
+            user,
             Role::CustomerOperator,
             Duration::from_secs(3600),
         )?;

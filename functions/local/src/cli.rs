@@ -10,9 +10,8 @@ use serde_json::json;
 use shared::api::{self, ApiState};
 use shared::auth::{TokenVerifier, issue_token};
 use shared::config::{AuthConfig, DatabaseConfig, Mode, redis_prefix};
-use shared::db::agents::{self, NewAgent, Provider};
-use shared::db::{Db, Scope, conversations, memberships, tenants, users};
-use shared::domain::{Role, TenantId, TenantRole, UserId};
+use shared::db::{Db, seed};
+use shared::domain::{Role, TenantRole, UserId};
 use shared::orchestrator::OrchestratorState;
 use shared::queue::RedisQueue;
 use shared::secrets::Secrets;
@@ -268,67 +267,39 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Fixed ids, so running it again finds what the first run made.
+/// A fixed tenant id and email, so running it again finds what the first run made.
 const DEMO_TENANT: &str = "d3e40000-0000-4000-8000-000000000001";
 const DEMO_EMAIL: &str = "demo@konstruct.local";
-const DEMO_AGENT: &str = "Echo agent";
 
 async fn seed_demo(url: &str, shell: bool) -> Result<(), Failure> {
     let db = Db::connect_lazy(&DatabaseConfig::from_env()?);
-    let tenant_id: TenantId = DEMO_TENANT.parse()?;
-
-    let mut conn = db.pool().acquire().await?;
-    let user = match users::find_by_email(&mut conn, DEMO_EMAIL).await? {
-        Some(user) => user,
-        None => users::insert(&mut conn, DEMO_EMAIL, "Demo user").await?,
-    };
-    drop(conn);
-
-    let mut tx = db.begin(Scope::Tenant(tenant_id)).await?;
-    if tenants::find(&mut tx, tenant_id).await?.is_none() {
-        tenants::insert(&mut tx, tenant_id, "Demo tenant").await?;
-    }
-    memberships::grant(&mut tx, tenant_id, user.id, TenantRole::CustomerAdmin).await?;
-    let agent = match agents::list(&mut tx)
-        .await?
-        .into_iter()
-        .find(|a| a.name == DEMO_AGENT)
-    {
-        Some(agent) => agent,
-        None => {
-            agents::insert(
-                &mut tx,
-                NewAgent {
-                    tenant_id,
-                    name: DEMO_AGENT,
-                    system_prompt: "You repeat what you are told.",
-                    provider: Provider::Echo,
-                    model: "",
-                    settings: json!({}),
-                },
-            )
-            .await?
-        }
-    };
-    let conversation = conversations::get_or_create(&mut tx, tenant_id, agent.id, user.id)
-        .await?
-        .row;
-    tx.commit().await?;
+    let demo = seed::workspace(
+        &db,
+        &seed::Plan {
+            tenant: DEMO_TENANT.parse()?,
+            tenant_name: "Demo tenant",
+            email: DEMO_EMAIL,
+            user_name: "Demo user",
+            role: TenantRole::CustomerAdmin,
+            agent: seed::AgentPlan::echo("Echo agent"),
+        },
+    )
+    .await?;
 
     let token = issue_token(
         &AuthConfig::from_env()?,
-        user.id,
+        demo.user,
         Role::CustomerAdmin,
         Duration::from_secs(12 * 3600),
     )?;
     let url = url.trim_end_matches('/');
     let seeded = json!({
-        "tenant_id": tenant_id,
-        "user_id": user.id,
-        "agent_id": agent.id,
-        "conversation_id": conversation.id,
+        "tenant_id": demo.tenant,
+        "user_id": demo.user,
+        "agent_id": demo.agent,
+        "conversation_id": demo.conversation,
         "token": token,
-        "url": format!("{url}/?conversation={}#token={token}", conversation.id),
+        "url": format!("{url}/?conversation={}#token={token}", demo.conversation),
     });
     if shell {
         // Every value is a URL, a UUID or a JWT: none holds a quote.

@@ -13,6 +13,7 @@ pub mod conversations;
 pub mod memberships;
 pub mod message_path;
 pub mod messages;
+pub mod seed;
 pub mod tenants;
 pub mod users;
 

@@ -14,11 +14,11 @@ use shared::domain::{ConnectionId, Role, UserId};
 use shared::orchestrator::ADMIN_MARK;
 use shared::ws::{RateLimit, sweep};
 
+use crate::helpers::harness::Harness;
+use crate::helpers::llm::{FakeLlm, last_user_text};
+use crate::helpers::local::{Env, Local, authenticated, expect, next, open, send};
+use crate::helpers::orchestrator::{conversation_with, orchestrator, records_for, run, stored};
 use crate::helpers::{Captured, TestDb, seed, seed_user, token};
-use crate::llm::{FakeLlm, last_user_text};
-use crate::local::{Env, Local, authenticated, expect, next, open, send};
-use crate::orchestrator::{conversation_with, orchestrator, records_for, run, stored};
-use crate::ws::Harness;
 
 fn message(text: &str) -> String {
     json!({ "type": "message", "text": text }).to_string()
@@ -194,7 +194,7 @@ async fn a_platform_admins_message_is_stored_as_theirs_and_marked_for_the_agent(
 }
 
 /// The next `ack` or `error` on a socket, past `typing`, other tabs' messages and replies.
-async fn answer_to(socket: &mut crate::local::Socket) -> Value {
+async fn answer_to(socket: &mut crate::helpers::local::Socket) -> Value {
     loop {
         let frame = next(socket, Duration::from_secs(10))
             .await
@@ -258,7 +258,7 @@ async fn a_reset_by_someone_other_than_the_owner_is_logged_with_who_did_it() {
     let (logs, _guard) = Captured::start();
     let uri = format!("/api/portal/chat/conversations/{}", s.conversation);
 
-    let own = crate::api::call(
+    let own = crate::helpers::rest::call(
         &db,
         http::Method::DELETE,
         &uri,
@@ -273,7 +273,7 @@ async fn a_reset_by_someone_other_than_the_owner_is_logged_with_who_did_it() {
         logs.text()
     );
 
-    let by_admin = crate::api::call(
+    let by_admin = crate::helpers::rest::call(
         &db,
         http::Method::DELETE,
         &uri,

@@ -1,156 +1,23 @@
 //! The orchestrator against real Postgres, moto's SQS, the wire-level management API and fake
 //! model servers: one job, one stored reply, on every socket of the conversation.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use aws_lambda_events::sqs::{SqsEvent, SqsMessage};
-use futures::StreamExt;
-use serde_json::{Value, json};
-use shared::agent::{Agents, Bedrock, Echo, OpenAi, OutputLimits, RetryPolicy};
+use aws_lambda_events::sqs::SqsMessage;
+use serde_json::json;
 use shared::db::agents::Provider;
-use shared::db::messages::{self, MessageRole, MessageStatus, PageFrom, StopReason};
+use shared::db::messages::{self, PageFrom, StopReason};
 use shared::db::{Scope, conversations, message_path};
-use shared::delivery::{ConnectionsFanout, ManagementApi, RedisFanout, parse_published};
-use shared::domain::{ConnectionId, ConversationId, MessageId, PageLimit};
+use shared::domain::{MessageId, PageLimit};
 use shared::job::Job;
-use shared::orchestrator::{
-    ContextLimits, DEFAULT_JOB_BUDGET, DEFAULT_MAX_RECEIVES, OrchestratorState, handle,
+
+use crate::helpers::aws::Queued;
+use crate::helpers::harness::Harness;
+use crate::helpers::llm::{FakeLlm, Reply, last_user_text, pieces};
+
+use crate::helpers::orchestrator::{
+    conversation_with, jobs_from, of_type, on_receive, orchestrator, replies, run,
 };
-use shared::redis_keys::webchat_response_key;
-
-use crate::aws::{Queued, drain, sdk_config};
-use crate::helpers::{redis_client, seed_agent_with};
-use crate::llm::{FakeLlm, Reply, last_user_text, pieces};
-use crate::ws::Harness;
-
-/// Every provider, talking to the fake model server.
-pub fn agents(llm: &FakeLlm) -> Agents {
-    let bedrock = aws_sdk_bedrockruntime::Client::from_conf(
-        aws_sdk_bedrockruntime::config::Builder::from(&sdk_config())
-            .endpoint_url(&llm.endpoint)
-            .build(),
-    );
-    Agents {
-        echo: Echo,
-        openai: OpenAi::new(&llm.base_url, Some("sk-test".into())),
-        bedrock: Bedrock::new(bedrock),
-    }
-}
-
-pub fn orchestrator(h: &Harness, llm: &FakeLlm) -> OrchestratorState {
-    OrchestratorState {
-        db: h.db.clone(),
-        fanout: Arc::new(ConnectionsFanout::new(
-            h.db.clone(),
-            Arc::new(ManagementApi::new(sdk_config())),
-        )),
-        agents: Arc::new(agents(llm)),
-        retry: RetryPolicy {
-            attempt_timeout: Duration::from_secs(2),
-            max_attempts: 3,
-            min_backoff: Duration::from_millis(10),
-            max_backoff: Duration::from_millis(50),
-        },
-        context: ContextLimits::default(),
-        output: OutputLimits::default(),
-        max_receives: DEFAULT_MAX_RECEIVES,
-        job_budget: DEFAULT_JOB_BUDGET,
-    }
-}
-
-/// A conversation of the seeded user with a new agent of this provider.
-pub async fn conversation_with(h: &Harness, provider: Provider, model: &str) -> ConversationId {
-    let agent = seed_agent_with(&h.db, h.seed.tenant, "model agent", provider, model).await;
-    crate::helpers::conversation_for(&h.db, h.seed.tenant, agent, h.seed.user).await
-}
-
-/// The jobs the message route queued for these messages, as the orchestrator receives them.
-pub async fn queued_jobs(h: &Harness, connection: &str, texts: &[&str]) -> Vec<Job> {
-    jobs_from(h, connection, texts)
-        .await
-        .into_iter()
-        .map(|q| serde_json::from_value(q.body).unwrap())
-        .collect()
-}
-
-/// The SQS records the route queued for these messages.
-pub async fn records_for(h: &Harness, connection: &str, texts: &[&str]) -> Vec<SqsMessage> {
-    jobs_from(h, connection, texts)
-        .await
-        .iter()
-        .map(Queued::record)
-        .collect()
-}
-
-/// Another OpenAI-backed conversation of the seeded user, with an agent of this name.
-pub async fn conversation_with_named(h: &Harness, name: &str) -> ConversationId {
-    let agent = seed_agent_with(&h.db, h.seed.tenant, name, Provider::Openai, "gpt-test").await;
-    crate::helpers::conversation_for(&h.db, h.seed.tenant, agent, h.seed.user).await
-}
-
-/// Sends user messages on a socket and returns the jobs the route queued, in order.
-async fn jobs_from(h: &Harness, connection: &str, texts: &[&str]) -> Vec<Queued> {
-    for text in texts {
-        let ack = h
-            .send(
-                connection,
-                &json!({ "type": "message", "text": text }).to_string(),
-            )
-            .await;
-        assert_eq!(ack["type"], "ack", "{ack}");
-    }
-    drain(&h.queue).await
-}
-
-fn batch(records: Vec<SqsMessage>) -> SqsEvent {
-    let mut event = SqsEvent::default();
-    event.records = records;
-    event
-}
-
-/// The record as SQS hands it over on its `n`th receive.
-pub fn on_receive(mut record: SqsMessage, n: u32) -> SqsMessage {
-    record
-        .attributes
-        .insert("ApproximateReceiveCount".into(), n.to_string());
-    record
-}
-
-pub async fn run(state: &OrchestratorState, records: Vec<SqsMessage>) -> Vec<String> {
-    handle(state, batch(records), None)
-        .await
-        .batch_item_failures
-        .into_iter()
-        .map(|f| f.item_identifier)
-        .collect()
-}
-
-/// Every message of the conversation, oldest first.
-pub async fn stored(h: &Harness, conversation: ConversationId) -> Vec<messages::Message> {
-    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
-    messages::page(
-        &mut tx,
-        conversation,
-        PageFrom::Newest,
-        PageLimit::new(200).unwrap(),
-    )
-    .await
-    .unwrap()
-}
-
-/// The conversation's replies that have ended, oldest first.
-pub async fn replies(h: &Harness, conversation: ConversationId) -> Vec<messages::Message> {
-    stored(h, conversation)
-        .await
-        .into_iter()
-        .filter(|m| m.role == MessageRole::Assistant && m.status != MessageStatus::Streaming)
-        .collect()
-}
-
-pub fn of_type<'a>(frames: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    frames.iter().filter(|f| f["type"] == kind).collect()
-}
 
 #[tokio::test]
 async fn one_job_gives_one_stored_reply_on_both_tabs() {
@@ -255,56 +122,6 @@ async fn a_reply_stored_but_not_delivered_is_delivered_without_asking_again() {
     assert_eq!(responses.len(), 1);
     assert_eq!(responses[0]["text"], "stored earlier");
     assert_eq!(responses[0]["message_id"], json!(earlier.id));
-}
-
-#[tokio::test]
-async fn streamed_chunks_arrive_in_order_and_add_up_to_the_stored_reply() {
-    let h = Harness::new().await;
-    let words = [
-        "The ", "quick ", "brown ", "fox ", "jumps ", "over ", "the ", "lazy ", "dog.",
-    ];
-    let llm =
-        FakeLlm::start(move |_, _| Reply::Stream(pieces(&words), Duration::from_millis(60))).await;
-    let state = orchestrator(&h, &llm);
-    let conversation = conversation_with(&h, Provider::Openai, "gpt-test").await;
-    h.open_session_on("tab", conversation).await;
-    let jobs = jobs_from(&h, "tab", &["tell me"]).await;
-
-    assert!(run(&state, vec![jobs[0].record()]).await.is_empty());
-
-    let stored = replies(&h, conversation).await;
-    assert_eq!(stored[0].content, words.concat());
-    let frames = h.api.frames_to("tab");
-    let chunks = of_type(&frames, "chunk");
-    assert!(
-        chunks.len() >= 2,
-        "pieces 60 ms apart are batched into several chunks: {chunks:?}"
-    );
-    let joined: String = chunks
-        .iter()
-        .map(|c| c["delta"].as_str().unwrap())
-        .collect();
-    assert_eq!(joined, stored[0].content);
-    assert!(
-        chunks
-            .iter()
-            .all(|c| c["message_id"] == json!(stored[0].id))
-    );
-    let last_chunk = frames.iter().rposition(|f| f["type"] == "chunk").unwrap();
-    let response = frames.iter().position(|f| f["type"] == "response").unwrap();
-    assert!(response > last_chunk, "the response comes after the chunks");
-    assert_eq!(frames[response]["text"], stored[0].content);
-
-    // What the model was asked: the system prompt, then the conversation.
-    let request = &llm.requests()[0];
-    assert_eq!(request["model"], "gpt-test");
-    assert_eq!(request["stream"], true);
-    assert_eq!(request["temperature"], 0.2);
-    assert_eq!(
-        request["messages"][0],
-        json!({ "role": "system", "content": "You are helpful." })
-    );
-    assert_eq!(last_user_text(request), "tell me");
 }
 
 #[tokio::test]
@@ -500,33 +317,6 @@ async fn a_failure_fails_the_rest_of_its_group_and_spares_other_groups() {
 }
 
 #[tokio::test]
-async fn a_gone_socket_is_forgotten_and_the_other_still_gets_the_reply() {
-    let h = Harness::new().await;
-    let llm = FakeLlm::hello().await;
-    let state = orchestrator(&h, &llm);
-    h.open_session("closed-tab").await;
-    h.open_session("open-tab").await;
-    let jobs = jobs_from(&h, "open-tab", &["anyone?"]).await;
-    // The first tab closes without its $disconnect having arrived.
-    use shared::delivery::Delivery;
-    ManagementApi::new(sdk_config())
-        .close(
-            &h.api.endpoint,
-            &shared::domain::ConnectionId::parse("closed-tab").unwrap(),
-        )
-        .await
-        .unwrap();
-
-    assert!(run(&state, vec![jobs[0].record()]).await.is_empty());
-    assert!(
-        h.connection("closed-tab").await.is_none(),
-        "the gone socket is forgotten"
-    );
-    assert!(h.connection("open-tab").await.is_some());
-    assert_eq!(of_type(&h.api.frames_to("open-tab"), "response").len(), 1);
-}
-
-#[tokio::test]
 async fn an_unparseable_record_is_dropped_and_the_rest_is_processed() {
     let h = Harness::new().await;
     let llm = FakeLlm::hello().await;
@@ -546,121 +336,4 @@ async fn an_unparseable_record_is_dropped_and_the_rest_is_processed() {
     let failures = run(&state, vec![garbage, jobs[0].record(), empty]).await;
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(replies(&h, h.seed.conversation).await.len(), 1);
-}
-
-#[tokio::test]
-async fn test_send_response_web_publishes_to_redis() {
-    let h = Harness::new().await;
-    let llm = FakeLlm::hello().await;
-    let mut state = orchestrator(&h, &llm);
-    state.fanout = Arc::new(RedisFanout::new(&std::env::var("REDIS_URL").unwrap()).unwrap());
-    h.open_session("tab").await;
-    let jobs = jobs_from(&h, "tab", &["over redis"]).await;
-    let mut pubsub = redis_client().get_async_pubsub().await.unwrap();
-    pubsub
-        .subscribe(webchat_response_key(h.seed.tenant, h.seed.conversation))
-        .await
-        .unwrap();
-
-    assert!(run(&state, vec![jobs[0].record()]).await.is_empty());
-
-    let message = tokio::time::timeout(Duration::from_secs(5), pubsub.on_message().next())
-        .await
-        .expect("a response is published")
-        .unwrap();
-    let payload = message.get_payload::<String>().unwrap();
-    let (to, frame) = parse_published(&payload).expect("recipients, then the frame");
-    assert_eq!(
-        to,
-        [ConnectionId::parse("tab").unwrap()],
-        "the authorized socket"
-    );
-    let frame: Value = serde_json::from_str(frame).unwrap();
-    assert_eq!(frame["type"], "response");
-    assert_eq!(frame["text"], "Echo: over redis");
-    assert_eq!(frame["conversation_id"], json!(h.seed.conversation));
-}
-
-/// A gateway's bridge resubscribing after Redis came back still gets the frames published
-/// meanwhile; with no gateway at all, the job still ends, its reply stored.
-#[tokio::test]
-async fn redis_frames_wait_briefly_for_a_gateway_to_resubscribe() {
-    let h = Harness::new().await;
-    let llm = FakeLlm::hello().await;
-    let mut state = orchestrator(&h, &llm);
-    state.fanout = Arc::new(RedisFanout::new(&std::env::var("REDIS_URL").unwrap()).unwrap());
-    let state = Arc::new(state);
-    h.open_session("tab").await;
-    let jobs = jobs_from(&h, "tab", &["while resubscribing", "to nobody"]).await;
-
-    let job = tokio::spawn({
-        let (state, record) = (state.clone(), jobs[0].record());
-        async move { run(&state, vec![record]).await }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut pubsub = redis_client().get_async_pubsub().await.unwrap();
-    pubsub
-        .subscribe(webchat_response_key(h.seed.tenant, h.seed.conversation))
-        .await
-        .unwrap();
-    let mut heard = Vec::new();
-    let mut messages = pubsub.on_message();
-    while let Ok(Some(message)) =
-        tokio::time::timeout(Duration::from_secs(5), messages.next()).await
-    {
-        let payload = message.get_payload::<String>().unwrap();
-        let frame: Value = serde_json::from_str(parse_published(&payload).unwrap().1).unwrap();
-        heard.push(frame["type"].as_str().unwrap().to_owned());
-        if frame["type"] == "response" {
-            break;
-        }
-    }
-    assert_eq!(
-        heard,
-        ["response"],
-        "published before the subscription, not lost"
-    );
-    assert!(job.await.unwrap().is_empty());
-    drop(messages);
-    drop(pubsub);
-
-    assert!(
-        run(&state, vec![jobs[1].record()]).await.is_empty(),
-        "not retried"
-    );
-    assert_eq!(replies(&h, h.seed.conversation).await.len(), 2);
-}
-
-#[tokio::test]
-async fn a_reply_too_long_for_one_frame_goes_as_chunks_and_a_textless_response() {
-    let h = Harness::new().await;
-    let llm = FakeLlm::hello().await;
-    let state = orchestrator(&h, &llm);
-    h.open_session("tab").await;
-    // 7 000 control characters: a legal message whose echo escapes to about 42 KiB of JSON.
-    let text = format!("a{}z", "\u{1}".repeat(7_000));
-    let jobs = jobs_from(&h, "tab", &[&text]).await;
-
-    assert!(run(&state, vec![jobs[0].record()]).await.is_empty());
-
-    let stored = replies(&h, h.seed.conversation).await;
-    assert_eq!(stored[0].content, format!("Echo: {text}"));
-    let frames = h.api.frames_to("tab");
-    let chunks = of_type(&frames, "chunk");
-    assert!(chunks.len() >= 2);
-    let joined: String = chunks
-        .iter()
-        .map(|c| c["delta"].as_str().unwrap())
-        .collect();
-    assert_eq!(joined, stored[0].content);
-    let last = frames.last().unwrap();
-    assert_eq!(last["type"], "response");
-    assert_eq!(last["message_id"], json!(stored[0].id));
-    assert_eq!(last.get("text"), None, "the text did not fit");
-    for frame in &frames {
-        assert!(
-            frame.to_string().len() <= 32 * 1024,
-            "every frame fits API Gateway's limit"
-        );
-    }
 }

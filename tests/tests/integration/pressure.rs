@@ -12,12 +12,12 @@ use shared::domain::ConversationId;
 use shared::orchestrator::handle;
 use tokio::time::Instant;
 
-use crate::helpers::seed_agent_with;
-use crate::llm::{FakeLlm, Reply, last_user_text, pieces};
-use crate::orchestrator::{
+use crate::helpers::harness::Harness;
+use crate::helpers::llm::{FakeLlm, Reply, last_user_text, pieces};
+use crate::helpers::orchestrator::{
     agents, conversation_with, of_type, on_receive, orchestrator, records_for, replies, run,
 };
-use crate::ws::Harness;
+use crate::helpers::seed_agent_with;
 
 fn failures_of(response: aws_lambda_events::sqs::SqsBatchResponse) -> Vec<String> {
     response
@@ -87,7 +87,7 @@ async fn a_batch_that_cannot_finish_before_the_deadline_fails_only_what_it_did_n
 
 /// A conversation of the seeded user with a new OpenAI-backed agent of this name.
 async fn conversation_with_agent(h: &Harness, name: &str) -> ConversationId {
-    crate::orchestrator::conversation_with_named(h, name).await
+    crate::helpers::orchestrator::conversation_with_named(h, name).await
 }
 
 #[tokio::test]
@@ -171,7 +171,7 @@ async fn fan_out_is_bounded_and_a_stuck_socket_delays_no_other() {
         ..shared::delivery::ConnectionsFanout::new(
             h.db.clone(),
             Arc::new(shared::delivery::ManagementApi::new(
-                crate::aws::sdk_config(),
+                crate::helpers::aws::sdk_config(),
             )),
         )
     });
@@ -317,7 +317,7 @@ async fn a_bedrock_model_outside_the_allow_list_is_refused_without_a_call() {
     let mut providers = agents(&llm);
     providers.bedrock = {
         let client = aws_sdk_bedrockruntime::Client::from_conf(
-            aws_sdk_bedrockruntime::config::Builder::from(&crate::aws::sdk_config())
+            aws_sdk_bedrockruntime::config::Builder::from(&crate::helpers::aws::sdk_config())
                 .endpoint_url(&llm.endpoint)
                 .build(),
         );

@@ -8,8 +8,8 @@ use shared::db::{Db, Scope};
 use tests::load::{self, Plan, Report};
 use tests::stack::{self, DatabaseUrls, Seat, Server};
 
+use crate::helpers::local::OwnRedis;
 use crate::helpers::redis_prefix;
-use crate::local::OwnRedis;
 
 fn local_bin() -> String {
     std::env::var("KONSTRUCT_LOCAL_BIN").expect(
@@ -219,9 +219,9 @@ async fn a_flaky_agent_is_retried_and_gives_up_only_when_retries_run_out() {
 
     use shared::db::agents::Provider;
 
-    use crate::llm::{FakeLlm, Reply, last_user_text, pieces};
-    use crate::orchestrator::{orchestrator, records_for};
-    use crate::ws::Harness;
+    use crate::helpers::harness::Harness;
+    use crate::helpers::llm::{FakeLlm, Reply, last_user_text, pieces};
+    use crate::helpers::orchestrator::{orchestrator, records_for};
 
     let mut h = Harness::new().await;
     h.state.message.limits = shared::ws::Limits {
@@ -249,7 +249,8 @@ async fn a_flaky_agent_is_retried_and_gives_up_only_when_retries_run_out() {
     let mut state = orchestrator(&h, &llm);
     state.retry.attempt_timeout = Duration::from_millis(300);
     state.retry.max_attempts = 3;
-    let flaky = crate::orchestrator::conversation_with(&h, Provider::Openai, "gpt-test").await;
+    let flaky =
+        crate::helpers::orchestrator::conversation_with(&h, Provider::Openai, "gpt-test").await;
     h.open_session_on("tab", flaky).await;
     let texts: Vec<String> = (0..30).map(|i| format!("question {i}")).collect();
     let text_refs: Vec<&str> = texts.iter().map(String::as_str).collect();
@@ -261,7 +262,7 @@ async fn a_flaky_agent_is_retried_and_gives_up_only_when_retries_run_out() {
         if pending.is_empty() {
             break;
         }
-        let failed: HashSet<String> = crate::orchestrator::run(&state, pending.clone())
+        let failed: HashSet<String> = crate::helpers::orchestrator::run(&state, pending.clone())
             .await
             .into_iter()
             .collect();
@@ -284,14 +285,16 @@ async fn a_flaky_agent_is_retried_and_gives_up_only_when_retries_run_out() {
 
     // The hopeless one: retried silently, and agent_failed only on the queue's last receive.
     let doomed_conversation =
-        crate::orchestrator::conversation_with_named(&h, "doomed agent").await;
+        crate::helpers::orchestrator::conversation_with_named(&h, "doomed agent").await;
     h.open_session_on("doomed-tab", doomed_conversation).await;
     let doomed = records_for(&h, "doomed-tab", &["doomed question"]).await;
     let before = llm.requests().len();
     for receive in [1, state.max_receives] {
-        let record = crate::orchestrator::on_receive(doomed[0].clone(), receive);
+        let record = crate::helpers::orchestrator::on_receive(doomed[0].clone(), receive);
         assert_eq!(
-            crate::orchestrator::run(&state, vec![record]).await.len(),
+            crate::helpers::orchestrator::run(&state, vec![record])
+                .await
+                .len(),
             1,
             "reported failed: a 503 may pass"
         );

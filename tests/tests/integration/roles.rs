@@ -7,8 +7,8 @@ use shared::db::{Db, Scope};
 use shared::domain::Role;
 use sqlx::{AssertSqlSafe, Connection};
 
+use crate::helpers::local::{Env, Local};
 use crate::helpers::{Seed, TestDb, seed, token};
-use crate::local::{Env, Local};
 
 /// The SQLSTATE a statement failed with.
 async fn refused(test: &TestDb, statement: &str) -> String {

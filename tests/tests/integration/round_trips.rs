@@ -24,10 +24,10 @@ use sqlx::postgres::PgConnectOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::aws::sdk_config;
-use crate::llm::{FakeLlm, Reply, pieces};
-use crate::orchestrator::{conversation_with, records_for, run};
-use crate::ws::Harness;
+use crate::helpers::aws::sdk_config;
+use crate::helpers::harness::Harness;
+use crate::helpers::llm::{FakeLlm, Reply, pieces};
+use crate::helpers::orchestrator::{conversation_with, records_for, run};
 
 /// What the proxy counted.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -4,7 +4,6 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use aws_config::SdkConfig;
 use serde_json::json;
 use shared::auth::{TokenVerifier, issue_token};
 use shared::config::{AuthConfig, DatabaseConfig};
@@ -13,44 +12,8 @@ use shared::domain::{Role, TenantId, UserId};
 use shared::secrets::{Secret, Secrets};
 use sqlx::postgres::PgConnectOptions;
 
-use crate::aws::sdk_config;
 use crate::helpers::TestDb;
-
-pub fn endpoint() -> String {
-    std::env::var("MOTO_ENDPOINT")
-        .expect("MOTO_ENDPOINT is not set: run the tests through `make test`, which starts moto")
-}
-
-fn config() -> SdkConfig {
-    sdk_config().to_builder().endpoint_url(endpoint()).build()
-}
-
-pub fn client() -> aws_sdk_secretsmanager::Client {
-    aws_sdk_secretsmanager::Client::new(&config())
-}
-
-/// A secret of a fresh name holding `value`; its ARN.
-pub async fn create(client: &aws_sdk_secretsmanager::Client, value: &str) -> String {
-    client
-        .create_secret()
-        .name(format!("konstruct/test/{}", uuid::Uuid::new_v4().simple()))
-        .secret_string(value)
-        .send()
-        .await
-        .expect("create a secret on moto")
-        .arn
-        .expect("a created secret has an ARN")
-}
-
-async fn rotate(client: &aws_sdk_secretsmanager::Client, arn: &str, value: &str) {
-    client
-        .put_secret_value()
-        .secret_id(arn)
-        .secret_string(value)
-        .send()
-        .await
-        .expect("put a new secret value");
-}
+use crate::helpers::secrets::{client, config, create, rotate};
 
 fn signed_with(secret: &str) -> String {
     let config = AuthConfig {

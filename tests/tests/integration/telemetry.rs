@@ -12,11 +12,11 @@ use shared::db::agents::Provider;
 use shared::domain::Role;
 use shared::telemetry::{self, Event, JobOutcome, NAMESPACE, PostOutcome};
 
+use crate::helpers::harness::Harness;
+use crate::helpers::llm::FakeLlm;
+use crate::helpers::local::{Env, Local, authenticated, converse, expect, open, send};
+use crate::helpers::orchestrator::{conversation_with, orchestrator, records_for, run};
 use crate::helpers::{Captured, TestDb, seed, token};
-use crate::llm::FakeLlm;
-use crate::local::{Env, Local, authenticated, converse, expect, open, send};
-use crate::orchestrator::{conversation_with, orchestrator, records_for, run};
-use crate::ws::Harness;
 
 /// One metric as CloudWatch would extract it from a document.
 #[derive(Debug, Clone, PartialEq)]

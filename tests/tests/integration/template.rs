@@ -157,12 +157,17 @@ struct Secrets {
 
 impl Secrets {
     async fn create() -> Self {
-        let client = crate::secrets::client();
+        let client = crate::helpers::secrets::client();
         Self {
-            database: crate::secrets::create(&client, "postgres://app@127.0.0.1:1/app").await,
-            migrator: crate::secrets::create(&client, "postgres://owner@127.0.0.1:1/app").await,
-            portal: crate::secrets::create(&client, "a-portal-secret-of-at-least-32-bytes-0123")
+            database: crate::helpers::secrets::create(&client, "postgres://app@127.0.0.1:1/app")
                 .await,
+            migrator: crate::helpers::secrets::create(&client, "postgres://owner@127.0.0.1:1/app")
+                .await,
+            portal: crate::helpers::secrets::create(
+                &client,
+                "a-portal-secret-of-at-least-32-bytes-0123",
+            )
+            .await,
         }
     }
 }
@@ -208,7 +213,7 @@ async fn starts(binary: &str, variables: &[(String, String)]) -> (bool, String) 
         .env("AWS_SESSION_TOKEN", "token")
         .env(
             "AWS_ENDPOINT_URL_SECRETS_MANAGER",
-            crate::secrets::endpoint(),
+            crate::helpers::secrets::endpoint(),
         )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

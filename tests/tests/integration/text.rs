@@ -15,12 +15,12 @@ use shared::orchestrator::OrchestratorState;
 use shared::ws::{Limits, RateLimit};
 use tower::ServiceExt;
 
-use crate::aws::{depth, drain};
+use crate::helpers::aws::{depth, drain};
+use crate::helpers::harness::Harness;
+use crate::helpers::llm::{FakeLlm, Reply, pieces};
+use crate::helpers::local::{Env, authenticated, next, send};
+use crate::helpers::orchestrator::{conversation_with, orchestrator, replies, run};
 use crate::helpers::{TestDb, seed, token, verifier};
-use crate::llm::{FakeLlm, Reply, pieces};
-use crate::local::{Env, authenticated, next, send};
-use crate::orchestrator::{conversation_with, orchestrator, replies, run};
-use crate::ws::Harness;
 
 fn message(text: &str) -> String {
     json!({ "type": "message", "text": text }).to_string()
@@ -52,7 +52,7 @@ async fn nul_and_invisible_only_text_is_refused_before_typing_and_nothing_is_sto
 /// A model that streams a NUL in the middle of its reply, then answers plainly.
 async fn nul_model() -> FakeLlm {
     FakeLlm::start(|request, _| {
-        if crate::llm::last_user_text(request) == "first" {
+        if crate::helpers::llm::last_user_text(request) == "first" {
             Reply::Stream(
                 pieces(&["Hello wor\u{0}", "ld!"]),
                 Duration::from_millis(150),
@@ -103,7 +103,7 @@ async fn konstruct_local_streams_and_stores_a_model_reply_with_nul_without_it() 
     let llm = nul_model().await;
     let conversation = crate::helpers::model_conversation(&db, &s).await;
     let env = Env::new(&test);
-    let local = crate::local::Local::start_with_model(
+    let local = crate::helpers::local::Local::start_with_model(
         &env,
         &["serve", "--listen", "127.0.0.1:0"],
         &llm.base_url,
@@ -143,7 +143,7 @@ async fn konstruct_local_streams_and_stores_a_model_reply_with_nul_without_it() 
     local.stop().await;
 }
 
-async fn expect_any(socket: &mut crate::local::Socket) -> Value {
+async fn expect_any(socket: &mut crate::helpers::local::Socket) -> Value {
     next(socket, Duration::from_secs(10))
         .await
         .expect("a frame")

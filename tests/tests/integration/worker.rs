@@ -12,12 +12,12 @@ use shared::orchestrator::OrchestratorState;
 use shared::queue::{JobQueue, RedisQueue};
 use shared::worker::{GROUP, Worker};
 
-use crate::helpers::redis_prefix;
-use crate::llm::{FakeLlm, Reply, last_user_text, pieces};
-use crate::orchestrator::{
+use crate::helpers::harness::Harness;
+use crate::helpers::llm::{FakeLlm, Reply, last_user_text, pieces};
+use crate::helpers::orchestrator::{
     conversation_with, conversation_with_named, orchestrator, queued_jobs, replies,
 };
-use crate::ws::Harness;
+use crate::helpers::redis_prefix;
 
 fn worker(prefix: &str) -> Worker {
     let queue = RedisQueue::new(&std::env::var("REDIS_URL").unwrap(), prefix).unwrap();

@@ -7,8 +7,8 @@ use aws_lambda_events::apigw::ApiGatewayWebsocketProxyRequest;
 use shared::db::Scope;
 use shared::ws::Route;
 
-use crate::chat_api_lambda::{AGENT, TENANT, USER, fixture_verifier, seed_fixture_ids};
-use crate::ws::{Harness, frame_of};
+use crate::helpers::fixtures::{AGENT, TENANT, USER, fixture_verifier, seed_fixture_ids};
+use crate::helpers::harness::{Harness, frame_of};
 
 const CONNECTION: &str = "L0SM9cOFvHcCIhw=";
 const CONVERSATION: &str = "c2f6a1de-4b7e-4f0a-9c3d-5e8b1a2d3f04";

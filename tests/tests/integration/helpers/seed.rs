@@ -1,0 +1,77 @@
+//! Rows for one test, through the one seeder (`shared::db::seed`), under fresh names so that
+//! tests never find each other's rows.
+
+use serde_json::json;
+use shared::db::Db;
+use shared::db::agents::Provider;
+use shared::db::seed::{self, AgentPlan};
+use shared::domain::{AgentId, ConversationId, TenantId, TenantRole, UserId};
+use uuid::Uuid;
+
+/// One tenant with a member (customer_operator), an echo agent and the member's conversation
+/// with it.
+pub type Seed = seed::Workspace;
+
+pub async fn seed(db: &Db, name: &str) -> Seed {
+    let tenant = seed_tenant(db, name).await;
+    let user = seed_user(db, name).await;
+    seed_member(db, tenant, user, TenantRole::CustomerOperator).await;
+    let agent = seed_agent(db, tenant, &format!("{name} agent")).await;
+    let conversation = conversation_for(db, tenant, agent, user).await;
+    Seed {
+        tenant,
+        user,
+        agent,
+        conversation,
+    }
+}
+
+pub async fn seed_tenant(db: &Db, name: &str) -> TenantId {
+    seed::tenant(db, TenantId::new(), name).await.unwrap()
+}
+
+pub async fn seed_user(db: &Db, name: &str) -> UserId {
+    let email = format!("{name}-{}@example.test", Uuid::new_v4().simple());
+    seed::user(db, &email, name).await.unwrap()
+}
+
+pub async fn seed_member(db: &Db, tenant: TenantId, user: UserId, role: TenantRole) {
+    seed::member(db, tenant, user, role).await.unwrap();
+}
+
+pub async fn seed_agent(db: &Db, tenant: TenantId, name: &str) -> AgentId {
+    seed_agent_with(db, tenant, name, Provider::Echo, "").await
+}
+
+pub async fn seed_agent_with(
+    db: &Db,
+    tenant: TenantId,
+    name: &str,
+    provider: Provider,
+    model: &str,
+) -> AgentId {
+    let plan = AgentPlan {
+        name,
+        system_prompt: "You are helpful.",
+        provider,
+        model,
+        settings: json!({ "temperature": 0.2 }),
+    };
+    seed::agent(db, tenant, &plan).await.unwrap()
+}
+
+/// The user's conversation with the agent, created if need be.
+pub async fn conversation_for(
+    db: &Db,
+    tenant: TenantId,
+    agent: AgentId,
+    user: UserId,
+) -> ConversationId {
+    seed::conversation(db, tenant, agent, user).await.unwrap()
+}
+
+/// A conversation of the seeded user with a new OpenAI-compatible agent (model `gpt-test`).
+pub async fn model_conversation(db: &Db, s: &Seed) -> ConversationId {
+    let agent = seed_agent_with(db, s.tenant, "model", Provider::Openai, "gpt-test").await;
+    conversation_for(db, s.tenant, agent, s.user).await
+}
