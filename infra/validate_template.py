@@ -11,7 +11,11 @@
    DATABASE_URL, …); each secret is named by a `…_SECRET_ARN` variable, and each function's role
    may read exactly the secrets its variables name.
 5. Checks Bedrock: a function may invoke only the models of BedrockModelIds.
-6. Checks the dashboard and alarms: the dashboard's body is JSON, and every metric of the
+6. Checks the WebSocket API against the route table (shared/src/ws/routes.rs): exactly its
+   route keys, each integrated with the function the table names, each route but $connect and
+   $disconnect with a route response (so the function's answer reaches the socket), and the
+   stage's deployment waiting for every route.
+7. Checks the dashboard and alarms: the dashboard's body is JSON, and every metric of the
    Konstruct/WebChat namespace they name is one the code emits (shared/src/telemetry.rs).
 
 Usage: python validate_template.py TEMPLATE [--functions OUT.json]
@@ -113,6 +117,58 @@ def check_secrets(sam, functions):
                 f"{name}: its role may read the secrets {sorted(readable)} but its environment "
                 f"names {sorted(named)}; they must be the same"
             )
+
+
+def check_routes(sam, binaries, workspace):
+    """The WebSocket API's routes are the route table's, no more, no less."""
+    source = (workspace / "shared" / "src" / "ws" / "routes.rs").read_text()
+    table = re.search(r"pub const ROUTES: \[\(&str, Route\); \d+\] = \[(.*?)\];", source, re.S)
+    functions = re.search(r"pub const fn function\(self\)(.*?)\n    \}", source, re.S)
+    if not table or not functions:
+        fail("shared/src/ws/routes.rs: ROUTES or Route::function not found")
+    function_of = dict(re.findall(r'Self::(\w+) => "([a-z-]+)"', functions.group(1)))
+    expected = {key: function_of[route] for key, route in re.findall(r'\("([^"]+)", Route::(\w+)\)', table.group(1))}
+
+    resources = sam.get("Resources", {})
+
+    def sub_text(node):
+        return node.get("Fn::Sub") if isinstance(node, dict) else node
+
+    routes, deployed = {}, {}
+    for name, resource in resources.items():
+        if resource.get("Type") != "AWS::ApiGatewayV2::Route":
+            continue
+        properties = resource.get("Properties", {})
+        key = properties.get("RouteKey")
+        if not key:
+            fail(f"{name}: a route without a RouteKey (it has {sorted(properties)})")
+        target = re.fullmatch(r"integrations/\$\{(\w+)\}", str(sub_text(properties.get("Target", ""))))
+        integration = resources.get(target.group(1), {}) if target else {}
+        uri = re.search(r"\$\{(\w+)\.Arn\}", str(sub_text(integration.get("Properties", {}).get("IntegrationUri", ""))))
+        if not uri or uri.group(1) not in binaries:
+            fail(f"{name} ({key}): its target is not an integration of one of the functions")
+        routes[name], deployed[key] = key, binaries[uri.group(1)]
+    if deployed != expected:
+        missing = {k: v for k, v in expected.items() if deployed.get(k) != v}
+        extra = {k: v for k, v in deployed.items() if expected.get(k) != v}
+        fail(
+            "the WebSocket routes are not the route table of shared/src/ws/routes.rs: "
+            f"the table has {missing or 'nothing more'}, the template has {extra or 'nothing more'}"
+        )
+    answered = {
+        resource.get("Properties", {}).get("RouteId", {}).get("Ref")
+        for resource in resources.values()
+        if resource.get("Type") == "AWS::ApiGatewayV2::RouteResponse"
+    }
+    for name, key in routes.items():
+        if key not in ("$connect", "$disconnect") and name not in answered:
+            fail(f"{name} ({key}) has no route response: the function's answer would not reach the socket")
+    for name, resource in resources.items():
+        if resource.get("Type") == "AWS::ApiGatewayV2::Deployment":
+            waits = resource.get("DependsOn", [])
+            waits = [waits] if isinstance(waits, str) else waits
+            if set(routes) - set(waits):
+                fail(f"{name} does not wait for the routes {sorted(set(routes) - set(waits))}")
 
 
 def check_operations(sam, workspace):
@@ -224,6 +280,9 @@ def main():
     os.unlink(out.name)
     if lint.returncode != 0:
         fail(f"cfn-lint found problems in the translated template:\n{lint.stdout}{lint.stderr}")
+
+    # After the lint, which names a broken reference better than a route check could.
+    check_routes(sam, binaries, workspace)
 
     if args.functions:
         listing = {}

@@ -49,12 +49,7 @@ impl Dispatch {
         match self {
             Self::InProcess(state) => route.handle(state, event).await,
             Self::Lambda { http, url } => {
-                let function = match route {
-                    Route::Connect => "ws-connect",
-                    Route::Auth => "ws-auth",
-                    Route::Message => "ws-message",
-                    Route::Disconnect => "ws-disconnect",
-                };
+                let function = route.function();
                 let invoked = http
                     .post(format!("{url}/2015-03-31/functions/{function}/invocations"))
                     .json(&event)
@@ -140,14 +135,7 @@ impl Gateway {
         let context = &mut event.request_context;
         context.connection_id = Some(id.to_string());
         context.route_key = Some(route_key.to_owned());
-        context.event_type = Some(
-            match route_key {
-                "$connect" => "CONNECT",
-                "$disconnect" => "DISCONNECT",
-                _ => "MESSAGE",
-            }
-            .to_owned(),
-        );
+        context.event_type = Some(Route::for_key(route_key).event_type().to_owned());
         context.domain_name = Some(self.host.clone());
         context.stage = Some("local".to_owned());
         context.apiid = Some("local".to_owned());

@@ -3,7 +3,7 @@ use shared::ws::{self, Edge, connect};
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
-    shared::telemetry::lambda_start("ws-connect");
+    shared::telemetry::lambda_start(ws::Route::Connect.function());
     let (aws, secrets) = shared::secrets::aws_config().await;
     let edge = Edge::load(&aws, &secrets).await?;
     ws::run(|event| connect::handle(&edge, event)).await

@@ -3,7 +3,7 @@ use shared::ws::{self, MessageRoute, message};
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
-    shared::telemetry::lambda_start("ws-message");
+    shared::telemetry::lambda_start(ws::Route::Message.function());
     let (aws, secrets) = shared::secrets::aws_config().await;
     let state = MessageRoute::load(&aws, &secrets).await?;
     ws::run(|event| message::handle(&state, event)).await

@@ -10,7 +10,10 @@ pub mod auth;
 pub mod connect;
 pub mod disconnect;
 pub mod message;
+pub mod routes;
 pub mod sweep;
+
+pub use routes::{ROUTES, Route, route_key};
 
 use std::sync::Arc;
 
@@ -23,7 +26,7 @@ use crate::config::{ConfigError, DatabaseConfig, Lookup, Mode, WsConfig, positiv
 use crate::db::Db;
 use crate::delivery::{Delivery, ManagementApi, Posted, post_or_forget};
 use crate::domain::ConnectionId;
-use crate::frame::{ClientFrame, ServerFrame};
+use crate::frame::ServerFrame;
 use crate::queue::{JobQueue, RedisQueue, SqsQueue};
 use crate::secrets::Secrets;
 
@@ -223,27 +226,9 @@ impl WsState {
     }
 }
 
-/// The WebSocket API's routes, each served by its own Lambda.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    Connect,
-    Auth,
-    /// `message`, `ping` and `$default`.
-    Message,
-    Disconnect,
-}
-
 impl Route {
-    /// The route that serves a route key.
-    pub fn for_key(key: &str) -> Self {
-        match key {
-            "$connect" => Self::Connect,
-            "$disconnect" => Self::Disconnect,
-            "auth" => Self::Auth,
-            _ => Self::Message,
-        }
-    }
-
+    /// Serves one event with this handler, every route's state at hand (one process serving
+    /// them all: `konstruct-local`, tests).
     pub async fn handle(
         self,
         state: &WsState,
@@ -257,17 +242,6 @@ impl Route {
             Self::Message => Box::pin(message::handle(&state.message, event)).await,
             Self::Disconnect => Box::pin(disconnect::handle(state.edge(), event)).await,
         }
-    }
-}
-
-/// The route key API Gateway selects for a frame (`$request.body.type`): the frame's `type`
-/// when a route has that key, else `$default`.
-pub fn route_key(raw: &str) -> &'static str {
-    match ClientFrame::route_of(raw).as_deref() {
-        Some("auth") => "auth",
-        Some("message") => "message",
-        Some("ping") => "ping",
-        _ => "$default",
     }
 }
 

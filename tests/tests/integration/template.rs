@@ -67,6 +67,23 @@ async fn broken_templates_fail_validation() {
         ),
         ("Binary: ws-auth", "Binary: ws-authh", "functions/ws-auth"),
         ("RouteKey: auth", "RouteKeyz: auth", "RouteKeyz"),
+        // The WebSocket routes against the route table (shared/src/ws/routes.rs).
+        ("RouteKey: ping", "RouteKey: pong", "not the route table"),
+        (
+            "OperationName: ping\n      RouteResponseSelectionExpression: $default\n      Target: !Sub \"integrations/${MessageIntegration}\"",
+            "OperationName: ping\n      RouteResponseSelectionExpression: $default\n      Target: !Sub \"integrations/${AuthIntegration}\"",
+            "'ping': 'ws-message'",
+        ),
+        (
+            "RouteId: !Ref PingRoute",
+            "RouteId: !Ref MessageRoute",
+            "PingRoute (ping) has no route response",
+        ),
+        (
+            "      - PingRoute\n",
+            "",
+            "does not wait for the routes ['PingRoute']",
+        ),
         (
             "[\"arn:aws:bedrock:*::foundation-model/\", !Join",
             "[\"arn:aws:bedrock:*::foundation-model/*\", !Join",

@@ -24,7 +24,7 @@ pub fn event(
     serde_json::from_value(json!({
         "requestContext": {
             "routeKey": route,
-            "eventType": if route == "$connect" { "CONNECT" } else if route == "$disconnect" { "DISCONNECT" } else { "MESSAGE" },
+            "eventType": Route::for_key(route).event_type(),
             "connectionId": connection,
             "domainName": "abc123.execute-api.us-east-1.amazonaws.com",
             "stage": "test",
