@@ -19,7 +19,7 @@ else
   arch=--x86-64 architecture=x86_64
 fi
 
-functions=$(ls -d functions/*/ | xargs -n1 basename | grep -v '^local$')
+functions=$(ls -d functions/*/ | xargs -n1 basename | grep -v '^konstruct-local$')
 packages=()
 for f in $functions; do packages+=(--package "$f"); done
 cargo lambda build --release "$arch" --output-format zip "${packages[@]}"

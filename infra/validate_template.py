@@ -43,7 +43,7 @@ SAMPLE_PARAMETERS = {
 }
 # Variables whose value would be a secret: a function names the secret instead (…_SECRET_ARN).
 SECRET_VARIABLES = {"PORTAL_JWT_SECRET", "DATABASE_URL", "MIGRATOR_DATABASE_URL", "OPENAI_API_KEY"}
-NOT_FUNCTIONS = {"local"}
+NOT_FUNCTIONS = {"konstruct-local"}
 
 
 class OfflinePolicies:

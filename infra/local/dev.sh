@@ -16,7 +16,7 @@ export KONSTRUCT_MODE=local
 export AWS_REGION=${AWS_REGION:-us-east-1}
 export PORTAL_JWT_SECRET=${PORTAL_JWT_SECRET:-konstruct-local-development-secret-0123456789}
 
-cargo build -q -p local
+cargo build -q -p konstruct-local
 bin=${CARGO_TARGET_DIR:-$root/target}/debug/konstruct-local
 
 # Migrations run as the migrator (the schema's owner); the server and seed-demo connect as the

@@ -12,7 +12,7 @@ use crate::db::message_path::{self, Recipient};
 use crate::db::{Db, Scope, connections};
 use crate::domain::{ConnectionId, ConversationId, TenantId};
 use crate::frame::{MAX_SERVER_FRAME_BYTES, ServerFrame};
-use crate::queue::RedisConnection;
+use crate::redis_connection::RedisConnection;
 use crate::redis_keys::webchat_response_key;
 use crate::telemetry::{self, Event, PostOutcome};
 

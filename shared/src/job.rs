@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{ConversationId, MessageId, TenantId, UserId};
-use crate::message::KonstructMessage;
+use crate::konstruct_message::KonstructMessage;
 
 /// One stored user message waiting for its reply. Everything here was checked or produced by
 /// the server; nothing is re-derived from what the browser sent.

@@ -131,7 +131,7 @@ pub struct Receipt {
 /// agent, data the database refuses) is dropped once its user has been told.
 #[derive(Debug, thiserror::Error)]
 #[error("{error}")]
-pub struct Failure {
+pub struct JobFailure {
     pub retry: bool,
     #[source]
     pub error: Error,
@@ -141,7 +141,7 @@ pub struct Failure {
 
 const COULD_NOT_ANSWER: &str = "the agent could not answer; your message is saved";
 
-impl Failure {
+impl JobFailure {
     /// Trouble that may pass: the database or the network, a model's 5xx or timeout.
     pub fn transient(error: impl Into<Error>) -> Self {
         Self {
@@ -193,7 +193,7 @@ pub async fn process_one(
     state: &OrchestratorState,
     job: &Job,
     receipt: Receipt,
-) -> Result<(), Failure> {
+) -> Result<(), JobFailure> {
     let mut audience = None;
     let started = Instant::now();
     let result = answer(state, job, &receipt, &mut audience).await;
@@ -227,13 +227,13 @@ async fn answer(
     job: &Job,
     receipt: &Receipt,
     audience_out: &mut Option<Audience>,
-) -> Result<(), Failure> {
+) -> Result<(), JobFailure> {
     let tenant_id = job.tenant_id;
     let mut tx = state
         .db
         .begin(Scope::Tenant(tenant_id))
         .await
-        .map_err(Failure::transient)?;
+        .map_err(JobFailure::transient)?;
     let loaded = message_path::load_job(
         &mut tx,
         job.conversation_id,
@@ -241,9 +241,9 @@ async fn answer(
         state.context.messages,
     )
     .await
-    .map_err(Failure::of_database)?;
+    .map_err(JobFailure::of_database)?;
     // No transaction stays open while the agent thinks: Postgres connections are scarce.
-    tx.commit().await.map_err(Failure::transient)?;
+    tx.commit().await.map_err(JobFailure::transient)?;
     let Some(loaded) = loaded else {
         tracing::warn!("conversation gone; job dropped");
         return Ok(());
@@ -258,7 +258,7 @@ async fn answer(
         tracing::info!("reply already stored; sending it again");
         return deliver(state, audience, &reply, false)
             .await
-            .map_err(Failure::transient);
+            .map_err(JobFailure::transient);
     }
     let history = loaded.history;
     if history.last().map(|m| m.id) != Some(job.message_id) {
@@ -266,7 +266,7 @@ async fn answer(
         return Ok(());
     }
     let agent = loaded.agent.ok_or_else(|| {
-        Failure::permanent(Error::NotFound("the conversation's agent is gone".into()))
+        JobFailure::permanent(Error::NotFound("the conversation's agent is gone".into()))
     })?;
     if loaded.cancel_requested {
         tracing::info!("cancelled before it started");
@@ -277,14 +277,14 @@ async fn answer(
         return match stored {
             Some(reply) => deliver(state, stream.audience, &reply, false)
                 .await
-                .map_err(Failure::transient),
+                .map_err(JobFailure::transient),
             None => Ok(()),
         };
     }
     if !agent.is_active {
-        return Err(Failure {
+        return Err(JobFailure {
             notice: "this agent is switched off and does not answer; your message is saved",
-            ..Failure::permanent(Error::AgentFailed(format!(
+            ..JobFailure::permanent(Error::AgentFailed(format!(
                 "agent {} is not active",
                 agent.id
             )))
@@ -307,7 +307,7 @@ async fn answer(
     let call = async {
         let result = tokio::select! {
             result = state.retry.run(
-                state.agents.provider(&agent),
+                state.agents.client(&agent),
                 &request,
                 &deltas,
                 agent_deadline,
@@ -350,9 +350,9 @@ async fn answer(
             });
             let error = Error::AgentFailed(err.message);
             let failure = if err.retryable {
-                Failure::transient(error)
+                JobFailure::transient(error)
             } else {
-                Failure::permanent(error)
+                JobFailure::permanent(error)
             };
             // A streaming reply stays as it is for the next receive to take over (and reset);
             // on the last, or when retrying cannot help, it ends `failed` with what it had.
@@ -373,7 +373,7 @@ async fn answer(
     };
     deliver(state, stream.audience, &stored, streamed)
         .await
-        .map_err(Failure::transient)?;
+        .map_err(JobFailure::transient)?;
     let waited = (chrono::Utc::now() - job.message.timestamp)
         .to_std()
         .unwrap_or_default();
@@ -395,7 +395,7 @@ enum Ended {
     /// Another attempt took the reply over, or it ended already.
     Superseded,
     /// Storing a flush failed.
-    Failed(Failure),
+    Failed(JobFailure),
 }
 
 /// A reply stored as it streams: written at its first flush (numbered then), appended to at
@@ -477,7 +477,7 @@ impl<'a> ReplyStream<'a> {
     }
 
     /// Stores `delta` (the first write, or an append), then sends it as chunks.
-    async fn flush(&mut self, delta: &str) -> Result<(), Failure> {
+    async fn flush(&mut self, delta: &str) -> Result<(), JobFailure> {
         let stored = self
             .store(delta, MessageStatus::Streaming, None, None)
             .await?;
@@ -502,7 +502,7 @@ impl<'a> ReplyStream<'a> {
         status: MessageStatus,
         stop: StopReason,
         usage: Option<Usage>,
-    ) -> Result<Option<Message>, Failure> {
+    ) -> Result<Option<Message>, JobFailure> {
         let streamed = self.reply.is_some();
         let stored = self.store(text, status, Some(stop), usage).await?;
         if let (Some(ended), true) = (&stored.reply, streamed) {
@@ -520,13 +520,13 @@ impl<'a> ReplyStream<'a> {
         status: MessageStatus,
         stop: Option<StopReason>,
         usage: Option<Usage>,
-    ) -> Result<Stored, Failure> {
+    ) -> Result<Stored, JobFailure> {
         let state = self.state;
         let mut tx = state
             .db
             .begin(Scope::Tenant(self.conversation.tenant_id))
             .await
-            .map_err(Failure::transient)?;
+            .map_err(JobFailure::transient)?;
         let stored = match &self.reply {
             Some(reply) => {
                 let flushed = message_path::flush_reply(
@@ -543,7 +543,7 @@ impl<'a> ReplyStream<'a> {
                     },
                 )
                 .await
-                .map_err(Failure::of_database)?;
+                .map_err(JobFailure::of_database)?;
                 self.audience.renew(flushed.recipients);
                 Stored {
                     reply: flushed.reply,
@@ -566,7 +566,7 @@ impl<'a> ReplyStream<'a> {
                     },
                 )
                 .await
-                .map_err(Failure::of_database)?;
+                .map_err(JobFailure::of_database)?;
                 // A streaming write meeting a reply that ended already leaves it to its owner; a
                 // whole write returns it (to send again).
                 let ended_before =
@@ -579,7 +579,7 @@ impl<'a> ReplyStream<'a> {
                 }
             }
         };
-        tx.commit().await.map_err(Failure::transient)?;
+        tx.commit().await.map_err(JobFailure::transient)?;
         Ok(stored)
     }
 
@@ -759,8 +759,8 @@ async fn process_group(
         };
         let outcome = match record.body.as_deref().map(Job::from_body) {
             Some(Ok(job)) => process_one(state, &job, receipt.clone()).await,
-            Some(Err(e)) => Err(Failure::permanent(e)),
-            None => Err(Failure::permanent(Error::BadRequest(
+            Some(Err(e)) => Err(JobFailure::permanent(e)),
+            None => Err(JobFailure::permanent(Error::BadRequest(
                 "record has no body".into(),
             ))),
         };

@@ -8,7 +8,7 @@ use aws_sdk_bedrockruntime::types::{
     SystemContentBlock,
 };
 
-use super::{AgentError, AgentReply, AgentRequest, Deltas, Provider};
+use super::{AgentError, AgentReply, AgentRequest, Deltas, ModelClient};
 use crate::config::Lookup;
 use crate::db::messages::{MessageRole, StopReason, Usage};
 
@@ -103,7 +103,7 @@ fn classify(err: SdkError<ConverseError>) -> AgentError {
 }
 
 #[async_trait]
-impl Provider for Bedrock {
+impl ModelClient for Bedrock {
     async fn reply(
         &self,
         request: &AgentRequest<'_>,

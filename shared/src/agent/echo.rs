@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 
-use super::{AgentError, AgentReply, AgentRequest, Deltas, Provider};
+use super::{AgentError, AgentReply, AgentRequest, Deltas, ModelClient};
 use crate::db::messages::StopReason;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -17,7 +17,7 @@ impl Echo {
 }
 
 #[async_trait]
-impl Provider for Echo {
+impl ModelClient for Echo {
     async fn reply(
         &self,
         request: &AgentRequest<'_>,

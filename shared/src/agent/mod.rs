@@ -17,7 +17,7 @@ pub use echo::Echo;
 pub use openai::OpenAi;
 
 use crate::config::{ConfigError, positive};
-use crate::db::agents::{Agent, Provider as ProviderKind};
+use crate::db::agents::{Agent, Provider};
 use crate::db::messages::{MessageRole, StopReason, Usage};
 
 /// One message of the conversation as context: the last one is the user message to answer.
@@ -197,8 +197,10 @@ impl Deltas {
     }
 }
 
+/// A client of one model provider (echo, OpenAI-compatible, Bedrock); the agent row's
+/// [`Provider`] picks which.
 #[async_trait]
-pub trait Provider: Send + Sync {
+pub trait ModelClient: Send + Sync {
     /// The whole reply, at most `request.max_reply_bytes` long. A provider that streams also
     /// sends each piece to `deltas`; it must not report a retryable error once it has sent
     /// one, since a retry would repeat the pieces.
@@ -242,12 +244,12 @@ impl RetryPolicy {
         Ok(policy)
     }
 
-    /// Runs the provider: each attempt bounded by the timeout and by `deadline` (when the job
+    /// Asks the model: each attempt bounded by the timeout and by `deadline` (when the job
     /// must be done), retryable failures tried again with exponential backoff and jitter while
     /// time is left.
     pub async fn run(
         &self,
-        provider: &dyn Provider,
+        client: &dyn ModelClient,
         request: &AgentRequest<'_>,
         deltas: &Deltas,
         deadline: Option<Instant>,
@@ -258,7 +260,7 @@ impl RetryPolicy {
             if limit.is_zero() {
                 return Err(AgentError::retryable("no time left for the agent"));
             }
-            tokio::time::timeout(limit, provider.reply(request, deltas))
+            tokio::time::timeout(limit, client.reply(request, deltas))
                 .await
                 .unwrap_or_else(|_| {
                     Err(AgentError::retryable(format!(
@@ -283,7 +285,7 @@ impl RetryPolicy {
     }
 }
 
-/// Every provider, built once per process; an agent row picks one.
+/// A client of every provider, built once per process; an agent row picks one.
 pub struct Agents {
     pub echo: Echo,
     pub openai: OpenAi,
@@ -291,11 +293,11 @@ pub struct Agents {
 }
 
 impl Agents {
-    pub fn provider(&self, agent: &Agent) -> &dyn Provider {
+    pub fn client(&self, agent: &Agent) -> &dyn ModelClient {
         match agent.provider {
-            ProviderKind::Echo => &self.echo,
-            ProviderKind::Openai => &self.openai,
-            ProviderKind::Bedrock => &self.bedrock,
+            Provider::Echo => &self.echo,
+            Provider::Openai => &self.openai,
+            Provider::Bedrock => &self.bedrock,
         }
     }
 }

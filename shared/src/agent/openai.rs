@@ -11,7 +11,7 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{AgentError, AgentReply, AgentRequest, Deltas, Provider, cap};
+use super::{AgentError, AgentReply, AgentRequest, Deltas, ModelClient, cap};
 use crate::config::{ConfigError, Lookup};
 use crate::db::messages::{MessageRole, StopReason, Usage};
 use crate::secrets::{Secret, Secrets};
@@ -195,7 +195,7 @@ fn by_status(status: StatusCode, detail: &str) -> AgentError {
 }
 
 #[async_trait]
-impl Provider for OpenAi {
+impl ModelClient for OpenAi {
     async fn reply(
         &self,
         request: &AgentRequest<'_>,

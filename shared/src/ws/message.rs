@@ -19,7 +19,7 @@ use crate::delivery::{Audience, ConnectionsFanout, Fanout};
 use crate::domain::{ClientMessageId, MessageText};
 use crate::frame::{ClientFrame, ServerFrame};
 use crate::job::Job;
-use crate::message::{WebEvent, normalize_web_event};
+use crate::konstruct_message::{WebEvent, normalize_web_event};
 use crate::telemetry::{self, Event};
 
 #[tracing::instrument(skip_all, fields(connection_id, conversation_id, message_id))]

@@ -13,7 +13,7 @@ use shared::auth::issue_token;
 use shared::domain::{ConversationId, MessageId, MessageText, Role, TenantId, UserId};
 use shared::frame::ClientFrame;
 use shared::job::Job;
-use shared::message::{WebEvent, normalize_web_event};
+use shared::konstruct_message::{WebEvent, normalize_web_event};
 use shared::ws::RouteEvent;
 use tower::ServiceExt;
 

@@ -17,7 +17,7 @@ pub async fn run(
     sockets: Arc<Sockets>,
     mut changes: mpsc::UnboundedReceiver<Subscription>,
 ) {
-    let client = match shared::queue::client(&redis_url) {
+    let client = match shared::redis_connection::client(&redis_url) {
         Ok(client) => client,
         Err(e) => {
             tracing::error!(error = %e, "bridge: bad REDIS_URL");

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use crate::gateway::{Dispatch, Gateway};
 use crate::sockets::Sockets;
 
-type Failure = Box<dyn std::error::Error + Send + Sync>;
+type CliError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Parser)]
 #[command(
@@ -92,7 +92,7 @@ struct ServeArgs {
 }
 
 /// Local mode only: the gateway needs Redis, and dev tokens must never reach a deployed stack.
-fn redis_url() -> Result<String, Failure> {
+fn redis_url() -> Result<String, CliError> {
     match Mode::from_env()? {
         Mode::Local { redis_url } => Ok(redis_url),
         Mode::Aws { .. } => Err("konstruct-local runs in KONSTRUCT_MODE=local only".into()),
@@ -101,7 +101,7 @@ fn redis_url() -> Result<String, Failure> {
 
 /// Development commands refuse a deployed configuration: `KONSTRUCT_MODE=aws`, however spaced
 /// or cased (the mode parser reads it trimmed, so must this check).
-fn refuse_aws_mode(command: &str) -> Result<(), Failure> {
+fn refuse_aws_mode(command: &str) -> Result<(), CliError> {
     if shared::config::deployed(&|name: &str| std::env::var(name).ok()) {
         return Err(format!("refusing to run {command} with KONSTRUCT_MODE=aws").into());
     }
@@ -114,7 +114,7 @@ async fn shutdown_signal() {
 }
 
 impl Cli {
-    pub async fn run(self) -> Result<(), Failure> {
+    pub async fn run(self) -> Result<(), CliError> {
         let command = match self.command {
             Some(command) => command,
             None => Cli::parse_from(["konstruct-local", "serve"])
@@ -162,7 +162,7 @@ impl Cli {
     }
 }
 
-async fn serve(args: ServeArgs) -> Result<(), Failure> {
+async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let listen = args.listen;
     let redis_url = redis_url()?;
     let db = Db::connect_lazy(&DatabaseConfig::from_env()?);
@@ -271,7 +271,7 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
 const DEMO_TENANT: &str = "d3e40000-0000-4000-8000-000000000001";
 const DEMO_EMAIL: &str = "demo@konstruct.local";
 
-async fn seed_demo(url: &str, shell: bool) -> Result<(), Failure> {
+async fn seed_demo(url: &str, shell: bool) -> Result<(), CliError> {
     let db = Db::connect_lazy(&DatabaseConfig::from_env()?);
     let demo = seed::workspace(
         &db,
