@@ -128,22 +128,6 @@ impl ConnectionsFanout {
             post_timeout: Self::DEFAULT_POST_TIMEOUT,
         }
     }
-
-    /// `FANOUT_CONCURRENCY` and `POST_TIMEOUT_MS`, each optional.
-    pub fn from_lookup(
-        db: Db,
-        delivery: std::sync::Arc<dyn Delivery>,
-        lookup: impl crate::config::Lookup,
-    ) -> Result<Self, crate::config::ConfigError> {
-        let mut fanout = Self::new(db, delivery);
-        if let Some(n) = crate::config::positive(&lookup, "FANOUT_CONCURRENCY")? {
-            fanout.concurrency = usize::try_from(n).unwrap_or(usize::MAX);
-        }
-        if let Some(ms) = crate::config::positive(&lookup, "POST_TIMEOUT_MS")? {
-            fanout.post_timeout = std::time::Duration::from_millis(ms);
-        }
-        Ok(fanout)
-    }
 }
 
 impl ConnectionsFanout {

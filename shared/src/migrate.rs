@@ -18,8 +18,9 @@ use aws_lambda_events::event::cloudformation::{
 use backon::{ExponentialBuilder, Retryable};
 
 use crate::Error;
-use crate::config::{ConfigError, DatabaseConfig};
+use crate::config::{ConfigError, DatabaseConfig, Lookup};
 use crate::db::{Db, MIGRATOR};
+use crate::secrets::Secrets;
 
 /// The one physical resource the custom resource stands for: the schema.
 pub const PHYSICAL_ID: &str = "konstruct-schema";
@@ -34,6 +35,13 @@ pub struct MigrateState {
 }
 
 impl MigrateState {
+    /// The function's state. A configuration problem is kept, to be reported to
+    /// CloudFormation with the event rather than by failing to start (which would leave the
+    /// stack waiting for an answer).
+    pub async fn load(lookup: impl Lookup, secrets: &Secrets) -> Self {
+        Self::new(DatabaseConfig::load_migrator(lookup, secrets).await)
+    }
+
     pub fn new(database: Result<DatabaseConfig, ConfigError>) -> Self {
         Self {
             database,

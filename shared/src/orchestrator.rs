@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::agent::{
     AgentRequest, Agents, Bedrock, Deltas, Echo, OpenAi, OutputLimits, RetryPolicy, Turn,
 };
-use crate::config::{ConfigError, DatabaseConfig, Mode, positive};
+use crate::config::{self, ConfigError, DatabaseConfig, Lookup, Mode};
 use crate::db::conversations::Conversation;
 use crate::db::message_path::{self, ContextMessage, ReplyFlush, ReplyWrite, Written};
 use crate::db::messages::{Message, MessageStatus, StopReason, Usage};
@@ -80,16 +80,16 @@ pub const DEFAULT_MAX_RECEIVES: u32 = 5;
 pub const DEFAULT_JOB_BUDGET: Duration = Duration::from_secs(30);
 
 impl OrchestratorState {
-    /// From the environment; opens no connection.
-    pub async fn from_env() -> Result<Self, ConfigError> {
-        let env = |name: &str| std::env::var(name).ok();
+    /// The orchestrator's state (the function's, and `konstruct-local`'s worker's); opens no
+    /// connection.
+    pub async fn load(lookup: impl Lookup) -> Result<Self, ConfigError> {
         let (aws, secrets) = crate::secrets::aws_config().await;
-        let db = Db::connect_lazy(&DatabaseConfig::load(&secrets).await?);
-        let fanout: Arc<dyn Fanout> = match Mode::from_env()? {
+        let db = Db::connect_lazy(&DatabaseConfig::load(&lookup, &secrets).await?);
+        let fanout: Arc<dyn Fanout> = match Mode::from_lookup(&lookup)? {
             Mode::Aws { .. } => Arc::new(ConnectionsFanout::from_lookup(
                 db.clone(),
                 Arc::new(ManagementApi::new(aws.clone())),
-                env,
+                &lookup,
             )?),
             Mode::Local { redis_url } => Arc::new(
                 RedisFanout::new(&redis_url)
@@ -101,17 +101,14 @@ impl OrchestratorState {
             fanout,
             agents: Arc::new(Agents {
                 echo: Echo,
-                openai: OpenAi::load(&secrets).await?,
-                bedrock: Bedrock::from_lookup(aws_sdk_bedrockruntime::Client::new(&aws), env),
+                openai: OpenAi::load(&lookup, &secrets).await?,
+                bedrock: Bedrock::from_lookup(aws_sdk_bedrockruntime::Client::new(&aws), &lookup),
             }),
-            retry: RetryPolicy::from_lookup(env)?,
+            retry: RetryPolicy::from_lookup(&lookup)?,
             context: ContextLimits::default(),
-            output: OutputLimits::from_lookup(env)?,
-            max_receives: positive(&env, "MAX_RECEIVE_COUNT")?.map_or(DEFAULT_MAX_RECEIVES, |n| {
-                u32::try_from(n).unwrap_or(u32::MAX)
-            }),
-            job_budget: positive(&env, "JOB_BUDGET_SECONDS")?
-                .map_or(DEFAULT_JOB_BUDGET, Duration::from_secs),
+            output: OutputLimits::from_lookup(&lookup)?,
+            max_receives: config::orchestrator::max_receives(&lookup)?,
+            job_budget: config::orchestrator::job_budget(&lookup)?,
         })
     }
 }

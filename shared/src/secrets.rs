@@ -54,8 +54,8 @@ impl Secrets {
         var: &'static str,
         arn_var: &'static str,
     ) -> Result<Option<Secret>, ConfigError> {
-        let plain = lookup(var).filter(|v| !v.trim().is_empty());
-        let arn = lookup(arn_var).filter(|v| !v.trim().is_empty());
+        let plain = crate::config::optional(lookup, var);
+        let arn = crate::config::optional(lookup, arn_var);
         match (plain, arn) {
             (Some(_), Some(_)) => Err(ConfigError::new(
                 arn_var,

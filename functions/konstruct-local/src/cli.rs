@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use shared::api::{self, ApiState};
 use shared::auth::{TokenVerifier, issue_token};
-use shared::config::{AuthConfig, DatabaseConfig, Mode, redis_prefix};
+use shared::config::{self, AuthConfig, DatabaseConfig, Mode, env, redis_prefix};
 use shared::db::{Db, seed};
 use shared::domain::{Role, TenantRole, UserId};
 use shared::orchestrator::OrchestratorState;
@@ -93,7 +93,7 @@ struct ServeArgs {
 
 /// Local mode only: the gateway needs Redis, and dev tokens must never reach a deployed stack.
 fn redis_url() -> Result<String, CliError> {
-    match Mode::from_env()? {
+    match Mode::from_lookup(env)? {
         Mode::Local { redis_url } => Ok(redis_url),
         Mode::Aws { .. } => Err("konstruct-local runs in KONSTRUCT_MODE=local only".into()),
     }
@@ -102,7 +102,7 @@ fn redis_url() -> Result<String, CliError> {
 /// Development commands refuse a deployed configuration: `KONSTRUCT_MODE=aws`, however spaced
 /// or cased (the mode parser reads it trimmed, so must this check).
 fn refuse_aws_mode(command: &str) -> Result<(), CliError> {
-    if shared::config::deployed(&|name: &str| std::env::var(name).ok()) {
+    if config::deployed(&env) {
         return Err(format!("refusing to run {command} with KONSTRUCT_MODE=aws").into());
     }
     Ok(())
@@ -124,8 +124,8 @@ impl Cli {
         match command {
             Command::Serve(args) => serve(args).await,
             Command::Worker { consumer } => {
-                let queue = RedisQueue::new(&redis_url()?, &redis_prefix())?;
-                let state = OrchestratorState::from_env().await?;
+                let queue = RedisQueue::new(&redis_url()?, &redis_prefix(&env))?;
+                let state = OrchestratorState::load(env).await?;
                 tracing::info!(%consumer, "worker running");
                 Worker::new(queue, &consumer)
                     .run(&state, shutdown_signal())
@@ -133,11 +133,7 @@ impl Cli {
                 Ok(())
             }
             Command::Migrate => {
-                let config = DatabaseConfig::load_migrator(
-                    |name: &str| std::env::var(name).ok(),
-                    &Secrets::none(),
-                )
-                .await?;
+                let config = DatabaseConfig::load_migrator(env, &Secrets::none()).await?;
                 Db::connect_lazy(&config).migrate().await?;
                 eprintln!("migrations applied");
                 Ok(())
@@ -150,7 +146,7 @@ impl Cli {
                 refuse_aws_mode("token")?;
                 let role: Role = role.parse()?;
                 let token = issue_token(
-                    &AuthConfig::from_env()?,
+                    &AuthConfig::from_lookup(env)?,
                     user,
                     role,
                     Duration::from_secs(hours * 3600),
@@ -165,8 +161,8 @@ impl Cli {
 async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let listen = args.listen;
     let redis_url = redis_url()?;
-    let db = Db::connect_lazy(&DatabaseConfig::from_env()?);
-    let tokens = TokenVerifier::new(&AuthConfig::from_env()?);
+    let db = Db::connect_lazy(&DatabaseConfig::from_lookup(env)?);
+    let tokens = TokenVerifier::new(&AuthConfig::from_lookup(env)?);
     let (subscriptions, changes) = mpsc::unbounded_channel();
     let sockets = Arc::new(Sockets::new(subscriptions));
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -183,9 +179,9 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
                 management_endpoint: Some(format!("http://{address}")),
             },
             tokens.clone(),
-            Arc::new(RedisQueue::new(&redis_url, &redis_prefix())?),
-            Limits::from_env()?,
-            SocketCaps::from_env()?,
+            Arc::new(RedisQueue::new(&redis_url, &redis_prefix(&env))?),
+            Limits::from_lookup(env)?,
+            SocketCaps::from_lookup(env)?,
         ))),
     };
     let gateway = Arc::new(Gateway {
@@ -214,9 +210,9 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let worker = if args.no_worker {
         None
     } else {
-        let state = OrchestratorState::from_env().await?;
+        let state = OrchestratorState::load(env).await?;
         let worker = Worker::new(
-            RedisQueue::new(&redis_url, &redis_prefix())?,
+            RedisQueue::new(&redis_url, &redis_prefix(&env))?,
             "local-worker",
         );
         let mut stopped = stopped.clone();
@@ -272,7 +268,7 @@ const DEMO_TENANT: &str = "d3e40000-0000-4000-8000-000000000001";
 const DEMO_EMAIL: &str = "demo@konstruct.local";
 
 async fn seed_demo(url: &str, shell: bool) -> Result<(), CliError> {
-    let db = Db::connect_lazy(&DatabaseConfig::from_env()?);
+    let db = Db::connect_lazy(&DatabaseConfig::from_lookup(env)?);
     let demo = seed::workspace(
         &db,
         &seed::Plan {
@@ -287,7 +283,7 @@ async fn seed_demo(url: &str, shell: bool) -> Result<(), CliError> {
     .await?;
 
     let token = issue_token(
-        &AuthConfig::from_env()?,
+        &AuthConfig::from_lookup(env)?,
         demo.user,
         Role::CustomerAdmin,
         Duration::from_secs(12 * 3600),
@@ -310,4 +306,35 @@ async fn seed_demo(url: &str, shell: bool) -> Result<(), CliError> {
         println!("{}", serde_json::to_string_pretty(&seeded)?);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// The flags' variables are in the one table of variables, as read by this binary.
+    #[test]
+    fn every_flag_variable_is_documented() {
+        fn walk(command: &clap::Command, found: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                if let Some(var) = arg.get_env() {
+                    found.push(var.to_string_lossy().into_owned());
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, found);
+            }
+        }
+        let mut found = Vec::new();
+        walk(&Cli::command(), &mut found);
+        assert!(found.len() >= 4, "{found:?}");
+        for var in found {
+            assert!(
+                config::variables::read_by(&var, "konstruct-local"),
+                "{var} is not in shared/src/config/variables.rs as read by konstruct-local"
+            );
+        }
+    }
 }

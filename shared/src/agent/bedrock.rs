@@ -9,7 +9,6 @@ use aws_sdk_bedrockruntime::types::{
 };
 
 use super::{AgentError, AgentReply, AgentRequest, Deltas, ModelClient};
-use crate::config::Lookup;
 use crate::db::messages::{MessageRole, StopReason, Usage};
 
 pub struct Bedrock {
@@ -31,22 +30,6 @@ impl Bedrock {
     pub fn allowing(mut self, models: Vec<String>) -> Self {
         self.allowed_models = Some(models);
         self
-    }
-
-    /// `BEDROCK_MODEL_IDS`: the allowed model ids, comma-separated (set: an empty value allows
-    /// none; unset: any).
-    pub fn from_lookup(client: aws_sdk_bedrockruntime::Client, lookup: impl Lookup) -> Self {
-        let bedrock = Self::new(client);
-        match lookup("BEDROCK_MODEL_IDS") {
-            Some(list) => bedrock.allowing(
-                list.split(',')
-                    .map(str::trim)
-                    .filter(|id| !id.is_empty())
-                    .map(str::to_owned)
-                    .collect(),
-            ),
-            None => bedrock,
-        }
     }
 
     /// Converse wants the conversation to open with the user and alternate roles: leading

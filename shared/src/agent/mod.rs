@@ -14,9 +14,8 @@ use tokio::time::Instant;
 
 pub use bedrock::Bedrock;
 pub use echo::Echo;
-pub use openai::OpenAi;
+pub use openai::{DEFAULT_BASE_URL, OpenAi};
 
-use crate::config::{ConfigError, positive};
 use crate::db::agents::{Agent, Provider};
 use crate::db::messages::{MessageRole, StopReason, Usage};
 
@@ -97,29 +96,6 @@ impl Default for OutputLimits {
 }
 
 impl OutputLimits {
-    /// `AGENT_DEFAULT_MAX_TOKENS`, `AGENT_MAX_TOKENS` and `REPLY_MAX_BYTES`, each optional.
-    pub fn from_lookup(lookup: impl crate::config::Lookup) -> Result<Self, ConfigError> {
-        let mut limits = Self::default();
-        let tokens = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
-        if let Some(v) = positive(&lookup, "AGENT_MAX_TOKENS")? {
-            limits.max_tokens = tokens(v);
-            limits.default_max_tokens = limits.default_max_tokens.min(limits.max_tokens);
-        }
-        if let Some(v) = positive(&lookup, "AGENT_DEFAULT_MAX_TOKENS")? {
-            if tokens(v) > limits.max_tokens {
-                return Err(ConfigError::new(
-                    "AGENT_DEFAULT_MAX_TOKENS",
-                    format!("must not exceed AGENT_MAX_TOKENS ({})", limits.max_tokens),
-                ));
-            }
-            limits.default_max_tokens = tokens(v);
-        }
-        if let Some(v) = positive(&lookup, "REPLY_MAX_BYTES")? {
-            limits.max_reply_bytes = usize::try_from(v).unwrap_or(usize::MAX);
-        }
-        Ok(limits)
-    }
-
     /// The agent's `max_tokens` (or `max_completion_tokens`) setting, at most the deployment's
     /// maximum; the deployment's default when the agent sets none.
     pub fn max_tokens_for(&self, agent: &Agent) -> u32 {
@@ -232,18 +208,6 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// `AGENT_TIMEOUT_SECONDS` and `AGENT_MAX_ATTEMPTS`, each optional.
-    pub fn from_lookup(lookup: impl crate::config::Lookup) -> Result<Self, ConfigError> {
-        let mut policy = Self::default();
-        if let Some(seconds) = positive(&lookup, "AGENT_TIMEOUT_SECONDS")? {
-            policy.attempt_timeout = Duration::from_secs(seconds);
-        }
-        if let Some(attempts) = positive(&lookup, "AGENT_MAX_ATTEMPTS")? {
-            policy.max_attempts = usize::try_from(attempts).unwrap_or(usize::MAX);
-        }
-        Ok(policy)
-    }
-
     /// Asks the model: each attempt bounded by the timeout and by `deadline` (when the job
     /// must be done), retryable failures tried again with exponential backoff and jitter while
     /// time is left.

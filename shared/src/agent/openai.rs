@@ -12,9 +12,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{AgentError, AgentReply, AgentRequest, Deltas, ModelClient, cap};
-use crate::config::{ConfigError, Lookup};
 use crate::db::messages::{MessageRole, StopReason, Usage};
-use crate::secrets::{Secret, Secrets};
+use crate::secrets::Secret;
 
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 
@@ -46,33 +45,11 @@ impl OpenAi {
         }
     }
 
-    /// `OPENAI_BASE_URL` (default OpenAI's) and `OPENAI_API_KEY` (optional: local servers such as
-    /// Ollama need none).
-    pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
-        let base_url = lookup("OPENAI_BASE_URL")
-            .filter(|v| !v.trim().is_empty())
-            .unwrap_or_else(|| DEFAULT_BASE_URL.to_owned());
-        if !base_url.starts_with("http://") && !base_url.starts_with("https://") {
-            return Err(ConfigError::new(
-                "OPENAI_BASE_URL",
-                "must be an http(s) URL",
-            ));
-        }
-        let api_key = lookup("OPENAI_API_KEY").filter(|v| !v.trim().is_empty());
-        Ok(Self::new(&base_url, api_key))
-    }
-
-    /// As [`OpenAi::from_lookup`] from the environment, with the key read from Secrets Manager
-    /// when `OPENAI_API_KEY_SECRET_ARN` names it.
-    pub async fn load(secrets: &Secrets) -> Result<Self, ConfigError> {
-        let env = |name: &str| std::env::var(name).ok();
-        let mut openai = Self::from_lookup(|name: &str| {
-            (name != "OPENAI_API_KEY").then(|| env(name)).flatten()
-        })?;
-        openai.api_key = secrets
-            .load(&env, "OPENAI_API_KEY", "OPENAI_API_KEY_SECRET_ARN")
-            .await?;
-        Ok(openai)
+    /// A client of `base_url` with its key as [`crate::secrets::Secrets::load`] read it.
+    pub fn with_key(base_url: &str, api_key: Option<Secret>) -> Self {
+        let mut openai = Self::new(base_url, None);
+        openai.api_key = api_key;
+        openai
     }
 
     fn body(request: &AgentRequest<'_>) -> Value {

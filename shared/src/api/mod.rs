@@ -22,7 +22,7 @@ pub use error::{ErrorBody, Json, Path, Query};
 
 use crate::Error;
 use crate::auth::{PortalCaller, TokenVerifier};
-use crate::config::{AuthConfig, ConfigError, CorsConfig, DatabaseConfig};
+use crate::config::{AuthConfig, ConfigError, CorsConfig, DatabaseConfig, Lookup};
 use crate::db::Db;
 use crate::secrets::Secrets;
 
@@ -39,14 +39,36 @@ pub struct ApiState {
 impl ApiState {
     /// From `DATABASE_URL` and the `PORTAL_JWT_*` variables, or the secrets their `…_ARN`
     /// variables name; connects to nothing yet.
-    pub async fn load(secrets: &Secrets) -> Result<Self, ConfigError> {
+    pub async fn load(lookup: impl Lookup, secrets: &Secrets) -> Result<Self, ConfigError> {
         // Both secrets are read at once: a cold start waits for one round trip, not two.
-        let (database, auth) =
-            tokio::try_join!(DatabaseConfig::load(secrets), AuthConfig::load(secrets))?;
+        let (database, auth) = tokio::try_join!(
+            DatabaseConfig::load(&lookup, secrets),
+            AuthConfig::load(&lookup, secrets)
+        )?;
         Ok(Self {
             db: Db::connect_lazy(&database),
             tokens: TokenVerifier::new(&auth),
         })
+    }
+}
+
+/// `chat-api`'s state: the router's, and the browser origins that may call it.
+pub struct ChatApi {
+    pub state: ApiState,
+    pub cors: CorsConfig,
+}
+
+impl ChatApi {
+    pub async fn load(lookup: impl Lookup, secrets: &Secrets) -> Result<Self, ConfigError> {
+        Ok(Self {
+            state: ApiState::load(&lookup, secrets).await?,
+            cors: CorsConfig::from_lookup(&lookup)?,
+        })
+    }
+
+    /// The REST API with its CORS layer.
+    pub fn router(self) -> Router {
+        router(self.state).layer(cors(&self.cors))
     }
 }
 

@@ -22,7 +22,9 @@ use aws_lambda_events::encodings::Body;
 
 use crate::Error;
 use crate::auth::TokenVerifier;
-use crate::config::{ConfigError, DatabaseConfig, Lookup, Mode, WsConfig, positive, redis_prefix};
+use crate::config::{
+    AuthConfig, ConfigError, DatabaseConfig, Lookup, Mode, WsConfig, redis_prefix,
+};
 use crate::db::Db;
 use crate::delivery::{Delivery, ManagementApi, Posted, post_or_forget};
 use crate::domain::ConnectionId;
@@ -34,85 +36,6 @@ use crate::secrets::Secrets;
 pub use crate::db::message_path::SocketCaps;
 /// The message route's rate limits; the accept statement enforces them.
 pub use crate::db::message_path::{Limits, RateLimit};
-
-/// An optional positive number that fits a `u32`.
-fn number(lookup: &impl Lookup, var: &'static str) -> Result<Option<u32>, ConfigError> {
-    positive(lookup, var)?
-        .map(|n| u32::try_from(n).map_err(|_| ConfigError::new(var, "is too large")))
-        .transpose()
-}
-
-impl Limits {
-    /// `WS_RATE_LIMIT_MESSAGES` per `WS_RATE_LIMIT_WINDOW_SECONDS` per connection (default 20
-    /// per 10 s), and `WS_USER_RATE_LIMIT_MESSAGES` per `WS_USER_RATE_LIMIT_WINDOW_SECONDS` per
-    /// user (default 60 per 60 s: more than a person types, far less than a script sends).
-    pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
-        let read = |default: RateLimit, messages, seconds| -> Result<RateLimit, ConfigError> {
-            Ok(RateLimit {
-                messages: number(&lookup, messages)?.unwrap_or(default.messages),
-                window_seconds: number(&lookup, seconds)?.unwrap_or(default.window_seconds),
-            })
-        };
-        let defaults = Self::default();
-        Ok(Self {
-            connection: read(
-                defaults.connection,
-                "WS_RATE_LIMIT_MESSAGES",
-                "WS_RATE_LIMIT_WINDOW_SECONDS",
-            )?,
-            user: read(
-                defaults.user,
-                "WS_USER_RATE_LIMIT_MESSAGES",
-                "WS_USER_RATE_LIMIT_WINDOW_SECONDS",
-            )?,
-        })
-    }
-
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name: &str| std::env::var(name).ok())
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            connection: RateLimit {
-                messages: 20,
-                window_seconds: 10,
-            },
-            user: RateLimit {
-                messages: 60,
-                window_seconds: 60,
-            },
-        }
-    }
-}
-
-impl SocketCaps {
-    /// `WS_MAX_SOCKETS_PER_USER` (default 20) and `WS_MAX_SOCKETS_PER_CONVERSATION` (default
-    /// 50): a person has a few tabs open, a conversation a few viewers.
-    pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
-        let defaults = Self::default();
-        Ok(Self {
-            per_user: number(&lookup, "WS_MAX_SOCKETS_PER_USER")?.unwrap_or(defaults.per_user),
-            per_conversation: number(&lookup, "WS_MAX_SOCKETS_PER_CONVERSATION")?
-                .unwrap_or(defaults.per_conversation),
-        })
-    }
-
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name: &str| std::env::var(name).ok())
-    }
-}
-
-impl Default for SocketCaps {
-    fn default() -> Self {
-        Self {
-            per_user: 20,
-            per_conversation: 50,
-        }
-    }
-}
 
 /// What every route needs: the database and the way to the sockets. Each route's function
 /// builds this and what its own route needs besides ([`AuthRoute`], [`MessageRoute`]) and
@@ -126,14 +49,17 @@ pub struct Edge {
 }
 
 impl Edge {
-    /// From the environment (PROTOCOL §4): the database URL (or its secret) and the
-    /// management endpoint. Opens no connection: the pool connects on first use.
-    pub async fn load(aws: &aws_config::SdkConfig, secrets: &Secrets) -> Result<Self, ConfigError> {
-        let env = |name: &str| std::env::var(name).ok();
+    /// `ws-connect`'s and `ws-disconnect`'s state (PROTOCOL §4): the database URL (or its
+    /// secret) and the management endpoint. Opens no connection: the pool connects on first use.
+    pub async fn load(
+        lookup: impl Lookup,
+        aws: &aws_config::SdkConfig,
+        secrets: &Secrets,
+    ) -> Result<Self, ConfigError> {
         Ok(Self {
-            db: Db::connect_lazy(&DatabaseConfig::load(secrets).await?),
+            db: Db::connect_lazy(&DatabaseConfig::load(&lookup, secrets).await?),
             delivery: Arc::new(ManagementApi::new(aws.clone())),
-            management_endpoint: WsConfig::management_endpoint(&env)?,
+            management_endpoint: WsConfig::management_endpoint(&lookup)?,
         })
     }
 
@@ -163,6 +89,26 @@ pub struct AuthRoute {
     pub caps: SocketCaps,
 }
 
+impl AuthRoute {
+    /// `ws-auth`'s state: the edge, the portal's token key (its secret read at the same time as
+    /// the database's: a cold start waits for one round trip, not two) and the socket caps.
+    pub async fn load(
+        lookup: impl Lookup,
+        aws: &aws_config::SdkConfig,
+        secrets: &Secrets,
+    ) -> Result<Self, ConfigError> {
+        let (edge, auth) = tokio::try_join!(
+            Edge::load(&lookup, aws, secrets),
+            AuthConfig::load(&lookup, secrets)
+        )?;
+        Ok(Self {
+            edge,
+            tokens: TokenVerifier::new(&auth),
+            caps: SocketCaps::from_lookup(&lookup)?,
+        })
+    }
+}
+
 /// What `message`, `ping` and `$default` need: the edge, the queue and the rate limits.
 #[derive(Clone)]
 pub struct MessageRoute {
@@ -172,22 +118,26 @@ pub struct MessageRoute {
 }
 
 impl MessageRoute {
-    /// The edge, the queue of the mode (SQS or Redis) and the rate limit.
-    pub async fn load(aws: &aws_config::SdkConfig, secrets: &Secrets) -> Result<Self, ConfigError> {
-        let queue: Arc<dyn JobQueue> = match WsConfig::from_env()?.mode {
+    /// `ws-message`'s state: the edge, the queue of the mode (SQS or Redis) and the rate limits.
+    pub async fn load(
+        lookup: impl Lookup,
+        aws: &aws_config::SdkConfig,
+        secrets: &Secrets,
+    ) -> Result<Self, ConfigError> {
+        let queue: Arc<dyn JobQueue> = match Mode::from_lookup(&lookup)? {
             Mode::Aws { queue_url } => Arc::new(SqsQueue {
                 client: aws_sdk_sqs::Client::new(aws),
                 queue_url,
             }),
             Mode::Local { redis_url } => Arc::new(
-                RedisQueue::new(&redis_url, &redis_prefix())
+                RedisQueue::new(&redis_url, &redis_prefix(&lookup))
                     .map_err(|e| ConfigError::new("REDIS_URL", e.to_string()))?,
             ),
         };
         Ok(Self {
-            edge: Edge::load(aws, secrets).await?,
+            edge: Edge::load(&lookup, aws, secrets).await?,
             queue,
-            limits: Limits::from_env()?,
+            limits: Limits::from_lookup(&lookup)?,
         })
     }
 }

@@ -9,21 +9,14 @@ use futures::StreamExt;
 
 use super::Edge;
 use crate::Error;
-use crate::config::{ConfigError, Lookup, positive};
+use crate::config::{ConfigError, Lookup, routes};
 use crate::db::{Scope, connections};
+use crate::secrets::Secrets;
 
 /// Sockets closed at once.
 const CONCURRENCY: usize = 8;
 /// Rows taken per pass; a larger backlog is taken by the following passes of the same run.
 const BATCH: i64 = 500;
-
-/// How long a socket may stay unauthenticated (`WS_AUTH_DEADLINE_SECONDS`, default 10, as the
-/// local gateway's `--auth-timeout`).
-pub fn auth_deadline(lookup: impl Lookup) -> Result<Duration, ConfigError> {
-    Ok(Duration::from_secs(
-        positive(&lookup, "WS_AUTH_DEADLINE_SECONDS")?.unwrap_or(10),
-    ))
-}
 
 /// Forgets every socket unauthenticated past `deadline` and closes it; how many.
 pub async fn sweep(edge: &Edge, deadline: Duration) -> Result<usize, Error> {
@@ -62,8 +55,28 @@ pub async fn sweep(edge: &Edge, deadline: Duration) -> Result<usize, Error> {
 }
 
 /// Runs the sweeper as a Lambda function on its schedule until the runtime stops it.
-pub async fn run(edge: Edge, deadline: Duration) -> Result<(), lambda_runtime::Error> {
-    let edge = &edge;
+/// `ws-sweep`'s state: the edge, and how long a socket may stay unauthenticated.
+pub struct Sweeper {
+    pub edge: Edge,
+    pub deadline: Duration,
+}
+
+impl Sweeper {
+    pub async fn load(
+        lookup: impl Lookup,
+        aws: &aws_config::SdkConfig,
+        secrets: &Secrets,
+    ) -> Result<Self, ConfigError> {
+        Ok(Self {
+            edge: Edge::load(&lookup, aws, secrets).await?,
+            deadline: routes::auth_deadline(&lookup)?,
+        })
+    }
+}
+
+/// Runs the sweep once per invocation until the runtime stops it.
+pub async fn run(sweeper: Sweeper) -> Result<(), lambda_runtime::Error> {
+    let (edge, deadline) = (&sweeper.edge, sweeper.deadline);
     lambda_runtime::run(lambda_runtime::service_fn(
         move |_: lambda_runtime::LambdaEvent<serde_json::Value>| async move {
             let swept = sweep(edge, deadline).await;

@@ -38,7 +38,7 @@ async fn the_token_secret_is_read_by_arn_and_a_rotation_takes_effect_without_a_r
     let client = client();
     let arn = create(&client, OLD).await;
     let lookup = |name: &str| (name == "PORTAL_JWT_SECRET_ARN").then(|| arn.clone());
-    let config = AuthConfig::load_from(lookup, &Secrets::new(&config()))
+    let config = AuthConfig::load(lookup, &Secrets::new(&config()))
         .await
         .unwrap();
     assert!(config.secret.is_managed());
@@ -71,11 +71,11 @@ async fn a_secret_named_twice_or_unreadable_is_refused_naming_its_variable() {
         "PORTAL_JWT_SECRET" => Some(OLD.to_owned()),
         _ => None,
     };
-    let err = AuthConfig::load_from(both, &secrets).await.unwrap_err();
+    let err = AuthConfig::load(both, &secrets).await.unwrap_err();
     assert_eq!(err.var, "PORTAL_JWT_SECRET_ARN", "{err}");
 
     let missing = format!("{}-gone", arn);
-    let err = AuthConfig::load_from(
+    let err = AuthConfig::load(
         |name: &str| (name == "PORTAL_JWT_SECRET_ARN").then(|| missing.clone()),
         &secrets,
     )
@@ -85,7 +85,7 @@ async fn a_secret_named_twice_or_unreadable_is_refused_naming_its_variable() {
     assert!(err.to_string().contains("could not be read"), "{err}");
 
     let short = create(&client, "short").await;
-    let err = AuthConfig::load_from(
+    let err = AuthConfig::load(
         |name: &str| (name == "PORTAL_JWT_SECRET_ARN").then(|| short.clone()),
         &secrets,
     )
@@ -98,7 +98,7 @@ async fn a_secret_named_twice_or_unreadable_is_refused_naming_its_variable() {
     );
 
     // Where no secret may be read (the local mode), an ARN is refused rather than ignored.
-    let err = AuthConfig::load_from(
+    let err = AuthConfig::load(
         |name: &str| (name == "PORTAL_JWT_SECRET_ARN").then(|| arn.clone()),
         &Secrets::none(),
     )

@@ -265,6 +265,16 @@ async fn every_function_starts_with_the_environment_the_template_gives_it() {
     assert_eq!(functions.len(), 8, "{functions:?}");
     let secrets = Secrets::create().await;
 
+    // Given only what it reads: each variable is documented as read by that function.
+    for (binary, names) in &functions {
+        for name in names {
+            assert!(
+                shared::config::variables::read_by(name, binary),
+                "the template gives {binary} {name}, which shared/src/config/variables.rs \
+                 does not say it reads"
+            );
+        }
+    }
     for (binary, names) in &functions {
         let variables: Vec<(String, String)> = names
             .iter()

@@ -1,8 +1,15 @@
-//! Typed configuration from the environment (PROTOCOL §4).
+//! Typed configuration from the environment (PROTOCOL §4): the one place the system reads it.
 //!
-//! Each part reads its variables through a lookup function, so a process reads the real
-//! environment ([`from_env`](AuthConfig::from_env)) and a test hands in a map. A missing or
-//! malformed variable fails with an error naming it.
+//! Each part reads its variables through a [`Lookup`]: a process passes [`env`], a test a map.
+//! A missing or malformed variable fails with an error naming it. Every variable is documented
+//! once, in [`variables`] (the README's configuration table is its output). This module holds
+//! the readers of the database, tokens, mode and CORS; [`routes`] those of the WebSocket routes'
+//! limits; [`orchestrator`] those of the orchestrator (agent retries, output limits, providers,
+//! fan-out). Each binary builds its state in one call (README, Layout), from these.
+
+pub mod orchestrator;
+pub mod routes;
+pub mod variables;
 
 use std::str::FromStr;
 
@@ -32,11 +39,18 @@ impl ConfigError {
 pub trait Lookup: Fn(&str) -> Option<String> {}
 impl<F: Fn(&str) -> Option<String>> Lookup for F {}
 
-fn env_lookup(name: &str) -> Option<String> {
+/// The process environment.
+pub fn env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-fn optional(lookup: &impl Lookup, var: &'static str) -> Option<String> {
+/// A variable's value; blank counts as unset. Every read of the configuration comes here, and a
+/// variable missing from [`variables::VARIABLES`] (so from the README) fails in debug builds.
+pub fn optional(lookup: &impl Lookup, var: &'static str) -> Option<String> {
+    debug_assert!(
+        variables::documented(var),
+        "{var} is read but not documented in shared/src/config/variables.rs"
+    );
     lookup(var).filter(|v| !v.trim().is_empty())
 }
 
@@ -50,6 +64,13 @@ pub fn positive(lookup: &impl Lookup, var: &'static str) -> Result<Option<u64>, 
                 .filter(|n| *n > 0)
                 .ok_or_else(|| ConfigError::new(var, "must be a positive integer"))
         })
+        .transpose()
+}
+
+/// An optional positive number that fits a `u32`.
+pub fn number(lookup: &impl Lookup, var: &'static str) -> Result<Option<u32>, ConfigError> {
+    positive(lookup, var)?
+        .map(|n| u32::try_from(n).map_err(|_| ConfigError::new(var, "is too large")))
         .transpose()
 }
 
@@ -69,12 +90,7 @@ impl AuthConfig {
     /// HS256 keys shorter than the hash output are guessable; the contract asks for 32 bytes.
     pub const MIN_SECRET_BYTES: usize = 32;
 
-    /// From the plain variables (local mode, development commands).
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(env_lookup)
-    }
-
-    /// From the plain variables of `lookup`.
+    /// From the plain variables (local mode, development commands, tests).
     pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
         let secret = optional(&lookup, "PORTAL_JWT_SECRET")
             .map(|value| Secret::fixed("PORTAL_JWT_SECRET", value));
@@ -83,12 +99,7 @@ impl AuthConfig {
 
     /// From the environment, reading the secret from Secrets Manager when
     /// `PORTAL_JWT_SECRET_ARN` names it. In aws mode, warns of what a deployment should set.
-    pub async fn load(secrets: &Secrets) -> Result<Self, ConfigError> {
-        Self::load_from(env_lookup, secrets).await
-    }
-
-    /// [`AuthConfig::load`] from the variables of `lookup`.
-    pub async fn load_from(lookup: impl Lookup, secrets: &Secrets) -> Result<Self, ConfigError> {
+    pub async fn load(lookup: impl Lookup, secrets: &Secrets) -> Result<Self, ConfigError> {
         let secret = secrets
             .load(&lookup, "PORTAL_JWT_SECRET", "PORTAL_JWT_SECRET_ARN")
             .await?;
@@ -134,7 +145,7 @@ impl AuthConfig {
 
 /// Whether this is a deployed function (`KONSTRUCT_MODE=aws`, however spaced or cased).
 pub fn deployed(lookup: &impl Lookup) -> bool {
-    lookup("KONSTRUCT_MODE").is_some_and(|m| m.trim().eq_ignore_ascii_case("aws"))
+    optional(lookup, "KONSTRUCT_MODE").is_some_and(|m| m.trim().eq_ignore_ascii_case("aws"))
 }
 
 /// A deployed function should name its secrets by ARN: a value in its configuration can be
@@ -163,10 +174,6 @@ impl DatabaseConfig {
     pub const DEFAULT_MAX_CONNECTIONS: u32 = 2;
 
     /// The functions' connection, from the plain `DATABASE_URL`.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(env_lookup)
-    }
-
     pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
         let secret = optional(&lookup, "DATABASE_URL").map(|v| Secret::fixed("DATABASE_URL", v));
         Self::with_secret(&lookup, secret, "DATABASE_URL")
@@ -174,14 +181,8 @@ impl DatabaseConfig {
 
     /// The functions' connection: `DATABASE_URL`, or the secret `DATABASE_URL_SECRET_ARN`
     /// names (a URL, or the JSON Secrets Manager keeps for an RDS database).
-    pub async fn load(secrets: &Secrets) -> Result<Self, ConfigError> {
-        Self::load_role(
-            env_lookup,
-            secrets,
-            "DATABASE_URL",
-            "DATABASE_URL_SECRET_ARN",
-        )
-        .await
+    pub async fn load(lookup: impl Lookup, secrets: &Secrets) -> Result<Self, ConfigError> {
+        Self::load_role(lookup, secrets, "DATABASE_URL", "DATABASE_URL_SECRET_ARN").await
     }
 
     /// The migrator's connection (the role that owns the schema): `MIGRATOR_DATABASE_URL` or
@@ -280,10 +281,6 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(env_lookup)
-    }
-
     pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
         match required(&lookup, "KONSTRUCT_MODE")?.trim() {
             "aws" => {
@@ -312,7 +309,7 @@ impl Mode {
     }
 }
 
-fn http_url(lookup: &impl Lookup, var: &'static str) -> Result<Option<String>, ConfigError> {
+pub fn http_url(lookup: &impl Lookup, var: &'static str) -> Result<Option<String>, ConfigError> {
     match optional(lookup, var) {
         Some(url) if url.starts_with("https://") || url.starts_with("http://") => {
             Ok(Some(url.trim_end_matches('/').to_owned()))
@@ -324,11 +321,8 @@ fn http_url(lookup: &impl Lookup, var: &'static str) -> Result<Option<String>, C
 
 /// Prefix of every Redis key the system owns besides the per-tenant ones
 /// (`KONSTRUCT_REDIS_PREFIX`, default `konstruct:`); separate stacks can share one Redis.
-pub fn redis_prefix() -> String {
-    std::env::var("KONSTRUCT_REDIS_PREFIX")
-        .ok()
-        .filter(|p| !p.trim().is_empty())
-        .unwrap_or_else(|| "konstruct:".to_owned())
+pub fn redis_prefix(lookup: &impl Lookup) -> String {
+    optional(lookup, "KONSTRUCT_REDIS_PREFIX").unwrap_or_else(|| "konstruct:".to_owned())
 }
 
 /// What the WebSocket route handlers need beyond the database and tokens.
@@ -342,10 +336,6 @@ pub struct WsConfig {
 }
 
 impl WsConfig {
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(env_lookup)
-    }
-
     pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
         Ok(Self {
             mode: Mode::from_lookup(&lookup)?,
@@ -368,10 +358,6 @@ pub enum CorsConfig {
 }
 
 impl CorsConfig {
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(env_lookup)
-    }
-
     pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
         let Some(raw) = optional(&lookup, "CORS_ALLOWED_ORIGINS") else {
             return Ok(Self::Origins(Vec::new()));

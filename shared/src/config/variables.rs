@@ -1,0 +1,284 @@
+//! Every variable the system reads, who reads it and what it means: the one place they are
+//! documented. The README's configuration table is [`markdown_table`]'s output (a test fails
+//! when they differ), every read goes through [`super::optional`], which refuses (in debug
+//! builds, so in every test) a name that is not here, and the template check fails when a
+//! function is given a variable this table does not say it reads.
+
+/// One row of the table: variables read together, by the same binaries.
+#[derive(Debug)]
+pub struct Variable {
+    pub names: &'static [&'static str],
+    /// The binaries (crates under `functions/`) that read them.
+    pub read_by: &'static [&'static str],
+    /// What they mean, in Markdown.
+    pub meaning: &'static str,
+}
+
+const ROUTES: &[&str] = &[
+    "ws-connect",
+    "ws-auth",
+    "ws-message",
+    "ws-disconnect",
+    "ws-sweep",
+];
+const DATABASE: &[&str] = &[
+    "ws-connect",
+    "ws-auth",
+    "ws-message",
+    "ws-disconnect",
+    "ws-sweep",
+    "orchestrator",
+    "chat-api",
+    "konstruct-local",
+];
+const ALL_FUNCTIONS: &[&str] = &[
+    "ws-connect",
+    "ws-auth",
+    "ws-message",
+    "ws-disconnect",
+    "ws-sweep",
+    "orchestrator",
+    "chat-api",
+    "migrate",
+    "konstruct-local",
+];
+const SECRET_ARNS: &[&str] = &[
+    "ws-connect",
+    "ws-auth",
+    "ws-message",
+    "ws-disconnect",
+    "ws-sweep",
+    "orchestrator",
+    "chat-api",
+    "migrate",
+];
+const TOKENS: &[&str] = &["ws-auth", "chat-api", "konstruct-local"];
+const ORCHESTRATOR: &[&str] = &["orchestrator", "konstruct-local"];
+const LOCAL: &[&str] = &["konstruct-local"];
+
+pub const VARIABLES: &[Variable] = &[
+    Variable {
+        names: &["DATABASE_URL"],
+        read_by: DATABASE,
+        meaning: "`postgres://…` as the runtime role: neither superuser nor `BYPASSRLS`, owning nothing (not a table, the schema or the database, nor a role that does); the first transaction of each process checks, and the process refuses to work otherwise, naming the problem",
+    },
+    Variable {
+        names: &["MIGRATOR_DATABASE_URL"],
+        read_by: &["migrate", "konstruct-local"],
+        meaning: "the role that owns the schema, for `konstruct-local migrate` and the migration function; refused if superuser or `BYPASSRLS`",
+    },
+    Variable {
+        names: &[
+            "DATABASE_URL_SECRET_ARN",
+            "MIGRATOR_DATABASE_URL_SECRET_ARN",
+            "PORTAL_JWT_SECRET_ARN",
+            "OPENAI_API_KEY_SECRET_ARN",
+        ],
+        read_by: SECRET_ARNS,
+        meaning: "instead of the plain variable (setting both is refused): the Secrets Manager secret holding the value, read at start and read again (at most every 5 s) when it fails to authenticate (a token signature, a database login, a 401 from the model), so a rotation needs no redeploy. A database secret may be a URL or the JSON RDS keeps (`username`, `password`, `host`, `port`, `dbname`). In aws mode a plain secret variable logs a warning",
+    },
+    Variable {
+        names: &["DATABASE_MAX_CONNECTIONS"],
+        read_by: ALL_FUNCTIONS,
+        meaning: "pool size per process, default 2 (Lambdas keep Postgres's connection count small)",
+    },
+    Variable {
+        names: &["PORTAL_JWT_SECRET"],
+        read_by: TOKENS,
+        meaning: "HS256 secret of portal tokens, at least 32 bytes",
+    },
+    Variable {
+        names: &["PORTAL_JWT_ISSUER", "PORTAL_JWT_AUDIENCE"],
+        read_by: TOKENS,
+        meaning: "when set, tokens must carry exactly this `iss` / `aud`; in aws mode a function that verifies tokens logs a warning at start when one is unset",
+    },
+    Variable {
+        names: &["KONSTRUCT_MODE"],
+        read_by: ALL_FUNCTIONS,
+        meaning: "`aws` or `local`",
+    },
+    Variable {
+        names: &["QUEUE_URL"],
+        read_by: &["ws-message", "orchestrator", "konstruct-local"],
+        meaning: "aws mode: the SQS FIFO queue URL (must end in `.fifo`)",
+    },
+    Variable {
+        names: &["WS_MANAGEMENT_ENDPOINT"],
+        read_by: ROUTES,
+        meaning: "aws mode, optional: `https://{api-id}.execute-api.{region}.amazonaws.com/{stage}`; otherwise taken from each event",
+    },
+    Variable {
+        names: &["REDIS_URL"],
+        read_by: &["ws-message", "orchestrator", "konstruct-local"],
+        meaning: "local mode: `redis://…`",
+    },
+    Variable {
+        names: &["KONSTRUCT_REDIS_PREFIX"],
+        read_by: &["ws-message", "konstruct-local"],
+        meaning: "local mode: prefix of the job stream's keys, default `konstruct:` (one Redis can serve several stacks)",
+    },
+    Variable {
+        names: &["WS_RATE_LIMIT_MESSAGES", "WS_RATE_LIMIT_WINDOW_SECONDS"],
+        read_by: &["ws-message", "konstruct-local"],
+        meaning: "`message` frames one connection may send per window (default 20 per 10 s); more get `rate_limited`",
+    },
+    Variable {
+        names: &[
+            "WS_USER_RATE_LIMIT_MESSAGES",
+            "WS_USER_RATE_LIMIT_WINDOW_SECONDS",
+        ],
+        read_by: &["ws-message", "konstruct-local"],
+        meaning: "messages one user may send across all their sockets in a sliding window (default 60 per 60 s); reconnecting or opening more sockets does not reset it; more get `rate_limited`",
+    },
+    Variable {
+        names: &["WS_MAX_SOCKETS_PER_USER", "WS_MAX_SOCKETS_PER_CONVERSATION"],
+        read_by: &["ws-auth", "konstruct-local"],
+        meaning: "authenticated sockets one user may have open in a tenant (default 20) and one conversation may have (default 50); over either, `auth` gets `rate_limited` and the socket is closed",
+    },
+    Variable {
+        names: &["WS_AUTH_DEADLINE_SECONDS"],
+        read_by: &["ws-sweep"],
+        meaning: "seconds a socket may stay unauthenticated (default 10); the sweeper, every minute, closes and forgets older ones",
+    },
+    Variable {
+        names: &["OPENAI_BASE_URL", "OPENAI_API_KEY"],
+        read_by: ORCHESTRATOR,
+        meaning: "the OpenAI-compatible endpoint (default `https://api.openai.com/v1`; Ollama, vLLM, LiteLLM work too) and its key (optional for local servers)",
+    },
+    Variable {
+        names: &["AGENT_TIMEOUT_SECONDS", "AGENT_MAX_ATTEMPTS"],
+        read_by: ORCHESTRATOR,
+        meaning: "per-attempt agent timeout (default 60) and attempts per job (default 3)",
+    },
+    Variable {
+        names: &["JOB_BUDGET_SECONDS"],
+        read_by: ORCHESTRATOR,
+        meaning: "on Lambda: the time a job may need; none starts with less left before the invocation's deadline (default 30)",
+    },
+    Variable {
+        names: &["MAX_RECEIVE_COUNT"],
+        read_by: ORCHESTRATOR,
+        meaning: "receives of a job before the queue gives up (the SQS queue's `maxReceiveCount`; the local worker dead-letters after it); the user hears of a failure that may pass only on the last (default 5)",
+    },
+    Variable {
+        names: &["AGENT_DEFAULT_MAX_TOKENS", "AGENT_MAX_TOKENS"],
+        read_by: ORCHESTRATOR,
+        meaning: "output tokens a reply may use when its agent sets no `max_tokens` (default 1024), and the most any agent's setting may ask for (default 4096)",
+    },
+    Variable {
+        names: &["REPLY_MAX_BYTES"],
+        read_by: ORCHESTRATOR,
+        meaning: "a reply is cut at this size (on a character boundary) and ends with `stop_reason: \"length\"` (default 65536)",
+    },
+    Variable {
+        names: &["BEDROCK_MODEL_IDS"],
+        read_by: ORCHESTRATOR,
+        meaning: "comma-separated Bedrock model ids agents may use; any other is refused (`agent_failed`). Unset allows any (local runs); the template always sets it",
+    },
+    Variable {
+        names: &["FANOUT_CONCURRENCY", "POST_TIMEOUT_MS"],
+        read_by: ORCHESTRATOR,
+        meaning: "aws mode: posts to one conversation's sockets at once (default 8), and how long one post may take before it counts as failed (default 3000)",
+    },
+    Variable {
+        names: &["CORS_ALLOWED_ORIGINS"],
+        read_by: &["chat-api"],
+        meaning: "comma-separated origins allowed to call the REST API from a browser, or `*`; unset means same-origin only",
+    },
+    Variable {
+        names: &["KONSTRUCT_LISTEN"],
+        read_by: LOCAL,
+        meaning: "`serve`: the address to listen on (`--listen`), default `127.0.0.1:8080`",
+    },
+    Variable {
+        names: &["KONSTRUCT_LAMBDA_ENDPOINT"],
+        read_by: LOCAL,
+        meaning: "`serve`: send route events to the functions under `cargo lambda watch` at this URL (`--lambda-endpoint`) instead of handling them in-process",
+    },
+    Variable {
+        names: &["KONSTRUCT_WS_MAX_SECONDS", "KONSTRUCT_WS_IDLE_SECONDS"],
+        read_by: LOCAL,
+        meaning: "`serve`: a socket is closed (1001) after this long (`--max-connection`, default 7200, API Gateway's 2 hours) and after this long without a client frame (`--idle-timeout`, default 600, its 10 minutes)",
+    },
+];
+
+/// Whether `name` is in the table.
+pub fn documented(name: &str) -> bool {
+    VARIABLES.iter().any(|v| v.names.contains(&name))
+}
+
+/// Whether the table says `binary` reads `name`.
+pub fn read_by(name: &str, binary: &str) -> bool {
+    VARIABLES
+        .iter()
+        .any(|v| v.names.contains(&name) && v.read_by.contains(&binary))
+}
+
+/// The README's configuration table.
+pub fn markdown_table() -> String {
+    let mut table = String::from("| variable | read by | meaning |\n|---|---|---|\n");
+    for variable in VARIABLES {
+        let names: Vec<String> = variable.names.iter().map(|n| format!("`{n}`")).collect();
+        table.push_str(&format!(
+            "| {} | {} | {} |\n",
+            names.join(", "),
+            readers(variable.read_by),
+            variable.meaning
+        ));
+    }
+    table
+}
+
+/// `ws-*` for the five route functions together, the others by name.
+fn readers(read_by: &[&str]) -> String {
+    let all_routes = ROUTES.iter().all(|r| read_by.contains(r));
+    let mut names: Vec<&str> = Vec::new();
+    if all_routes {
+        names.push("ws-*");
+    }
+    names.extend(
+        read_by
+            .iter()
+            .filter(|b| !(all_routes && ROUTES.contains(b))),
+    );
+    names.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readme_configuration_table_is_this_table() {
+        let readme = include_str!("../../../README.md");
+        let table = markdown_table();
+        assert!(
+            readme.contains(&table),
+            "README.md's configuration table differs from shared/src/config/variables.rs; \
+             the table, as the README should have it:\n\n{table}"
+        );
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "is read but not documented")]
+    fn reading_a_variable_not_in_the_table_fails() {
+        super::super::optional(
+            &|_: &str| Some("x".to_owned()),
+            "KONSTRUCT_NOT_IN_THE_TABLE",
+        );
+    }
+
+    #[test]
+    fn every_variable_is_named_once_and_read_by_someone() {
+        let mut names: Vec<&str> = VARIABLES
+            .iter()
+            .flat_map(|v| v.names.iter().copied())
+            .collect();
+        let all = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all, "a variable is in two rows");
+        assert!(VARIABLES.iter().all(|v| !v.read_by.is_empty()));
+    }
+}
