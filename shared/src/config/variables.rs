@@ -1,8 +1,11 @@
 //! Every variable the system reads, who reads it and what it means: the one place they are
 //! documented. The README's configuration table is [`markdown_table`]'s output (a test fails
-//! when they differ), every read goes through [`super::optional`], which refuses (in debug
-//! builds, so in every test) a name that is not here, and the template check fails when a
-//! function is given a variable this table does not say it reads.
+//! when they differ); every read goes through [`super::optional`], which refuses (in debug
+//! builds, so in every test) a name that is not here (Bedrock's model list, where blank means
+//! none, asserts the same itself; `konstruct-local`'s flag variables are checked by its own
+//! test); and the template check fails when a function is given a variable this table does not
+//! say it reads. (The runtime's `_X_AMZN_TRACE_ID` and the AWS SDK's own variables are not
+//! configuration and not here.)
 
 /// One row of the table: variables read together, by the same binaries.
 #[derive(Debug)]
@@ -14,7 +17,7 @@ pub struct Variable {
     pub meaning: &'static str,
 }
 
-const ROUTES: &[&str] = &[
+const ROUTE_FUNCTIONS: &[&str] = &[
     "ws-connect",
     "ws-auth",
     "ws-message",
@@ -104,7 +107,7 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         names: &["WS_MANAGEMENT_ENDPOINT"],
-        read_by: ROUTES,
+        read_by: ROUTE_FUNCTIONS,
         meaning: "aws mode, optional: `https://{api-id}.execute-api.{region}.amazonaws.com/{stage}`; otherwise taken from each event",
     },
     Variable {
@@ -231,7 +234,7 @@ pub fn markdown_table() -> String {
 
 /// `ws-*` for the five route functions together, the others by name.
 fn readers(read_by: &[&str]) -> String {
-    let all_routes = ROUTES.iter().all(|r| read_by.contains(r));
+    let all_routes = ROUTE_FUNCTIONS.iter().all(|r| read_by.contains(r));
     let mut names: Vec<&str> = Vec::new();
     if all_routes {
         names.push("ws-*");
@@ -239,7 +242,7 @@ fn readers(read_by: &[&str]) -> String {
     names.extend(
         read_by
             .iter()
-            .filter(|b| !(all_routes && ROUTES.contains(b))),
+            .filter(|b| !(all_routes && ROUTE_FUNCTIONS.contains(b))),
     );
     names.join(", ")
 }
