@@ -315,10 +315,9 @@ async fn answer(
         result
     };
     let mut stream = ReplyStream::new(state, &conversation, audience, job.message_id);
-    let asked = Instant::now();
     let (result, leftover) = tokio::join!(call, stream.run(pieces, &stop));
     if result.is_some() {
-        telemetry::record(Event::AgentLatency(asked.elapsed()));
+        telemetry::record(Event::AgentLatency(stream.started.elapsed()));
     }
     let (text, status, stop, usage) = match (result, stream.ended.take()) {
         (_, Some(Ended::Superseded)) => {

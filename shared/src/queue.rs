@@ -29,33 +29,25 @@ impl JobQueue for SqsQueue {
         // The invocation's trace travels with the job (the header Lambda's runtime puts in
         // `_X_AMZN_TRACE_ID`), so X-Ray follows one message from the route into the
         // orchestrator.
-        let trace = std::env::var(TRACE_ENV)
-            .ok()
-            .filter(|t| !t.is_empty())
-            .map(|t| {
-                aws_sdk_sqs::types::MessageSystemAttributeValue::builder()
-                    .data_type("String")
-                    .string_value(t)
-                    .build()
-            });
-        self.client
+        let mut send = self
+            .client
             .send_message()
             .queue_url(&self.queue_url)
             .message_body(job.to_body())
             .message_group_id(job.conversation_id.to_string())
-            .message_deduplication_id(job.message_id.to_string())
-            .set_message_system_attributes(
-                trace
-                    .transpose()
-                    .map_err(|e| Error::Internal(format!("trace header: {e}")))?
-                    .map(|value| {
-                        std::collections::HashMap::from([(
-                            aws_sdk_sqs::types::MessageSystemAttributeNameForSends::AwsTraceHeader,
-                            value,
-                        )])
-                    }),
-            )
-            .send()
+            .message_deduplication_id(job.message_id.to_string());
+        if let Some(trace) = std::env::var(TRACE_ENV).ok().filter(|t| !t.is_empty()) {
+            let value = aws_sdk_sqs::types::MessageSystemAttributeValue::builder()
+                .data_type("String")
+                .string_value(trace)
+                .build()
+                .map_err(|e| Error::Internal(format!("trace header: {e}")))?;
+            send = send.message_system_attributes(
+                aws_sdk_sqs::types::MessageSystemAttributeNameForSends::AwsTraceHeader,
+                value,
+            );
+        }
+        send.send()
             .await
             .map_err(|e| Error::upstream("SQS SendMessage", e))?;
         Ok(())

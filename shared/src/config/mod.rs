@@ -44,14 +44,19 @@ pub fn env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-/// A variable's value; blank counts as unset. Every read of the configuration comes here, and a
+/// A variable's value as set, blank included. Every read of the configuration comes here, and a
 /// variable missing from [`variables::VARIABLES`] (so from the README) fails in debug builds.
-pub fn optional(lookup: &impl Lookup, var: &'static str) -> Option<String> {
+pub fn raw(lookup: &impl Lookup, var: &'static str) -> Option<String> {
     debug_assert!(
         variables::documented(var),
         "{var} is read but not documented in shared/src/config/variables.rs"
     );
-    lookup(var).filter(|v| !v.trim().is_empty())
+    lookup(var)
+}
+
+/// A variable's value; blank counts as unset.
+pub fn optional(lookup: &impl Lookup, var: &'static str) -> Option<String> {
+    raw(lookup, var).filter(|v| !v.trim().is_empty())
 }
 
 /// An optional positive integer.
@@ -325,28 +330,11 @@ pub fn redis_prefix(lookup: &impl Lookup) -> String {
     optional(lookup, "KONSTRUCT_REDIS_PREFIX").unwrap_or_else(|| "konstruct:".to_owned())
 }
 
-/// What the WebSocket route handlers need beyond the database and tokens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WsConfig {
-    pub mode: Mode,
-    /// `WS_MANAGEMENT_ENDPOINT`: where the connection-management API is, e.g.
-    /// `https://{api-id}.execute-api.{region}.amazonaws.com/{stage}`. When absent it is derived
-    /// from each event's domain and stage (which a custom domain name would break).
-    pub management_endpoint: Option<String>,
-}
-
-impl WsConfig {
-    pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
-        Ok(Self {
-            mode: Mode::from_lookup(&lookup)?,
-            management_endpoint: Self::management_endpoint(&lookup)?,
-        })
-    }
-
-    /// `WS_MANAGEMENT_ENDPOINT` alone, for the routes that queue nothing.
-    pub fn management_endpoint(lookup: &impl Lookup) -> Result<Option<String>, ConfigError> {
-        http_url(lookup, "WS_MANAGEMENT_ENDPOINT")
-    }
+/// `WS_MANAGEMENT_ENDPOINT`: where the connection-management API is, e.g.
+/// `https://{api-id}.execute-api.{region}.amazonaws.com/{stage}`. When absent it is derived from
+/// each event's domain and stage (which a custom domain name would break).
+pub fn management_endpoint(lookup: &impl Lookup) -> Result<Option<String>, ConfigError> {
+    http_url(lookup, "WS_MANAGEMENT_ENDPOINT")
 }
 
 /// Which browser origins may call the REST API (`CORS_ALLOWED_ORIGINS`: a comma-separated list
@@ -514,22 +502,14 @@ mod tests {
                 queue_url: "https://sqs.eu-west-1.amazonaws.com/1/work.fifo".into(),
             }
         );
-        let ws = WsConfig::from_lookup(vars(&[
-            ("KONSTRUCT_MODE", "local"),
-            ("REDIS_URL", "redis://127.0.0.1:6379"),
-            ("WS_MANAGEMENT_ENDPOINT", "http://127.0.0.1:8080/"),
-        ]))
+        let endpoint = management_endpoint(&vars(&[(
+            "WS_MANAGEMENT_ENDPOINT",
+            "http://127.0.0.1:8080/",
+        )]))
         .unwrap();
-        assert_eq!(
-            ws.management_endpoint.as_deref(),
-            Some("http://127.0.0.1:8080")
-        );
-        let err = WsConfig::from_lookup(vars(&[
-            ("KONSTRUCT_MODE", "local"),
-            ("REDIS_URL", "redis://127.0.0.1:6379"),
-            ("WS_MANAGEMENT_ENDPOINT", "execute-api.example"),
-        ]))
-        .unwrap_err();
+        assert_eq!(endpoint.as_deref(), Some("http://127.0.0.1:8080"));
+        let err = management_endpoint(&vars(&[("WS_MANAGEMENT_ENDPOINT", "execute-api.example")]))
+            .unwrap_err();
         assert_eq!(err.var, "WS_MANAGEMENT_ENDPOINT");
         assert_eq!(
             Mode::from_lookup(vars(&[

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ConfigError, Lookup, http_url, positive};
+use super::{ConfigError, Lookup, http_url, positive, raw};
 use crate::agent::{Bedrock, DEFAULT_BASE_URL, OpenAi, OutputLimits, RetryPolicy};
 use crate::db::Db;
 use crate::delivery::{ConnectionsFanout, Delivery};
@@ -86,9 +86,8 @@ impl Bedrock {
     /// none; unset: any).
     pub fn from_lookup(client: aws_sdk_bedrockruntime::Client, lookup: impl Lookup) -> Self {
         let bedrock = Self::new(client);
-        // Set but blank allows none, so this reads the variable rather than `optional`'s value.
-        debug_assert!(super::variables::documented("BEDROCK_MODEL_IDS"));
-        match lookup("BEDROCK_MODEL_IDS") {
+        // Set but blank allows none: the value as set, not `optional`'s.
+        match raw(&lookup, "BEDROCK_MODEL_IDS") {
             Some(list) => bedrock.allowing(
                 list.split(',')
                     .map(str::trim)
@@ -119,24 +118,17 @@ pub fn job_budget(lookup: &impl Lookup) -> Result<Duration, ConfigError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_openai_base_url_must_be_http_and_defaults_to_openai() {
+    #[tokio::test]
+    async fn the_openai_base_url_must_be_http_and_defaults_to_openai() {
         let secrets = Secrets::none();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let err = runtime
-            .block_on(OpenAi::load(
-                |name: &str| (name == "OPENAI_BASE_URL").then(|| "ftp://x".to_owned()),
-                &secrets,
-            ))
-            .err()
-            .unwrap();
+        let err = OpenAi::load(
+            |name: &str| (name == "OPENAI_BASE_URL").then(|| "ftp://x".to_owned()),
+            &secrets,
+        )
+        .await
+        .err()
+        .unwrap();
         assert_eq!(err.var, "OPENAI_BASE_URL");
-        assert!(
-            runtime
-                .block_on(OpenAi::load(|_: &str| None, &secrets))
-                .is_ok()
-        );
+        assert!(OpenAi::load(|_: &str| None, &secrets).await.is_ok());
     }
 }

@@ -1,9 +1,8 @@
 //! Every variable the system reads, who reads it and what it means: the one place they are
 //! documented. The README's configuration table is [`markdown_table`]'s output (a test fails
-//! when they differ); every read goes through [`super::optional`], which refuses (in debug
-//! builds, so in every test) a name that is not here (Bedrock's model list, where blank means
-//! none, asserts the same itself; `konstruct-local`'s flag variables are checked by its own
-//! test); and the template check fails when a function is given a variable this table does not
+//! when they differ); every read goes through [`super::raw`], which refuses (in debug builds,
+//! so in every test) a name that is not here (`konstruct-local`'s flag variables, read by clap,
+//! are checked by its own test); and the template check fails when a function is given a variable this table does not
 //! say it reads. (The runtime's `_X_AMZN_TRACE_ID` and the AWS SDK's own variables are not
 //! configuration and not here.)
 

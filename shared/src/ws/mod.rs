@@ -23,7 +23,7 @@ use aws_lambda_events::encodings::Body;
 use crate::Error;
 use crate::auth::TokenVerifier;
 use crate::config::{
-    AuthConfig, ConfigError, DatabaseConfig, Lookup, Mode, WsConfig, redis_prefix,
+    AuthConfig, ConfigError, DatabaseConfig, Lookup, Mode, management_endpoint, redis_prefix,
 };
 use crate::db::Db;
 use crate::delivery::{Delivery, ManagementApi, Posted, post_or_forget};
@@ -59,7 +59,7 @@ impl Edge {
         Ok(Self {
             db: Db::connect_lazy(&DatabaseConfig::load(&lookup, secrets).await?),
             delivery: Arc::new(ManagementApi::new(aws.clone())),
-            management_endpoint: WsConfig::management_endpoint(&lookup)?,
+            management_endpoint: management_endpoint(&lookup)?,
         })
     }
 

@@ -54,7 +54,6 @@ pub async fn sweep(edge: &Edge, deadline: Duration) -> Result<usize, Error> {
     Ok(swept)
 }
 
-/// Runs the sweeper as a Lambda function on its schedule until the runtime stops it.
 /// `ws-sweep`'s state: the edge, and how long a socket may stay unauthenticated.
 pub struct Sweeper {
     pub edge: Edge,
@@ -74,7 +73,7 @@ impl Sweeper {
     }
 }
 
-/// Runs the sweep once per invocation until the runtime stops it.
+/// Runs the sweeper as a Lambda function on its schedule until the runtime stops it.
 pub async fn run(sweeper: Sweeper) -> Result<(), lambda_runtime::Error> {
     let (edge, deadline) = (&sweeper.edge, sweeper.deadline);
     lambda_runtime::run(lambda_runtime::service_fn(
