@@ -331,11 +331,7 @@ impl Worker {
         }
         let mut event = SqsEvent::default();
         event.records = vec![to_record(&entry.id, receives)];
-        if !handle(state, event, None)
-            .await
-            .batch_item_failures
-            .is_empty()
-        {
+        if !handle(state, event, None).await.unsettled.is_empty() {
             return Ok(Outcome::Failed);
         }
         // The job is done whether or not the acknowledgement lands: one that did not stays

@@ -160,7 +160,12 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         names: &["MAX_RECEIVE_COUNT"],
         read_by: ORCHESTRATOR,
-        meaning: "receives of a job before the queue gives up (the SQS queue's `maxReceiveCount`; the local worker dead-letters after it); the user hears of a failure that may pass only on the last (default 5)",
+        meaning: "attempts at a job before it is given up (default 5): receives, less those the orchestrator sent back unstarted for want of time; the user hears of a failure that may pass only on the last. On Lambda the orchestrator then moves the job to `DEAD_LETTER_QUEUE_URL` (the queue's own `maxReceiveCount` is a larger backstop); the local worker dead-letters after it",
+    },
+    Variable {
+        names: &["DEAD_LETTER_QUEUE_URL"],
+        read_by: ORCHESTRATOR,
+        meaning: "aws mode, optional: the FIFO dead-letter queue the orchestrator moves a job to after its last attempt; unset, such a job is left to the work queue's redrive",
     },
     Variable {
         names: &["AGENT_DEFAULT_MAX_TOKENS", "AGENT_MAX_TOKENS"],

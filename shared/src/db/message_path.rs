@@ -424,6 +424,8 @@ pub struct JobContext {
     pub recipients: Vec<Recipient>,
     /// The user cancelled the job's message before it started.
     pub cancel_requested: bool,
+    /// Times the job was received but sent back unstarted: receives that were not attempts.
+    pub deferrals: u32,
 }
 
 /// A message of the context window: what the agent needs of it.
@@ -446,6 +448,7 @@ struct JobRow {
     history: Json<Vec<ContextMessage>>,
     recipients: Json<Vec<Recipient>>,
     cancel_requested: bool,
+    deferrals: i32,
 }
 
 /// The orchestrator's read, in the tenant's scope; `None` when the conversation is gone.
@@ -495,7 +498,8 @@ pub async fn load_job(
                 (select coalesce(jsonb_agg(jsonb_build_object(
                             'connection_id', w.connection_id, 'endpoint', w.endpoint)), '[]')
                  from authorized_connections(c.tenant_id, c.id) w) as recipients,
-                coalesce(upto.cancel_requested, false) as cancel_requested
+                coalesce(upto.cancel_requested, false) as cancel_requested,
+                coalesce(upto.job_deferrals, 0) as deferrals
          from web_conversations c
          left join web_conversation_messages upto on upto.conversation_id = c.id and upto.id = $2
          where c.id = $1",
@@ -512,7 +516,22 @@ pub async fn load_job(
         history: row.history.0,
         recipients: row.recipients.0,
         cancel_requested: row.cancel_requested,
+        deferrals: u32::try_from(row.deferrals).unwrap_or(0),
     }))
+}
+
+/// Counts one deferral for each of these user messages' jobs: received, but sent back to the
+/// queue without being started (see `orchestrator::handle`).
+pub async fn defer_jobs(conn: &mut PgConnection, message_ids: &[MessageId]) -> Result<(), Error> {
+    let ids: Vec<uuid::Uuid> = message_ids.iter().map(MessageId::as_uuid).collect();
+    sqlx::query(
+        "update web_conversation_messages set job_deferrals = job_deferrals + 1
+         where id = any($1) and role = 'user'",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// How a reply's first write went.

@@ -11,6 +11,7 @@ mod chat_api_lambda;
 mod connections;
 mod conversations;
 mod dev_commands;
+mod fifo_batches;
 mod hostile;
 mod local;
 mod local_browser;

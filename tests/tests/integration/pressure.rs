@@ -9,7 +9,7 @@ use shared::agent::Bedrock;
 use shared::db::agents::Provider;
 use shared::db::{Scope, conversations};
 use shared::domain::ConversationId;
-use shared::orchestrator::handle;
+use shared::orchestrator::{Unsettled, handle};
 use tokio::time::Instant;
 
 use crate::helpers::harness::Harness;
@@ -63,14 +63,20 @@ async fn a_batch_that_cannot_finish_before_the_deadline_fails_only_what_it_did_n
         .collect();
 
     let deadline = Instant::now() + Duration::from_secs(6);
-    let failures = failures_of(handle(&state, batch, Some(deadline)).await);
+    let report = handle(&state, batch, Some(deadline)).await;
     assert!(Instant::now() < deadline, "answered before the deadline");
 
     let id = |r: &aws_lambda_events::sqs::SqsMessage| r.message_id.clone().unwrap();
     assert_eq!(
-        failures,
+        failures_of(report.response()),
         vec![id(&quick_records[2]), id(&stuck_records[0])],
         "the job not started and the one cut short"
+    );
+    let kinds: Vec<_> = report.unsettled.iter().map(|(_, k)| *k).collect();
+    assert_eq!(
+        kinds,
+        vec![Unsettled::Deferred, Unsettled::Failed],
+        "the one not started is a deferral (no attempt used), the one cut short an attempt"
     );
     let answered: Vec<String> = replies(&h, quick)
         .await

@@ -207,6 +207,7 @@ async fn functions_through(proxy: &PgProxy, h: &mut Harness, llm: &FakeLlm) -> O
         output: OutputLimits::default(),
         max_receives: DEFAULT_MAX_RECEIVES,
         job_budget: DEFAULT_JOB_BUDGET,
+        redrive: None,
     }
 }
 

@@ -141,6 +141,9 @@ fn sample(name: &str, secrets: &Secrets) -> String {
         "PORTAL_JWT_SECRET_ARN" => secrets.portal.clone(),
         "KONSTRUCT_MODE" => "aws".into(),
         "QUEUE_URL" => "https://sqs.us-east-1.amazonaws.com/123456789012/stack-work.fifo".into(),
+        "DEAD_LETTER_QUEUE_URL" => {
+            "https://sqs.us-east-1.amazonaws.com/123456789012/stack-work-dead.fifo".into()
+        }
         "WS_MANAGEMENT_ENDPOINT" => {
             "https://abc123.execute-api.us-east-1.amazonaws.com/prod".into()
         }

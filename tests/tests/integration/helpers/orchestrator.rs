@@ -54,6 +54,7 @@ pub fn orchestrator(h: &Harness, llm: &FakeLlm) -> OrchestratorState {
         output: OutputLimits::default(),
         max_receives: DEFAULT_MAX_RECEIVES,
         job_budget: DEFAULT_JOB_BUDGET,
+        redrive: None,
     }
 }
 
@@ -120,6 +121,7 @@ pub fn on_receive(mut record: SqsMessage, n: u32) -> SqsMessage {
 pub async fn run(state: &OrchestratorState, records: Vec<SqsMessage>) -> Vec<String> {
     handle(state, batch(records), None)
         .await
+        .response()
         .batch_item_failures
         .into_iter()
         .map(|f| f.item_identifier)

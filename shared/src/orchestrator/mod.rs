@@ -7,11 +7,9 @@
 //! stored reply instead of asking the agent again); within a conversation, jobs run in the
 //! order their messages were stored.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -28,8 +26,14 @@ use crate::delivery::{Audience, ConnectionsFanout, Fanout, ManagementApi, RedisF
 use crate::domain::{MessageId, storable};
 use crate::frame::{ChunkOf, ServerFrame};
 use crate::job::Job;
-use crate::telemetry::{self, Event, JobOutcome};
-use crate::{Error, ErrorCode};
+use crate::telemetry::{self, Event};
+use crate::Error;
+
+mod batch;
+pub use batch::{
+    BatchReport, RETRY_AFTER, SqsRedrive, Unsettled, deadline_from_epoch_ms, failures, handle,
+    invoke, retry_after, run,
+};
 
 /// How much of the conversation the agent sees: the last `messages`, and no more than `chars`
 /// characters of them (the newest are kept).
@@ -53,8 +57,6 @@ const CHUNK_INTERVAL: Duration = Duration::from_millis(100);
 /// …or as soon as this many bytes are waiting.
 const CHUNK_BYTES: usize = 1024;
 
-/// The time kept back from a Lambda invocation's deadline to return the batch response.
-const RESPONSE_MARGIN: Duration = Duration::from_secs(1);
 /// The time kept back from the agent within a job, to store and deliver its reply: a fifth of
 /// the job budget, at most this.
 const FINISH_RESERVE: Duration = Duration::from_secs(2);
@@ -73,6 +75,8 @@ pub struct OrchestratorState {
     pub max_receives: u32,
     /// The time a job may need: none starts with less left before the invocation's deadline.
     pub job_budget: Duration,
+    /// aws mode: records not settled go back through it (see [`SqsRedrive`]).
+    pub redrive: Option<SqsRedrive>,
 }
 
 /// Defaults of [`OrchestratorState`]'s limits.
@@ -85,15 +89,26 @@ impl OrchestratorState {
     pub async fn load(lookup: impl Lookup) -> Result<Self, ConfigError> {
         let (aws, secrets) = crate::secrets::aws_config().await;
         let db = Db::connect_lazy(&DatabaseConfig::load(&lookup, &secrets).await?);
-        let fanout: Arc<dyn Fanout> = match Mode::from_lookup(&lookup)? {
-            Mode::Aws { .. } => Arc::new(ConnectionsFanout::from_lookup(
-                db.clone(),
-                Arc::new(ManagementApi::new(aws.clone())),
-                &lookup,
-            )?),
-            Mode::Local { redis_url } => Arc::new(
-                RedisFanout::new(&redis_url)
-                    .map_err(|e| ConfigError::new("REDIS_URL", e.to_string()))?,
+        let (fanout, redrive): (Arc<dyn Fanout>, _) = match Mode::from_lookup(&lookup)? {
+            Mode::Aws { queue_url } => (
+                Arc::new(ConnectionsFanout::from_lookup(
+                    db.clone(),
+                    Arc::new(ManagementApi::new(aws.clone())),
+                    &lookup,
+                )?),
+                Some(SqsRedrive {
+                    client: aws_sdk_sqs::Client::new(&aws),
+                    queue_url,
+                    dead_letter_url: config::http_url(&lookup, "DEAD_LETTER_QUEUE_URL")?,
+                    retry_after: RETRY_AFTER,
+                }),
+            ),
+            Mode::Local { redis_url } => (
+                Arc::new(
+                    RedisFanout::new(&redis_url)
+                        .map_err(|e| ConfigError::new("REDIS_URL", e.to_string()))?,
+                ),
+                None,
             ),
         };
         Ok(Self {
@@ -109,15 +124,17 @@ impl OrchestratorState {
             output: OutputLimits::from_lookup(&lookup)?,
             max_receives: config::orchestrator::max_receives(&lookup)?,
             job_budget: config::orchestrator::job_budget(&lookup)?,
+            redrive,
         })
     }
 }
 
-/// One delivery of a job: whether the queue will give up on it after this, and when it must
-/// be done (a Lambda invocation's deadline; none for the local worker).
+/// One delivery of a job: how often the queue has handed it over (SQS's
+/// `ApproximateReceiveCount`), and when it must be done (a Lambda invocation's deadline; none
+/// for the local worker).
 #[derive(Debug, Clone)]
 pub struct Receipt {
-    pub last: bool,
+    pub receives: u32,
     pub deadline: Option<Instant>,
     /// The X-Ray trace header the job travelled with (from the route that queued it).
     pub trace: Option<String>,
@@ -130,6 +147,8 @@ pub struct Receipt {
 #[error("{error}")]
 pub struct JobFailure {
     pub retry: bool,
+    /// It failed on its last attempt: the queue should not deliver it again.
+    pub last: bool,
     #[source]
     pub error: Error,
     /// What the user is told (`agent_failed`) when the job gives up.
@@ -143,6 +162,7 @@ impl JobFailure {
     pub fn transient(error: impl Into<Error>) -> Self {
         Self {
             retry: true,
+            last: false,
             error: error.into(),
             notice: COULD_NOT_ANSWER,
         }
@@ -152,6 +172,7 @@ impl JobFailure {
     pub fn permanent(error: impl Into<Error>) -> Self {
         Self {
             retry: false,
+            last: false,
             error: error.into(),
             notice: COULD_NOT_ANSWER,
         }
@@ -191,18 +212,26 @@ pub async fn process_one(
     job: &Job,
     receipt: Receipt,
 ) -> Result<(), JobFailure> {
-    let mut audience = None;
+    // Until the job's row is read, its deferrals are unknown: every receive counts.
+    let mut attempt = Attempt {
+        audience: None,
+        last: receipt.receives >= state.max_receives,
+    };
     let started = Instant::now();
-    let result = answer(state, job, &receipt, &mut audience).await;
+    let result = answer(state, job, &receipt, &mut attempt).await;
     // One line per job, carrying the span's ids: what a search for a message finds.
     tracing::info!(
         ok = result.is_ok(),
-        last = receipt.last,
+        last = attempt.last,
         ms = started.elapsed().as_millis() as u64,
         "job finished"
     );
-    if let (Err(failure), Some(audience)) = (&result, audience.as_mut())
-        && (!failure.retry || receipt.last)
+    let result = result.map_err(|failure| JobFailure {
+        last: attempt.last,
+        ..failure
+    });
+    if let (Err(failure), Some(audience)) = (&result, attempt.audience.as_mut())
+        && (!failure.retry || failure.last)
     {
         let frame = ServerFrame::error(&Error::AgentFailed(failure.notice.into()));
         if let Err(e) = state.fanout.send(audience, &frame).await {
@@ -223,7 +252,7 @@ async fn answer(
     state: &OrchestratorState,
     job: &Job,
     receipt: &Receipt,
-    audience_out: &mut Option<Audience>,
+    attempt: &mut Attempt,
 ) -> Result<(), JobFailure> {
     let tenant_id = job.tenant_id;
     let mut tx = state
@@ -246,8 +275,12 @@ async fn answer(
         return Ok(());
     };
     let conversation = loaded.conversation;
-    let audience =
-        audience_out.insert(Audience::new(tenant_id, conversation.id, loaded.recipients));
+    // Receives that found no time to start were sent back unattempted; they do not count.
+    let attempts = receipt.receives.saturating_sub(loaded.deferrals);
+    attempt.last = attempts >= state.max_receives;
+    let audience = attempt
+        .audience
+        .insert(Audience::new(tenant_id, conversation.id, loaded.recipients));
     if let Some(reply) = loaded
         .reply
         .filter(|r| r.status != MessageStatus::Streaming)
@@ -261,6 +294,13 @@ async fn answer(
     if history.last().map(|m| m.id) != Some(job.message_id) {
         tracing::warn!("user message gone (conversation reset); job dropped");
         return Ok(());
+    }
+    if attempts > state.max_receives {
+        // The last attempt ended without a word (its process died): say it now, and give up.
+        return Err(JobFailure::transient(Error::AgentFailed(format!(
+            "no attempt left after {} receives",
+            receipt.receives
+        ))));
     }
     let agent = loaded.agent.ok_or_else(|| {
         JobFailure::permanent(Error::NotFound("the conversation's agent is gone".into()))
@@ -352,7 +392,7 @@ async fn answer(
             };
             // A streaming reply stays as it is for the next receive to take over (and reset);
             // on the last, or when retrying cannot help, it ends `failed` with what it had.
-            if stream.reply.is_some() && (!failure.retry || receipt.last) {
+            if stream.reply.is_some() && (!failure.retry || attempt.last) {
                 stream
                     .end(&leftover, MessageStatus::Failed, StopReason::Error, None)
                     .await?;
@@ -375,6 +415,13 @@ async fn answer(
         .unwrap_or_default();
     telemetry::record(Event::ReplyLatency(waited));
     Ok(())
+}
+
+/// What a job learned before it ended: who its frames go to (once its row was read), and
+/// whether this is its last attempt.
+struct Attempt {
+    audience: Option<Audience>,
+    last: bool,
 }
 
 /// What one [`ReplyStream::store`] found.
@@ -668,167 +715,3 @@ async fn deliver(
     state.fanout.send(audience, &frame).await
 }
 
-/// An SQS batch. Records of one message group run in order; groups run side by side. After the
-/// first failure in a group, that record and every later one of the group are reported failed,
-/// so SQS delivers them again in order. With a `deadline` (the Lambda invocation's), no job
-/// starts with less than the job budget left, and the response goes out a moment before the
-/// deadline whatever is still running: every record not finished by then is reported failed.
-/// A record whose body is not a job is dropped (logged): no delivery can make it one.
-pub async fn handle(
-    state: &OrchestratorState,
-    event: SqsEvent,
-    deadline: Option<Instant>,
-) -> SqsBatchResponse {
-    let mut ids: Vec<String> = Vec::new();
-    let mut order: Vec<String> = Vec::new();
-    let mut groups: HashMap<String, Vec<SqsMessage>> = HashMap::new();
-    for record in event.records {
-        let id = record.message_id.clone().unwrap_or_default();
-        let group = record
-            .attributes
-            .get("MessageGroupId")
-            .cloned()
-            .unwrap_or_else(|| id.clone());
-        ids.push(id);
-        if !groups.contains_key(&group) {
-            order.push(group.clone());
-        }
-        groups.entry(group).or_default().push(record);
-    }
-    let cutoff = deadline.map(|d| d.checked_sub(RESPONSE_MARGIN).unwrap_or(d));
-    let settled = Mutex::new(HashSet::new());
-    let runs = order
-        .into_iter()
-        .filter_map(|group| groups.remove(&group))
-        .map(|records| process_group(state, records, cutoff, &settled));
-    let all = futures::future::join_all(runs);
-    match cutoff {
-        Some(cutoff) => {
-            if tokio::time::timeout_at(cutoff, all).await.is_err() {
-                tracing::warn!("deadline near: unfinished records reported failed");
-            }
-        }
-        None => {
-            all.await;
-        }
-    }
-    let settled = settled.into_inner().unwrap_or_else(|e| e.into_inner());
-    let mut response = SqsBatchResponse::default();
-    response.batch_item_failures = ids
-        .into_iter()
-        .filter(|id| !settled.contains(id))
-        .map(|id| {
-            let mut failure = BatchItemFailure::default();
-            failure.item_identifier = id;
-            failure
-        })
-        .collect();
-    response
-}
-
-/// Works one message group's records in order, marking each one finished with in `settled`;
-/// stops at the first that failed, or that could not finish before `cutoff`.
-async fn process_group(
-    state: &OrchestratorState,
-    records: Vec<SqsMessage>,
-    cutoff: Option<Instant>,
-    settled: &Mutex<HashSet<String>>,
-) {
-    for record in records {
-        let id = record.message_id.clone().unwrap_or_default();
-        if cutoff.is_some_and(|c| Instant::now() + state.job_budget > c) {
-            tracing::info!(message_id = %id, "not enough time left for the job; left for the next receive");
-            return;
-        }
-        let receives: u32 = record
-            .attributes
-            .get("ApproximateReceiveCount")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(1);
-        let receipt = Receipt {
-            last: receives >= state.max_receives,
-            deadline: cutoff,
-            trace: record
-                .attributes
-                .get(crate::queue::TRACE_ATTRIBUTE)
-                .cloned(),
-        };
-        let outcome = match record.body.as_deref().map(Job::from_body) {
-            Some(Ok(job)) => process_one(state, &job, receipt.clone()).await,
-            Some(Err(e)) => Err(JobFailure::permanent(e)),
-            None => Err(JobFailure::permanent(Error::BadRequest(
-                "record has no body".into(),
-            ))),
-        };
-        telemetry::record(Event::Job(match &outcome {
-            Ok(()) => JobOutcome::Answered,
-            Err(f) if !f.retry => JobOutcome::Failed,
-            Err(_) if receipt.last => JobOutcome::DeadLettered,
-            Err(_) => JobOutcome::Retried,
-        }));
-        match outcome {
-            Ok(()) => {}
-            Err(f) if !f.retry => {
-                if f.error.code() == ErrorCode::BadRequest {
-                    tracing::error!(message_id = %id, error = %f, "unparseable record dropped");
-                } else {
-                    tracing::warn!(message_id = %id, error = %f, "job dropped: retrying cannot help");
-                }
-            }
-            Err(f) => {
-                tracing::error!(message_id = %id, receives, error = &f as &dyn std::error::Error, "job failed; to be retried");
-                return;
-            }
-        }
-        settled.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
-    }
-}
-
-/// The instant a Lambda deadline (milliseconds since the Unix epoch) falls on; none when it is
-/// not in the future (a runtime emulator that sends no real deadline), so the batch still runs.
-pub fn deadline_from_epoch_ms(deadline_ms: u64) -> Option<Instant> {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    if deadline_ms <= now_ms {
-        tracing::warn!(
-            deadline_ms,
-            now_ms,
-            "invocation deadline already past; ignored"
-        );
-        return None;
-    }
-    Some(Instant::now() + Duration::from_millis(deadline_ms - now_ms))
-}
-
-/// Runs the orchestrator as a Lambda function on its SQS event source, each invocation bounded
-/// by its deadline.
-pub async fn run(state: OrchestratorState) -> Result<(), lambda_runtime::Error> {
-    let state = &state;
-    lambda_runtime::run(lambda_runtime::service_fn(
-        move |event: lambda_runtime::LambdaEvent<SqsEvent>| async move {
-            let deadline = deadline_from_epoch_ms(event.context.deadline);
-            let response = handle(state, event.payload, deadline).await;
-            crate::telemetry::flush();
-            Ok::<_, std::convert::Infallible>(response)
-        },
-    ))
-    .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_deadline_in_the_past_is_none_and_one_ahead_is_that_far_ahead() {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
-        assert!(deadline_from_epoch_ms(0).is_none());
-        assert!(deadline_from_epoch_ms(now_ms - 1).is_none());
-        let ahead = deadline_from_epoch_ms(now_ms + 60_000).unwrap() - Instant::now();
-        assert!(ahead > Duration::from_secs(59) && ahead <= Duration::from_secs(60));
-    }
-}

@@ -1,0 +1,1 @@
+alter table web_conversation_messages drop column job_deferrals;
