@@ -11,15 +11,23 @@
 #   infra/local/services.sh up-postgres | restart-postgres | reset-postgres
 #                                   the same for Postgres alone (the fault tests restart it)
 #
+# PgBouncer in transaction mode runs in front of that Postgres (`up` starts it too), standing
+# in for RDS Proxy: it multiplexes transactions over at most KONSTRUCT_POOL_SIZE (20) server
+# connections and cannot carry a named prepared statement from one transaction to the next,
+# where RDS Proxy would pin the session. `up` prints its URL as POOLED_DATABASE_URL.
+#
 # Settings: KONSTRUCT_LOCAL_DIR (default .local/dev under the project), KONSTRUCT_PG_PORT
-# (default 61329), KONSTRUCT_REDIS_PORT (default 63799): above the kernel's ephemeral range, so no
-# outgoing connection can hold them. Every command is safe to repeat.
+# (default 61329), KONSTRUCT_REDIS_PORT (default 63799), KONSTRUCT_POOLER_PORT (default 61349):
+# above the kernel's ephemeral range, so no outgoing connection can hold them. Every command is
+# safe to repeat.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 dir=${KONSTRUCT_LOCAL_DIR:-$root/.local/dev}
 pg_port=${KONSTRUCT_PG_PORT:-61329}
 redis_port=${KONSTRUCT_REDIS_PORT:-63799}
+pooler_port=${KONSTRUCT_POOLER_PORT:-61349}
+pool_size=${KONSTRUCT_POOL_SIZE:-20}
 # Two roles, as deployed (infra/README.md): the migrator owns the database and its schema; the
 # functions connect as the runtime role, which owns nothing and gets data privileges through
 # the group role konstruct_runtime (granted by the migrations).
@@ -56,6 +64,7 @@ install_missing() {
   local packages=()
   [ -n "$(pg_bindir)" ] || packages+=(postgresql)
   command -v redis-server >/dev/null || packages+=(redis-server)
+  [ -x /usr/sbin/pgbouncer ] || packages+=(pgbouncer)
   [ ${#packages[@]} -eq 0 ] && return
   log "installing ${packages[*]}"
   as_root apt-get update -qq
@@ -112,6 +121,51 @@ where exists (select from pg_roles where rolname = 'konstruct') \gexec
 SQL
 }
 
+# PgBouncer (Debian's 1.18, which has no protocol-level prepared statements) in transaction
+# mode, every database of the Postgres above under its own name. It refuses to run as root, so
+# as root it runs as the postgres OS user, like Postgres.
+pooler_up() {
+  local conf=$dir/pgbouncer
+  mkdir -p "$conf"
+  cat >"$conf/pgbouncer.ini" <<INI
+[databases]
+* = host=127.0.0.1 port=$pg_port
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $pooler_port
+unix_socket_dir =
+auth_type = trust
+auth_file = $conf/users.txt
+pool_mode = transaction
+default_pool_size = $pool_size
+max_db_connections = $pool_size
+max_client_conn = 2000
+server_reset_query =
+logfile = $conf/pgbouncer.log
+pidfile = $conf/pgbouncer.pid
+INI
+  printf '"%s" ""\n"%s" ""\n' "$runtime_role" "$migrator_role" >"$conf/users.txt"
+  [ "$(id -u)" = 0 ] && chown -R postgres: "$conf"
+  if [ -s "$conf/pgbouncer.pid" ] && kill -0 "$(cat "$conf/pgbouncer.pid")" 2>/dev/null; then
+    return
+  fi
+  log "pgbouncer (transaction mode, pool $pool_size) on 127.0.0.1:$pooler_port"
+  as_pg /usr/sbin/pgbouncer -d "$conf/pgbouncer.ini" >/dev/null \
+    || { tail -n 20 "$conf/pgbouncer.log" >&2; exit 1; }
+  local i
+  for i in $(seq 1 50); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$pooler_port") 2>/dev/null && return
+    sleep 0.1
+  done
+  log "pgbouncer did not answer"; exit 1
+}
+
+pooler_down() {
+  local pidfile=$dir/pgbouncer/pgbouncer.pid
+  [ -s "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+}
+
 # The Redis this script started, if it runs.
 redis_ours() {
   local pidfile=$dir/redis/redis.pid
@@ -154,14 +208,15 @@ print_env() {
 export DATABASE_URL=postgres://$runtime_role@127.0.0.1:$pg_port/$app_db
 export MIGRATOR_DATABASE_URL=postgres://$migrator_role@127.0.0.1:$pg_port/$app_db
 export REDIS_URL=redis://127.0.0.1:$redis_port
+export POOLED_DATABASE_URL=postgres://$runtime_role@127.0.0.1:$pooler_port/$app_db
 ENV
 }
 
 case "${1:-}" in
-  up) install_missing; pg_up; redis_up; print_env ;;
+  up) install_missing; pg_up; pooler_up; redis_up; print_env ;;
   env) print_env ;;
-  down) pg_down; redis_down ;;
-  reset) pg_down; redis_down; rm -rf "$dir" ;;
+  down) pooler_down; pg_down; redis_down ;;
+  reset) pooler_down; pg_down; redis_down; rm -rf "$dir" ;;
   up-postgres) install_missing; pg_up ;;
   restart-postgres) pg_down; pg_up ;;
   reset-postgres) pg_down; rm -rf "$dir" ;;

@@ -157,7 +157,7 @@ async fn apply(state: &MigrateState) -> Result<HashMap<String, String>, String> 
     let db = Db::connect_lazy(config);
     db.migrate().await.map_err(|e| e.to_string())?;
     let version: i64 =
-        sqlx::query_scalar("select coalesce(max(version), 0) from _sqlx_migrations where success")
+        crate::db::query_scalar("select coalesce(max(version), 0) from _sqlx_migrations where success")
             .fetch_one(db.pool())
             .await
             .map_err(|e| e.to_string())?;

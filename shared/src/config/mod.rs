@@ -173,6 +173,9 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// Where the options came from, read again when a login fails (a rotated password).
     pub credentials: Option<Secret>,
+    /// The URL names a pooler that multiplexes transactions (RDS Proxy, PgBouncer in
+    /// transaction mode): statements are then prepared unnamed (see `db::query`).
+    pub pooled: bool,
 }
 
 impl DatabaseConfig {
@@ -233,10 +236,17 @@ impl DatabaseConfig {
         let max_connections = positive(lookup, "DATABASE_MAX_CONNECTIONS")?
             .map_or(Ok(Self::DEFAULT_MAX_CONNECTIONS), u32::try_from)
             .map_err(|_| ConfigError::new("DATABASE_MAX_CONNECTIONS", "is too large"))?;
+        let pooled = match optional(lookup, "DATABASE_POOLED").as_deref().map(str::trim) {
+            None => deployed(lookup),
+            Some("true" | "1" | "on") => true,
+            Some("false" | "0" | "off") => false,
+            Some(_) => return Err(ConfigError::new("DATABASE_POOLED", "must be true or false")),
+        };
         Ok(Self {
             options,
             max_connections,
             credentials: Some(secret),
+            pooled,
         })
     }
 }
@@ -245,6 +255,12 @@ impl DatabaseConfig {
 /// RDS database (`{"username", "password", "host", "port", "dbname"}`, as its rotation
 /// functions write it).
 pub fn connect_options(value: &str) -> Result<PgConnectOptions, String> {
+    // No `extra_float_digits` startup parameter (sqlx's default sends one; nothing here reads
+    // floats as text): poolers refuse startup parameters they do not track.
+    parse_connect_options(value).map(|options| options.extra_float_digits(None))
+}
+
+fn parse_connect_options(value: &str) -> Result<PgConnectOptions, String> {
     let value = value.trim();
     if value.starts_with('{') {
         #[derive(serde::Deserialize)]

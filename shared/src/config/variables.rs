@@ -85,6 +85,11 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "pool size per process, default 2 (Lambdas keep Postgres's connection count small)",
     },
     Variable {
+        names: &["DATABASE_POOLED"],
+        read_by: ALL_FUNCTIONS,
+        meaning: "`true` when `DATABASE_URL` reaches Postgres through a pooler that multiplexes transactions (RDS Proxy, PgBouncer in transaction mode): statements are prepared unnamed inside their transaction, so no session outlives it and the pooler never pins (one more round trip per statement); default `true` in aws mode, `false` otherwise",
+    },
+    Variable {
         names: &["PORTAL_JWT_SECRET"],
         read_by: TOKENS,
         meaning: "HS256 secret of portal tokens, at least 32 bytes",

@@ -46,7 +46,7 @@ pub struct NewAgent<'a> {
 }
 
 pub async fn insert(conn: &mut PgConnection, agent: NewAgent<'_>) -> Result<Agent, Error> {
-    Ok(sqlx::query_as(
+    Ok(super::query_as(
         "insert into agents (tenant_id, name, system_prompt, provider, model, settings)
          values ($1, $2, $3, $4, $5, $6) returning *",
     )
@@ -61,7 +61,7 @@ pub async fn insert(conn: &mut PgConnection, agent: NewAgent<'_>) -> Result<Agen
 }
 
 pub async fn find(conn: &mut PgConnection, id: AgentId) -> Result<Option<Agent>, Error> {
-    Ok(sqlx::query_as("select * from agents where id = $1")
+    Ok(super::query_as("select * from agents where id = $1")
         .bind(id)
         .fetch_optional(conn)
         .await?)
@@ -69,7 +69,7 @@ pub async fn find(conn: &mut PgConnection, id: AgentId) -> Result<Option<Agent>,
 
 /// The agents the transaction's scope can see, by name.
 pub async fn list(conn: &mut PgConnection) -> Result<Vec<Agent>, Error> {
-    Ok(sqlx::query_as("select * from agents order by name, id")
+    Ok(super::query_as("select * from agents order by name, id")
         .fetch_all(conn)
         .await?)
 }

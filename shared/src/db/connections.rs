@@ -64,7 +64,7 @@ pub async fn insert(
     conversation_id: ConversationId,
     endpoint: &str,
 ) -> Result<Connection, Error> {
-    sqlx::query_as(
+    super::query_as(
         "insert into ws_connections (connection_id, conversation_id, endpoint)
          values ($1, $2, $3) returning *",
     )
@@ -80,7 +80,7 @@ pub async fn insert(
 
 pub async fn find(conn: &mut PgConnection, id: &ConnectionId) -> Result<Option<Connection>, Error> {
     Ok(
-        sqlx::query_as("select * from ws_connections where connection_id = $1")
+        super::query_as("select * from ws_connections where connection_id = $1")
             .bind(id)
             .fetch_optional(conn)
             .await?,
@@ -98,7 +98,7 @@ pub async fn bind(
     role: Role,
     expires_at: DateTime<Utc>,
 ) -> Result<(), Error> {
-    let updated = sqlx::query(
+    let updated = super::query(
         "update ws_connections
          set tenant_id = $2, user_id = $3, role = $4, expires_at = $5,
              authenticated_at = now(), last_seen_at = now()
@@ -123,7 +123,7 @@ pub async fn bind(
 
 /// Forgets the connection; `false` when it was not recorded (or not visible in this scope).
 pub async fn delete(conn: &mut PgConnection, id: &ConnectionId) -> Result<bool, Error> {
-    let deleted = sqlx::query("delete from ws_connections where connection_id = $1")
+    let deleted = super::query("delete from ws_connections where connection_id = $1")
         .bind(id)
         .execute(conn)
         .await?;
@@ -146,7 +146,7 @@ pub async fn forget_unauthenticated(
     older_than: std::time::Duration,
     limit: i64,
 ) -> Result<Vec<Unauthenticated>, Error> {
-    Ok(sqlx::query_as(
+    Ok(super::query_as(
         "delete from ws_connections
          where connection_id in (
              select connection_id from ws_connections

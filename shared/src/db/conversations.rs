@@ -28,7 +28,7 @@ pub async fn get_or_create(
     agent_id: AgentId,
     user_id: UserId,
 ) -> Result<Upserted<Conversation>, Error> {
-    let created: Option<Conversation> = sqlx::query_as(
+    let created: Option<Conversation> = super::query_as(
         "insert into web_conversations (tenant_id, agent_id, user_id) values ($1, $2, $3)
          on conflict (tenant_id, agent_id, user_id) do nothing
          returning *",
@@ -47,7 +47,7 @@ pub async fn get_or_create(
     if let Some(row) = created {
         return Ok(Upserted { row, created: true });
     }
-    let row = sqlx::query_as(
+    let row = super::query_as(
         "select * from web_conversations where tenant_id = $1 and agent_id = $2 and user_id = $3",
     )
     .bind(tenant_id)
@@ -66,7 +66,7 @@ pub async fn find(
     id: ConversationId,
 ) -> Result<Option<Conversation>, Error> {
     Ok(
-        sqlx::query_as("select * from web_conversations where id = $1")
+        super::query_as("select * from web_conversations where id = $1")
             .bind(id)
             .fetch_optional(conn)
             .await?,
@@ -104,7 +104,7 @@ pub async fn list(
     conn: &mut PgConnection,
     filter: ListFilter,
 ) -> Result<Vec<ConversationSummary>, Error> {
-    Ok(sqlx::query_as(
+    Ok(super::query_as(
         "select c.id, c.tenant_id, c.agent_id, a.name as agent_name, c.user_id, c.updated_at,
                 (select left(m.content, $4) from web_conversation_messages m
                  where m.conversation_id = c.id

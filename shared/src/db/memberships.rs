@@ -13,7 +13,7 @@ pub async fn grant(
     user_id: UserId,
     role: TenantRole,
 ) -> Result<(), Error> {
-    sqlx::query(
+    super::query(
         "insert into user_tenant_roles (tenant_id, user_id, role) values ($1, $2, $3)
          on conflict (tenant_id, user_id) do update set role = excluded.role",
     )
@@ -30,7 +30,7 @@ pub async fn revoke(
     tenant_id: TenantId,
     user_id: UserId,
 ) -> Result<bool, Error> {
-    let done = sqlx::query("delete from user_tenant_roles where tenant_id = $1 and user_id = $2")
+    let done = super::query("delete from user_tenant_roles where tenant_id = $1 and user_id = $2")
         .bind(tenant_id)
         .bind(user_id)
         .execute(conn)
@@ -44,7 +44,7 @@ pub async fn role_of(
     tenant_id: TenantId,
     user_id: UserId,
 ) -> Result<Option<TenantRole>, Error> {
-    Ok(sqlx::query_scalar(
+    Ok(super::query_scalar(
         "select role from user_tenant_roles where tenant_id = $1 and user_id = $2",
     )
     .bind(tenant_id)

@@ -97,7 +97,7 @@ pub async fn accept(
     limits: Limits,
 ) -> Result<Accepted, Error> {
     let limit = limits.connection;
-    let row: Option<AcceptRow> = sqlx::query_as(
+    let row: Option<AcceptRow> = super::query_as(
         "with connection as (
              update ws_connections set
                  window_messages = case when window_started_at > now() - make_interval(secs => $2)
@@ -200,7 +200,7 @@ pub async fn accept(
         // A concurrent repeat of the same client_message_id committed after this statement's
         // snapshot was taken: it is stored, read it now.
         _ => {
-            sqlx::query_as(
+            super::query_as(
                 "select id, created_at, seq from web_conversation_messages
              where conversation_id = $1 and client_message_id = $2",
             )
@@ -257,7 +257,7 @@ pub async fn bind(
     expires_at: DateTime<Utc>,
     caps: SocketCaps,
 ) -> Result<ConversationId, Error> {
-    let row: Option<BindRow> = sqlx::query_as(
+    let row: Option<BindRow> = super::query_as(
         "with target as (
              select w.connection_id, w.conversation_id, c.tenant_id,
                     c.id is not null
@@ -373,7 +373,7 @@ pub async fn resume(
     conversation_id: ConversationId,
     resume_after: Option<i64>,
 ) -> Result<Resume, Error> {
-    let row: ResumeRow = sqlx::query_as(
+    let row: ResumeRow = super::query_as(
         "with missed as (
              select m.* from web_conversation_messages m
              where m.conversation_id = $1 and $2::bigint is not null and m.seq > $2
@@ -458,7 +458,7 @@ pub async fn load_job(
     message_id: MessageId,
     limit: u16,
 ) -> Result<Option<JobContext>, Error> {
-    let row: Option<JobRow> = sqlx::query_as(
+    let row: Option<JobRow> = super::query_as(
         "select to_jsonb(c) as conversation,
                 (select to_jsonb(a) from agents a
                  where a.tenant_id = c.tenant_id and a.id = c.agent_id) as agent,
@@ -524,7 +524,7 @@ pub async fn load_job(
 /// queue without being started (see `orchestrator::handle`).
 pub async fn defer_jobs(conn: &mut PgConnection, message_ids: &[MessageId]) -> Result<(), Error> {
     let ids: Vec<uuid::Uuid> = message_ids.iter().map(MessageId::as_uuid).collect();
-    sqlx::query(
+    super::query(
         "update web_conversation_messages set job_deferrals = job_deferrals + 1
          where id = any($1) and role = 'user'",
     )
@@ -600,7 +600,7 @@ pub async fn write_reply(
     write: ReplyWrite<'_>,
 ) -> Result<StoredReply, Error> {
     let producer = (write.status == MessageStatus::Streaming).then_some(write.producer);
-    let row: ReplyRow = sqlx::query_as(concat!(
+    let row: ReplyRow = super::query_as(concat!(
         "with locked as (
              select id, tenant_id, last_seq from web_conversations where id = $1
              for no key update
@@ -741,7 +741,7 @@ pub async fn flush_reply(
     flush: ReplyFlush<'_>,
 ) -> Result<Flushed, Error> {
     let producer = (flush.status == MessageStatus::Streaming).then_some(flush.producer);
-    let row: FlushRow = sqlx::query_as(concat!(
+    let row: FlushRow = super::query_as(concat!(
         "with locked as (
              select id, tenant_id from web_conversations where id = $1 for no key update
          ), flushed as (
@@ -795,7 +795,7 @@ pub async fn cancel(
     connection: &ConnectionId,
     reply_to: MessageId,
 ) -> Result<(), Error> {
-    let row: Option<CancelRow> = sqlx::query_as(
+    let row: Option<CancelRow> = super::query_as(
         "with me as (
              select w.conversation_id, w.tenant_id,
                     coalesce(w.expires_at > now(), false) as fresh,
@@ -841,7 +841,7 @@ pub async fn recipients(
     conversation_id: ConversationId,
 ) -> Result<Vec<Recipient>, Error> {
     Ok(
-        sqlx::query_as("select connection_id, endpoint from authorized_connections($1, $2)")
+        super::query_as("select connection_id, endpoint from authorized_connections($1, $2)")
             .bind(tenant_id)
             .bind(conversation_id)
             .fetch_all(conn)

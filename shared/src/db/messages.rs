@@ -132,7 +132,7 @@ pub async fn insert_user(
     text: &MessageText,
     client_message_id: Option<ClientMessageId>,
 ) -> Result<Upserted<Message>, Error> {
-    let created: Option<Message> = sqlx::query_as(
+    let created: Option<Message> = super::query_as(
         "with locked as (
              select id, last_seq from web_conversations where id = $1 for no key update
          ), inserted as (
@@ -157,7 +157,7 @@ pub async fn insert_user(
     if let Some(row) = created {
         return Ok(Upserted { row, created: true });
     }
-    let row = sqlx::query_as(
+    let row = super::query_as(
         "select * from web_conversation_messages
          where conversation_id = $1 and client_message_id = $2",
     )
@@ -177,7 +177,7 @@ pub async fn find_reply(
     conversation_id: ConversationId,
     reply_to: MessageId,
 ) -> Result<Option<Message>, Error> {
-    Ok(sqlx::query_as(
+    Ok(super::query_as(
         "select * from web_conversation_messages
          where conversation_id = $1 and reply_to = $2",
     )
@@ -207,7 +207,7 @@ pub async fn page(
 ) -> Result<Vec<Message>, Error> {
     let limit = i64::from(limit.get());
     match from {
-        PageFrom::AfterSeq(after) => Ok(sqlx::query_as(
+        PageFrom::AfterSeq(after) => Ok(super::query_as(
             "select * from web_conversation_messages
              where conversation_id = $1 and seq > $2
              order by seq
@@ -221,7 +221,7 @@ pub async fn page(
         PageFrom::Newest | PageFrom::Before(_) => {
             let before = match from {
                 PageFrom::Before(id) => Some(
-                    sqlx::query_scalar::<_, i64>(
+                    super::query_scalar::<i64>(
                         "select seq from web_conversation_messages
                          where conversation_id = $1 and id = $2",
                     )
@@ -235,7 +235,7 @@ pub async fn page(
                 ),
                 _ => None,
             };
-            Ok(sqlx::query_as(
+            Ok(super::query_as(
                 "select * from (
                      select * from web_conversation_messages
                      where conversation_id = $1 and ($2::bigint is null or seq < $2)
@@ -256,12 +256,12 @@ pub async fn page(
 /// Deletes every message of the conversation and bumps its `updated_at`; the conversation
 /// itself stays. Returns how many messages were deleted.
 pub async fn reset(conn: &mut PgConnection, conversation_id: ConversationId) -> Result<u64, Error> {
-    let deleted = sqlx::query("delete from web_conversation_messages where conversation_id = $1")
+    let deleted = super::query("delete from web_conversation_messages where conversation_id = $1")
         .bind(conversation_id)
         .execute(&mut *conn)
         .await?
         .rows_affected();
-    sqlx::query("update web_conversations set updated_at = clock_timestamp() where id = $1")
+    super::query("update web_conversations set updated_at = clock_timestamp() where id = $1")
         .bind(conversation_id)
         .execute(conn)
         .await?;

@@ -20,9 +20,12 @@ pub mod users;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use sqlx::migrate::Migrator;
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{AssertSqlSafe, Connection, PgPool, Postgres};
+use sqlx::postgres::{PgArguments, PgPoolOptions, PgRow};
+use sqlx::query::{Query, QueryAs, QueryScalar};
+use sqlx::{AssertSqlSafe, Connection, FromRow, PgConnection, PgPool, Postgres, SqlSafeStr};
 use tokio::sync::OnceCell;
 
 use crate::Error;
@@ -34,6 +37,41 @@ use secrecy::ExposeSecret;
 
 /// The schema's migrations, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// Whether statements are prepared under a name and kept per connection (sqlx's default: one
+/// round trip per statement once prepared). Off behind a pooler that multiplexes transactions
+/// (RDS Proxy, PgBouncer in transaction mode): a named statement lives on one server
+/// connection, which the next transaction may not get (PgBouncer then fails with `prepared
+/// statement "sqlx_s_1" already exists`; RDS Proxy pins the session and stops multiplexing).
+/// Unnamed, each statement is parsed again inside its transaction: one more round trip each.
+/// Set once per process, from [`DatabaseConfig::pooled`], when the pool is built.
+static NAMED_STATEMENTS: AtomicBool = AtomicBool::new(true);
+
+fn named_statements() -> bool {
+    NAMED_STATEMENTS.load(Ordering::Relaxed)
+}
+
+/// `sqlx::query`, prepared as this process's pooling allows: every statement goes through
+/// these three.
+pub fn query<'q>(sql: impl SqlSafeStr) -> Query<'q, Postgres, PgArguments> {
+    sqlx::query(sql).persistent(named_statements())
+}
+
+/// `sqlx::query_as`, prepared as this process's pooling allows.
+pub fn query_as<'q, O>(sql: impl SqlSafeStr) -> QueryAs<'q, Postgres, O, PgArguments>
+where
+    O: for<'r> FromRow<'r, PgRow>,
+{
+    sqlx::query_as(sql).persistent(named_statements())
+}
+
+/// `sqlx::query_scalar`, prepared as this process's pooling allows.
+pub fn query_scalar<'q, O>(sql: impl SqlSafeStr) -> QueryScalar<'q, Postgres, O, PgArguments>
+where
+    (O,): for<'r> FromRow<'r, PgRow>,
+{
+    sqlx::query_scalar(sql).persistent(named_statements())
+}
 
 /// How long a pooled connection may sit unused before it is pinged on its next acquire.
 pub const PING_AFTER_IDLE: Duration = Duration::from_secs(10);
@@ -152,6 +190,7 @@ impl Db {
     /// breaks between two busy uses fails its statement, and the caller's error path (a route's
     /// `internal`, a job's retry) covers it.
     pub fn connect_lazy(config: &DatabaseConfig) -> Self {
+        NAMED_STATEMENTS.store(!config.pooled, Ordering::Relaxed);
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .min_connections(0)
@@ -196,14 +235,19 @@ impl Db {
         }
     }
 
+    /// The process's first transactions also check the role (see [`Db::verify_runtime_role`]),
+    /// inside the transaction: no extra round trip, and no statement outside a transaction (a
+    /// pooler that multiplexes transactions could run its two halves on two servers).
     async fn begin_checked(&self, scope: Scope<'_>) -> Result<Tx, Error> {
-        self.role_verified
-            .get_or_try_init(|| self.verify_runtime_role())
-            .await?;
-        Ok(self
+        let mut tx = self
             .pool
             .begin_with(AssertSqlSafe(scope.begin_statement()))
-            .await?)
+            .await?;
+        if !self.role_verified.initialized() {
+            check_runtime_role(&mut tx).await?;
+            let _ = self.role_verified.set(());
+        }
+        Ok(tx)
     }
 
     /// After a failed login: whether the credentials' secret holds a new value, which new
@@ -229,7 +273,8 @@ impl Db {
 
     /// Whether the database answers.
     pub async fn ping(&self) -> Result<(), Error> {
-        sqlx::query("select 1").execute(&self.pool).await?;
+        // A simple query: one message, whatever pools the connection.
+        sqlx::raw_sql("select 1").execute(&self.pool).await?;
         Ok(())
     }
 
@@ -264,11 +309,13 @@ impl Db {
     /// `BYPASSRLS` roles ignore every policy. The migrator is checked with this before it
     /// migrates.
     pub async fn refuse_rls_exempt_role(&self) -> Result<(), Error> {
-        let (name, superuser, bypass): (String, bool, bool) = sqlx::query_as(
+        let mut tx = self.pool.begin().await?;
+        let (name, superuser, bypass): (String, bool, bool) = query_as(
             "select rolname::text, rolsuper, rolbypassrls from pg_roles where rolname = current_user",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         if superuser || bypass {
             return Err(rls_exempt(&name));
         }
@@ -278,41 +325,13 @@ impl Db {
     /// What the functions' role must be (PROTOCOL §4, invariant 4): not exempt from row-level
     /// security, and owning nothing, neither by itself nor through a role it may become. An
     /// owner can `alter table … no force row level security` or `drop policy`; the owner of
-    /// the database or of the schema can drop what is in it. [`Db::begin`] runs this once per
-    /// process and refuses to work until it passes; an error of the database itself is not
-    /// remembered, so the next transaction checks again.
+    /// the database or of the schema can drop what is in it. [`Db::begin`] checks this in the
+    /// process's first transaction and refuses to work until it passes; an error of the
+    /// database itself is not remembered, so the next transaction checks again.
     pub async fn verify_runtime_role(&self) -> Result<(), Error> {
-        // One round trip: it is on the first request of every execution environment.
-        let (name, superuser, bypass, owned): (String, bool, bool, Option<String>) =
-            sqlx::query_as(
-                "select r.rolname::text, r.rolsuper, r.rolbypassrls,
-                        (select what from (
-                             select 'the database ' || quote_ident(d.datname) as what,
-                                    d.datdba as owner
-                                 from pg_database d where d.datname = current_database()
-                             union all
-                             select 'the schema public', n.nspowner
-                                 from pg_namespace n where n.nspname = 'public'
-                             union all
-                             select 'the table ' || c.oid::regclass::text, c.relowner
-                                 from pg_class c where c.relnamespace = 'public'::regnamespace
-                         ) objects
-                         where pg_has_role(current_user, owner, 'MEMBER')
-                         limit 1)
-                 from pg_roles r where r.rolname = current_user",
-            )
-            .fetch_one(&self.pool)
-            .await?;
-        if superuser || bypass {
-            return Err(rls_exempt(&name));
-        }
-        if let Some(what) = owned {
-            return Err(Error::Internal(format!(
-                "database role `{name}` owns (or may act as the owner of) {what}; the functions \
-                 must connect as a role that owns nothing, or row-level security could be \
-                 switched off (infra/README.md, \"Database roles\")"
-            )));
-        }
+        let mut tx = self.pool.begin().await?;
+        check_runtime_role(&mut tx).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -322,6 +341,42 @@ impl Db {
         self.refuse_rls_exempt_role().await?;
         Ok(MIGRATOR.run(&self.pool).await?)
     }
+}
+
+/// [`Db::verify_runtime_role`]'s check, on a connection in a transaction.
+async fn check_runtime_role(conn: &mut PgConnection) -> Result<(), Error> {
+    // One statement, in the first transaction of every execution environment.
+    let (name, superuser, bypass, owned): (String, bool, bool, Option<String>) =
+        query_as(
+            "select r.rolname::text, r.rolsuper, r.rolbypassrls,
+                    (select what from (
+                         select 'the database ' || quote_ident(d.datname) as what,
+                                d.datdba as owner
+                             from pg_database d where d.datname = current_database()
+                         union all
+                         select 'the schema public', n.nspowner
+                             from pg_namespace n where n.nspname = 'public'
+                         union all
+                         select 'the table ' || c.oid::regclass::text, c.relowner
+                             from pg_class c where c.relnamespace = 'public'::regnamespace
+                     ) objects
+                     where pg_has_role(current_user, owner, 'MEMBER')
+                     limit 1)
+             from pg_roles r where r.rolname = current_user",
+        )
+        .fetch_one(conn)
+        .await?;
+    if superuser || bypass {
+        return Err(rls_exempt(&name));
+    }
+    if let Some(what) = owned {
+        return Err(Error::Internal(format!(
+            "database role `{name}` owns (or may act as the owner of) {what}; the functions \
+             must connect as a role that owns nothing, or row-level security could be \
+             switched off (infra/README.md, \"Database roles\")"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

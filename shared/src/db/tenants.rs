@@ -18,7 +18,7 @@ pub struct Tenant {
 /// admits a tenant row only into its own scope.
 pub async fn insert(conn: &mut PgConnection, id: TenantId, name: &str) -> Result<Tenant, Error> {
     Ok(
-        sqlx::query_as("insert into tenants (id, name) values ($1, $2) returning *")
+        super::query_as("insert into tenants (id, name) values ($1, $2) returning *")
             .bind(id)
             .bind(name)
             .fetch_one(conn)
@@ -27,7 +27,7 @@ pub async fn insert(conn: &mut PgConnection, id: TenantId, name: &str) -> Result
 }
 
 pub async fn find(conn: &mut PgConnection, id: TenantId) -> Result<Option<Tenant>, Error> {
-    Ok(sqlx::query_as("select * from tenants where id = $1")
+    Ok(super::query_as("select * from tenants where id = $1")
         .bind(id)
         .fetch_optional(conn)
         .await?)

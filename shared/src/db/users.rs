@@ -17,7 +17,7 @@ pub struct PortalUser {
 }
 
 pub async fn insert(conn: &mut PgConnection, email: &str, name: &str) -> Result<PortalUser, Error> {
-    sqlx::query_as("insert into portal_users (email, name) values ($1, $2) returning *")
+    super::query_as("insert into portal_users (email, name) values ($1, $2) returning *")
         .bind(email)
         .bind(name)
         .fetch_one(conn)
@@ -28,7 +28,7 @@ pub async fn insert(conn: &mut PgConnection, email: &str, name: &str) -> Result<
 }
 
 pub async fn find(conn: &mut PgConnection, id: UserId) -> Result<Option<PortalUser>, Error> {
-    Ok(sqlx::query_as("select * from portal_users where id = $1")
+    Ok(super::query_as("select * from portal_users where id = $1")
         .bind(id)
         .fetch_optional(conn)
         .await?)
@@ -39,7 +39,7 @@ pub async fn find_by_email(
     email: &str,
 ) -> Result<Option<PortalUser>, Error> {
     Ok(
-        sqlx::query_as("select * from portal_users where lower(email) = lower($1)")
+        super::query_as("select * from portal_users where lower(email) = lower($1)")
             .bind(email)
             .fetch_optional(conn)
             .await?,

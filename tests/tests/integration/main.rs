@@ -21,6 +21,7 @@ mod migrate;
 mod migrations;
 mod orchestrator;
 mod orchestrator_delivery;
+mod pooler;
 mod pressure;
 mod rbac;
 mod reliability;

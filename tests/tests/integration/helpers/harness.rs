@@ -59,6 +59,19 @@ pub struct Harness {
 impl Harness {
     pub async fn new() -> Self {
         let (test, db) = TestDb::migrated().await;
+        Self::with_db(test, db).await
+    }
+
+    /// The same, with the routes and the orchestrator (whatever a test builds on `h.db`)
+    /// reaching Postgres through PgBouncer in transaction mode, as the functions reach RDS
+    /// Proxy: `pool` connections per process, statements unnamed.
+    pub async fn through_pooler(pool: u32) -> Self {
+        let (test, _) = TestDb::migrated().await;
+        let db = test.pooled(pool);
+        Self::with_db(test, db).await
+    }
+
+    async fn with_db(test: TestDb, db: Db) -> Self {
         let seed = seed(&db, "acme").await;
         let api = ManagementApi::start().await;
         let queue = fifo_queue().await;

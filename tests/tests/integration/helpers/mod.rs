@@ -2,7 +2,8 @@
 //! test file. This module: a fresh migrated database per test ([`TestDb`]) and a Redis key
 //! prefix. The servers come from `make test` (infra/local/services.sh), which exports
 //! `DATABASE_URL` and `MIGRATOR_DATABASE_URL` (the runtime and migrator roles' maintenance
-//! database), `REDIS_URL` and `MOTO_ENDPOINT`.
+//! database), `POOLED_DATABASE_URL` (the runtime role through PgBouncer), `REDIS_URL` and
+//! `MOTO_ENDPOINT`.
 //!
 //! - [`seed`]: tenants, users, agents, conversations (through `shared::db::seed`)
 //! - [`tokens`]: portal tokens and callers
@@ -98,6 +99,25 @@ impl TestDb {
             url: urls.runtime,
             migrator_url: urls.migrator,
         }
+    }
+
+    /// The runtime role's URL through PgBouncer (`POOLED_DATABASE_URL`, transaction mode).
+    pub fn pooled_url(&self) -> String {
+        let name = self.url.rsplit('/').next().expect("a database URL names a database");
+        let pooler = env("POOLED_DATABASE_URL");
+        let cut = pooler.rfind('/').expect("a database URL names a database");
+        format!("{}/{name}", &pooler[..cut])
+    }
+
+    /// The application's handle on this database through PgBouncer, as a function behind RDS
+    /// Proxy has it: `max_connections` per process, statements unnamed.
+    pub fn pooled(&self, max_connections: u32) -> Db {
+        Db::connect_lazy(&shared::config::DatabaseConfig {
+            options: shared::config::connect_options(&self.pooled_url()).expect("a database URL"),
+            max_connections,
+            credentials: None,
+            pooled: true,
+        })
     }
 
     /// A database with every migration applied, and the application's handle on it.
