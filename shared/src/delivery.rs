@@ -310,11 +310,24 @@ impl ManagementApi {
             .or_insert_with(|| {
                 let config = aws_sdk_apigatewaymanagement::config::Builder::from(&self.config)
                     .endpoint_url(endpoint)
+                    .retry_config(post_retries())
                     .build();
                 aws_sdk_apigatewaymanagement::Client::from_conf(config)
             })
             .clone()
     }
+}
+
+/// How a post is retried: the SDK's standard mode (exponential backoff with full jitter) for
+/// what may pass, a throttled post above all (429 `LimitExceededException`: the account's
+/// `@connections` quota is shared with all its other traffic). Backoffs start short, since a
+/// chunk is worth little once the next one is due, and the fan-out's post timeout bounds them
+/// all.
+fn post_retries() -> aws_config::retry::RetryConfig {
+    aws_config::retry::RetryConfig::standard()
+        .with_max_attempts(5)
+        .with_initial_backoff(std::time::Duration::from_millis(50))
+        .with_max_backoff(std::time::Duration::from_secs(1))
 }
 
 #[async_trait]

@@ -382,3 +382,43 @@ async fn a_transient_failure_is_told_only_on_the_last_receive() {
     );
     assert_eq!(of_type(&h.api.frames_to("tab"), "error").len(), 1);
 }
+
+/// The account's `@connections` quota reached: the management API answers 429
+/// (`LimitExceededException`) to posts past 20 a second (burst 4) while a reply streams 20
+/// pieces 25 ms apart to two tabs. Throttled posts are retried with backoff, so each tab gets
+/// every chunk once, in order (each starting where the last ended), and one response.
+#[tokio::test]
+async fn throttled_posts_are_retried_so_every_tab_gets_every_chunk_once_in_order() {
+    let h = Harness::new().await;
+    let words: Vec<String> = (0..20).map(|i| format!("w{i} ")).collect();
+    let script = words.clone();
+    let llm =
+        FakeLlm::start(move |_, _| Reply::Stream(script.clone(), Duration::from_millis(25))).await;
+    let state = orchestrator(&h, &llm);
+    let conversation = conversation_with(&h, Provider::Openai, "gpt-test").await;
+    h.open_session_on("tab-a", conversation).await;
+    h.open_session_on("tab-b", conversation).await;
+    let records = records_for(&h, "tab-a", &["go"]).await;
+    h.api.set_quota(20.0, 4.0);
+
+    assert!(run(&state, records).await.is_empty());
+
+    assert!(h.api.throttled() > 0, "the quota was reached");
+    let stored = replies(&h, conversation).await;
+    assert_eq!(stored[0].content, words.concat());
+    for tab in ["tab-a", "tab-b"] {
+        let frames = h.api.frames_to(tab);
+        let mut held = 0;
+        let mut text = String::new();
+        for chunk in of_type(&frames, "chunk") {
+            assert_eq!(chunk["offset"], json!(held), "{tab}: contiguous, none twice");
+            let delta = chunk["delta"].as_str().unwrap();
+            held += delta.chars().count();
+            text.push_str(delta);
+        }
+        assert_eq!(text, stored[0].content, "{tab}: every chunk");
+        let responses = of_type(&frames, "response");
+        assert_eq!(responses.len(), 1, "{tab}: one response");
+        assert_eq!(responses[0]["text"], json!(stored[0].content));
+    }
+}

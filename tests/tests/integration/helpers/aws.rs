@@ -3,8 +3,9 @@
 //!
 //! moto's own management API never answers 410 and keeps nothing it was sent, so it cannot
 //! show what matters; [`ManagementApi`] here answers `POST/GET/DELETE /{stage}/@connections/{id}`
-//! like API Gateway (410 `GoneException` for a connection that is not open) and records what
-//! it received.
+//! like API Gateway (410 `GoneException` for a connection that is not open, 413 for data over
+//! 128 KiB, 429 `LimitExceededException` past a quota when one is set) and records what it
+//! received.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -167,7 +168,38 @@ struct Recorded {
     latency: std::time::Duration,
     in_flight: usize,
     max_in_flight: usize,
+    /// The account's `@connections` quota, when set: posts past it are answered 429.
+    quota: Option<Quota>,
+    throttled: usize,
 }
+
+/// A token bucket, as API Gateway meters an account's requests: `rate` a second, up to
+/// `burst` at once.
+#[derive(Debug, Clone, Copy)]
+struct Quota {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Quota {
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// API Gateway's limit on a posted frame's data.
+const MAX_POST_BYTES: usize = 128 * 1024;
 
 /// Counts a post in flight until it is answered or abandoned.
 struct InFlight(Arc<Mutex<Recorded>>);
@@ -264,6 +296,22 @@ impl ManagementApi {
         self.recorded.lock().unwrap().latency = latency;
     }
 
+    /// Meters posts as API Gateway meters an account: `rate` a second with a `burst`; a post
+    /// past it is answered 429 `LimitExceededException`, and nothing is recorded.
+    pub fn set_quota(&self, rate: f64, burst: f64) {
+        self.recorded.lock().unwrap().quota = Some(Quota {
+            rate,
+            burst,
+            tokens: burst,
+            at: std::time::Instant::now(),
+        });
+    }
+
+    /// Posts answered 429 so far.
+    pub fn throttled(&self) -> usize {
+        self.recorded.lock().unwrap().throttled
+    }
+
     /// Starts counting [`Self::max_in_flight`] afresh.
     pub fn reset_max_in_flight(&self) {
         let mut r = self.recorded.lock().unwrap();
@@ -293,10 +341,30 @@ async fn post_to_connection(
     body: Bytes,
 ) -> Response {
     let _in_flight = InFlight::start(&recorded);
-    let (open, stalled, latency) = {
-        let r = recorded.lock().unwrap();
-        (r.open.contains(&id), r.stalled.contains(&id), r.latency)
+    let (open, stalled, latency, allowed) = {
+        let mut r = recorded.lock().unwrap();
+        let allowed = r.quota.as_mut().is_none_or(Quota::take);
+        if !allowed {
+            r.throttled += 1;
+        }
+        (r.open.contains(&id), r.stalled.contains(&id), r.latency, allowed)
     };
+    if !allowed {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("x-amzn-ErrorType", "LimitExceededException")],
+            axum::Json(json!({ "message": "Too Many Requests" })),
+        )
+            .into_response();
+    }
+    if body.len() > MAX_POST_BYTES {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            [("x-amzn-ErrorType", "PayloadTooLargeException")],
+            axum::Json(json!({ "message": "Message too long" })),
+        )
+            .into_response();
+    }
     if !open {
         return gone();
     }
