@@ -236,7 +236,10 @@ impl DatabaseConfig {
         let max_connections = positive(lookup, "DATABASE_MAX_CONNECTIONS")?
             .map_or(Ok(Self::DEFAULT_MAX_CONNECTIONS), u32::try_from)
             .map_err(|_| ConfigError::new("DATABASE_MAX_CONNECTIONS", "is too large"))?;
-        let pooled = match optional(lookup, "DATABASE_POOLED").as_deref().map(str::trim) {
+        let pooled = match optional(lookup, "DATABASE_POOLED")
+            .as_deref()
+            .map(str::trim)
+        {
             None => deployed(lookup),
             Some("true" | "1" | "on") => true,
             Some("false" | "0" | "off") => false,

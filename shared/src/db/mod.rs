@@ -346,9 +346,8 @@ impl Db {
 /// [`Db::verify_runtime_role`]'s check, on a connection in a transaction.
 async fn check_runtime_role(conn: &mut PgConnection) -> Result<(), Error> {
     // One statement, in the first transaction of every execution environment.
-    let (name, superuser, bypass, owned): (String, bool, bool, Option<String>) =
-        query_as(
-            "select r.rolname::text, r.rolsuper, r.rolbypassrls,
+    let (name, superuser, bypass, owned): (String, bool, bool, Option<String>) = query_as(
+        "select r.rolname::text, r.rolsuper, r.rolbypassrls,
                     (select what from (
                          select 'the database ' || quote_ident(d.datname) as what,
                                 d.datdba as owner
@@ -363,9 +362,9 @@ async fn check_runtime_role(conn: &mut PgConnection) -> Result<(), Error> {
                      where pg_has_role(current_user, owner, 'MEMBER')
                      limit 1)
              from pg_roles r where r.rolname = current_user",
-        )
-        .fetch_one(conn)
-        .await?;
+    )
+    .fetch_one(conn)
+    .await?;
     if superuser || bypass {
         return Err(rls_exempt(&name));
     }

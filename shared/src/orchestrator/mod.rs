@@ -14,6 +14,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::Error;
 use crate::agent::{
     AgentRequest, Agents, Bedrock, Deltas, Echo, OpenAi, OutputLimits, RetryPolicy, Turn,
 };
@@ -27,7 +28,6 @@ use crate::domain::{MessageId, storable};
 use crate::frame::{ChunkOf, ServerFrame};
 use crate::job::Job;
 use crate::telemetry::{self, Event};
-use crate::Error;
 
 mod batch;
 pub use batch::{
@@ -278,9 +278,10 @@ async fn answer(
     // Receives that found no time to start were sent back unattempted; they do not count.
     let attempts = receipt.receives.saturating_sub(loaded.deferrals);
     attempt.last = attempts >= state.max_receives;
-    let audience = attempt
-        .audience
-        .insert(Audience::new(tenant_id, conversation.id, loaded.recipients));
+    let audience =
+        attempt
+            .audience
+            .insert(Audience::new(tenant_id, conversation.id, loaded.recipients));
     if let Some(reply) = loaded
         .reply
         .filter(|r| r.status != MessageStatus::Streaming)
@@ -714,4 +715,3 @@ async fn deliver(
     }
     state.fanout.send(audience, &frame).await
 }
-

@@ -23,7 +23,9 @@ use uuid::Uuid;
 
 use crate::helpers::harness::Harness;
 use crate::helpers::llm::{FakeLlm, Reply, last_user_text, pieces};
-use crate::helpers::orchestrator::{conversation_with, of_type, orchestrator, queued_jobs, replies};
+use crate::helpers::orchestrator::{
+    conversation_with, of_type, orchestrator, queued_jobs, replies,
+};
 use shared::db::agents::Provider;
 
 const VISIBILITY_TIMEOUT: &str = "360";
@@ -119,15 +121,11 @@ async fn wait_for_replies(h: &Harness, conversation: ConversationId, n: usize, w
 /// batch on their second receive with one deferral counted each (so still on their first
 /// attempt), and are answered in order.
 #[tokio::test]
-async fn four_messages_in_one_batch_are_all_answered_without_waiting_out_the_visibility_timeout()
-{
+async fn four_messages_in_one_batch_are_all_answered_without_waiting_out_the_visibility_timeout() {
     let agent = Duration::from_secs(3);
     let h = Harness::new().await;
     let llm = FakeLlm::start(move |request, _| {
-        Reply::Stream(
-            pieces(&["re: ", &last_user_text(request)]),
-            agent / 2,
-        )
+        Reply::Stream(pieces(&["re: ", &last_user_text(request)]), agent / 2)
     })
     .await;
     let conversation = conversation_with(&h, Provider::Openai, "gpt-test").await;
@@ -208,7 +206,11 @@ async fn a_job_failing_every_attempt_tells_the_user_once_then_is_dead_lettered()
     let mut state = orchestrator(&h, &llm);
     state.max_receives = 3;
     state.redrive = Some(redrive(&work, &dead, Duration::from_secs(1)));
-    let source = EventSource::new(work.client.clone(), &work.queue_url, Duration::from_secs(60));
+    let source = EventSource::new(
+        work.client.clone(),
+        &work.queue_url,
+        Duration::from_secs(60),
+    );
     let _pollers = source.start(function(state));
 
     wait_for_replies(&h, conversation, 1, Duration::from_secs(60)).await;

@@ -82,7 +82,11 @@ async fn the_aws_path_runs_through_pgbouncer_in_transaction_mode() {
     let frames = h.api.frames_to("tab-b");
     assert_eq!(of_type(&frames, "response").len(), 2);
     assert!(!of_type(&frames, "chunk").is_empty());
-    assert_eq!(of_type(&frames, "message").len(), 2, "the other tab kept in step");
+    assert_eq!(
+        of_type(&frames, "message").len(),
+        2,
+        "the other tab kept in step"
+    );
 
     let history = rest::call(
         &h.db,
@@ -95,7 +99,9 @@ async fn the_aws_path_runs_through_pgbouncer_in_transaction_mode() {
     assert_eq!(history.status, 200, "{:?}", history.body);
     assert_eq!(history.body.as_array().unwrap().len(), 4);
 
-    let gone = h.route("tab-a", &json!({ "type": "ping" }).to_string()).await;
+    let gone = h
+        .route("tab-a", &json!({ "type": "ping" }).to_string())
+        .await;
     assert_eq!(gone.unwrap()["type"], "pong");
     let response = shared::ws::Route::Disconnect
         .handle(
@@ -157,8 +163,16 @@ async fn many_function_instances_share_the_poolers_server_connections() {
     let results = futures::future::join_all(work).await;
     watch.abort();
     let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
-    assert!(failed.is_empty(), "{} of 600 failed: {:?}", failed.len(), failed.first());
+    assert!(
+        failed.is_empty(),
+        "{} of 600 failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
     let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
     assert!(peak > 0, "the watcher saw the pooler's connections");
-    assert!(peak <= 20, "at most the pool's 20 server connections: saw {peak}");
+    assert!(
+        peak <= 20,
+        "at most the pool's 20 server connections: saw {peak}"
+    );
 }

@@ -411,7 +411,11 @@ async fn throttled_posts_are_retried_so_every_tab_gets_every_chunk_once_in_order
         let mut held = 0;
         let mut text = String::new();
         for chunk in of_type(&frames, "chunk") {
-            assert_eq!(chunk["offset"], json!(held), "{tab}: contiguous, none twice");
+            assert_eq!(
+                chunk["offset"],
+                json!(held),
+                "{tab}: contiguous, none twice"
+            );
             let delta = chunk["delta"].as_str().unwrap();
             held += delta.chars().count();
             text.push_str(delta);

@@ -347,7 +347,12 @@ async fn post_to_connection(
         if !allowed {
             r.throttled += 1;
         }
-        (r.open.contains(&id), r.stalled.contains(&id), r.latency, allowed)
+        (
+            r.open.contains(&id),
+            r.stalled.contains(&id),
+            r.latency,
+            allowed,
+        )
     };
     if !allowed {
         return (

@@ -103,7 +103,11 @@ impl TestDb {
 
     /// The runtime role's URL through PgBouncer (`POOLED_DATABASE_URL`, transaction mode).
     pub fn pooled_url(&self) -> String {
-        let name = self.url.rsplit('/').next().expect("a database URL names a database");
+        let name = self
+            .url
+            .rsplit('/')
+            .next()
+            .expect("a database URL names a database");
         let pooler = env("POOLED_DATABASE_URL");
         let cut = pooler.rfind('/').expect("a database URL names a database");
         format!("{}/{name}", &pooler[..cut])
