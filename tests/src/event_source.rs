@@ -123,6 +123,12 @@ impl EventSource {
                 .map(|f| f.item_identifier)
                 .collect()
         });
+        if let Some(failed) = &failed {
+            self.delete_all_but(&records, failed).await;
+        } else {
+            tracing::warn!("event source: invocation timed out");
+        }
+        // Noted once it is over, deletions included.
         self.invocations
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -132,12 +138,12 @@ impl EventSource {
                     .map(|r| (r.message_id.clone().unwrap_or_default(), receives(r)))
                     .collect(),
                 started,
-                failed: failed.clone(),
+                failed,
             });
-        let Some(failed) = failed else {
-            tracing::warn!("event source: invocation timed out");
-            return;
-        };
+    }
+
+    /// Deletes the batch's records that the response does not name, as Lambda does.
+    async fn delete_all_but(&self, records: &[SqsMessage], failed: &[String]) {
         let done: Vec<_> = records
             .iter()
             .enumerate()

@@ -116,6 +116,16 @@ async fn wait_for_replies(h: &Harness, conversation: ConversationId, n: usize, w
     }
 }
 
+/// Waits for `n` invocations to have returned: a reply is stored before its invocation sends
+/// back what it did not settle and returns.
+async fn wait_for_invocations(source: &EventSource, n: usize) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while source.invocations().len() < n {
+        assert!(Instant::now() < until, "{n} invocations returned");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Four messages of one conversation arrive in one batch. Two fit the first invocation; the
 /// other two go back at once (not after the six-minute visibility timeout), come in the next
 /// batch on their second receive with one deferral counted each (so still on their first
@@ -146,6 +156,7 @@ async fn four_messages_in_one_batch_are_all_answered_without_waiting_out_the_vis
 
     wait_for_replies(&h, conversation, 4, Duration::from_secs(60)).await;
     let elapsed = started.elapsed();
+    wait_for_invocations(&source, 2).await;
 
     let answered: Vec<_> = replies(&h, conversation).await;
     assert!(answered.iter().all(|r| r.status == MessageStatus::Complete));
@@ -214,6 +225,7 @@ async fn a_job_failing_every_attempt_tells_the_user_once_then_is_dead_lettered()
     let _pollers = source.start(function(state));
 
     wait_for_replies(&h, conversation, 1, Duration::from_secs(60)).await;
+    wait_for_invocations(&source, 3).await;
 
     let answered = replies(&h, conversation).await;
     assert_eq!(answered.len(), 1);
