@@ -76,6 +76,9 @@ pub struct Audience {
     pub conversation_id: ConversationId,
     recipients: Vec<Recipient>,
     stale: bool,
+    /// The lowest offset of a `chunk` some socket did not get (its post failed after its
+    /// retries): the next chunk starts there, for all (a client takes the part it lacks).
+    pub missed_from: Option<usize>,
 }
 
 impl Audience {
@@ -89,6 +92,7 @@ impl Audience {
             conversation_id,
             recipients,
             stale: false,
+            missed_from: None,
         }
     }
 
@@ -103,6 +107,55 @@ impl Audience {
 #[async_trait]
 pub trait Fanout: Send + Sync {
     async fn send(&self, audience: &mut Audience, frame: &ServerFrame) -> Result<(), Error>;
+
+    /// Whether posts have lately waited for the posting budget: streams then flush less often.
+    fn under_pressure(&self) -> bool {
+        false
+    }
+}
+
+/// The posts per second one process may make to the connection-management API: its share of
+/// the deployment's budget (the account's quota, 10 000 a second, is shared with all its other
+/// traffic). A post waits for the budget; the time of the last wait tells streams to coalesce.
+#[derive(Debug)]
+pub struct PostBudget {
+    limiter: governor::DefaultDirectRateLimiter,
+    /// When a post last had to wait, as milliseconds since `started`.
+    waited_at: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
+}
+
+/// How long after a post waited for the budget streams keep coalescing.
+const PRESSURE_LASTS: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl PostBudget {
+    /// `per_second` posts a second, a second's worth at once at most.
+    pub fn new(per_second: std::num::NonZeroU32) -> Self {
+        Self {
+            limiter: governor::RateLimiter::direct(governor::Quota::per_second(per_second)),
+            waited_at: std::sync::atomic::AtomicU64::new(u64::MAX),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Waits until the budget allows one more post.
+    pub async fn take(&self) {
+        if self.limiter.check().is_ok() {
+            return;
+        }
+        let now = self.started.elapsed().as_millis() as u64;
+        self.waited_at
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        telemetry::record(Event::PostBudgetWait);
+        self.limiter.until_ready().await;
+    }
+
+    /// A post waited for the budget within the last [`PRESSURE_LASTS`].
+    pub fn under_pressure(&self) -> bool {
+        let at = self.waited_at.load(std::sync::atomic::Ordering::Relaxed);
+        at != u64::MAX
+            && self.started.elapsed().as_millis() as u64 - at < PRESSURE_LASTS.as_millis() as u64
+    }
 }
 
 /// AWS: each recipient through the management API, at most `concurrency` posts at once, each
@@ -113,6 +166,8 @@ pub struct ConnectionsFanout {
     pub delivery: std::sync::Arc<dyn Delivery>,
     pub concurrency: usize,
     pub post_timeout: std::time::Duration,
+    /// This process's share of the posting budget; `None`: unmetered.
+    pub budget: Option<std::sync::Arc<PostBudget>>,
 }
 
 impl ConnectionsFanout {
@@ -126,6 +181,7 @@ impl ConnectionsFanout {
             delivery,
             concurrency: Self::DEFAULT_CONCURRENCY,
             post_timeout: Self::DEFAULT_POST_TIMEOUT,
+            budget: None,
         }
     }
 }
@@ -136,6 +192,9 @@ impl ConnectionsFanout {
         socket: &Recipient,
         frame: &ServerFrame,
     ) -> Result<Posted, Error> {
+        if let Some(budget) = &self.budget {
+            budget.take().await;
+        }
         let post = post_or_forget(
             &self.db,
             self.delivery.as_ref(),
@@ -192,6 +251,11 @@ impl Fanout for ConnectionsFanout {
                 }
             }
         }
+        if failed > 0
+            && let ServerFrame::Chunk { offset, .. } = frame
+        {
+            audience.missed_from = Some(audience.missed_from.map_or(*offset, |m| m.min(*offset)));
+        }
         let total = kept.len();
         audience.recipients = kept;
         if failed > 0 && failed == total {
@@ -201,6 +265,10 @@ impl Fanout for ConnectionsFanout {
             )));
         }
         Ok(())
+    }
+
+    fn under_pressure(&self) -> bool {
+        self.budget.as_ref().is_some_and(|b| b.under_pressure())
     }
 }
 

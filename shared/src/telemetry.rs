@@ -88,6 +88,8 @@ pub enum Event {
         outcome: PostOutcome,
         latency: Duration,
     },
+    /// A post waited for the process's share of the posting budget.
+    PostBudgetWait,
     /// A process (a Lambda execution environment) started.
     ColdStart,
 }
@@ -112,6 +114,7 @@ pub fn record(event: Event) {
             counter!("Posts", "outcome" => outcome.label()).increment(1);
             histogram!("PostLatency").record(millis(latency));
         }
+        Event::PostBudgetWait => counter!("PostBudgetWaits").increment(1),
         Event::ColdStart => counter!("ColdStarts").increment(1),
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::{ConfigError, Lookup, http_url, positive, raw};
 use crate::agent::{Bedrock, DEFAULT_BASE_URL, OpenAi, OutputLimits, RetryPolicy};
 use crate::db::Db;
-use crate::delivery::{ConnectionsFanout, Delivery};
+use crate::delivery::{ConnectionsFanout, Delivery, PostBudget};
 use crate::orchestrator::{DEFAULT_JOB_BUDGET, DEFAULT_MAX_RECEIVES};
 use crate::secrets::Secrets;
 
@@ -64,6 +64,8 @@ impl ConnectionsFanout {
         if let Some(ms) = positive(&lookup, "POST_TIMEOUT_MS")? {
             fanout.post_timeout = std::time::Duration::from_millis(ms);
         }
+        fanout.budget =
+            post_budget(&lookup)?.map(|per_second| Arc::new(PostBudget::new(per_second)));
         Ok(fanout)
     }
 }
@@ -100,6 +102,17 @@ impl Bedrock {
     }
 }
 
+/// `POST_BUDGET_PER_SECOND` shared evenly by `POST_BUDGET_SHARES` processes (default 1): this
+/// process's posts a second, at least one; `None` when no budget is set.
+pub fn post_budget(lookup: &impl Lookup) -> Result<Option<std::num::NonZeroU32>, ConfigError> {
+    let Some(budget) = positive(lookup, "POST_BUDGET_PER_SECOND")? else {
+        return Ok(None);
+    };
+    let shares = positive(lookup, "POST_BUDGET_SHARES")?.unwrap_or(1);
+    let share = u32::try_from((budget / shares).max(1)).unwrap_or(u32::MAX);
+    Ok(std::num::NonZeroU32::new(share))
+}
+
 /// `MAX_RECEIVE_COUNT`: receives of a job before the queue gives up.
 pub fn max_receives(lookup: &impl Lookup) -> Result<u32, ConfigError> {
     Ok(
@@ -117,6 +130,36 @@ pub fn job_budget(lookup: &impl Lookup) -> Result<Duration, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_posting_budget_is_shared_among_the_instances() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        assert_eq!(post_budget(&vars(&[])).unwrap(), None);
+        let share = |pairs| post_budget(&vars(pairs)).unwrap().unwrap().get();
+        assert_eq!(share(&[("POST_BUDGET_PER_SECOND", "2000")]), 2000);
+        assert_eq!(
+            share(&[
+                ("POST_BUDGET_PER_SECOND", "2000"),
+                ("POST_BUDGET_SHARES", "20")
+            ]),
+            100
+        );
+        assert_eq!(
+            share(&[
+                ("POST_BUDGET_PER_SECOND", "5"),
+                ("POST_BUDGET_SHARES", "20")
+            ]),
+            1
+        );
+        assert!(post_budget(&vars(&[("POST_BUDGET_PER_SECOND", "-1")])).is_err());
+    }
 
     #[tokio::test]
     async fn the_openai_base_url_must_be_http_and_defaults_to_openai() {

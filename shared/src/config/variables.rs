@@ -193,6 +193,11 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "aws mode: posts to one conversation's sockets at once (default 8), and how long one post may take before it counts as failed (default 3000)",
     },
     Variable {
+        names: &["POST_BUDGET_PER_SECOND", "POST_BUDGET_SHARES"],
+        read_by: ORCHESTRATOR,
+        meaning: "aws mode, optional: the deployment's budget of connection-management posts a second (the account's quota is shared with all its other traffic), shared evenly by this many orchestrator instances (the event source's maximum concurrency; default 1). A post waits for its process's share; while posts wait, streamed chunks coalesce (at most one flush a second). Unset: no budget",
+    },
+    Variable {
         names: &["CORS_ALLOWED_ORIGINS"],
         read_by: &["chat-api"],
         meaning: "comma-separated origins allowed to call the REST API from a browser, or `*`; unset means same-origin only",

@@ -397,7 +397,9 @@ pub async fn run(state: OrchestratorState) -> Result<(), lambda_runtime::Error> 
     lambda_runtime::run(lambda_runtime::service_fn(
         move |event: lambda_runtime::LambdaEvent<SqsEvent>| async move {
             let deadline = deadline_from_epoch_ms(event.context.deadline);
-            let response = invoke(state, event.payload, deadline).await;
+            // Boxed: the whole job's future inlined into the runtime's overflows the
+            // compiler's layout depth in release builds.
+            let response = Box::pin(invoke(state, event.payload, deadline)).await;
             crate::telemetry::flush();
             Ok::<_, std::convert::Infallible>(response)
         },

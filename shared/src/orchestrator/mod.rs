@@ -56,6 +56,8 @@ impl Default for ContextLimits {
 const CHUNK_INTERVAL: Duration = Duration::from_millis(100);
 /// …or as soon as this many bytes are waiting.
 const CHUNK_BYTES: usize = 1024;
+/// While posts wait for the posting budget, streamed pieces are sent this often at most.
+const PRESSED_CHUNK_INTERVAL: Duration = Duration::from_millis(1000);
 
 /// The time kept back from the agent within a job, to store and deliver its reply: a fifth of
 /// the job budget, at most this.
@@ -455,6 +457,8 @@ struct ReplyStream<'a> {
     reply: Option<Message>,
     /// Characters stored so far.
     offset: usize,
+    /// The text stored so far: a chunk a socket missed is sent again from it.
+    text: String,
     ended: Option<Ended>,
     /// When the agent was asked: the time to the first chunk counts from here.
     started: Instant,
@@ -475,6 +479,7 @@ impl<'a> ReplyStream<'a> {
             producer: Uuid::new_v4(),
             reply: None,
             offset: 0,
+            text: String::new(),
             ended: None,
             started: Instant::now(),
         }
@@ -489,6 +494,7 @@ impl<'a> ReplyStream<'a> {
         let mut tick = tokio::time::interval(CHUNK_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
+        let mut flushed = Instant::now();
         loop {
             tokio::select! {
                 piece = pieces.recv() => match piece {
@@ -507,6 +513,14 @@ impl<'a> ReplyStream<'a> {
             if buffer.is_empty() || self.ended.is_some() {
                 continue;
             }
+            // Under the posting budget's pressure, chunks coalesce: fewer, larger flushes.
+            if self.reply.is_some()
+                && self.state.fanout.under_pressure()
+                && flushed.elapsed() < PRESSED_CHUNK_INTERVAL
+            {
+                continue;
+            }
+            flushed = Instant::now();
             let first = self.reply.is_none();
             if let Err(failure) = self.flush(&buffer).await {
                 self.ended = Some(Ended::Failed(failure));
@@ -628,14 +642,29 @@ impl<'a> ReplyStream<'a> {
     }
 
     /// Sends stored text as chunks from the current offset (a frame's worth each), and moves
-    /// the offset past it. A socket that misses one catches up on resume.
+    /// the offset past it. When a socket missed an earlier chunk (its post failed after its
+    /// retries), the chunks start where it missed: the others skip what they hold (PROTOCOL
+    /// §2), so no text is lost and none shown twice.
     async fn send_chunks(&mut self, message_id: MessageId, text: &str, reset: bool) {
         let of = ChunkOf {
             conversation_id: self.conversation.id,
             message_id,
             reply_to: self.reply_to,
         };
-        for chunk in of.chunks(self.offset, text, reset) {
+        if reset {
+            self.text.clear();
+        }
+        let from = match self.audience.missed_from.take() {
+            Some(missed) if !reset && missed < self.offset => missed,
+            _ => self.offset,
+        };
+        let start = self.text.len();
+        self.text.push_str(text);
+        let carried = match self.text.char_indices().nth(from) {
+            Some((at, _)) => &self.text[at..],
+            None => &self.text[start..],
+        };
+        for chunk in of.chunks(from, carried, reset) {
             if let Err(e) = self.state.fanout.send(self.audience, &chunk).await {
                 tracing::warn!(error = &e as &dyn std::error::Error, "chunk not sent");
             }

@@ -1,6 +1,7 @@
 //! The orchestrator at its limits: an invocation's deadline, failures that retrying cannot
 //! fix, slow sockets, and output without end.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,16 +9,19 @@ use serde_json::{Value, json};
 use shared::agent::Bedrock;
 use shared::db::agents::Provider;
 use shared::db::{Scope, conversations};
+use shared::delivery::{ConnectionsFanout, PostBudget};
 use shared::domain::ConversationId;
 use shared::orchestrator::{Unsettled, handle};
 use tokio::time::Instant;
 
+use crate::helpers::aws::sdk_config;
 use crate::helpers::harness::Harness;
 use crate::helpers::llm::{FakeLlm, Reply, last_user_text, pieces};
 use crate::helpers::orchestrator::{
     agents, conversation_with, of_type, on_receive, orchestrator, records_for, replies, run,
 };
 use crate::helpers::seed_agent_with;
+use crate::helpers::streams::assembled;
 
 fn failures_of(response: aws_lambda_events::sqs::SqsBatchResponse) -> Vec<String> {
     response
@@ -425,4 +429,109 @@ async fn throttled_posts_are_retried_so_every_tab_gets_every_chunk_once_in_order
         assert_eq!(responses.len(), 1, "{tab}: one response");
         assert_eq!(responses[0]["text"], json!(stored[0].content));
     }
+}
+
+/// A chunk whose post fails after all its retries (the management API answers one tab's next
+/// five posts 429) is carried by the next flush: the next chunk starts where that tab missed,
+/// for both tabs, and each tab's text, assembled as the protocol says (an overlapping chunk
+/// gives only its new part), is the whole reply, nothing twice.
+#[tokio::test]
+async fn a_chunk_whose_post_failed_is_carried_by_the_next_flush() {
+    let h = Harness::new().await;
+    let words: Vec<String> = (0..20).map(|i| format!("w{i} ")).collect();
+    let script = words.clone();
+    let llm =
+        FakeLlm::start(move |_, _| Reply::Stream(script.clone(), Duration::from_millis(25))).await;
+    let state = orchestrator(&h, &llm);
+    let conversation = conversation_with(&h, Provider::Openai, "gpt-test").await;
+    h.open_session_on("tab-a", conversation).await;
+    h.open_session_on("tab-b", conversation).await;
+    let records = records_for(&h, "tab-a", &["go"]).await;
+    // Five attempts of the first chunk to tab-b: its post fails after its retries.
+    h.api.refuse_next("tab-b", 5);
+
+    assert!(run(&state, records).await.is_empty());
+
+    assert_eq!(h.api.throttled(), 5);
+    let stored = replies(&h, conversation).await;
+    let reply = json!(stored[0].id);
+    assert_eq!(stored[0].content, words.concat());
+    for tab in ["tab-a", "tab-b"] {
+        let frames = h.api.frames_to(tab);
+        let chunks_only: Vec<Value> = frames
+            .iter()
+            .filter(|f| f["type"] == "chunk")
+            .cloned()
+            .collect();
+        assert_eq!(
+            assembled(&chunks_only, &reply),
+            stored[0].content,
+            "{tab}: the chunks alone give the whole reply"
+        );
+        assert_eq!(of_type(&frames, "response").len(), 1, "{tab}");
+    }
+    let tab_b = h.api.frames_to("tab-b");
+    assert_eq!(
+        of_type(&tab_b, "chunk")[0]["offset"],
+        json!(0),
+        "tab-b's first chunk starts where it missed"
+    );
+    let tab_a = h.api.frames_to("tab-a");
+    let offsets: Vec<u64> = of_type(&tab_a, "chunk")
+        .iter()
+        .map(|c| c["offset"].as_u64().unwrap())
+        .collect();
+    assert!(
+        offsets.windows(2).any(|w| w[1] <= w[0]),
+        "tab-a got the carried text again, as an overlap it skips: {offsets:?}"
+    );
+}
+
+/// The posting budget: with this process's share at 10 posts a second, a reply streamed for
+/// 2 s to two tabs (about 20 flushes, 40 posts, unmetered) never makes more than the budget
+/// allows in any second (10 a second, 10 at once); once posts wait, its chunks coalesce to one
+/// a second; each tab still gets the whole reply and one response.
+#[tokio::test]
+async fn posts_stay_within_the_budget_and_chunks_coalesce_under_it() {
+    let h = Harness::new().await;
+    let words: Vec<String> = (0..80).map(|i| format!("w{i} ")).collect();
+    let script = words.clone();
+    let llm =
+        FakeLlm::start(move |_, _| Reply::Stream(script.clone(), Duration::from_millis(25))).await;
+    let mut state = orchestrator(&h, &llm);
+    state.retry.attempt_timeout = Duration::from_secs(30);
+    let mut fanout = ConnectionsFanout::new(
+        h.db.clone(),
+        Arc::new(shared::delivery::ManagementApi::new(sdk_config())),
+    );
+    fanout.budget = Some(Arc::new(PostBudget::new(NonZeroU32::new(10).unwrap())));
+    state.fanout = Arc::new(fanout);
+    let conversation = conversation_with(&h, Provider::Openai, "gpt-test").await;
+    h.open_session_on("tab-a", conversation).await;
+    h.open_session_on("tab-b", conversation).await;
+    let records = records_for(&h, "tab-a", &["go"]).await;
+    let before = h.api.posts().len();
+
+    assert!(run(&state, records).await.is_empty());
+
+    let posts = &h.api.posts()[before..];
+    for (i, first) in posts.iter().enumerate() {
+        let within = posts[i..]
+            .iter()
+            .take_while(|p| p.at.duration_since(first.at) < Duration::from_secs(1))
+            .count();
+        assert!(within <= 20, "{within} posts within a second of post {i}");
+    }
+    let stored = replies(&h, conversation).await;
+    let reply = json!(stored[0].id);
+    for tab in ["tab-a", "tab-b"] {
+        let frames = h.api.frames_to(tab);
+        assert_eq!(assembled(&frames, &reply), stored[0].content, "{tab}");
+        assert_eq!(of_type(&frames, "response").len(), 1, "{tab}");
+    }
+    let chunks = of_type(&h.api.frames_to("tab-a"), "chunk").len();
+    assert!(
+        chunks <= 14,
+        "about 20 flushes unmetered; under the budget they coalesced into {chunks}"
+    );
 }

@@ -153,6 +153,8 @@ fn sample(name: &str, secrets: &Secrets) -> String {
         "AGENT_MAX_ATTEMPTS" => "2".into(),
         "JOB_BUDGET_SECONDS" => "30".into(),
         "MAX_RECEIVE_COUNT" => "5".into(),
+        "POST_BUDGET_PER_SECOND" => "2000".into(),
+        "POST_BUDGET_SHARES" => "20".into(),
         "AGENT_DEFAULT_MAX_TOKENS" => "1024".into(),
         "AGENT_MAX_TOKENS" => "4096".into(),
         "REPLY_MAX_BYTES" => "65536".into(),

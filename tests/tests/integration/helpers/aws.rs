@@ -151,6 +151,8 @@ pub async fn depth(queue: &SqsQueue) -> u64 {
 pub struct Post {
     pub connection: String,
     pub frame: Value,
+    /// When it was accepted.
+    pub at: std::time::Instant,
     /// What the probe saw when the frame arrived.
     pub probe: Value,
 }
@@ -171,6 +173,8 @@ struct Recorded {
     /// The account's `@connections` quota, when set: posts past it are answered 429.
     quota: Option<Quota>,
     throttled: usize,
+    /// Connections whose next posts are answered 429, and how many.
+    refusals: std::collections::HashMap<String, usize>,
 }
 
 /// A token bucket, as API Gateway meters an account's requests: `rate` a second, up to
@@ -307,6 +311,16 @@ impl ManagementApi {
         });
     }
 
+    /// Answers the next `n` posts to this connection 429 `LimitExceededException`, as the
+    /// quota would (counted in [`Self::throttled`]).
+    pub fn refuse_next(&self, connection: &str, n: usize) {
+        self.recorded
+            .lock()
+            .unwrap()
+            .refusals
+            .insert(connection.to_owned(), n);
+    }
+
     /// Posts answered 429 so far.
     pub fn throttled(&self) -> usize {
         self.recorded.lock().unwrap().throttled
@@ -343,7 +357,14 @@ async fn post_to_connection(
     let _in_flight = InFlight::start(&recorded);
     let (open, stalled, latency, allowed) = {
         let mut r = recorded.lock().unwrap();
-        let allowed = r.quota.as_mut().is_none_or(Quota::take);
+        let refused = match r.refusals.get_mut(&id) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        };
+        let allowed = !refused && r.quota.as_mut().is_none_or(Quota::take);
         if !allowed {
             r.throttled += 1;
         }
@@ -389,6 +410,7 @@ async fn post_to_connection(
     recorded.lock().unwrap().posts.push(Post {
         connection: id,
         frame,
+        at: std::time::Instant::now(),
         probe: seen,
     });
     StatusCode::OK.into_response()

@@ -6,8 +6,9 @@ use serde_json::Value;
 
 use crate::helpers::llm::{FakeLlm, Reply, pieces};
 
-/// The text a client following the protocol holds after these frames: a chunk is applied when
-/// its offset is the length held (`reset` starts over), a `response` with text replaces it.
+/// The text a client following the protocol holds after these frames: a chunk is applied from
+/// the length held when its offset is at or below it (a chunk that overlaps what is held gives
+/// only its new part; `reset` starts over), a `response` with text replaces it.
 pub fn assembled(frames: &[Value], message: &Value) -> String {
     let mut text: Vec<char> = Vec::new();
     for frame in frames.iter().filter(|f| f["message_id"] == *message) {
@@ -16,8 +17,10 @@ pub fn assembled(frames: &[Value], message: &Value) -> String {
                 if frame["reset"] == true {
                     text.clear();
                 }
-                if frame["offset"].as_u64() == Some(text.len() as u64) {
-                    text.extend(frame["delta"].as_str().unwrap().chars());
+                let offset = frame["offset"].as_u64().unwrap() as usize;
+                if offset <= text.len() {
+                    let delta = frame["delta"].as_str().unwrap();
+                    text.extend(delta.chars().skip(text.len() - offset));
                 }
             }
             Some("response") => {
