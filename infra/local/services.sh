@@ -17,7 +17,8 @@
 # where RDS Proxy would pin the session. `up` prints its URL as POOLED_DATABASE_URL.
 #
 # Settings: KONSTRUCT_LOCAL_DIR (default .local/dev under the project), KONSTRUCT_PG_PORT
-# (default 61329), KONSTRUCT_REDIS_PORT (default 63799), KONSTRUCT_POOLER_PORT (default 61349):
+# (default 61329), KONSTRUCT_REDIS_PORT (default 63799), KONSTRUCT_POOLER_PORT (default the
+# Postgres port + 100):
 # above the kernel's ephemeral range, so no outgoing connection can hold them. Every command is
 # safe to repeat.
 set -euo pipefail
@@ -26,7 +27,8 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 dir=${KONSTRUCT_LOCAL_DIR:-$root/.local/dev}
 pg_port=${KONSTRUCT_PG_PORT:-61329}
 redis_port=${KONSTRUCT_REDIS_PORT:-63799}
-pooler_port=${KONSTRUCT_POOLER_PORT:-61349}
+# PgBouncer 100 above its Postgres: the dev, test and bench instances never share a port.
+pooler_port=${KONSTRUCT_POOLER_PORT:-$((pg_port + 100))}
 pool_size=${KONSTRUCT_POOL_SIZE:-20}
 # Two roles, as deployed (infra/README.md): the migrator owns the database and its schema; the
 # functions connect as the runtime role, which owns nothing and gets data privileges through
