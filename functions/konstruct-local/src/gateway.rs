@@ -56,6 +56,12 @@ impl Dispatch {
                     .send()
                     .await;
                 let answer = match invoked {
+                    // A function's own error (a panic, a timeout) comes back 200 with this
+                    // header, as Lambda's Invoke API answers.
+                    Ok(r) if r.headers().contains_key("x-amz-function-error") => {
+                        tracing::warn!(function, "function failed");
+                        None
+                    }
                     Ok(r) if r.status().is_success() => {
                         r.json::<ApiGatewayProxyResponse>().await.ok()
                     }

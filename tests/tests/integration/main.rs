@@ -6,6 +6,7 @@ mod abuse;
 mod api;
 mod api_conversations;
 mod api_history;
+mod aws_stack;
 mod cancel;
 mod chat_api_lambda;
 mod connections;

@@ -1,0 +1,87 @@
+//! The AWS-shaped stack (`tests::aws_sim`): the function binaries under the Lambda emulator,
+//! the orchestrator on Lambda's SQS FIFO event source over moto, PgBouncer in transaction mode
+//! in front of Postgres, and a network delay on every hop. A conversation as a user has it.
+
+use std::time::Duration;
+
+use serde_json::json;
+use shared::domain::Role;
+use tests::aws_sim::{AwsSim, Latencies, Settings};
+
+use crate::helpers::local::{next, send};
+use crate::helpers::{TestDb, redis_prefix, seed, token};
+
+fn settings(test: &TestDb) -> Settings {
+    let env = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| panic!("{name}: run through `make test`"))
+    };
+    Settings {
+        pooled_database_url: test.pooled_url(),
+        database_url: test.url.clone(),
+        redis_url: env("REDIS_URL"),
+        redis_prefix: redis_prefix(),
+        moto_endpoint: env("MOTO_ENDPOINT"),
+        bin_dir: env("KONSTRUCT_BIN_DIR").into(),
+        model_base_url: None,
+        latencies: Latencies::default(),
+        orchestrator_concurrency: 2,
+        route_concurrency: 4,
+        post_budget: Some(500),
+    }
+}
+
+/// Two messages, one after the other, each answered through every AWS piece: `$connect` and
+/// `auth` by their functions, `typing`, `ack` and the reply posted back through the
+/// connection-management API, the jobs through SQS and the event source.
+#[tokio::test]
+async fn a_conversation_runs_on_the_aws_shaped_stack() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let sim = AwsSim::start(&settings(&test)).await.unwrap();
+
+    let url = format!("ws://{}/ws?conversation_id={}", sim.address, s.conversation);
+    let (mut socket, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connected");
+    send(
+        &mut socket,
+        json!({ "type": "auth", "token": token(s.user, Role::CustomerOperator) }),
+    )
+    .await;
+    let ok = next(&mut socket, Duration::from_secs(30))
+        .await
+        .expect("auth answered");
+    assert_eq!(ok["type"], "auth_ok", "{ok}");
+    for text in ["first", "second"] {
+        send(&mut socket, json!({ "type": "message", "text": text })).await;
+        let mut seen = Vec::new();
+        while let Some(frame) = next(&mut socket, Duration::from_secs(30)).await {
+            seen.push(frame["type"].as_str().unwrap_or_default().to_owned());
+            if frame["type"] == "response" {
+                assert_eq!(frame["text"], format!("Echo: {text}"));
+                break;
+            }
+        }
+        assert_eq!(seen, ["typing", "ack", "response"], "{text}");
+    }
+    assert!(
+        sim.lambda.cold_starts() >= 4,
+        "each function ran in its own environment"
+    );
+    // The reply is posted before its invocation returns.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sim.source.invocations().len() < 2 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let invocations = sim.source.invocations();
+    assert_eq!(
+        invocations.len(),
+        2,
+        "one orchestrator invocation per message"
+    );
+    assert!(
+        invocations
+            .iter()
+            .all(|i| i.failed.as_deref() == Some(&[][..]))
+    );
+}
