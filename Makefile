@@ -1,4 +1,4 @@
-.PHONY: dev test bench package services-up services-down fmt lint
+.PHONY: dev test bench aws-sim package services-up services-down fmt lint
 
 # The whole chat on this machine: services, migrations, demo data, then the server on :8080.
 dev:
@@ -7,6 +7,11 @@ dev:
 # Starts the project's own Postgres and Redis, runs every test against them, stops them.
 test:
 	infra/local/test.sh
+
+# The AWS path on this machine: function binaries under a Lambda emulator, the SQS FIFO event
+# source over moto, PgBouncer, round trips on every hop; prints where to connect.
+aws-sim:
+	infra/local/aws-sim.sh
 
 # Cold start and end-to-end figures (release builds); writes tests/bench/results.json.
 bench:

@@ -17,9 +17,18 @@ round_trips=$(infra/local/test.sh round_trips --no-capture 2>&1 |
 echo "${round_trips:-the counting test did not report}"
 echo
 
-trap 'infra/local/services.sh down' EXIT
+moto_pid=
+stop() {
+  [ -n "$moto_pid" ] && kill "$moto_pid" 2>/dev/null
+  infra/local/services.sh down
+}
+trap stop EXIT
 services_env=$(infra/local/services.sh up)
 eval "$services_env"
+tools_env=$(infra/local/tools.sh python)
+eval "$tools_env"
+. infra/local/moto.sh
+start_moto "$KONSTRUCT_LOCAL_DIR"
 cargo build --release --workspace --bins
 mkdir -p tests/bench
 
@@ -29,6 +38,9 @@ echo
 echo "== end to end (konstruct-local, echo agent)"
 KONSTRUCT_LOCAL_BIN=$target/release/konstruct-local "$target/release/loadgen" \
   --conversations 50 --listeners 1 --rate 1000 --seconds 10 --burst 60 --json tests/bench/loadgen.json
+
+echo
+KONSTRUCT_BIN_DIR=$target/release "$target/release/aws_sim" bench --json tests/bench/aws.json
 
 machine=$(printf '%s, %s cores, %s' "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" "$(nproc)" \
   "$(free -g | awk '/Mem:/ {print $2 " GiB"}')")
@@ -41,9 +53,10 @@ results = {
     "round_trips_per_message": dict(zip(["statements", "preparing", "bare_syncs"], counted)),
     "coldstart": json.load(open("tests/bench/coldstart.json")),
     "end_to_end": json.load(open("tests/bench/loadgen.json")),
+    "aws_path_simulated": json.load(open("tests/bench/aws.json")),
 }
 json.dump(results, open("tests/bench/results.json", "w"), indent=2)
 PY
-rm -f tests/bench/coldstart.json tests/bench/loadgen.json
+rm -f tests/bench/coldstart.json tests/bench/loadgen.json tests/bench/aws.json
 echo
 echo "results: tests/bench/results.json ($machine)"

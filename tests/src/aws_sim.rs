@@ -27,6 +27,9 @@ use crate::lambda::{FunctionSpec, Lambda};
 use crate::latency::LatencyProxy;
 use crate::stack::{SECRET, Server};
 
+/// The gateway's `application_name` on its own (direct) database connections.
+pub const GATEWAY_APPLICATION: &str = "konstruct-gateway";
+
 /// Round-trip times added on each hop.
 #[derive(Debug, Clone, Copy)]
 pub struct Latencies {
@@ -180,9 +183,19 @@ impl AwsSim {
         ])
         .await?;
 
+        // Named, so that a count of the functions' server connections can leave it out.
+        let separator = if settings.database_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let gateway_database_url = format!(
+            "{}{separator}application_name={GATEWAY_APPLICATION}",
+            settings.database_url
+        );
         let gateway = Server::start(
             &settings.bin_dir.join("konstruct-local").to_string_lossy(),
-            &settings.database_url,
+            &gateway_database_url,
             &settings.redis_url,
             &settings.redis_prefix,
             &[

@@ -5,7 +5,8 @@
 //! - up to `batch_size` records per invocation, in queue order within a message group; while a
 //!   group has records in flight no other batch gets any of it (SQS FIFO's own rule, which moto
 //!   keeps), so a group has one batch in flight at a time;
-//! - at most `max_concurrency` invocations at once (the event source's `MaximumConcurrency`);
+//! - at most `max_concurrency` invocations at once (the event source's `MaximumConcurrency`),
+//!   each batch received once one may start;
 //! - each invocation gets the function's `timeout` as its deadline and is cut off there: a
 //!   timed-out invocation's records are left in flight until the visibility timeout, as Lambda
 //!   leaves them;
@@ -15,8 +16,8 @@
 //! - each record carries the attributes Lambda passes on: `ApproximateReceiveCount`,
 //!   `MessageGroupId`, `MessageDeduplicationId`, `SentTimestamp`, `AWSTraceHeader`.
 //!
-//! Not modelled: the event source's scaling ramp (it starts `max_concurrency` pollers at once),
-//! its batching window, and retries of a failed invocation by Lambda itself.
+//! Not modelled: the event source's scaling ramp (up to `max_concurrency` invocations at once from
+//! the start), its batching window, and retries of a failed invocation by Lambda itself.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +27,10 @@ use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeN
 use futures::future::BoxFuture;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+/// The pause between two receives that found nothing: at most this is added to a job's wait,
+/// which Lambda's long-polling event source does not add.
+pub const IDLE_POLL: Duration = Duration::from_millis(5);
 
 /// The function the event source invokes: a batch and the invocation's deadline in, the batch
 /// response out.
@@ -76,20 +81,29 @@ impl EventSource {
     /// Polls and invokes until the returned set is dropped.
     pub fn start(&self, function: Function) -> JoinSet<()> {
         let mut pollers = JoinSet::new();
-        for _ in 0..self.max_concurrency.max(1) {
-            pollers.spawn(self.clone().poll(function.clone()));
-        }
+        pollers.spawn(self.clone().poll(function));
         pollers
     }
 
+    /// One receive at a time, each once an invocation slot is free; the invocations run side
+    /// by side. Short polls, [`IDLE_POLL`] apart while the queue is empty: moto computes a long
+    /// poll's blocked message groups once, when the poll starts, so a long poll would hold a
+    /// group's next message until it ends (up to its wait) after the one before was deleted,
+    /// and two long polls at once could each take a message of one group. AWS has neither.
     async fn poll(self, function: Function) {
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(self.max_concurrency.max(1)));
+        let mut invocations = JoinSet::new();
         loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            while invocations.try_join_next().is_some() {}
             let received = self
                 .client
                 .receive_message()
                 .queue_url(&self.queue_url)
                 .max_number_of_messages(self.batch_size)
-                .wait_time_seconds(1)
+                .wait_time_seconds(0)
                 .message_system_attribute_names(MessageSystemAttributeName::All)
                 .send()
                 .await;
@@ -102,9 +116,14 @@ impl EventSource {
                 }
             };
             if messages.is_empty() {
+                tokio::time::sleep(IDLE_POLL).await;
                 continue;
             }
-            self.invoke(&function, messages).await;
+            let (source, function) = (self.clone(), function.clone());
+            invocations.spawn(async move {
+                source.invoke(&function, messages).await;
+                drop(slot);
+            });
         }
     }
 

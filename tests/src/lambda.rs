@@ -253,12 +253,9 @@ fn spawn(inner: &Arc<Inner>, spec: &FunctionSpec, environments: &mut HashMap<u64
         .env("AWS_REGION", "us-east-1")
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(if std::env::var_os("TEST_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
+        // A function logs to stdout, as Lambda collects it: shown with TEST_LOG.
+        .stdout(log_output())
+        .stderr(log_output())
         .kill_on_drop(true);
     match command.spawn() {
         Ok(child) => {
@@ -273,6 +270,14 @@ fn spawn(inner: &Arc<Inner>, spec: &FunctionSpec, environments: &mut HashMap<u64
             );
         }
         Err(e) => tracing::error!(function = %spec.name, error = %e, "environment not started"),
+    }
+}
+
+fn log_output() -> Stdio {
+    if std::env::var_os("TEST_LOG").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
     }
 }
 

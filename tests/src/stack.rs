@@ -80,6 +80,15 @@ pub async fn seeded_database(
     urls: &DatabaseUrls,
     n: usize,
 ) -> anyhow::Result<(String, Db, Vec<Seat>)> {
+    seeded_database_with(urls, n, &seed::AgentPlan::echo("Echo")).await
+}
+
+/// The same, the conversations with an agent of this plan.
+pub async fn seeded_database_with(
+    urls: &DatabaseUrls,
+    n: usize,
+    plan: &seed::AgentPlan<'_>,
+) -> anyhow::Result<(String, Db, Vec<Seat>)> {
     let name = urls.create_database("load").await?;
     let urls = urls.for_database(&name);
     let migrator = PgPoolOptions::new()
@@ -97,7 +106,7 @@ pub async fn seeded_database(
 
     let auth = AuthConfig::from_lookup(|k| (k == "PORTAL_JWT_SECRET").then(|| SECRET.to_owned()))?;
     let tenant = seed::tenant(&db, TenantId::new(), "Load").await?;
-    let agent = seed::agent(&db, tenant, &seed::AgentPlan::echo("Echo")).await?;
+    let agent = seed::agent(&db, tenant, plan).await?;
     let mut seats = Vec::with_capacity(n);
     for i in 0..n {
         let user = seed::user(&db, &format!("load-{i}-{name}@example.test"), "Load").await?;

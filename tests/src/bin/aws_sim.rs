@@ -1,0 +1,438 @@
+//! `aws-sim`: the AWS path on this machine (`tests::aws_sim`), for a person or for figures.
+//!
+//!   aws-sim serve            one seeded conversation (echo agent); prints where to connect
+//!   aws-sim bench [--json P] the AWS path's figures: 1, 50 and 200 conversations of two
+//!                            sockets each against a model streaming 20 pieces 25 ms apart,
+//!                            then three quick messages to a 15 s agent
+//!
+//! Needs the services `infra/local/aws-sim.sh` starts (it runs this): `DATABASE_URL`,
+//! `MIGRATOR_DATABASE_URL`, `POOLED_DATABASE_URL`, `REDIS_URL`, `MOTO_ENDPOINT`, and
+//! `KONSTRUCT_BIN_DIR` (the function binaries and konstruct-local).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use futures::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use shared::db::agents::Provider;
+use shared::db::seed::AgentPlan;
+use tests::aws_sim::{AwsSim, GATEWAY_APPLICATION, Latencies, Settings};
+use tests::stack::{DatabaseUrls, Seat, seeded_database_with};
+use tokio_tungstenite::tungstenite::Message;
+
+fn env(name: &str) -> anyhow::Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set: run infra/local/aws-sim.sh"))
+}
+
+/// The runtime role's URL through the pooler, for the database the runtime URL names.
+fn pooled(runtime_url: &str) -> anyhow::Result<String> {
+    let name = runtime_url.rsplit('/').next().context("a database URL")?;
+    let pooler = env("POOLED_DATABASE_URL")?;
+    let cut = pooler.rfind('/').context("a database URL")?;
+    Ok(format!("{}/{name}", &pooler[..cut]))
+}
+
+struct Stack {
+    sim: AwsSim,
+    seats: Vec<Seat>,
+    database: String,
+}
+
+async fn stack(
+    conversations: usize,
+    plan: &AgentPlan<'_>,
+    model: Option<String>,
+    orchestrators: usize,
+) -> anyhow::Result<Stack> {
+    let (url, _db, seats) =
+        seeded_database_with(&DatabaseUrls::from_env(), conversations, plan).await?;
+    let database = url.rsplit('/').next().unwrap_or_default().to_owned();
+    let settings = Settings {
+        pooled_database_url: pooled(&url)?,
+        database_url: url,
+        redis_url: env("REDIS_URL")?,
+        redis_prefix: format!("sim:{}:", uuid::Uuid::new_v4().simple()),
+        moto_endpoint: env("MOTO_ENDPOINT")?,
+        bin_dir: env("KONSTRUCT_BIN_DIR")?.into(),
+        model_base_url: model,
+        latencies: Latencies::default(),
+        orchestrator_concurrency: orchestrators,
+        // No reserved concurrency, as the template's default: the account's (1000) applies.
+        route_concurrency: 250,
+        post_budget: Some(2000),
+    };
+    Ok(Stack {
+        sim: AwsSim::start(&settings).await?,
+        seats,
+        database,
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None | Some("serve") => serve().await,
+        Some("bench") => {
+            let json = args
+                .iter()
+                .position(|a| a == "--json")
+                .and_then(|i| args.get(i + 1));
+            bench(json.map(String::as_str)).await
+        }
+        Some(other) => Err(anyhow!("unknown command {other}: serve or bench")),
+    }
+}
+
+async fn serve() -> anyhow::Result<()> {
+    let stack = stack(1, &AgentPlan::echo("Echo"), None, 2).await?;
+    let seat = &stack.seats[0];
+    let l = stack.sim.latencies;
+    println!(
+        "\n  The AWS path, simulated (round trips: client {:?}, management API {:?}, SQS {:?}, database {:?}).\n  \
+         WebSocket: ws://{}/ws?conversation_id={}\n  \
+         Page:      http://{}/?conversation={}#token={}\n  Token:     {}\n  Ctrl-C stops it.\n",
+        l.client,
+        l.management,
+        l.sqs,
+        l.database,
+        stack.sim.address,
+        seat.conversation,
+        stack.sim.address,
+        seat.conversation,
+        seat.token,
+        seat.token
+    );
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+/// What the sockets saw, in microseconds from each message sent.
+struct Timings {
+    typing: Histogram<u64>,
+    ack: Histogram<u64>,
+    first_chunk: Histogram<u64>,
+    response: Histogram<u64>,
+    /// Frames posted to sockets (everything but route responses), per second of the run.
+    posts: HashMap<u64, u64>,
+    replies: usize,
+}
+
+impl Timings {
+    fn new() -> anyhow::Result<Self> {
+        let h = || Histogram::<u64>::new_with_bounds(1, 600_000_000, 3);
+        Ok(Self {
+            typing: h()?,
+            ack: h()?,
+            first_chunk: h()?,
+            response: h()?,
+            posts: HashMap::new(),
+            replies: 0,
+        })
+    }
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open(address: &str, seat: &Seat) -> anyhow::Result<Socket> {
+    let url = format!("ws://{address}/ws?conversation_id={}", seat.conversation);
+    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
+    let auth = json!({ "type": "auth", "token": seat.token });
+    socket.send(Message::Text(auth.to_string().into())).await?;
+    anyhow::ensure!(
+        next(&mut socket).await?["type"] == "auth_ok",
+        "auth refused"
+    );
+    Ok(socket)
+}
+
+async fn next(socket: &mut Socket) -> anyhow::Result<Value> {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(120), socket.next())
+            .await
+            .context("nothing within 120 s")?
+            .ok_or_else(|| anyhow!("socket closed"))??;
+        if let Message::Text(text) = message {
+            return Ok(serde_json::from_str(&text)?);
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    (d.as_micros() as u64).max(1)
+}
+
+fn count_post(timings: &Mutex<Timings>, start: Instant, frame: &Value) {
+    if !matches!(frame["type"].as_str(), Some("ack" | "auth_ok" | "pong")) {
+        let second = start.elapsed().as_secs();
+        *timings.lock().unwrap().posts.entry(second).or_default() += 1;
+    }
+}
+
+/// One conversation: socket A sends `messages` one after another, socket B (another tab) only
+/// listens; both must end with every reply whole.
+async fn conversation(
+    address: String,
+    seat: Seat,
+    messages: usize,
+    timings: Arc<Mutex<Timings>>,
+    start: Instant,
+) -> anyhow::Result<()> {
+    let mut a = open(&address, &seat).await?;
+    let mut b = open(&address, &seat).await?;
+    let listener = {
+        let timings = timings.clone();
+        tokio::spawn(async move {
+            let mut responses = 0;
+            while responses < messages {
+                let frame = next(&mut b).await?;
+                count_post(&timings, start, &frame);
+                responses += usize::from(frame["type"] == "response");
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    };
+    for n in 0..messages {
+        let frame = json!({ "type": "message", "text": format!("message {n}") });
+        let sent = Instant::now();
+        a.send(Message::Text(frame.to_string().into())).await?;
+        let mut text = String::new();
+        loop {
+            let frame = next(&mut a).await?;
+            count_post(&timings, start, &frame);
+            let mut t = timings.lock().unwrap();
+            let at = micros(sent.elapsed());
+            match frame["type"].as_str() {
+                Some("typing") => t.typing.record(at)?,
+                Some("ack") => t.ack.record(at)?,
+                Some("chunk") => {
+                    if text.is_empty() {
+                        t.first_chunk.record(at)?;
+                    }
+                    let offset = frame["offset"].as_u64().unwrap_or(0) as usize;
+                    let held = text.chars().count();
+                    if offset <= held {
+                        let delta = frame["delta"].as_str().unwrap_or_default();
+                        text.extend(delta.chars().skip(held - offset));
+                    }
+                }
+                Some("response") => {
+                    t.response.record(at)?;
+                    t.replies += 1;
+                    if let Some(whole) = frame["text"].as_str() {
+                        anyhow::ensure!(whole == text, "chunks {text:?} against {whole:?}");
+                    }
+                    break;
+                }
+                Some("error") => return Err(anyhow!("error frame: {frame}")),
+                _ => {}
+            }
+        }
+    }
+    listener.await??;
+    Ok(())
+}
+
+/// The most server connections the functions (through the pooler) held to `database` at once,
+/// sampled.
+fn watch_connections(database: String) -> (tokio::task::JoinHandle<()>, Arc<Mutex<i64>>) {
+    let peak = Arc::new(Mutex::new(0));
+    let seen = peak.clone();
+    let task = tokio::spawn(async move {
+        let Ok(url) = env("MIGRATOR_DATABASE_URL") else {
+            return;
+        };
+        let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+        else {
+            return;
+        };
+        loop {
+            let n: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity \
+                 where datname = $1 and usename = 'konstruct_app' and application_name <> $2",
+            )
+            .bind(&database)
+            .bind(GATEWAY_APPLICATION)
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0);
+            {
+                let mut peak = seen.lock().unwrap();
+                *peak = (*peak).max(n);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    (task, peak)
+}
+
+/// The least each path can take on this stack's round trips (`c` client, `m` management API,
+/// `s` SQS, `d` database; each one-way half of its round trip), counting one database round
+/// trip for each step that must reach it first, as the message path is built:
+/// - typing: in (c/2), the message accepted (d), the post arriving (m/2), out (c/2);
+/// - ack: in, accepted (d), the typing post answered (m, the commit meanwhile), the job sent to
+///   SQS (s), out;
+/// - first chunk: in, accepted, typing answered, the job reaching SQS (s/2), the job read (d),
+///   the first piece stored (d), its post arriving (m/2), out;
+/// - response: as the first chunk, then the model's 19 gaps, the reply ended (d), the tail chunk
+///   posted and answered (m), the response's post arriving (m/2), out.
+struct Floors {
+    typing: Duration,
+    ack: Duration,
+    first_chunk: Duration,
+    response: Duration,
+}
+
+fn floors(l: &Latencies, model: Duration) -> Floors {
+    let (c, m, s, d) = (l.client, l.management, l.sqs, l.database);
+    let queued = c / 2 + d + m + s / 2;
+    Floors {
+        typing: c + d + m / 2,
+        ack: c + d + m + s,
+        first_chunk: queued + d + d + m / 2 + c / 2,
+        response: queued + d + model + d + m + m / 2 + c / 2,
+    }
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+async fn bench(json_path: Option<&str>) -> anyhow::Result<()> {
+    let (pieces, gap) = (20, Duration::from_millis(25));
+    let model = tests::streaming::start_model(pieces, gap).await?;
+    let plan = AgentPlan {
+        name: "Streaming",
+        system_prompt: "You stream.",
+        provider: Provider::Openai,
+        model: "bench",
+        settings: json!({}),
+    };
+    let l = Latencies::default();
+    let floor = floors(&l, gap * (pieces as u32 - 1));
+    println!(
+        "== the AWS path, simulated (round trips added: client {} ms, management API {} ms, SQS {} ms, database {} ms; \
+         function binaries under the Lambda emulator, orchestrator on the FIFO event source, PgBouncer)",
+        l.client.as_millis(),
+        l.management.as_millis(),
+        l.sqs.as_millis(),
+        l.database.as_millis()
+    );
+    println!(
+        "   model: {pieces} pieces {} ms apart; two sockets per conversation, messages one after another; p50 / p99 (floor), ms",
+        gap.as_millis()
+    );
+    println!(
+        "{:>14} {:>22} {:>22} {:>22} {:>24} {:>9} {:>9}",
+        "conversations", "typing", "ack", "first chunk", "response", "pg conns", "posts/s"
+    );
+    let mut results = Vec::new();
+    for (conversations, messages) in [(1, 20), (50, 4), (200, 2)] {
+        let stack = stack(conversations, &plan, Some(model.clone()), 20).await?;
+        let (watcher, peak) = watch_connections(stack.database.clone());
+        let timings = Arc::new(Mutex::new(Timings::new()?));
+        let start = Instant::now();
+        let mut runs = tokio::task::JoinSet::new();
+        for (i, seat) in stack.seats.iter().cloned().enumerate() {
+            let (address, timings) = (stack.sim.address.clone(), timings.clone());
+            runs.spawn(async move {
+                // Spread over a second, as people arrive.
+                tokio::time::sleep(Duration::from_millis(5 * i as u64)).await;
+                conversation(address, seat, messages, timings, start).await
+            });
+        }
+        let mut failed = 0;
+        while let Some(run) = runs.join_next().await {
+            if let Err(e) = run? {
+                failed += 1;
+                eprintln!("aws-sim: a conversation failed: {e:#}");
+            }
+        }
+        watcher.abort();
+        let t = timings.lock().unwrap();
+        let posts = t.posts.values().copied().max().unwrap_or(0);
+        let peak = *peak.lock().unwrap();
+        let cell = |h: &Histogram<u64>, f: Duration| {
+            format!("{:.1} / {:.1} ({})", ms(h, 0.5), ms(h, 0.99), f.as_millis())
+        };
+        println!(
+            "{:>14} {:>22} {:>22} {:>22} {:>24} {:>9} {:>9}",
+            conversations,
+            cell(&t.typing, floor.typing),
+            cell(&t.ack, floor.ack),
+            cell(&t.first_chunk, floor.first_chunk),
+            cell(&t.response, floor.response),
+            peak,
+            posts
+        );
+        if failed > 0 {
+            println!("{:>14} {failed} conversations failed (see above)", "");
+        }
+        results.push(json!({
+            "conversations": conversations,
+            "messages_each": messages,
+            "replies": t.replies,
+            "failed_conversations": failed,
+            "typing_ms": [ms(&t.typing, 0.5), ms(&t.typing, 0.99)],
+            "ack_ms": [ms(&t.ack, 0.5), ms(&t.ack, 0.99)],
+            "first_chunk_ms": [ms(&t.first_chunk, 0.5), ms(&t.first_chunk, 0.99)],
+            "response_ms": [ms(&t.response, 0.5), ms(&t.response, 0.99)],
+            "postgres_connections_max": peak,
+            "posts_per_second_max": posts,
+            "cold_starts": stack.sim.lambda.cold_starts(),
+        }));
+    }
+    println!(
+        "   floors: typing {} ms, ack {} ms, first chunk {} ms, response {} ms",
+        floor.typing.as_millis(),
+        floor.ack.as_millis(),
+        floor.first_chunk.as_millis(),
+        floor.response.as_millis()
+    );
+
+    // Three messages in a row to an agent that takes 15 s a reply (the template's 60 s timeout,
+    // 30 s job budget, batches of ten).
+    let slow = tests::streaming::start_model(1, Duration::from_secs(15)).await?;
+    let stack = stack(1, &plan, Some(slow), 2).await?;
+    let seat = &stack.seats[0];
+    let mut socket = open(&stack.sim.address, seat).await?;
+    let start = Instant::now();
+    for n in 0..3 {
+        let frame = json!({ "type": "message", "text": format!("quick {n}") });
+        socket.send(Message::Text(frame.to_string().into())).await?;
+    }
+    let mut arrived = Vec::new();
+    while arrived.len() < 3 {
+        let frame = next(&mut socket).await?;
+        if frame["type"] == "response" {
+            arrived.push(start.elapsed().as_secs_f64());
+        }
+    }
+    println!(
+        "== three quick messages to a 15 s agent: replies at {:.1} s, {:.1} s, {:.1} s after the first was sent",
+        arrived[0], arrived[1], arrived[2]
+    );
+    if let Some(path) = json_path {
+        let out = json!({
+            "latencies_ms": {
+                "client": l.client.as_millis() as u64, "management": l.management.as_millis() as u64,
+                "sqs": l.sqs.as_millis() as u64, "database": l.database.as_millis() as u64,
+            },
+            "floors_ms": {
+                "typing": floor.typing.as_millis() as u64, "ack": floor.ack.as_millis() as u64,
+                "first_chunk": floor.first_chunk.as_millis() as u64, "response": floor.response.as_millis() as u64,
+            },
+            "scenarios": results,
+            "three_quick_messages_to_a_15s_agent_s": arrived,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+    }
+    Ok(())
+}
