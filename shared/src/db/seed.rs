@@ -77,13 +77,15 @@ pub async fn tenant(db: &Db, id: TenantId, name: &str) -> Result<TenantId, Error
     Ok(id)
 }
 
-/// Users belong to no tenant: found by their email.
+/// Users belong to no tenant: found by their email. In a transaction, like every statement, so
+/// a pooler that multiplexes transactions keeps its two halves on one server.
 pub async fn user(db: &Db, email: &str, name: &str) -> Result<UserId, Error> {
-    let mut conn = db.pool().acquire().await?;
-    let user = match users::find_by_email(&mut conn, email).await? {
+    let mut tx = db.pool().begin().await?;
+    let user = match users::find_by_email(&mut tx, email).await? {
         Some(user) => user,
-        None => users::insert(&mut conn, email, name).await?,
+        None => users::insert(&mut tx, email, name).await?,
     };
+    tx.commit().await?;
     Ok(user.id)
 }
 
