@@ -73,6 +73,10 @@ install_missing() {
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${packages[@]}" >/dev/null
 }
 
+# Statement statistics, planning and statements inside SQL functions included: the AWS bench
+# reads Postgres's time per message from them.
+stat_statements="-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all -c pg_stat_statements.track_planning=on"
+
 pg_up() {
   local bin data=$dir/postgres
   bin=$(pg_bindir)
@@ -91,7 +95,7 @@ pg_up() {
   if ! as_pg "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
     log "postgres on 127.0.0.1:$pg_port"
     as_pg "$bin/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 start \
-      -o "-p $pg_port -k '' -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200" >/dev/null \
+      -o "-p $pg_port -k '' -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200 $stat_statements" >/dev/null \
       || { tail -n 20 "$data/server.log" >&2; exit 1; }
   fi
   local i

@@ -273,6 +273,33 @@ fn watch_connections(database: String) -> (tokio::task::JoinHandle<()>, Arc<Mute
     (task, peak)
 }
 
+/// A superuser's connection to the maintenance database, for `pg_stat_statements`.
+async fn statistics() -> anyhow::Result<sqlx::PgPool> {
+    let migrator = env("MIGRATOR_DATABASE_URL")?;
+    let (scheme, rest) = migrator.split_once("://").context("a database URL")?;
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("{scheme}://postgres@{host}"))
+        .await?;
+    sqlx::query("create extension if not exists pg_stat_statements")
+        .execute(&pool)
+        .await?;
+    Ok(pool)
+}
+
+/// Postgres's time (execution and planning, nested statements included) spent in `database`
+/// since the last reset, in milliseconds.
+async fn postgres_ms(pool: &sqlx::PgPool, database: &str) -> anyhow::Result<f64> {
+    Ok(sqlx::query_scalar(
+        "select coalesce(sum(total_exec_time + total_plan_time), 0)::float8 \
+         from pg_stat_statements s join pg_database d on d.oid = s.dbid where d.datname = $1",
+    )
+    .bind(database)
+    .fetch_one(pool)
+    .await?)
+}
+
 /// The least each path can take on this stack's round trips (`c` client, `m` management API,
 /// `s` SQS, `d` database; each one-way half of its round trip), counting one database round
 /// trip for each step that must reach it first, as the message path is built:
@@ -330,13 +357,24 @@ async fn bench(json_path: Option<&str>) -> anyhow::Result<()> {
         gap.as_millis()
     );
     println!(
-        "{:>14} {:>22} {:>22} {:>22} {:>24} {:>9} {:>9}",
-        "conversations", "typing", "ack", "first chunk", "response", "pg conns", "posts/s"
+        "{:>14} {:>22} {:>22} {:>22} {:>24} {:>9} {:>9} {:>8}",
+        "conversations",
+        "typing",
+        "ack",
+        "first chunk",
+        "response",
+        "pg conns",
+        "posts/s",
+        "pg ms/msg"
     );
     let mut results = Vec::new();
     for (conversations, messages) in [(1, 20), (50, 4), (200, 2)] {
         let stack = stack(conversations, &plan, Some(model.clone()), 20).await?;
         let (watcher, peak) = watch_connections(stack.database.clone());
+        let stats = statistics().await?;
+        sqlx::query("select pg_stat_statements_reset()")
+            .execute(&stats)
+            .await?;
         let timings = Arc::new(Mutex::new(Timings::new()?));
         let start = Instant::now();
         let mut runs = tokio::task::JoinSet::new();
@@ -356,21 +394,24 @@ async fn bench(json_path: Option<&str>) -> anyhow::Result<()> {
             }
         }
         watcher.abort();
+        let postgres = postgres_ms(&stats, &stack.database).await?;
         let t = timings.lock().unwrap();
+        let per_message = postgres / t.replies.max(1) as f64;
         let posts = t.posts.values().copied().max().unwrap_or(0);
         let peak = *peak.lock().unwrap();
         let cell = |h: &Histogram<u64>, f: Duration| {
             format!("{:.1} / {:.1} ({})", ms(h, 0.5), ms(h, 0.99), f.as_millis())
         };
         println!(
-            "{:>14} {:>22} {:>22} {:>22} {:>24} {:>9} {:>9}",
+            "{:>14} {:>22} {:>22} {:>22} {:>24} {:>9} {:>9} {:>8.2}",
             conversations,
             cell(&t.typing, floor.typing),
             cell(&t.ack, floor.ack),
             cell(&t.first_chunk, floor.first_chunk),
             cell(&t.response, floor.response),
             peak,
-            posts
+            posts,
+            per_message
         );
         if failed > 0 {
             println!("{:>14} {failed} conversations failed (see above)", "");
@@ -386,6 +427,7 @@ async fn bench(json_path: Option<&str>) -> anyhow::Result<()> {
             "response_ms": [ms(&t.response, 0.5), ms(&t.response, 0.99)],
             "postgres_connections_max": peak,
             "posts_per_second_max": posts,
+            "postgres_ms_per_message": per_message,
             "cold_starts": stack.sim.lambda.cold_starts(),
         }));
     }
