@@ -116,7 +116,7 @@ impl AwsSim {
         let client = LatencyProxy::start(&gateway_address, latencies.client).await?;
 
         let sqs_client = sqs_client(&settings.moto_endpoint);
-        let (work_queue_url, dead_letter_queue_url) = queues(&sqs_client).await?;
+        let (work_queue_url, dead_letter_queue_url) = fifo_queues(&sqs_client, 1000).await?;
         let common: Vec<(String, String)> = [
             ("KONSTRUCT_MODE", "aws".to_owned()),
             (
@@ -259,8 +259,12 @@ fn sqs_client(endpoint: &str) -> aws_sdk_sqs::Client {
     aws_sdk_sqs::Client::from_conf(config)
 }
 
-/// The work queue and its dead-letter queue, as the template makes them.
-async fn queues(client: &aws_sdk_sqs::Client) -> anyhow::Result<(String, String)> {
+/// A work queue and its dead-letter queue, as the template makes them (FIFO, deduplication by
+/// id, visibility six minutes), the work queue redriving after `backstop` receives; their URLs.
+pub async fn fifo_queues(
+    client: &aws_sdk_sqs::Client,
+    backstop: u32,
+) -> anyhow::Result<(String, String)> {
     let name = format!("sim-{}", uuid::Uuid::new_v4().simple());
     let create = |name: String| {
         client
@@ -284,7 +288,7 @@ async fn queues(client: &aws_sdk_sqs::Client) -> anyhow::Result<(String, String)
         .attributes
         .and_then(|mut a| a.remove(&QueueAttributeName::QueueArn))
         .context("no queue ARN")?;
-    let redrive = json!({ "deadLetterTargetArn": arn, "maxReceiveCount": 1000 });
+    let redrive = json!({ "deadLetterTargetArn": arn, "maxReceiveCount": backstop });
     let work = create(format!("{name}.fifo"))
         .attributes(QueueAttributeName::RedrivePolicy, redrive.to_string())
         .send()

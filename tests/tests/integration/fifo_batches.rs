@@ -9,8 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
-use serde_json::json;
+use aws_sdk_sqs::types::MessageSystemAttributeName;
 use shared::db::Scope;
 use shared::db::messages::MessageStatus;
 use shared::domain::ConversationId;
@@ -19,7 +18,6 @@ use shared::orchestrator::{OrchestratorState, SqsRedrive, invoke};
 use shared::queue::{JobQueue, SqsQueue};
 use tests::event_source::{EventSource, Function};
 use tokio::time::Instant;
-use uuid::Uuid;
 
 use crate::helpers::harness::Harness;
 use crate::helpers::llm::{FakeLlm, Reply, last_user_text, pieces};
@@ -28,56 +26,18 @@ use crate::helpers::orchestrator::{
 };
 use shared::db::agents::Provider;
 
-const VISIBILITY_TIMEOUT: &str = "360";
-
 /// A work queue as the template makes it (visibility six minutes, redrive to a FIFO dead-letter
 /// queue after `backstop` receives), and its dead-letter queue.
 async fn work_queues(backstop: u32) -> (SqsQueue, SqsQueue) {
-    let moto = crate::helpers::aws::fifo_queue().await;
-    let client = moto.client.clone();
-    let name = format!("work-{}", Uuid::new_v4().simple());
-    let create = |name: String| {
-        client
-            .create_queue()
-            .queue_name(name)
-            .attributes(QueueAttributeName::FifoQueue, "true")
-            .attributes(QueueAttributeName::ContentBasedDeduplication, "false")
-            .attributes(QueueAttributeName::VisibilityTimeout, VISIBILITY_TIMEOUT)
+    let client = crate::helpers::aws::fifo_queue().await.client;
+    let (work, dead) = tests::aws_sim::fifo_queues(&client, backstop)
+        .await
+        .unwrap();
+    let queue = |queue_url| SqsQueue {
+        client: client.clone(),
+        queue_url,
     };
-    let dead_url = create(format!("{name}-dead.fifo"))
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
-    let dead_arn = client
-        .get_queue_attributes()
-        .queue_url(&dead_url)
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .unwrap()
-        .attributes
-        .unwrap()[&QueueAttributeName::QueueArn]
-        .clone();
-    let redrive = json!({ "deadLetterTargetArn": dead_arn, "maxReceiveCount": backstop });
-    let work_url = create(format!("{name}.fifo"))
-        .attributes(QueueAttributeName::RedrivePolicy, redrive.to_string())
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
-    (
-        SqsQueue {
-            client: client.clone(),
-            queue_url: work_url,
-        },
-        SqsQueue {
-            client,
-            queue_url: dead_url,
-        },
-    )
+    (queue(work), queue(dead))
 }
 
 /// The orchestrator as its function runs it: the batch, then the records it did not settle
