@@ -25,6 +25,7 @@ use std::time::Duration;
 use aws_lambda_events::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName};
 use futures::future::BoxFuture;
+use shared::orchestrator::receives;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -42,7 +43,6 @@ pub type Function =
 pub struct Invocation {
     /// Each record's message id and its receive count then.
     pub records: Vec<(String, u32)>,
-    pub started: Instant,
     /// `None` when it timed out.
     pub failed: Option<Vec<String>>,
 }
@@ -156,7 +156,6 @@ impl EventSource {
                     .iter()
                     .map(|r| (r.message_id.clone().unwrap_or_default(), receives(r)))
                     .collect(),
-                started,
                 failed,
             });
     }
@@ -189,14 +188,6 @@ impl EventSource {
             tracing::warn!(error = %e, "event source: delete failed");
         }
     }
-}
-
-fn receives(record: &SqsMessage) -> u32 {
-    record
-        .attributes
-        .get("ApproximateReceiveCount")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 /// A received message as the record Lambda hands the function.

@@ -144,17 +144,6 @@ impl Lambda {
         self.inner.cold_starts.load(Ordering::Relaxed)
     }
 
-    /// Environments of this function alive now.
-    pub fn environments(&self, function: &str) -> usize {
-        self.inner
-            .environments
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|e| e.function == function)
-            .count()
-    }
-
     /// Invokes a function directly (what the Invoke API does for a caller).
     pub async fn invoke(&self, function: &str, payload: Bytes) -> Result<Bytes, String> {
         match call(&self.inner, function, payload).await {

@@ -368,7 +368,8 @@ impl SqsRedrive {
     }
 }
 
-fn receives(record: &SqsMessage) -> u32 {
+/// How often SQS has handed the record over (`ApproximateReceiveCount`; 1 when absent).
+pub fn receives(record: &SqsMessage) -> u32 {
     record
         .attributes
         .get("ApproximateReceiveCount")

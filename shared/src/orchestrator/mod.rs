@@ -32,7 +32,7 @@ use crate::telemetry::{self, Event};
 mod batch;
 pub use batch::{
     BatchReport, RETRY_AFTER, SqsRedrive, Unsettled, deadline_from_epoch_ms, failures, handle,
-    invoke, retry_after, run,
+    invoke, receives, retry_after, run,
 };
 
 /// How much of the conversation the agent sees: the last `messages`, and no more than `chars`
