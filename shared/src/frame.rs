@@ -165,7 +165,10 @@ pub enum ServerFrame {
         message_id: MessageId,
         seq: i64,
         role: MessageRole,
-        content: String,
+        /// The text, when the frame fits in [`MAX_SERVER_FRAME_BYTES`] with it; otherwise
+        /// absent, and the client reads the message by `seq` through the history API.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content: Option<String>,
         created_at: DateTime<Utc>,
         client_message_id: Option<ClientMessageId>,
     },

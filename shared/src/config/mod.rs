@@ -176,6 +176,40 @@ pub struct DatabaseConfig {
     /// The URL names a pooler that multiplexes transactions (RDS Proxy, PgBouncer in
     /// transaction mode): statements are then prepared unnamed (see `db::query`).
     pub pooled: bool,
+    /// How long any transaction's statements may wait for a lock, and run.
+    pub timeouts: TxTimeouts,
+}
+
+/// Every transaction runs under `lock_timeout` and `statement_timeout` (set in its `BEGIN`
+/// round trip), so no bug can hold a conversation, or a function's connection, for long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxTimeouts {
+    pub lock: std::time::Duration,
+    pub statement: std::time::Duration,
+}
+
+impl Default for TxTimeouts {
+    fn default() -> Self {
+        Self {
+            lock: std::time::Duration::from_secs(3),
+            statement: std::time::Duration::from_secs(5),
+        }
+    }
+}
+
+impl TxTimeouts {
+    fn from_lookup(lookup: &impl Lookup) -> Result<Self, ConfigError> {
+        let default = Self::default();
+        let ms = |var, default: std::time::Duration| {
+            Ok::<_, ConfigError>(
+                positive(lookup, var)?.map_or(default, std::time::Duration::from_millis),
+            )
+        };
+        Ok(Self {
+            lock: ms("DATABASE_LOCK_TIMEOUT_MS", default.lock)?,
+            statement: ms("DATABASE_STATEMENT_TIMEOUT_MS", default.statement)?,
+        })
+    }
 }
 
 impl DatabaseConfig {
@@ -250,6 +284,7 @@ impl DatabaseConfig {
             max_connections,
             credentials: Some(secret),
             pooled,
+            timeouts: TxTimeouts::from_lookup(lookup)?,
         })
     }
 }

@@ -90,6 +90,16 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "`true` when `DATABASE_URL` reaches Postgres through a pooler that multiplexes transactions (RDS Proxy, PgBouncer in transaction mode): statements are prepared unnamed inside their transaction, so no session outlives it and the pooler never pins (one more round trip per statement); default `true` in aws mode, `false` otherwise",
     },
     Variable {
+        names: &["DATABASE_LOCK_TIMEOUT_MS"],
+        read_by: ALL_FUNCTIONS,
+        meaning: "how long a statement may wait for a lock before its transaction fails (`lock_timeout`, set in every transaction); default 3000",
+    },
+    Variable {
+        names: &["DATABASE_STATEMENT_TIMEOUT_MS"],
+        read_by: ALL_FUNCTIONS,
+        meaning: "how long a statement may run before its transaction fails (`statement_timeout`, set in every transaction); default 5000",
+    },
+    Variable {
         names: &["PORTAL_JWT_SECRET"],
         read_by: TOKENS,
         meaning: "HS256 secret of portal tokens, at least 32 bytes",

@@ -8,7 +8,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use sqlx::PgConnection;
+use sqlx::{AssertSqlSafe, PgConnection};
 use sqlx::types::Json;
 use uuid::Uuid;
 
@@ -285,7 +285,7 @@ pub async fn bind(
          ), bound as (
              update ws_connections w
              set tenant_id = t.tenant_id, user_id = $2, role = $3, expires_at = $4,
-                 authenticated_at = now(), last_seen_at = now()
+                 authenticated_at = now(), last_seen_at = now(), catching_up_since = now()
              from target t, counted n
              where w.connection_id = t.connection_id and t.permitted
                and n.user_sockets < $5 and n.conversation_sockets < $6
@@ -341,18 +341,26 @@ pub async fn bind(
 /// The most messages a `replay` catches up with; past that the client reloads through REST.
 pub const MAX_REPLAY: i64 = 500;
 
-/// What a socket that just authenticated is owed, read after `bind` in its transaction.
+/// The most bytes of message content a `replay` catches up with (a bounded number of frames,
+/// posted well within the auth route's timeout); past that the client reloads through REST.
+pub const MAX_REPLAY_BYTES: i64 = 256 * 1024;
+
+/// What a socket that just authenticated is owed, read after `bind` in its transaction, or
+/// what was stored since by [`catch_up`].
 #[derive(Debug, Clone)]
 pub struct Resume {
     /// The conversation's newest `seq`.
     pub last_seq: i64,
-    /// The messages after the client's `resume_after`, oldest first (none when it did not
+    /// The messages after the `seq` asked for, oldest first (none when the client did not
     /// resume).
     pub missed: Vec<Message>,
-    /// More than [`MAX_REPLAY`] were missed: `missed` is empty, the client reloads.
+    /// More than [`MAX_REPLAY`] messages, or [`MAX_REPLAY_BYTES`], were missed: `missed` is
+    /// empty, the client reloads.
     pub too_many: bool,
     /// A reply streaming now, with its text so far.
     pub streaming: Option<Message>,
+    /// The socket takes live frames from now on: nothing more is owed to it.
+    pub live: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -361,47 +369,148 @@ struct ResumeRow {
     too_many: bool,
     missed: Json<Vec<Message>>,
     streaming: Option<Json<Message>>,
+    live: bool,
 }
+
+/// The messages after `$2` (null: none), at most MAX_REPLAY (`$3`) and MAX_REPLAY_BYTES (`$4`)
+/// of them, and the reply streaming now, in conversation `$1`: the start of both statements
+/// that tell a socket what it is owed.
+const OWED: &str = "with missed as (
+         select m.*, sum(octet_length(m.content)) over (order by m.seq) as bytes
+         from web_conversation_messages m
+         where m.conversation_id = $1 and $2::bigint is not null and m.seq > $2
+         order by m.seq
+         limit $3 + 1
+     ), owed as (
+         select (select count(*) from missed) > $3
+                or coalesce((select max(bytes) from missed), 0) > $4 as too_many,
+                (select to_jsonb(m) from web_conversation_messages m
+                 where m.conversation_id = $1 and m.status = 'streaming'
+                 order by m.seq desc limit 1) as streaming
+     )";
 
 /// `auth`'s second statement, after [`bind`] in the same transaction: `bind` locked the
 /// conversation row (`for share`), so this statement's snapshot holds every message whose writer
 /// listed the sockets before the binding was visible, and every writer after it waits for this
-/// transaction and then lists this socket. Together they give each message exactly once: in
-/// this read, or live. `resume_after` is the client's last `seq`, if it resumes.
+/// transaction. `bind` left the socket catching up (writers leave it out); when it is owed
+/// nothing (it did not resume, and no reply is streaming) this statement makes it live, and
+/// every writer after this transaction lists it. Otherwise `auth` posts what it is owed after
+/// the commit, then calls [`catch_up`] until it is live. `resume_after` is the client's last
+/// `seq`, if it resumes.
 pub async fn resume(
     conn: &mut PgConnection,
+    connection: &ConnectionId,
     conversation_id: ConversationId,
     resume_after: Option<i64>,
 ) -> Result<Resume, Error> {
-    let row: ResumeRow = super::query_as(
-        "with missed as (
-             select m.* from web_conversation_messages m
-             where m.conversation_id = $1 and $2::bigint is not null and m.seq > $2
-             order by m.seq
-             limit $3 + 1
+    let row: ResumeRow = super::query_as(AssertSqlSafe(format!(
+        "{OWED}, live as (
+             update ws_connections w set catching_up_since = null
+             from owed o
+             where w.connection_id = $5 and $2::bigint is null and o.streaming is null
+             returning 1
          )
-         select c.last_seq,
-                (select count(*) from missed) > $3 as too_many,
-                case when (select count(*) from missed) > $3 then '[]'::jsonb
-                     else (select coalesce(jsonb_agg(to_jsonb(m) order by m.seq), '[]')
+         select c.last_seq, o.too_many,
+                case when o.too_many then '[]'::jsonb
+                     else (select coalesce(jsonb_agg(to_jsonb(m) - 'bytes' order by m.seq), '[]')
                            from missed m)
                 end as missed,
-                (select to_jsonb(m) from web_conversation_messages m
-                 where m.conversation_id = c.id and m.status = 'streaming'
-                 order by m.seq desc limit 1) as streaming
-         from web_conversations c where c.id = $1",
-    )
+                o.streaming,
+                exists (select 1 from live) as live
+         from web_conversations c, owed o where c.id = $1"
+    )))
     .bind(conversation_id)
     .bind(resume_after)
     .bind(MAX_REPLAY)
+    .bind(MAX_REPLAY_BYTES)
+    .bind(connection)
     .fetch_one(conn)
     .await?;
-    Ok(Resume {
-        last_seq: row.last_seq,
-        too_many: row.too_many,
-        missed: row.missed.0,
-        streaming: row.streaming.map(|m| m.0),
-    })
+    Ok(row.into())
+}
+
+impl From<ResumeRow> for Resume {
+    fn from(row: ResumeRow) -> Self {
+        Self {
+            last_seq: row.last_seq,
+            too_many: row.too_many,
+            missed: row.missed.0,
+            streaming: row.streaming.map(|m| m.0),
+            live: row.live,
+        }
+    }
+}
+
+/// Where a socket's catching up stands: what it has been sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    /// Every message up to this `seq` has been sent whole (or as it stood, for a reply
+    /// streaming then).
+    pub through_seq: i64,
+    /// A reply that was streaming, and how many characters of it the socket holds.
+    pub streaming: Option<(MessageId, usize)>,
+}
+
+/// `auth` catching a socket up, in a [`Scope::CatchingUp`](super::Scope) transaction (the
+/// conversation locked `for share` before this statement's snapshot, so no writer is between
+/// storing and listing): what was stored after `sent.through_seq`, and the reply streaming now
+/// (the one `sent.streaming` names if it still streams). When nothing changed since `sent`, or
+/// `last_round`, the socket is made live in the same statement.
+pub async fn catch_up(
+    conn: &mut PgConnection,
+    connection: &ConnectionId,
+    conversation_id: ConversationId,
+    sent: Sent,
+    last_round: bool,
+) -> Result<(Resume, Option<Message>), Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        resume: ResumeRow,
+        /// The reply `sent.streaming` names, when it has ended since.
+        ended: Option<Json<Message>>,
+    }
+    let (streaming_id, streaming_held) = sent
+        .streaming
+        .map_or((None, 0), |(id, held)| (Some(id), held));
+    let row: Row = super::query_as(AssertSqlSafe(format!(
+        "{OWED}, ended as (
+             select to_jsonb(m) as message from web_conversation_messages m
+             where m.conversation_id = $1 and m.id = $6 and m.status <> 'streaming'
+         ), unchanged as (
+             select not exists (select 1 from missed) and not exists (select 1 from ended)
+                    and ($6::uuid is null) = (o.streaming is null)
+                    and ($6::uuid is null
+                         or (o.streaming ->> 'id' = $6::text
+                             and char_length(o.streaming ->> 'content') = $7)) as yes
+             from owed o
+         ), live as (
+             update ws_connections w set catching_up_since = null
+             from unchanged u
+             where w.connection_id = $5 and (u.yes or $8)
+             returning 1
+         )
+         select c.last_seq, o.too_many,
+                case when o.too_many then '[]'::jsonb
+                     else (select coalesce(jsonb_agg(to_jsonb(m) - 'bytes' order by m.seq), '[]')
+                           from missed m)
+                end as missed,
+                o.streaming,
+                exists (select 1 from live) as live,
+                (select message from ended) as ended
+         from web_conversations c, owed o where c.id = $1"
+    )))
+    .bind(conversation_id)
+    .bind(sent.through_seq)
+    .bind(MAX_REPLAY)
+    .bind(MAX_REPLAY_BYTES)
+    .bind(connection)
+    .bind(streaming_id)
+    .bind(i64::try_from(streaming_held).unwrap_or(i64::MAX))
+    .bind(last_round)
+    .fetch_one(conn)
+    .await?;
+    Ok((row.resume.into(), row.ended.map(|m| m.0)))
 }
 
 /// What one job needs, read at once: the conversation, its agent, a reply already stored (a
@@ -497,7 +606,7 @@ pub async fn load_job(
                  ) h) as history,
                 (select coalesce(jsonb_agg(jsonb_build_object(
                             'connection_id', w.connection_id, 'endpoint', w.endpoint)), '[]')
-                 from authorized_connections(c.tenant_id, c.id) w) as recipients,
+                 from live_connections(c.tenant_id, c.id) w) as recipients,
                 coalesce(upto.cancel_requested, false) as cancel_requested,
                 coalesce(upto.job_deferrals, 0) as deferrals
          from web_conversations c
@@ -841,7 +950,7 @@ pub async fn recipients(
     conversation_id: ConversationId,
 ) -> Result<Vec<Recipient>, Error> {
     Ok(
-        super::query_as("select connection_id, endpoint from authorized_connections($1, $2)")
+        super::query_as("select connection_id, endpoint from live_connections($1, $2)")
             .bind(tenant_id)
             .bind(conversation_id)
             .fetch_all(conn)

@@ -30,8 +30,8 @@ use tokio::sync::OnceCell;
 
 use crate::Error;
 use crate::auth::PlatformAdmin;
-use crate::config::{DatabaseConfig, connect_options};
-use crate::domain::{ConnectionId, ConversationId, TenantId};
+use crate::config::{DatabaseConfig, TxTimeouts, connect_options};
+use crate::domain::{ConnectionId, ConversationId, TenantId, UserId};
 use crate::secrets::Secret;
 use secrecy::ExposeSecret;
 
@@ -94,10 +94,22 @@ pub enum Scope<'a> {
     Connection(&'a ConnectionId),
     /// One connection row and the tenant it is bound to (none before `auth`): what the message
     /// route needs to check the socket, count it and store its message in one transaction.
+    /// The user's other such transactions wait for this one (an advisory lock taken in the
+    /// `BEGIN` round trip, before the first statement's snapshot), so the per-user limit
+    /// counts every message committed before and holds under concurrency.
     BoundConnection(&'a ConnectionId),
     /// One connection row, the conversation it named at `$connect`, and that conversation's
     /// tenant: what `auth` needs to check the caller and bind the socket in one transaction.
-    ConnectingConnection(&'a ConnectionId),
+    /// The user's other binds and the conversation's wait for this one, as for
+    /// `BoundConnection`, so the caps on open sockets hold under concurrency.
+    Binding {
+        connection: &'a ConnectionId,
+        user: UserId,
+    },
+    /// `Binding`'s rows, with the conversation locked `for share` before the first statement:
+    /// what `auth` reads to catch a socket up, knowing no writer of the conversation is
+    /// between storing a message and listing its recipients.
+    CatchingUp(&'a ConnectionId),
     /// The connection rows that never authenticated (they carry no tenant), to read and
     /// delete: the sweeper's scope, and nothing else.
     Unauthenticated,
@@ -107,7 +119,7 @@ impl Scope<'_> {
     /// The statements that open a transaction in this scope, sent as one simple query: one
     /// round trip for `BEGIN` and the settings together. Values are quoted literals (a simple
     /// query takes no parameters); every one of them is a parsed UUID or connection id.
-    fn begin_statement(&self) -> String {
+    fn begin_statement(&self, timeouts: TxTimeouts) -> String {
         let set = |name: &str, value: &str| {
             format!("select set_config('{name}', {}, true)", literal(value))
         };
@@ -122,24 +134,52 @@ impl Scope<'_> {
             Self::BoundConnection(id) => format!(
                 "{}; select set_config('app.current_tenant', coalesce((\
                      select tenant_id::text from ws_connections \
-                     where connection_id = current_setting('app.current_connection')), ''), true)",
+                     where connection_id = current_setting('app.current_connection')), ''), true); \
+                 select pg_advisory_xact_lock({USER_LOCKS}, hashtext(coalesce((\
+                     select user_id::text from ws_connections \
+                     where connection_id = current_setting('app.current_connection')), '')))",
                 set("app.current_connection", id.as_str())
             ),
-            // Each setting makes the next row visible: the connection, then its conversation
-            // (through the conversation key), then that conversation's tenant.
-            Self::ConnectingConnection(id) => format!(
-                "{}; select set_config('app.current_conversation', coalesce((\
-                     select conversation_id::text from ws_connections \
-                     where connection_id = current_setting('app.current_connection')), ''), true); \
-                 select set_config('app.current_tenant', coalesce((\
-                     select tenant_id::text from web_conversations \
-                     where id = nullif(current_setting('app.current_conversation'), '')::uuid), ''), \
-                     true)",
-                set("app.current_connection", id.as_str())
+            Self::Binding { connection, user } => format!(
+                "{}; select pg_advisory_xact_lock({USER_LOCKS}, hashtext({})); \
+                 select pg_advisory_xact_lock({CONVERSATION_LOCKS}, \
+                     hashtext(current_setting('app.current_conversation')))",
+                connecting(connection),
+                literal(&user.to_string())
+            ),
+            Self::CatchingUp(connection) => format!(
+                "{}; select 1 from web_conversations \
+                     where id = nullif(current_setting('app.current_conversation'), '')::uuid \
+                     for share",
+                connecting(connection)
             ),
         };
-        format!("begin; {setting}")
+        format!(
+            "begin; set local lock_timeout = {}; set local statement_timeout = {}; {setting}",
+            timeouts.lock.as_millis(),
+            timeouts.statement.as_millis()
+        )
     }
+}
+
+/// The advisory locks' namespaces (the first key of `pg_advisory_xact_lock(int, int)`).
+const USER_LOCKS: i32 = 1;
+const CONVERSATION_LOCKS: i32 = 2;
+
+/// The settings that make one connection row, the conversation it named at `$connect`, and
+/// that conversation's tenant visible, each setting making the next row visible.
+fn connecting(id: &ConnectionId) -> String {
+    format!(
+        "select set_config('app.current_connection', {}, true); \
+         select set_config('app.current_conversation', coalesce((\
+             select conversation_id::text from ws_connections \
+             where connection_id = current_setting('app.current_connection')), ''), true); \
+         select set_config('app.current_tenant', coalesce((\
+             select tenant_id::text from web_conversations \
+             where id = nullif(current_setting('app.current_conversation'), '')::uuid), ''), \
+             true)",
+        literal(id.as_str())
+    )
 }
 
 fn rls_exempt(role: &str) -> Error {
@@ -178,6 +218,7 @@ pub struct Db {
     credentials: Option<Secret>,
     /// The last health check and when it ran (see [`Db::health`]).
     health: Arc<tokio::sync::Mutex<Option<(std::time::Instant, bool)>>>,
+    timeouts: TxTimeouts,
 }
 
 impl Db {
@@ -208,6 +249,7 @@ impl Db {
             .connect_lazy_with(config.options.clone());
         Self {
             credentials: config.credentials.clone(),
+            timeouts: config.timeouts,
             ..Self::from_pool(pool)
         }
     }
@@ -218,6 +260,7 @@ impl Db {
             role_verified: Arc::default(),
             credentials: None,
             health: Arc::default(),
+            timeouts: TxTimeouts::default(),
         }
     }
 
@@ -241,7 +284,7 @@ impl Db {
     async fn begin_checked(&self, scope: Scope<'_>) -> Result<Tx, Error> {
         let mut tx = self
             .pool
-            .begin_with(AssertSqlSafe(scope.begin_statement()))
+            .begin_with(AssertSqlSafe(scope.begin_statement(self.timeouts)))
             .await?;
         if !self.role_verified.initialized() {
             check_runtime_role(&mut tx).await?;
@@ -386,13 +429,16 @@ mod tests {
     fn a_scope_opens_in_one_simple_query_with_quoted_values() {
         let tenant = TenantId::new();
         assert_eq!(
-            Scope::Tenant(tenant).begin_statement(),
-            format!("begin; select set_config('app.current_tenant', '{tenant}', true)")
+            Scope::Tenant(tenant).begin_statement(TxTimeouts::default()),
+            format!(
+                "begin; set local lock_timeout = 3000; set local statement_timeout = 5000; \
+                 select set_config('app.current_tenant', '{tenant}', true)"
+            )
         );
         let id = ConnectionId::parse("L0SM9cOFvHcCIhw=").unwrap();
-        let bound = Scope::BoundConnection(&id).begin_statement();
-        assert!(bound.starts_with(
-            "begin; select set_config('app.current_connection', 'L0SM9cOFvHcCIhw=', true); "
+        let bound = Scope::BoundConnection(&id).begin_statement(TxTimeouts::default());
+        assert!(bound.contains(
+            "; select set_config('app.current_connection', 'L0SM9cOFvHcCIhw=', true); "
         ));
         assert!(bound.contains("set_config('app.current_tenant'"));
         assert_eq!(literal("it's"), "'it''s'");

@@ -8,8 +8,9 @@ use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxy
 use super::{AuthRoute, RouteEvent, reply, status};
 use crate::Error;
 use crate::db::messages::{Message, MessageView};
+use crate::db::message_path::Sent;
 use crate::db::{Scope, message_path};
-use crate::delivery::encode;
+use crate::delivery::{Posted, encode};
 use crate::domain::ConversationId;
 use crate::frame::{ChunkOf, ClientFrame, MAX_SERVER_FRAME_BYTES, ServerFrame};
 
@@ -34,9 +35,17 @@ pub async fn handle(
     }
 }
 
+/// The rounds `auth` spends catching a socket up before it makes it live regardless (a
+/// conversation that stores faster than one round posts): past them, a live frame may reach
+/// the socket before the catch-up's last frames, and the client's rules (stored messages kept
+/// once by id, chunks placed by offset) still give it every message once.
+const CATCH_UP_ROUNDS: usize = 5;
+
 /// Binds the caller; `auth_ok` is the route response, unless the socket is owed more (a
-/// `replay`, a reply streaming now): then `auth_ok` and those frames are posted, in order,
-/// while the conversation is locked, so no live frame can overtake them.
+/// `replay`, a reply streaming now): then, after the binding commits, `auth_ok` and those
+/// frames are posted in order, and what was stored meanwhile after them, until a transaction
+/// finds nothing more and makes the socket live (writers leave a socket out until then, so no
+/// live frame overtakes what it is owed). No transaction is open while a frame is posted.
 async fn auth(state: &AuthRoute, route: &RouteEvent) -> Result<Option<ServerFrame>, Error> {
     let ClientFrame::Auth {
         token,
@@ -48,7 +57,14 @@ async fn auth(state: &AuthRoute, route: &RouteEvent) -> Result<Option<ServerFram
     let caller = state.tokens.verify_fresh(&token).await?;
 
     let id = &route.connection_id;
-    let mut tx = state.edge.db.begin(Scope::ConnectingConnection(id)).await?;
+    let mut tx = state
+        .edge
+        .db
+        .begin(Scope::Binding {
+            connection: id,
+            user: caller.user_id(),
+        })
+        .await?;
     let conversation_id = message_path::bind(
         &mut tx,
         id,
@@ -59,36 +75,77 @@ async fn auth(state: &AuthRoute, route: &RouteEvent) -> Result<Option<ServerFram
     )
     .await?;
     tracing::Span::current().record("conversation_id", tracing::field::display(conversation_id));
-    let resume = message_path::resume(&mut tx, conversation_id, resume_after).await?;
+    let resume = message_path::resume(&mut tx, id, conversation_id, resume_after).await?;
+    tx.commit().await?;
     let auth_ok = ServerFrame::AuthOk {
         conversation_id,
         user_id: caller.user_id(),
         last_seq: resume.last_seq,
     };
-    let owed = owed_frames(conversation_id, resume_after.is_some(), resume);
-    if owed.is_empty() {
-        tx.commit().await?;
+    if resume.live {
         return Ok(Some(auth_ok));
     }
-    for frame in std::iter::once(&auth_ok).chain(&owed) {
-        state.edge.post(&route.endpoint, id, frame).await?;
+    let mut sent = Sent {
+        through_seq: resume.last_seq,
+        streaming: None,
+    };
+    let mut frames = vec![auth_ok];
+    frames.extend(owed_frames(conversation_id, resume_after.is_some(), resume, &mut sent, None));
+    for round in 1..=CATCH_UP_ROUNDS {
+        for frame in &frames {
+            if state.edge.post(&route.endpoint, id, frame).await? == Posted::Gone {
+                return Ok(None);
+            }
+        }
+        let mut tx = state.edge.db.begin(Scope::CatchingUp(id)).await?;
+        let (resume, ended) =
+            message_path::catch_up(&mut tx, id, conversation_id, sent, round == CATCH_UP_ROUNDS)
+                .await?;
+        tx.commit().await?;
+        let live = resume.live;
+        frames = owed_frames(conversation_id, false, resume, &mut sent, ended);
+        if live {
+            break;
+        }
     }
-    tx.commit().await?;
+    for frame in &frames {
+        if state.edge.post(&route.endpoint, id, frame).await? == Posted::Gone {
+            break;
+        }
+    }
     Ok(None)
 }
 
-/// The frames a socket is owed right after `auth_ok`: the messages it missed, then the text so
-/// far of a reply streaming now.
+/// The frames a socket is owed after what `sent` says it holds: the messages it missed (with
+/// a reply that has `ended` since it was sent in part; a `replay` even when none, if
+/// `replay`), then the text of a reply streaming now that it lacks. `sent` moves past them.
 fn owed_frames(
     conversation_id: ConversationId,
-    resumed: bool,
+    replay: bool,
     resume: message_path::Resume,
+    sent: &mut Sent,
+    ended: Option<Message>,
 ) -> Vec<ServerFrame> {
     let mut frames = Vec::new();
-    if resumed {
-        frames.extend(replay_frames(resume.too_many, resume.missed));
+    let held = |id| match sent.streaming {
+        Some((streamed, held)) if streamed == id => held,
+        _ => 0,
+    };
+    let streaming = resume.streaming.map(|reply| {
+        let from = if resume.missed.iter().any(|m| m.id == reply.id) {
+            0
+        } else {
+            held(reply.id)
+        };
+        (from, reply)
+    });
+    sent.through_seq = sent.through_seq.max(resume.last_seq);
+    let missed: Vec<Message> = ended.into_iter().chain(resume.missed).collect();
+    if replay || resume.too_many || !missed.is_empty() {
+        frames.extend(replay_frames(resume.too_many, missed));
     }
-    if let Some(reply) = resume.streaming
+    sent.streaming = None;
+    if let Some((from, reply)) = streaming
         && let Some(reply_to) = reply.reply_to
     {
         let of = ChunkOf {
@@ -96,7 +153,9 @@ fn owed_frames(
             message_id: reply.id,
             reply_to,
         };
-        frames.extend(of.chunks(0, &reply.content, false));
+        let text: String = reply.content.chars().skip(from).collect();
+        frames.extend(of.chunks(from, &text, false));
+        sent.streaming = Some((reply.id, reply.content.chars().count()));
     }
     frames
 }

@@ -15,7 +15,7 @@ use super::{MessageRoute, RouteEvent, reply, status};
 use crate::Error;
 use crate::db::messages::MessageRole;
 use crate::db::{Scope, message_path};
-use crate::delivery::{Audience, ConnectionsFanout, Fanout};
+use crate::delivery::{Audience, ConnectionsFanout, Fanout, encode};
 use crate::domain::{ClientMessageId, MessageText};
 use crate::frame::{ClientFrame, ServerFrame};
 use crate::job::Job;
@@ -114,15 +114,22 @@ async fn message(
         if stored.others.is_empty() {
             return;
         }
-        let shown = ServerFrame::Message {
+        let mut shown = ServerFrame::Message {
             conversation_id: stored.conversation_id,
             message_id: stored.message_id,
             seq: stored.seq,
             role: MessageRole::User,
-            content: text.as_str().to_owned(),
+            content: Some(text.as_str().to_owned()),
             created_at: stored.created_at,
             client_message_id,
         };
+        // A message the client could send can take more than a frame once escaped and
+        // wrapped in the frame's fields: it is announced, and read by `seq`.
+        if encode(&shown).is_err()
+            && let ServerFrame::Message { content, .. } = &mut shown
+        {
+            *content = None;
+        }
         let fanout = ConnectionsFanout::new(state.edge.db.clone(), state.edge.delivery.clone());
         let mut others = Audience::new(
             stored.tenant_id,

@@ -24,6 +24,7 @@ mod orchestrator;
 mod orchestrator_delivery;
 mod pooler;
 mod pressure;
+mod races;
 mod rbac;
 mod reliability;
 mod resume;

@@ -262,6 +262,11 @@ impl ManagementApi {
             .insert(connection.to_owned());
     }
 
+    /// The socket closes: posts to it are answered 410 from now on.
+    pub fn close(&self, connection: &str) {
+        self.recorded.lock().unwrap().open.remove(connection);
+    }
+
     /// Runs `probe` as each post arrives and records what it returns.
     pub fn probe_with(
         &self,

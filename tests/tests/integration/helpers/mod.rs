@@ -121,6 +121,7 @@ impl TestDb {
             max_connections,
             credentials: None,
             pooled: true,
+            timeouts: Default::default(),
         })
     }
 

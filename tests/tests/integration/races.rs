@@ -1,0 +1,195 @@
+//! Races and costly requests (PROTOCOL §2 "Costs and limits"): no transaction open across a
+//! network call, so a socket gone mid-`auth` holds nothing; what is stored while a socket
+//! catches up reaches it once; the caps on sockets and the per-user message limit hold under
+//! concurrency.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::FutureExt;
+use serde_json::{Value, json};
+use shared::domain::Role;
+
+use crate::helpers::harness::{Harness, message_frame};
+use crate::helpers::llm::FakeLlm;
+use crate::helpers::orchestrator::{of_type, orchestrator, records_for, run};
+use crate::helpers::token;
+
+/// Far more than any step here takes; only a hang reaches it.
+const STALL: Duration = Duration::from_secs(20);
+
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(STALL, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} hung"))
+}
+
+/// A socket that closes before its replay is posted: `auth` finds it gone (410), forgets it,
+/// and returns; the conversation is not held, so another tab's next message goes through.
+/// (Once, `auth` posted under its transaction and the 410's delete waited for it: a deadlock
+/// until the function timed out, and every writer of the conversation behind it.)
+#[tokio::test]
+async fn a_socket_gone_before_its_replay_holds_nothing() {
+    let h = Harness::new().await;
+    let llm = FakeLlm::hello().await;
+    let state = orchestrator(&h, &llm);
+    h.open_session("tab").await;
+    let records = records_for(&h, "tab", &["one", "two"]).await;
+    assert!(run(&state, records).await.is_empty());
+
+    h.connect("gone").await;
+    h.api.close("gone");
+    let token = token(h.seed.user, Role::CustomerOperator);
+    let answer = within(
+        "auth to a gone socket",
+        h.auth_with(
+            "gone",
+            json!({ "type": "auth", "token": token, "resume_after": 0 }),
+        ),
+    )
+    .await;
+    assert_eq!(answer, None, "the frames were posted (and found gone)");
+    assert!(h.connection("gone").await.is_none(), "forgotten when found gone");
+
+    let ack = within("the other tab's message", h.send("tab", &message_frame("three"))).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+}
+
+/// A message stored while a socket is being sent its replay reaches that socket once, after
+/// the replay: the writer leaves a socket that is catching up out, and `auth` reads what was
+/// stored meanwhile before it makes the socket live.
+#[tokio::test]
+async fn a_message_stored_during_a_replay_reaches_the_socket_once_after_it() {
+    let h = Harness::new().await;
+    let llm = FakeLlm::hello().await;
+    let state = orchestrator(&h, &llm);
+    h.open_session("tab").await;
+    let records = records_for(&h, "tab", &["one"]).await;
+    assert!(run(&state, records).await.is_empty());
+
+    h.connect("back").await;
+    // As the first frame to "back" (its auth_ok) arrives, the other tab sends a message.
+    let fired = Arc::new(AtomicBool::new(false));
+    let (routes, sent) = (h.state.clone(), Arc::new(std::sync::Mutex::new(None)));
+    {
+        let (fired, sent) = (fired.clone(), sent.clone());
+        h.api.probe_with(move || {
+            let (fired, routes, sent) = (fired.clone(), routes.clone(), sent.clone());
+            async move {
+                if !fired.swap(true, Ordering::SeqCst) {
+                    let body = message_frame("meanwhile");
+                    let response = shared::ws::Route::Message
+                        .handle(
+                            &routes,
+                            crate::helpers::harness::event("tab", "message", Some(&body), json!(null)),
+                        )
+                        .await;
+                    *sent.lock().unwrap() = crate::helpers::harness::frame_of(&response);
+                }
+                Value::Null
+            }
+            .boxed()
+        });
+    }
+    let token = token(h.seed.user, Role::CustomerOperator);
+    let answer = within(
+        "auth while another tab writes",
+        h.auth_with(
+            "back",
+            json!({ "type": "auth", "token": token, "resume_after": 0 }),
+        ),
+    )
+    .await;
+    assert_eq!(answer, None);
+    let ack = sent.lock().unwrap().clone().expect("the other tab's message was sent");
+    assert_eq!(ack["type"], "ack", "{ack}");
+
+    let frames = h.api.frames_to("back");
+    assert_eq!(frames[0]["type"], "auth_ok");
+    assert_eq!(frames[1]["type"], "replay");
+    let carrying: Vec<usize> = frames
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| {
+            f["message_id"] == ack["message_id"]
+                || f["messages"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|m| m["id"] == ack["message_id"]))
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(carrying.len(), 1, "once: {frames:?}");
+    assert!(carrying[0] >= 1, "after auth_ok: {frames:?}");
+    let seqs: Vec<i64> = of_type(&frames, "replay")
+        .iter()
+        .flat_map(|r| r["messages"].as_array().unwrap().clone())
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in seq order: {seqs:?}");
+    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "every one");
+
+    // Live from then on.
+    let ack = h.send("tab", &message_frame("later")).await;
+    let live = h.api.frames_to("back");
+    assert_eq!(live.last().unwrap()["message_id"], ack["message_id"]);
+}
+
+/// 50 sockets of one user authenticate at once with a cap of 5: exactly 5 are bound.
+#[tokio::test]
+async fn concurrent_binds_of_one_user_stop_at_the_cap() {
+    let mut h = Harness::new().await;
+    h.state.auth.caps.per_user = 5;
+    let h = Arc::new(h);
+    let sockets: Vec<String> = (0..50).map(|i| format!("s{i}")).collect();
+    for socket in &sockets {
+        h.connect(socket).await;
+    }
+    let token = token(h.seed.user, Role::CustomerOperator);
+    let binds = sockets.iter().map(|socket| {
+        let (h, token, socket) = (h.clone(), token.clone(), socket.clone());
+        tokio::spawn(async move { h.auth(&socket, &token).await })
+    });
+    let answers = within("50 binds", futures::future::join_all(binds)).await;
+    let bound = answers
+        .into_iter()
+        .filter(|a| a.as_ref().unwrap().as_ref().is_some_and(|a| a["type"] == "auth_ok"))
+        .count();
+    assert_eq!(bound, 5);
+    let refused = sockets
+        .iter()
+        .filter(|s| {
+            h.api
+                .frames_to(s)
+                .iter()
+                .any(|f| f["type"] == "error" && f["code"] == "rate_limited")
+        })
+        .count();
+    assert_eq!(refused, 45);
+}
+
+/// 100 messages at once over 5 sockets of one user, with a per-user limit of 20: exactly 20
+/// are accepted.
+#[tokio::test]
+async fn concurrent_messages_of_one_user_stop_at_the_limit() {
+    let mut h = Harness::new().await;
+    h.state.message.limits.user.messages = 20;
+    h.state.message.limits.connection.messages = 1000;
+    let h = Arc::new(h);
+    let sockets: Vec<String> = (0..5).map(|i| format!("tab{i}")).collect();
+    for socket in &sockets {
+        h.open_session(socket).await;
+    }
+    let sends = (0..100).map(|i| {
+        let (h, socket) = (h.clone(), sockets[i % 5].clone());
+        tokio::spawn(async move { h.send(&socket, &message_frame(&format!("m{i}"))).await })
+    });
+    let answers = within("100 messages", futures::future::join_all(sends)).await;
+    let kinds: Vec<String> = answers
+        .iter()
+        .map(|a| a.as_ref().unwrap()["type"].as_str().unwrap().to_owned())
+        .collect();
+    let acked = kinds.iter().filter(|k| *k == "ack").count();
+    assert_eq!(acked, 20, "{kinds:?}");
+    assert_eq!(h.stored_messages().await, 20);
+}
