@@ -218,6 +218,8 @@ export class Chat {
         break;
       }
       case "message":
+        // Too long for a frame: announced without its text, which is read by `seq`.
+        if (typeof frame.content !== "string") { this.fetchAfter(frame.seq - 1, 1); break; }
         this.store({ ...frame, id: frame.message_id, status: "complete", reply_to: null });
         break;
       case "typing":
@@ -292,19 +294,34 @@ export class Chat {
 
   /** The newest page of history over REST: the first load, and after too much was missed. */
   async reload() {
+    const page = await this.history("limit=200");
+    if (!page) return;
+    this.byId.clear();
+    for (const m of page) this.store(m);
+    this.loaded = true;
+    this.changed();
+  }
+
+  /** The `limit` messages just after `seq`, over REST (a message announced without its text). */
+  async fetchAfter(seq, limit) {
+    const page = await this.history(`after_seq=${seq}&limit=${limit}`);
+    if (!page) return;
+    for (const m of page) this.store(m);
+    this.changed();
+  }
+
+  /** A page of the conversation's history; errors go to `onError`. */
+  async history(query) {
     const token = typeof this.options.token === "function" ? await this.options.token() : this.options.token;
     const conversation = encodeURIComponent(this.options.conversationId);
-    const url = `${this.apiBase}/api/portal/chat/conversations/${conversation}/messages?limit=200`;
+    const url = `${this.apiBase}/api/portal/chat/conversations/${conversation}/messages?${query}`;
     const response = await fetch(url, { headers: { Authorization: "Bearer " + token } });
     if (!response.ok) {
       const body = await response.json().catch(() => ({}));
       if (this.options.onError) this.options.onError({ code: body.code || "internal", message: body.detail || response.statusText });
-      return;
+      return null;
     }
-    this.byId.clear();
-    for (const m of await response.json()) this.store(m);
-    this.loaded = true;
-    this.changed();
+    return response.json();
   }
 
   // --- the outbox across reloads ----------------------------------------------------------

@@ -193,3 +193,31 @@ async fn concurrent_messages_of_one_user_stop_at_the_limit() {
     assert_eq!(acked, 20, "{kinds:?}");
     assert_eq!(h.stored_messages().await, 20);
 }
+
+/// A message just under a client frame's 32 KiB once escaped (5,420 × U+0001, each sent as
+/// `\u0001`, and a `client_message_id`) would make a `message` frame over 32 KiB for the other tabs: it is announced
+/// without its text, which they read by `seq`, and no frame posted is over the limit.
+#[tokio::test]
+async fn a_message_too_long_for_the_other_tabs_frame_is_announced_without_its_text() {
+    let h = Harness::new().await;
+    h.open_session("writer").await;
+    h.open_session("reader").await;
+    let text = "\u{1}".repeat(5_420);
+    let body = json!({
+        "type": "message", "text": text, "client_message_id": uuid::Uuid::new_v4(),
+    })
+    .to_string();
+    assert!(body.len() < 32 * 1024, "the client's frame fits: {}", body.len());
+    let ack = h.send("writer", &body).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+
+    let shown = h.api.frames_to("reader");
+    let shown = shown.last().unwrap();
+    assert_eq!(shown["type"], "message");
+    assert_eq!(shown["message_id"], ack["message_id"]);
+    assert_eq!(shown["seq"], ack["seq"]);
+    assert!(shown.get("content").is_none(), "no text");
+    for post in h.api.posts() {
+        assert!(post.frame.to_string().len() <= 32 * 1024);
+    }
+}
