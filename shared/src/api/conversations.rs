@@ -121,7 +121,8 @@ pub async fn create(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct HistoryParams {
-    /// How many messages, at most.
+    /// How many messages, at most; fewer when they pass 512 KiB of text (the page is cut at
+    /// the end away from its cursor, so the next cursor is exact).
     #[param(value_type = Option<u16>, minimum = 1, maximum = 200, default = 50)]
     limit: Option<String>,
     /// A message id of this conversation: the page ends just before it. Without it (and

@@ -198,7 +198,12 @@ pub enum PageFrom {
     AfterSeq(i64),
 }
 
-/// One page of history in ascending `seq`.
+/// The most message text (bytes of content) one page of history carries: at worst escaped
+/// six-fold in JSON, a page stays well under Lambda's 6 MB response. A page holds at least one
+/// message, and is cut at the end away from its cursor, so the next page's cursor is exact.
+pub const MAX_PAGE_BYTES: i64 = 512 * 1024;
+
+/// One page of history in ascending `seq`: at most `limit` messages and [`MAX_PAGE_BYTES`].
 pub async fn page(
     conn: &mut PgConnection,
     conversation_id: ConversationId,
@@ -208,14 +213,20 @@ pub async fn page(
     let limit = i64::from(limit.get());
     match from {
         PageFrom::AfterSeq(after) => Ok(super::query_as(
-            "select * from web_conversation_messages
-             where conversation_id = $1 and seq > $2
-             order by seq
-             limit $3",
+            "select * from (
+                 select m.*, sum(octet_length(m.content)) over (order by m.seq) as bytes
+                 from (select * from web_conversation_messages
+                       where conversation_id = $1 and seq > $2
+                       order by seq
+                       limit $3) m
+             ) page
+             where bytes - octet_length(content) < $4
+             order by seq",
         )
         .bind(conversation_id)
         .bind(after)
         .bind(limit)
+        .bind(MAX_PAGE_BYTES)
         .fetch_all(conn)
         .await?),
         PageFrom::Newest | PageFrom::Before(_) => {
@@ -237,16 +248,19 @@ pub async fn page(
             };
             Ok(super::query_as(
                 "select * from (
-                     select * from web_conversation_messages
-                     where conversation_id = $1 and ($2::bigint is null or seq < $2)
-                     order by seq desc
-                     limit $3
+                     select m.*, sum(octet_length(m.content)) over (order by m.seq desc) as bytes
+                     from (select * from web_conversation_messages
+                           where conversation_id = $1 and ($2::bigint is null or seq < $2)
+                           order by seq desc
+                           limit $3) m
                  ) newest
+                 where bytes - octet_length(content) < $4
                  order by seq",
             )
             .bind(conversation_id)
             .bind(before)
             .bind(limit)
+            .bind(MAX_PAGE_BYTES)
             .fetch_all(conn)
             .await?)
         }

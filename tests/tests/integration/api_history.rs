@@ -120,3 +120,65 @@ async fn history_carries_seq_and_status_and_catches_up_after_a_seq() {
         );
     }
 }
+
+/// 200 long messages (8,000 four-byte characters each: 6.4 MB) would pass Lambda's 6 MB
+/// response limit in one page: a page is cut by bytes too, and its cursor stays exact, so
+/// paging back with `before` (or forward with `after_seq`) reads every message once, in order.
+#[tokio::test]
+async fn a_page_of_long_messages_is_cut_by_size_and_the_cursor_stays_exact() {
+    let (_test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let texts: Vec<String> = (0..200)
+        .map(|i| format!("{i:04}{}", "😀".repeat(7_996)))
+        .collect();
+    let ids = add_messages(
+        &db,
+        &s,
+        &texts.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let t = token(s.user, Role::CustomerOperator);
+    let get = |query: String| {
+        let (db, t) = (db.clone(), t.clone());
+        async move {
+            let response = call(
+                &db,
+                Method::GET,
+                &history_uri(s.conversation, &query),
+                Some(&t),
+                None,
+            )
+            .await;
+            assert_eq!(response.status, StatusCode::OK);
+            assert!(response.body.to_string().len() < 6_000_000);
+            response.body.as_array().unwrap().clone()
+        }
+    };
+
+    let mut back: Vec<String> = Vec::new();
+    let mut query = "?limit=200".to_owned();
+    let mut pages = 0;
+    loop {
+        let page = get(query).await;
+        assert!(!page.is_empty(), "a page holds a message at least");
+        pages += 1;
+        let page_ids: Vec<String> = page.iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect();
+        query = format!("?limit=200&before={}", page_ids[0]);
+        back.splice(0..0, page_ids);
+        if back.len() >= ids.len() || pages > 50 {
+            break;
+        }
+    }
+    assert!(pages > 1, "the first page was cut");
+    assert_eq!(back, ids, "every message once, in order, paging back");
+
+    let mut forward: Vec<String> = Vec::new();
+    let mut after = 0;
+    while forward.len() < ids.len() {
+        let page = get(format!("?limit=200&after_seq={after}")).await;
+        assert!(!page.is_empty());
+        after = page.last().unwrap()["seq"].as_i64().unwrap();
+        forward.extend(page.iter().map(|m| m["id"].as_str().unwrap().to_owned()));
+    }
+    assert_eq!(forward, ids, "and paging forward");
+}
