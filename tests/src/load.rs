@@ -45,8 +45,10 @@ pub struct Report {
     pub duplicated: usize,
     /// Sockets whose replies came in another order than the acknowledgements.
     pub out_of_order: usize,
-    /// Replies to messages the sender was told had failed (`internal` while the queue went
-    /// away): the job was queued after all, and a resend would have been de-duplicated.
+    /// Messages the sender was told had failed (`internal` while the queue went away) that
+    /// were answered all the same: the job was queued after all, or the next message's job
+    /// answered the stored message first (a resend would have been de-duplicated). Each counts
+    /// once, however many sockets saw its reply.
     pub unacknowledged_replies: usize,
     pub errors: Vec<Value>,
     /// From `message` sent to `response` received on the sender, in microseconds.
@@ -279,6 +281,7 @@ pub async fn run(
         latency,
         elapsed,
     };
+    let mut unacknowledged = HashSet::new();
     for (s, replies) in book.replies.iter().enumerate() {
         let acks = &book.acks[conversation_of[s]];
         let acked: HashSet<&String> = acks.iter().collect();
@@ -290,7 +293,7 @@ pub async fn run(
             } else if acked.contains(reply) {
                 order.push(reply);
             } else {
-                report.unacknowledged_replies += 1;
+                unacknowledged.insert(reply);
             }
         }
         report.lost += acks.iter().filter(|a| !seen.contains(a)).count();
@@ -299,6 +302,7 @@ pub async fn run(
             report.out_of_order += 1;
         }
     }
+    report.unacknowledged_replies = unacknowledged.len();
     Ok(report)
 }
 

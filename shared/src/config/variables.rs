@@ -153,6 +153,11 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "authenticated sockets one user may have open in a tenant (default 20) and one conversation may have (default 50); over either, `auth` gets `rate_limited` and the socket is closed",
     },
     Variable {
+        names: &["REPLY_STALE_SECONDS"],
+        read_by: &["ws-sweep"],
+        meaning: "seconds a streaming reply may go unwritten before the sweeper ends it `failed` and tells its sockets (its producer is gone); default 360, longer than the orchestrator's timeout",
+    },
+    Variable {
         names: &["WS_AUTH_DEADLINE_SECONDS"],
         read_by: &["ws-sweep"],
         meaning: "seconds a socket may stay unauthenticated (default 10); the sweeper, every minute, closes and forgets older ones",

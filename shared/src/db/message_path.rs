@@ -8,8 +8,8 @@
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use sqlx::{AssertSqlSafe, PgConnection};
 use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, PgConnection};
 use uuid::Uuid;
 
 use super::agents::Agent;
@@ -535,7 +535,14 @@ pub struct JobContext {
     pub cancel_requested: bool,
     /// Times the job was received but sent back unstarted: receives that were not attempts.
     pub deferrals: u32,
+    /// User messages stored just before the job's (among its [`EARLIER_WINDOW`] predecessors)
+    /// that have no reply yet, oldest first: their jobs were queued after this one (two
+    /// routes racing), and are answered first (invariant 9: in `seq` order).
+    pub earlier: Vec<MessageId>,
 }
+
+/// How far back a job looks for messages stored before its own and not answered yet.
+pub const EARLIER_WINDOW: i64 = 20;
 
 /// A message of the context window: what the agent needs of it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -558,6 +565,7 @@ struct JobRow {
     recipients: Json<Vec<Recipient>>,
     cancel_requested: bool,
     deferrals: i32,
+    earlier: Json<Vec<MessageId>>,
 }
 
 /// The orchestrator's read, in the tenant's scope; `None` when the conversation is gone.
@@ -608,7 +616,14 @@ pub async fn load_job(
                             'connection_id', w.connection_id, 'endpoint', w.endpoint)), '[]')
                  from live_connections(c.tenant_id, c.id) w) as recipients,
                 coalesce(upto.cancel_requested, false) as cancel_requested,
-                coalesce(upto.job_deferrals, 0) as deferrals
+                coalesce(upto.job_deferrals, 0) as deferrals,
+                (select coalesce(jsonb_agg(e.id order by e.seq), '[]')
+                 from web_conversation_messages e
+                 where e.conversation_id = c.id and e.role = 'user'
+                   and e.seq < upto.seq and e.seq >= upto.seq - $4
+                   and not exists (select 1 from web_conversation_messages r
+                                   where r.conversation_id = c.id and r.reply_to = e.id))
+                    as earlier
          from web_conversations c
          left join web_conversation_messages upto on upto.conversation_id = c.id and upto.id = $2
          where c.id = $1",
@@ -616,6 +631,7 @@ pub async fn load_job(
     .bind(conversation_id)
     .bind(message_id)
     .bind(i64::from(limit))
+    .bind(EARLIER_WINDOW)
     .fetch_optional(conn)
     .await?;
     Ok(row.map(|row| JobContext {
@@ -626,6 +642,7 @@ pub async fn load_job(
         recipients: row.recipients.0,
         cancel_requested: row.cancel_requested,
         deferrals: u32::try_from(row.deferrals).unwrap_or(0),
+        earlier: row.earlier.0,
     }))
 }
 
@@ -719,7 +736,7 @@ pub async fn write_reply(
          ), taken as (
              update web_conversation_messages m
              set content = $3, status = $6, producer = $7, stop_reason = $8,
-                 input_tokens = $9, output_tokens = $10
+                 input_tokens = $9, output_tokens = $10, written_at = now()
              from existing e, locked l
              where m.id = e.id and m.status = 'streaming'
              returning m.*
@@ -783,6 +800,99 @@ pub async fn write_reply(
         cancel_requested: row.cancel_requested,
         recipients: row.recipients.0,
     })
+}
+
+/// Ends the reply to `reply_to` `failed` when its job gives up, in the tenant's scope: a
+/// reply still `streaming` keeps what it had; when none was written, an empty `failed` one is
+/// stored (numbered now, with id `id`), so every acknowledged message ends answered or visibly
+/// failed, and a later message's job knows this one is settled. `None` when the reply had
+/// already ended, or the user message is gone. Lists the recipients as they are now.
+///
+/// `unwritten_since`: only a reply still streaming that nobody has written since then is
+/// ended (the sweeper's check that its producer is gone); nothing is stored when none was.
+pub async fn fail_reply(
+    conn: &mut PgConnection,
+    conversation_id: ConversationId,
+    reply_to: MessageId,
+    id: MessageId,
+    unwritten_since: Option<DateTime<Utc>>,
+) -> Result<Option<(Message, Vec<Recipient>)>, Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        reply: Option<Json<Message>>,
+        recipients: Json<Vec<Recipient>>,
+    }
+    let row: Row = super::query_as(concat!(
+        "with locked as (
+             select id, tenant_id, last_seq from web_conversations where id = $1
+             for no key update
+         ), ended as (
+             update web_conversation_messages m
+             set status = 'failed', stop_reason = 'error', producer = null, written_at = now()
+             from locked l
+             where m.conversation_id = l.id and m.reply_to = $2 and m.status = 'streaming'
+               and ($4::timestamptz is null or m.written_at < $4)
+             returning m.*
+         ), inserted as (
+             insert into web_conversation_messages
+                 (id, conversation_id, tenant_id, role, content, reply_to, seq, status,
+                  stop_reason)
+             select $3, l.id, l.tenant_id, 'assistant', '', $2, l.last_seq + 1, 'failed', 'error'
+             from locked l
+             where $4::timestamptz is null
+               and exists (select 1 from web_conversation_messages q
+                           where q.conversation_id = l.id and q.id = $2 and q.role = 'user')
+               and not exists (select 1 from web_conversation_messages r
+                               where r.conversation_id = l.id and r.reply_to = $2)
+             on conflict (conversation_id, reply_to) do nothing
+             returning *
+         ), touched as (
+             update web_conversations v set updated_at = i.created_at, last_seq = i.seq
+             from inserted i where v.id = i.conversation_id
+         )
+         select coalesce((select to_jsonb(e) from ended e),
+                         (select to_jsonb(i) from inserted i)) as reply,
+                ",
+        recipients_now!(),
+        " as recipients"
+    ))
+    .bind(conversation_id)
+    .bind(reply_to)
+    .bind(id)
+    .bind(unwritten_since)
+    .fetch_one(conn)
+    .await?;
+    Ok(row.reply.map(|reply| (reply.0, row.recipients.0)))
+}
+
+/// A reply left `streaming` by a producer that has not written since `before`, as the
+/// sweeper finds it (its `Scope::Unauthenticated`, which sees such replies of every tenant).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StaleReply {
+    pub tenant_id: TenantId,
+    pub conversation_id: ConversationId,
+    pub reply_to: MessageId,
+    pub written_at: DateTime<Utc>,
+}
+
+/// At most `limit` replies still `streaming` whose producer has not written since `before`,
+/// oldest first.
+pub async fn stale_replies(
+    conn: &mut PgConnection,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<StaleReply>, Error> {
+    Ok(super::query_as(
+        "select tenant_id, conversation_id, reply_to, written_at
+         from web_conversation_messages
+         where status = 'streaming' and written_at < $1 and reply_to is not null
+         order by written_at
+         limit $2",
+    )
+    .bind(before)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
 }
 
 /// The whole reply at once (not streamed): [`write_reply`] with `Complete`.
@@ -856,7 +966,7 @@ pub async fn flush_reply(
          ), flushed as (
              update web_conversation_messages m
              set content = m.content || $5, status = $6, producer = $7, stop_reason = $8,
-                 input_tokens = $9, output_tokens = $10
+                 input_tokens = $9, output_tokens = $10, written_at = now()
              from locked l
              where m.conversation_id = l.id and m.id = $2 and m.producer = $3
                and char_length(m.content) = $4

@@ -111,7 +111,8 @@ pub enum Scope<'a> {
     /// between storing a message and listing its recipients.
     CatchingUp(&'a ConnectionId),
     /// The connection rows that never authenticated (they carry no tenant), to read and
-    /// delete: the sweeper's scope, and nothing else.
+    /// delete, and the replies still `streaming` of every tenant, to read: the sweeper's
+    /// scope, and nothing else.
     Unauthenticated,
 }
 
@@ -437,9 +438,11 @@ mod tests {
         );
         let id = ConnectionId::parse("L0SM9cOFvHcCIhw=").unwrap();
         let bound = Scope::BoundConnection(&id).begin_statement(TxTimeouts::default());
-        assert!(bound.contains(
-            "; select set_config('app.current_connection', 'L0SM9cOFvHcCIhw=', true); "
-        ));
+        assert!(
+            bound.contains(
+                "; select set_config('app.current_connection', 'L0SM9cOFvHcCIhw=', true); "
+            )
+        );
         assert!(bound.contains("set_config('app.current_tenant'"));
         assert_eq!(literal("it's"), "'it''s'");
     }

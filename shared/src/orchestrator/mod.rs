@@ -220,7 +220,7 @@ pub async fn process_one(
         last: receipt.receives >= state.max_receives,
     };
     let started = Instant::now();
-    let result = answer(state, job, &receipt, &mut attempt).await;
+    let result = answer(state, job, &receipt, &mut attempt, true).await;
     // One line per job, carrying the span's ids: what a search for a message finds.
     tracing::info!(
         ok = result.is_ok(),
@@ -242,19 +242,53 @@ pub async fn process_one(
                 "agent_failed not sent"
             );
         }
+        if let Err(e) = give_up(state, job, audience).await {
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "reply not ended failed"
+            );
+        }
     }
     result
+}
+
+/// A job that gives up leaves its reply `failed` (what streamed of it kept, or an empty one
+/// stored), and the sockets are told: no reply stays `streaming`, and the next message's job
+/// knows this one is settled.
+pub async fn give_up(
+    state: &OrchestratorState,
+    job: &Job,
+    audience: &mut Audience,
+) -> Result<(), Error> {
+    let mut tx = state.db.begin(Scope::Tenant(job.tenant_id)).await?;
+    let failed = message_path::fail_reply(
+        &mut tx,
+        job.conversation_id,
+        job.message_id,
+        MessageId::new(),
+        None,
+    )
+    .await?;
+    tx.commit().await?;
+    let Some((reply, recipients)) = failed else {
+        return Ok(());
+    };
+    audience.renew(recipients);
+    deliver(state.fanout.as_ref(), audience, &reply, false).await
 }
 
 /// One statement reads everything the job needs (recipients included). A reply that arrives
 /// whole is stored by one more; a streamed one is stored as it streams: each flush is one
 /// statement that appends to it, reads the user's `cancel` flag and lists the recipients as
 /// they are then, before the chunk goes out (invariant 7).
+///
+/// `in_order`: messages stored before the job's and not answered yet are answered first.
 async fn answer(
     state: &OrchestratorState,
     job: &Job,
     receipt: &Receipt,
     attempt: &mut Attempt,
+    in_order: bool,
 ) -> Result<(), JobFailure> {
     let tenant_id = job.tenant_id;
     let mut tx = state
@@ -284,12 +318,33 @@ async fn answer(
         attempt
             .audience
             .insert(Audience::new(tenant_id, conversation.id, loaded.recipients));
+    if in_order && loaded.reply.is_none() && !loaded.earlier.is_empty() {
+        // Messages stored before this one whose jobs come after it (two routes racing to
+        // queue): answered first, each as its own job, then this one, from a fresh read.
+        for earlier in loaded.earlier {
+            let earlier = Job {
+                message_id: earlier,
+                ..job.clone()
+            };
+            let receipt = Receipt {
+                receives: 1,
+                ..receipt.clone()
+            };
+            tracing::info!(earlier = %earlier.message_id, "answering an earlier message first");
+            match Box::pin(process_one(state, &earlier, receipt)).await {
+                // Given up (its user told, its reply failed): settled, so this one goes on.
+                Err(failure) if failure.retry => return Err(failure),
+                _ => {}
+            }
+        }
+        return Box::pin(answer(state, job, receipt, attempt, false)).await;
+    }
     if let Some(reply) = loaded
         .reply
         .filter(|r| r.status != MessageStatus::Streaming)
     {
         tracing::info!("reply already stored; sending it again");
-        return deliver(state, audience, &reply, false)
+        return deliver(state.fanout.as_ref(), audience, &reply, false)
             .await
             .map_err(JobFailure::transient);
     }
@@ -315,7 +370,7 @@ async fn answer(
             .end("", MessageStatus::Cancelled, StopReason::Cancelled, None)
             .await?;
         return match stored {
-            Some(reply) => deliver(state, stream.audience, &reply, false)
+            Some(reply) => deliver(state.fanout.as_ref(), stream.audience, &reply, false)
                 .await
                 .map_err(JobFailure::transient),
             None => Ok(()),
@@ -410,7 +465,7 @@ async fn answer(
     let Some(stored) = stream.end(&text, status, stop, usage).await? else {
         return Ok(());
     };
-    deliver(state, stream.audience, &stored, streamed)
+    deliver(state.fanout.as_ref(), stream.audience, &stored, streamed)
         .await
         .map_err(JobFailure::transient)?;
     let waited = (chrono::Utc::now() - job.message.timestamp)
@@ -704,8 +759,8 @@ fn within_budget(history: &[ContextMessage], chars: usize) -> Vec<Turn> {
 
 /// Sends the stored reply as a `response`. A reply too long for one frame travels as `chunk`
 /// frames (unless it already streamed) and a `response` without its text.
-async fn deliver(
-    state: &OrchestratorState,
+pub async fn deliver(
+    fanout: &dyn Fanout,
     audience: &mut Audience,
     reply: &Message,
     streamed: bool,
@@ -735,12 +790,12 @@ async fn deliver(
                 reply_to,
             };
             for chunk in of.chunks(0, &reply.content, false) {
-                state.fanout.send(audience, &chunk).await?;
+                fanout.send(audience, &chunk).await?;
             }
         }
         if let ServerFrame::Response { text, .. } = &mut frame {
             *text = None;
         }
     }
-    state.fanout.send(audience, &frame).await
+    fanout.send(audience, &frame).await
 }

@@ -7,8 +7,8 @@ use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxy
 
 use super::{AuthRoute, RouteEvent, reply, status};
 use crate::Error;
-use crate::db::messages::{Message, MessageView};
 use crate::db::message_path::Sent;
+use crate::db::messages::{Message, MessageView};
 use crate::db::{Scope, message_path};
 use crate::delivery::{Posted, encode};
 use crate::domain::ConversationId;
@@ -90,7 +90,13 @@ async fn auth(state: &AuthRoute, route: &RouteEvent) -> Result<Option<ServerFram
         streaming: None,
     };
     let mut frames = vec![auth_ok];
-    frames.extend(owed_frames(conversation_id, resume_after.is_some(), resume, &mut sent, None));
+    frames.extend(owed_frames(
+        conversation_id,
+        resume_after.is_some(),
+        resume,
+        &mut sent,
+        None,
+    ));
     for round in 1..=CATCH_UP_ROUNDS {
         for frame in &frames {
             if state.edge.post(&route.endpoint, id, frame).await? == Posted::Gone {

@@ -2,6 +2,10 @@
 //! would keep them open until its 10-minute idle timeout, each with a row; the local gateway
 //! closes them itself after its auth deadline. On AWS a scheduled function (`ws-sweep`, every
 //! minute) runs this, so such a socket lives at most the deadline and a minute.
+//!
+//! It also ends replies left `streaming` by a producer that is gone (a crash no retry
+//! follows): one that nobody has written for longer than a job can run ends `failed`, with
+//! what it had, and the conversation's sockets get its `response` (invariant 9).
 
 use std::time::Duration;
 
@@ -10,7 +14,9 @@ use futures::StreamExt;
 use super::Edge;
 use crate::Error;
 use crate::config::{ConfigError, Lookup, routes};
-use crate::db::{Scope, connections};
+use crate::db::{Scope, connections, message_path};
+use crate::delivery::{Audience, ConnectionsFanout};
+use crate::domain::MessageId;
 use crate::secrets::Secrets;
 
 /// Sockets closed at once.
@@ -54,11 +60,57 @@ pub async fn sweep(edge: &Edge, deadline: Duration) -> Result<usize, Error> {
     Ok(swept)
 }
 
-/// `ws-sweep`'s state: the edge, and how long a socket may stay unauthenticated.
+/// Ends every reply still `streaming` that nobody has written for `stale_after`, and tells
+/// its conversation's sockets; how many.
+pub async fn end_stale_replies(edge: &Edge, stale_after: Duration) -> Result<usize, Error> {
+    let before = chrono::Utc::now()
+        - chrono::Duration::from_std(stale_after)
+            .map_err(|_| Error::Internal("stale_after is out of range".into()))?;
+    let mut tx = edge.db.begin(Scope::Unauthenticated).await?;
+    let stale = message_path::stale_replies(&mut tx, before, BATCH).await?;
+    tx.commit().await?;
+    let fanout = ConnectionsFanout::new(edge.db.clone(), edge.delivery.clone());
+    let mut ended = 0;
+    for reply in stale {
+        let mut tx = edge.db.begin(Scope::Tenant(reply.tenant_id)).await?;
+        // Ended only if still unwritten: a producer that wrote meanwhile keeps it.
+        let failed = message_path::fail_reply(
+            &mut tx,
+            reply.conversation_id,
+            reply.reply_to,
+            MessageId::new(),
+            Some(before),
+        )
+        .await?;
+        tx.commit().await?;
+        let Some((failed, recipients)) = failed else {
+            continue;
+        };
+        ended += 1;
+        tracing::warn!(conversation_id = %reply.conversation_id, reply_id = %failed.id, "a reply whose producer is gone ended failed");
+        let mut audience = Audience::new(reply.tenant_id, reply.conversation_id, recipients);
+        if let Err(err) = crate::orchestrator::deliver(&fanout, &mut audience, &failed, true).await
+        {
+            tracing::warn!(
+                error = &err as &dyn std::error::Error,
+                "the failed reply was not sent"
+            );
+        }
+    }
+    Ok(ended)
+}
+
+/// `ws-sweep`'s state: the edge, how long a socket may stay unauthenticated, and how long a
+/// streaming reply may go unwritten before its producer counts as gone.
 pub struct Sweeper {
     pub edge: Edge,
     pub deadline: Duration,
+    pub stale_after: Duration,
 }
+
+/// How long a streaming reply may go unwritten (`REPLY_STALE_SECONDS`): longer than the
+/// orchestrator's timeout, which no producer outlives.
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(360);
 
 impl Sweeper {
     pub async fn load(
@@ -69,20 +121,24 @@ impl Sweeper {
         Ok(Self {
             edge: Edge::load(&lookup, aws, secrets).await?,
             deadline: routes::auth_deadline(&lookup)?,
+            stale_after: crate::config::positive(&lookup, "REPLY_STALE_SECONDS")?
+                .map_or(DEFAULT_STALE_AFTER, Duration::from_secs),
         })
     }
 }
 
 /// Runs the sweeper as a Lambda function on its schedule until the runtime stops it.
 pub async fn run(sweeper: Sweeper) -> Result<(), lambda_runtime::Error> {
-    let (edge, deadline) = (&sweeper.edge, sweeper.deadline);
+    let (edge, deadline, stale_after) = (&sweeper.edge, sweeper.deadline, sweeper.stale_after);
     lambda_runtime::run(lambda_runtime::service_fn(
         move |_: lambda_runtime::LambdaEvent<serde_json::Value>| async move {
             let swept = sweep(edge, deadline).await;
+            let ended = end_stale_replies(edge, stale_after).await;
             crate::telemetry::flush();
-            swept
-                .map(|swept| serde_json::json!({ "swept": swept }))
-                .map_err(lambda_runtime::Error::from)
+            Ok::<_, lambda_runtime::Error>(serde_json::json!({
+                "swept": swept?,
+                "stale_replies_ended": ended?,
+            }))
         },
     ))
     .await

@@ -162,7 +162,10 @@ async fn a_page_of_long_messages_is_cut_by_size_and_the_cursor_stays_exact() {
         let page = get(query).await;
         assert!(!page.is_empty(), "a page holds a message at least");
         pages += 1;
-        let page_ids: Vec<String> = page.iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect();
+        let page_ids: Vec<String> = page
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect();
         query = format!("?limit=200&before={}", page_ids[0]);
         back.splice(0..0, page_ids);
         if back.len() >= ids.len() || pages > 50 {

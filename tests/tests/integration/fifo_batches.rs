@@ -184,13 +184,15 @@ async fn a_job_failing_every_attempt_tells_the_user_once_then_is_dead_lettered()
     );
     let _pollers = source.start(function(state));
 
-    wait_for_replies(&h, conversation, 1, Duration::from_secs(60)).await;
+    wait_for_replies(&h, conversation, 2, Duration::from_secs(60)).await;
     wait_for_invocations(&source, 3).await;
 
     let answered = replies(&h, conversation).await;
-    assert_eq!(answered.len(), 1);
-    assert_eq!(answered[0].reply_to, Some(jobs[1].message_id));
-    assert_eq!(answered[0].content, "fine");
+    assert_eq!(answered.len(), 2, "the doomed one's reply ends failed");
+    assert_eq!(answered[0].reply_to, Some(jobs[0].message_id));
+    assert_eq!(answered[0].status, MessageStatus::Failed);
+    assert_eq!(answered[1].reply_to, Some(jobs[1].message_id));
+    assert_eq!(answered[1].content, "fine");
     let frames = h.api.frames_to("tab");
     let errors = of_type(&frames, "error");
     assert_eq!(errors.len(), 1, "told once: {errors:?}");

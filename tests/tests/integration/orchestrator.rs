@@ -6,7 +6,7 @@ use std::time::Duration;
 use aws_lambda_events::sqs::SqsMessage;
 use serde_json::json;
 use shared::db::agents::Provider;
-use shared::db::messages::{self, PageFrom, StopReason};
+use shared::db::messages::{self, MessageStatus, PageFrom, StopReason};
 use shared::db::{Scope, conversations, message_path};
 use shared::domain::{MessageId, PageLimit};
 use shared::job::Job;
@@ -167,10 +167,13 @@ async fn a_permanent_400_is_agent_failed_and_the_user_message_stays() {
     let errors = of_type(&frames, "error");
     assert_eq!(errors.len(), 1);
     assert_eq!(errors[0]["code"], "agent_failed");
-    assert!(
-        replies(&h, conversation).await.is_empty(),
-        "no reply stored"
-    );
+    let failed = replies(&h, conversation).await;
+    assert_eq!(failed.len(), 1, "the reply ends failed, empty");
+    assert_eq!(failed[0].status, MessageStatus::Failed);
+    assert_eq!(failed[0].content, "");
+    let responses = of_type(&frames, "response");
+    assert_eq!(responses.len(), 1);
+    assert_eq!(responses[0]["stop_reason"], "error");
     let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
     let history = messages::page(
         &mut tx,
@@ -180,7 +183,7 @@ async fn a_permanent_400_is_agent_failed_and_the_user_message_stays() {
     )
     .await
     .unwrap();
-    assert_eq!(history.len(), 1);
+    assert_eq!(history.len(), 2);
     assert_eq!(
         history[0].content, "bad request",
         "the user message is intact"

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use shared::agent::Bedrock;
 use shared::db::agents::Provider;
+use shared::db::messages::MessageStatus;
 use shared::db::{Scope, conversations};
 use shared::delivery::{ConnectionsFanout, PostBudget};
 use shared::domain::ConversationId;
@@ -130,10 +131,10 @@ async fn an_inactive_agent_is_told_at_once_and_not_retried() {
 
     assert!(run(&state, records).await.is_empty(), "not retried");
     assert!(llm.requests().is_empty(), "the model is never asked");
-    assert!(
-        replies(&h, conversation).await.is_empty(),
-        "nothing answers for it"
-    );
+    let failed = replies(&h, conversation).await;
+    assert_eq!(failed.len(), 1, "its reply ends failed, empty: nothing answers for it");
+    assert_eq!(failed[0].status, MessageStatus::Failed);
+    assert_eq!(failed[0].content, "");
     let frames = h.api.frames_to("tab");
     let errors = of_type(&frames, "error");
     assert_eq!(errors.len(), 1);
@@ -346,7 +347,9 @@ async fn a_bedrock_model_outside_the_allow_list_is_refused_without_a_call() {
     let called: Vec<String> = llm.bedrock_requests().into_iter().map(|(m, _)| m).collect();
     assert_eq!(called, ["amazon.nova-lite-v1:0"]);
     assert_eq!(replies(&h, allowed).await.len(), 1);
-    assert!(replies(&h, costly).await.is_empty());
+    let failed = replies(&h, costly).await;
+    assert_eq!(failed.len(), 1, "its reply ends failed, empty");
+    assert_eq!(failed[0].status, MessageStatus::Failed);
     let frames = h.api.frames_to("costly");
     assert_eq!(of_type(&frames, "error")[0]["code"], "agent_failed");
 }

@@ -50,9 +50,16 @@ async fn a_socket_gone_before_its_replay_holds_nothing() {
     )
     .await;
     assert_eq!(answer, None, "the frames were posted (and found gone)");
-    assert!(h.connection("gone").await.is_none(), "forgotten when found gone");
+    assert!(
+        h.connection("gone").await.is_none(),
+        "forgotten when found gone"
+    );
 
-    let ack = within("the other tab's message", h.send("tab", &message_frame("three"))).await;
+    let ack = within(
+        "the other tab's message",
+        h.send("tab", &message_frame("three")),
+    )
+    .await;
     assert_eq!(ack["type"], "ack", "{ack}");
 }
 
@@ -82,7 +89,12 @@ async fn a_message_stored_during_a_replay_reaches_the_socket_once_after_it() {
                     let response = shared::ws::Route::Message
                         .handle(
                             &routes,
-                            crate::helpers::harness::event("tab", "message", Some(&body), json!(null)),
+                            crate::helpers::harness::event(
+                                "tab",
+                                "message",
+                                Some(&body),
+                                json!(null),
+                            ),
                         )
                         .await;
                     *sent.lock().unwrap() = crate::helpers::harness::frame_of(&response);
@@ -102,7 +114,11 @@ async fn a_message_stored_during_a_replay_reaches_the_socket_once_after_it() {
     )
     .await;
     assert_eq!(answer, None);
-    let ack = sent.lock().unwrap().clone().expect("the other tab's message was sent");
+    let ack = sent
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the other tab's message was sent");
     assert_eq!(ack["type"], "ack", "{ack}");
 
     let frames = h.api.frames_to("back");
@@ -126,8 +142,15 @@ async fn a_message_stored_during_a_replay_reaches_the_socket_once_after_it() {
         .flat_map(|r| r["messages"].as_array().unwrap().clone())
         .map(|m| m["seq"].as_i64().unwrap())
         .collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in seq order: {seqs:?}");
-    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "every one");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "in seq order: {seqs:?}"
+    );
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as i64).collect::<Vec<_>>(),
+        "every one"
+    );
 
     // Live from then on.
     let ack = h.send("tab", &message_frame("later")).await;
@@ -153,7 +176,12 @@ async fn concurrent_binds_of_one_user_stop_at_the_cap() {
     let answers = within("50 binds", futures::future::join_all(binds)).await;
     let bound = answers
         .into_iter()
-        .filter(|a| a.as_ref().unwrap().as_ref().is_some_and(|a| a["type"] == "auth_ok"))
+        .filter(|a| {
+            a.as_ref()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|a| a["type"] == "auth_ok")
+        })
         .count();
     assert_eq!(bound, 5);
     let refused = sockets
@@ -207,7 +235,11 @@ async fn a_message_too_long_for_the_other_tabs_frame_is_announced_without_its_te
         "type": "message", "text": text, "client_message_id": uuid::Uuid::new_v4(),
     })
     .to_string();
-    assert!(body.len() < 32 * 1024, "the client's frame fits: {}", body.len());
+    assert!(
+        body.len() < 32 * 1024,
+        "the client's frame fits: {}",
+        body.len()
+    );
     let ack = h.send("writer", &body).await;
     assert_eq!(ack["type"], "ack", "{ack}");
 
@@ -220,4 +252,147 @@ async fn a_message_too_long_for_the_other_tabs_frame_is_announced_without_its_te
     for post in h.api.posts() {
         assert!(post.frame.to_string().len() <= 32 * 1024);
     }
+}
+
+/// Two tabs' messages stored as `seq` 1 and 2 whose jobs were queued 2 then 1 (two `message`
+/// invocations racing): the orchestrator answers 1 first, then 2 with 1's reply in its
+/// context; the job for 1, arriving last, stores nothing new.
+#[tokio::test]
+async fn jobs_queued_out_of_order_are_answered_in_seq_order() {
+    let h = Harness::new().await;
+    let llm = FakeLlm::hello().await;
+    let state = orchestrator(&h, &llm);
+    let conversation = crate::helpers::orchestrator::conversation_with(
+        &h,
+        shared::db::agents::Provider::Openai,
+        "gpt-test",
+    )
+    .await;
+    h.open_session_on("tab", conversation).await;
+    let mut records = records_for(&h, "tab", &["first", "second"]).await;
+    let first = records.remove(0);
+    assert!(run(&state, records).await.is_empty(), "the second's job");
+    assert!(
+        run(&state, vec![first]).await.is_empty(),
+        "the first's job, last"
+    );
+
+    let asked: Vec<String> = llm
+        .requests()
+        .iter()
+        .map(|r| {
+            let messages = r["messages"].as_array().unwrap();
+            messages.last().unwrap()["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(asked, ["first", "second"], "asked in seq order, once each");
+    let second_context = llm.requests()[1]["messages"].to_string();
+    assert!(
+        second_context.contains("Hello world"),
+        "the first reply is in the second's context"
+    );
+    let stored = crate::helpers::orchestrator::stored(&h, conversation).await;
+    let order: Vec<(String, String)> = stored
+        .iter()
+        .map(|m| (format!("{:?}", m.role), m.content.clone()))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("User".into(), "first".into()),
+            ("User".into(), "second".into()),
+            ("Assistant".into(), "Hello world".into()),
+            ("Assistant".into(), "Hello world".into()),
+        ]
+    );
+    let replies = crate::helpers::orchestrator::replies(&h, conversation).await;
+    assert_eq!(
+        replies[0].reply_to,
+        Some(stored[0].id),
+        "the first answered first"
+    );
+    assert_eq!(replies[1].reply_to, Some(stored[1].id));
+}
+
+/// A reply whose producer died with no retry to follow stays `streaming` no longer than the
+/// sweeper allows: unwritten past `REPLY_STALE_SECONDS`, it ends `failed` with its text, and
+/// the conversation's sockets get its `response`. One still being written is left alone.
+#[tokio::test]
+async fn a_reply_whose_producer_is_gone_ends_failed_and_the_sockets_are_told() {
+    use shared::db::message_path::{self, ReplyWrite};
+    use shared::db::messages::MessageStatus;
+    use shared::db::{Scope, conversations};
+    use shared::domain::MessageId;
+
+    let h = Harness::new().await;
+    h.open_session("tab").await;
+    let mut asked = Vec::new();
+    for text in ["orphaned", "alive"] {
+        let ack = h.send("tab", &message_frame(text)).await;
+        asked.push(serde_json::from_value::<MessageId>(ack["message_id"].clone()).unwrap());
+    }
+    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
+    let conversation = conversations::find(&mut tx, h.seed.conversation)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut written = Vec::new();
+    for (reply_to, text) in asked.iter().zip(["half a sen", "still going"]) {
+        let stored = message_path::write_reply(
+            &mut tx,
+            &conversation,
+            ReplyWrite {
+                id: MessageId::new(),
+                reply_to: *reply_to,
+                producer: uuid::Uuid::new_v4(),
+                text,
+                status: MessageStatus::Streaming,
+                stop: None,
+                usage: None,
+            },
+        )
+        .await
+        .unwrap();
+        written.push(stored.reply.id);
+    }
+    // The first one's producer last wrote ten minutes ago.
+    sqlx::query(
+        "update web_conversation_messages set written_at = now() - interval '10 minutes'
+         where id = $1",
+    )
+    .bind(written[0])
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let ended = shared::ws::sweep::end_stale_replies(h.state.edge(), Duration::from_secs(360))
+        .await
+        .unwrap();
+    assert_eq!(ended, 1);
+    let stored = crate::helpers::orchestrator::stored(&h, h.seed.conversation).await;
+    let orphan = stored.iter().find(|m| m.id == written[0]).unwrap();
+    assert_eq!(orphan.status, MessageStatus::Failed);
+    assert_eq!(orphan.content, "half a sen", "what it had is kept");
+    let alive = stored.iter().find(|m| m.id == written[1]).unwrap();
+    assert_eq!(
+        alive.status,
+        MessageStatus::Streaming,
+        "a live producer's is left alone"
+    );
+    let frames = h.api.frames_to("tab");
+    let response = frames.last().unwrap();
+    assert_eq!(response["type"], "response");
+    assert_eq!(response["message_id"], json!(written[0]));
+    assert_eq!(response["stop_reason"], "error");
+    assert_eq!(
+        shared::ws::sweep::end_stale_replies(h.state.edge(), Duration::from_secs(360))
+            .await
+            .unwrap(),
+        0,
+        "once"
+    );
 }

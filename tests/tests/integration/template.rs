@@ -159,6 +159,7 @@ fn sample(name: &str, secrets: &Secrets) -> String {
         "AGENT_MAX_TOKENS" => "4096".into(),
         "REPLY_MAX_BYTES" => "65536".into(),
         "WS_AUTH_DEADLINE_SECONDS" => "10".into(),
+        "REPLY_STALE_SECONDS" => "360".into(),
         "WS_MAX_SOCKETS_PER_USER" => "20".into(),
         "WS_MAX_SOCKETS_PER_CONVERSATION" => "50".into(),
         "WS_USER_RATE_LIMIT_MESSAGES" => "60".into(),

@@ -1,0 +1,3 @@
+drop policy stale_reply_sweep_read on web_conversation_messages;
+drop index web_conversation_messages_streaming_idx;
+alter table web_conversation_messages drop column written_at;
