@@ -19,7 +19,7 @@ export PORTAL_JWT_SECRET=${PORTAL_JWT_SECRET:-konstruct-local-development-secret
 cargo build -q -p konstruct-local
 bin=${CARGO_TARGET_DIR:-$root/target}/debug/konstruct-local
 
-# Migrations run as the migrator (the schema's owner); the server and seed-demo connect as the
+# Migrations and the demo data are written as the migrator (the schema's owner); the server connects as the
 # runtime role, which owns nothing.
 "$bin" migrate
 # The binary prints the demo's fields as shell assignments: url, token, conversation_id, ...

@@ -96,7 +96,8 @@ pub async fn seeded_database_with(
         .connect_with(PgConnectOptions::from_str(&urls.migrator)?)
         .await?;
     Db::from_pool(migrator.clone()).migrate().await?;
-    migrator.close().await;
+    // The portal's rows are the owner's to write; the functions' role only reads them.
+    let owner = Db::owner(migrator);
     let pool = PgPoolOptions::new()
         .max_connections(16)
         .connect_with(PgConnectOptions::from_str(&urls.runtime)?)
@@ -105,13 +106,13 @@ pub async fn seeded_database_with(
     let url = urls.runtime;
 
     let auth = AuthConfig::from_lookup(|k| (k == "PORTAL_JWT_SECRET").then(|| SECRET.to_owned()))?;
-    let tenant = seed::tenant(&db, TenantId::new(), "Load").await?;
-    let agent = seed::agent(&db, tenant, plan).await?;
+    let tenant = seed::tenant(&owner, TenantId::new(), "Load").await?;
+    let agent = seed::agent(&owner, tenant, plan).await?;
     let mut seats = Vec::with_capacity(n);
     for i in 0..n {
-        let user = seed::user(&db, &format!("load-{i}-{name}@example.test"), "Load").await?;
-        seed::member(&db, tenant, user, TenantRole::CustomerOperator).await?;
-        let conversation = seed::conversation(&db, tenant, agent, user).await?;
+        let user = seed::user(&owner, &format!("load-{i}-{name}@example.test"), "Load").await?;
+        seed::member(&owner, tenant, user, TenantRole::CustomerOperator).await?;
+        let conversation = seed::conversation(&owner, tenant, agent, user).await?;
         let token = issue_token(
             &auth,
             user,
@@ -124,6 +125,7 @@ pub async fn seeded_database_with(
             token,
         });
     }
+    owner.pool().close().await;
     Ok((url, db, seats))
 }
 

@@ -267,8 +267,12 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
 const DEMO_TENANT: &str = "d3e40000-0000-4000-8000-000000000001";
 const DEMO_EMAIL: &str = "demo@konstruct.local";
 
+/// The demo's rows are written as the schema's owner (`MIGRATOR_DATABASE_URL`): tenants,
+/// users, memberships and agents are the portal's to write, and the runtime role only reads
+/// them.
 async fn seed_demo(url: &str, shell: bool) -> Result<(), CliError> {
-    let db = Db::connect_lazy(&DatabaseConfig::from_lookup(env)?);
+    let owner = DatabaseConfig::load_migrator(env, &Secrets::none()).await?;
+    let db = Db::connect_owner(&owner);
     let demo = seed::workspace(
         &db,
         &seed::Plan {

@@ -10,6 +10,7 @@
 pub mod agents;
 pub mod connections;
 pub mod conversations;
+pub mod grants;
 pub mod memberships;
 pub mod message_path;
 pub mod messages;
@@ -253,6 +254,25 @@ impl Db {
             timeouts: config.timeouts,
             ..Self::from_pool(pool)
         }
+    }
+
+    /// A handle for the schema's owner, for what the portal writes in production (tenants,
+    /// users, memberships, agents: demo data and tests' seeds); the runtime role may only read
+    /// those (`db::grants`). Row-level security still holds for it (`FORCE`), so its scopes
+    /// work as the runtime role's; the runtime role's check is not made.
+    pub fn owner(pool: PgPool) -> Self {
+        let db = Self::from_pool(pool);
+        let _ = db.role_verified.set(());
+        db
+    }
+
+    /// [`Db::owner`] on a lazily connecting pool of one connection.
+    pub fn connect_owner(config: &DatabaseConfig) -> Self {
+        Self::owner(
+            PgPoolOptions::new()
+                .max_connections(1)
+                .connect_lazy_with(config.options.clone()),
+        )
     }
 
     pub fn from_pool(pool: PgPool) -> Self {

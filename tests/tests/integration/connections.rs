@@ -3,6 +3,7 @@ use shared::Error;
 use shared::db::{Db, Scope, connections, memberships, message_path};
 use shared::domain::{ConnectionId, ConversationId, Role, TenantId, UserId};
 
+use crate::helpers::seed::owner;
 use crate::helpers::{TestDb, seed, seed_user};
 
 fn id(s: &str) -> ConnectionId {
@@ -94,7 +95,7 @@ async fn only_sockets_still_authorized_are_recipients() {
     );
 
     // The owner leaves the tenant: their sockets stop receiving, the platform admin's do not.
-    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    let mut tx = owner(&db).begin(Scope::Tenant(s.tenant)).await.unwrap();
     memberships::revoke(&mut tx, s.tenant, s.user)
         .await
         .unwrap();

@@ -17,6 +17,7 @@ async fn seed_demo(test: &TestDb) -> Vec<(String, String)> {
         .env("KONSTRUCT_MODE", "local")
         .env("PORTAL_JWT_SECRET", SECRET)
         .env("DATABASE_URL", &test.url)
+        .env("MIGRATOR_DATABASE_URL", &test.migrator_url)
         .stdin(Stdio::null())
         .output()
         .await

@@ -11,6 +11,7 @@ use shared::domain::{ConversationId, Role};
 use crate::helpers::local::{
     Env, Local, OwnRedis, authenticated, converse, expect, http_get, next, open, send,
 };
+use crate::helpers::seed::owner;
 use crate::helpers::{Seed, TestDb, seed, seed_agent_with, token};
 
 #[tokio::test]
@@ -258,7 +259,7 @@ async fn an_expired_or_removed_user_gets_no_more_frames_and_may_authenticate_aga
     );
 
     // Removed from the tenant: refused, and nothing more arrives.
-    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    let mut tx = owner(&db).begin(Scope::Tenant(s.tenant)).await.unwrap();
     shared::db::memberships::revoke(&mut tx, s.tenant, s.user)
         .await
         .unwrap();

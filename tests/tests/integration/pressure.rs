@@ -21,6 +21,7 @@ use crate::helpers::llm::{FakeLlm, Reply, last_user_text, pieces};
 use crate::helpers::orchestrator::{
     agents, conversation_with, of_type, on_receive, orchestrator, records_for, replies, run,
 };
+use crate::helpers::seed::owner;
 use crate::helpers::seed_agent_with;
 use crate::helpers::streams::assembled;
 
@@ -114,7 +115,10 @@ async fn an_inactive_agent_is_told_at_once_and_not_retried() {
         "gpt-test",
     )
     .await;
-    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
+    let mut tx = owner(&h.db)
+        .begin(Scope::Tenant(h.seed.tenant))
+        .await
+        .unwrap();
     let conversation = conversations::get_or_create(&mut tx, h.seed.tenant, agent, h.seed.user)
         .await
         .unwrap()
@@ -132,7 +136,11 @@ async fn an_inactive_agent_is_told_at_once_and_not_retried() {
     assert!(run(&state, records).await.is_empty(), "not retried");
     assert!(llm.requests().is_empty(), "the model is never asked");
     let failed = replies(&h, conversation).await;
-    assert_eq!(failed.len(), 1, "its reply ends failed, empty: nothing answers for it");
+    assert_eq!(
+        failed.len(),
+        1,
+        "its reply ends failed, empty: nothing answers for it"
+    );
     assert_eq!(failed[0].status, MessageStatus::Failed);
     assert_eq!(failed[0].content, "");
     let frames = h.api.frames_to("tab");
@@ -227,7 +235,10 @@ async fn both_providers_get_an_output_limit_and_an_agent_cannot_exceed_the_maxim
     let greedy_agent =
         seed_agent_with(&h.db, h.seed.tenant, "greedy", Provider::Openai, "gpt-test").await;
     let bedrock = conversation_with(&h, Provider::Bedrock, "amazon.nova-lite-v1:0").await;
-    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
+    let mut tx = owner(&h.db)
+        .begin(Scope::Tenant(h.seed.tenant))
+        .await
+        .unwrap();
     sqlx::query("update agents set settings = '{\"max_tokens\": 100000}' where id = $1")
         .bind(greedy_agent)
         .execute(&mut *tx)

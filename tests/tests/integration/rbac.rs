@@ -5,6 +5,7 @@ use shared::rbac::{
 };
 use shared::{Error, ErrorCode};
 
+use crate::helpers::seed::owner;
 use crate::helpers::{TestDb, caller, seed, seed_member, seed_user};
 
 fn forbidden<T: std::fmt::Debug>(result: Result<T, Error>) {
@@ -128,9 +129,11 @@ async fn a_conversation_is_open_to_its_owner_and_platform_admins_only() {
     );
 
     // An owner who has left the tenant loses the conversation too.
-    memberships::revoke(&mut tx, a.tenant, a.user)
+    let mut portal = owner(&db).begin(Scope::Tenant(a.tenant)).await.unwrap();
+    memberships::revoke(&mut portal, a.tenant, a.user)
         .await
         .unwrap();
+    portal.commit().await.unwrap();
     forbidden(
         require_conversation_access(
             &mut tx,

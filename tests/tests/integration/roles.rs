@@ -51,6 +51,46 @@ async fn the_runtime_role_cannot_switch_row_level_security_off_or_change_the_sch
     );
 }
 
+/// The runtime role holds, per table and operation, exactly the list kept beside the code
+/// (`shared::db::grants`): `portal_users` read-only, nothing the functions do not do.
+#[tokio::test]
+async fn the_runtime_role_holds_the_grants_the_code_lists_and_no_more() {
+    let (test, _db) = TestDb::migrated().await;
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "select table_name::text, privilege_type::text
+         from information_schema.role_table_grants
+         where grantee = 'konstruct_runtime' and table_schema = 'public'
+         order by 1, 2",
+    )
+    .fetch_all(&test.migrator)
+    .await
+    .unwrap();
+    let mut granted: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (table, privilege) in rows {
+        granted.entry(table).or_default().push(privilege);
+    }
+    let listed: std::collections::BTreeMap<String, Vec<String>> =
+        shared::db::grants::RUNTIME_GRANTS
+            .iter()
+            .map(|(table, ops)| {
+                (
+                    table.to_string(),
+                    ops.iter().map(|o| o.to_string()).collect(),
+                )
+            })
+            .collect();
+    assert_eq!(granted, listed);
+    for statement in [
+        "update portal_users set name = 'mallory'",
+        "insert into tenants (id, name) values (gen_random_uuid(), 'x')",
+        "delete from user_tenant_roles",
+        "update agents set is_active = false",
+        "delete from web_conversations",
+    ] {
+        assert_eq!(refused(&test, statement).await, "42501", "{statement}");
+    }
+}
+
 #[tokio::test]
 async fn the_runtime_role_reads_and_writes_through_row_level_security() {
     let (test, db) = TestDb::migrated().await;

@@ -12,6 +12,7 @@ use shared::ws::Route;
 use crate::helpers::aws::drain;
 use crate::helpers::harness::{Harness, event, frame_of};
 use crate::helpers::harness::{assert_nothing_stored_or_queued, message_frame};
+use crate::helpers::seed::owner;
 use crate::helpers::{now, seed_user, sign, token};
 
 /// A refused `auth`: the error reaches the socket, the socket is closed, nothing is bound.
@@ -82,7 +83,10 @@ async fn another_users_conversation_and_a_foreign_tenant_are_forbidden() {
     .await;
 
     // The owner, after leaving the tenant.
-    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
+    let mut tx = owner(&h.db)
+        .begin(Scope::Tenant(h.seed.tenant))
+        .await
+        .unwrap();
     memberships::revoke(&mut tx, h.seed.tenant, h.seed.user)
         .await
         .unwrap();
@@ -242,7 +246,10 @@ async fn authorization_is_checked_on_every_message_and_every_delivery() {
         h.send("long", &message_frame("just before leaving")).await["type"],
         "ack"
     );
-    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
+    let mut tx = owner(&h.db)
+        .begin(Scope::Tenant(h.seed.tenant))
+        .await
+        .unwrap();
     memberships::revoke(&mut tx, h.seed.tenant, user)
         .await
         .unwrap();

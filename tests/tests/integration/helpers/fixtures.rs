@@ -14,6 +14,7 @@ pub const USER: &str = "3b6f1f0e-2d5a-4f5e-8d2b-9c1e4a7b5c02";
 pub const AGENT: &str = "5a2e9f3c-8b1d-4e6a-9f7c-1d3b5e7a9c03";
 
 pub async fn seed_fixture_ids(db: &Db) {
+    let db = &crate::helpers::seed::owner(db);
     sqlx::query(
         "insert into portal_users (id, email, name) values ($1::uuid, 'ada@example.test', 'Ada')",
     )

@@ -26,17 +26,44 @@ pub async fn seed(db: &Db, name: &str) -> Seed {
     }
 }
 
+/// The schema owner's handle on `db`'s database: the portal's tables (tenants, users,
+/// memberships, agents) are written by the portal, and the functions' role may only read them.
+pub fn owner(db: &Db) -> Db {
+    static OWNERS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, Db>>> =
+        std::sync::LazyLock::new(Default::default);
+    let options = db.pool().connect_options();
+    let database = options
+        .get_database()
+        .expect("a test database has a name")
+        .to_owned();
+    let mut owners = OWNERS.lock().unwrap();
+    owners
+        .entry(database.clone())
+        .or_insert_with(|| {
+            let url = std::env::var("MIGRATOR_DATABASE_URL").expect("run through `make test`");
+            let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a database URL");
+            Db::owner(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect_lazy_with(options.database(&database)),
+            )
+        })
+        .clone()
+}
+
 pub async fn seed_tenant(db: &Db, name: &str) -> TenantId {
-    seed::tenant(db, TenantId::new(), name).await.unwrap()
+    seed::tenant(&owner(db), TenantId::new(), name)
+        .await
+        .unwrap()
 }
 
 pub async fn seed_user(db: &Db, name: &str) -> UserId {
     let email = format!("{name}-{}@example.test", Uuid::new_v4().simple());
-    seed::user(db, &email, name).await.unwrap()
+    seed::user(&owner(db), &email, name).await.unwrap()
 }
 
 pub async fn seed_member(db: &Db, tenant: TenantId, user: UserId, role: TenantRole) {
-    seed::member(db, tenant, user, role).await.unwrap();
+    seed::member(&owner(db), tenant, user, role).await.unwrap();
 }
 
 pub async fn seed_agent(db: &Db, tenant: TenantId, name: &str) -> AgentId {
@@ -57,7 +84,7 @@ pub async fn seed_agent_with(
         model,
         settings: json!({ "temperature": 0.2 }),
     };
-    seed::agent(db, tenant, &plan).await.unwrap()
+    seed::agent(&owner(db), tenant, &plan).await.unwrap()
 }
 
 /// The user's conversation with the agent, created if need be.
