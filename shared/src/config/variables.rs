@@ -136,16 +136,16 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         names: &["WS_RATE_LIMIT_MESSAGES", "WS_RATE_LIMIT_WINDOW_SECONDS"],
-        read_by: &["ws-message", "konstruct-local"],
-        meaning: "`message` frames one connection may send per window (default 20 per 10 s); more get `rate_limited`",
+        read_by: &["ws-auth", "ws-message", "konstruct-local"],
+        meaning: "`message` and `auth` frames one connection may send per window (default 20 per 10 s); more get `rate_limited`",
     },
     Variable {
         names: &[
             "WS_USER_RATE_LIMIT_MESSAGES",
             "WS_USER_RATE_LIMIT_WINDOW_SECONDS",
         ],
-        read_by: &["ws-message", "konstruct-local"],
-        meaning: "messages one user may send across all their sockets in a sliding window (default 60 per 60 s); reconnecting or opening more sockets does not reset it; more get `rate_limited`",
+        read_by: &["ws-auth", "ws-message", "konstruct-local"],
+        meaning: "messages one user may send across all their sockets in a sliding window (default 60 per 60 s), and as many `auth` frames in a fixed one; reconnecting or opening more sockets does not reset it; more get `rate_limited`",
     },
     Variable {
         names: &["WS_MAX_SOCKETS_PER_USER", "WS_MAX_SOCKETS_PER_CONVERSATION"],

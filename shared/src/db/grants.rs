@@ -17,6 +17,8 @@ pub const RUNTIME_GRANTS: &[(&str, &[&str])] = &[
         "web_conversation_messages",
         &["DELETE", "INSERT", "SELECT", "UPDATE"],
     ),
+    // `auth` frames counted per user.
+    ("user_auth_windows", &["INSERT", "SELECT", "UPDATE"]),
     // Sockets are recorded, bound, counted and forgotten.
     ("ws_connections", &["DELETE", "INSERT", "SELECT", "UPDATE"]),
 ];

@@ -237,6 +237,8 @@ struct BindRow {
     permitted: bool,
     user_sockets: i64,
     conversation_sockets: i64,
+    window_frames: i32,
+    user_auths: Option<i32>,
     bound: bool,
 }
 
@@ -247,8 +249,12 @@ struct BindRow {
 /// (this one aside). Sent again with a fresh token, it renews the binding. Returns the
 /// conversation.
 ///
+/// The frame counts against `limits` as a message does: in the connection's window, and in
+/// the user's window of `auth` frames.
+///
 /// Refusals: `not_found` (no such connection or conversation), `forbidden`, `rate_limited`
-/// (too many sockets).
+/// (too many sockets, or `auth` frames).
+#[allow(clippy::too_many_arguments)]
 pub async fn bind(
     conn: &mut PgConnection,
     connection: &ConnectionId,
@@ -256,6 +262,7 @@ pub async fn bind(
     role: Role,
     expires_at: DateTime<Utc>,
     caps: SocketCaps,
+    limits: Limits,
 ) -> Result<ConversationId, Error> {
     let row: Option<BindRow> = super::query_as(
         "with target as (
@@ -269,9 +276,23 @@ pub async fn bind(
              from ws_connections w
              left join web_conversations c on c.id = w.conversation_id
              where w.connection_id = $1
+         ), user_window as (
+             insert into user_auth_windows as u (tenant_id, user_id, auths)
+             select t.tenant_id, $2, 1 from target t where t.tenant_id is not null
+             on conflict (tenant_id, user_id) do update set
+                 auths = case when u.window_started_at > now() - make_interval(secs => $10)
+                              then u.auths + 1 else 1 end,
+                 window_started_at = case
+                     when u.window_started_at > now() - make_interval(secs => $10)
+                     then u.window_started_at else now() end
+             returning u.auths
          ), counted as (
              -- Sockets open now (authenticated, token unexpired), this one aside.
              select
+                 (select case when w.window_started_at > now() - make_interval(secs => $8)
+                              then w.window_messages + 1 else 1 end
+                  from ws_connections w where w.connection_id = $1) as window_frames,
+                 (select auths from user_window) as user_auths,
                  (select count(*) from ws_connections o
                   where o.tenant_id = t.tenant_id and o.user_id = $2 and o.connection_id <> $1
                     and o.authenticated_at is not null and o.expires_at > now())
@@ -285,10 +306,14 @@ pub async fn bind(
          ), bound as (
              update ws_connections w
              set tenant_id = t.tenant_id, user_id = $2, role = $3, expires_at = $4,
-                 authenticated_at = now(), last_seen_at = now(), catching_up_since = now()
+                 authenticated_at = now(), last_seen_at = now(), catching_up_since = now(),
+                 window_messages = n.window_frames,
+                 window_started_at = case when n.window_frames = 1 then now()
+                                          else w.window_started_at end
              from target t, counted n
              where w.connection_id = t.connection_id and t.permitted
                and n.user_sockets < $5 and n.conversation_sockets < $6
+               and n.window_frames <= $7 and n.user_auths <= $9
              returning w.connection_id
          ), locked as (
              -- Writers of the conversation wait until this transaction ends (see `resume`).
@@ -297,7 +322,7 @@ pub async fn bind(
              for share of v
          )
          select t.conversation_id, t.tenant_id, t.permitted, n.user_sockets,
-                n.conversation_sockets,
+                n.conversation_sockets, n.window_frames, n.user_auths,
                 exists (select 1 from bound) and exists (select 1 from locked) as bound
          from target t, counted n",
     )
@@ -307,6 +332,10 @@ pub async fn bind(
     .bind(expires_at)
     .bind(i64::from(caps.per_user))
     .bind(i64::from(caps.per_conversation))
+    .bind(i64::from(limits.connection.messages))
+    .bind(f64::from(limits.connection.window_seconds))
+    .bind(i64::from(limits.user.messages))
+    .bind(f64::from(limits.user.window_seconds))
     .fetch_optional(conn)
     .await?;
     let row = row.ok_or_else(|| Error::NotFound("this connection is not recorded".into()))?;
@@ -328,6 +357,21 @@ pub async fn bind(
         return Err(Error::RateLimited(format!(
             "this conversation has {} sockets open already",
             caps.per_conversation
+        )));
+    }
+    if i64::from(row.window_frames) > i64::from(limits.connection.messages) {
+        return Err(Error::RateLimited(format!(
+            "at most {} frames per {} seconds",
+            limits.connection.messages, limits.connection.window_seconds
+        )));
+    }
+    if row
+        .user_auths
+        .is_some_and(|n| i64::from(n) > i64::from(limits.user.messages))
+    {
+        return Err(Error::RateLimited(format!(
+            "at most {} auth frames per {} seconds from one user, across all their sockets",
+            limits.user.messages, limits.user.window_seconds
         )));
     }
     if !row.bound {

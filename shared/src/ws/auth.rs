@@ -72,6 +72,7 @@ async fn auth(state: &AuthRoute, route: &RouteEvent) -> Result<Option<ServerFram
         caller.role(),
         caller.expires_at(),
         state.caps,
+        state.limits,
     )
     .await?;
     tracing::Span::current().record("conversation_id", tracing::field::display(conversation_id));

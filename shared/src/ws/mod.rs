@@ -81,12 +81,14 @@ impl Edge {
     }
 }
 
-/// What `auth` needs: the edge, the token key and the caps on open sockets.
+/// What `auth` needs: the edge, the token key, the caps on open sockets, and the rate limits
+/// (`auth` frames count as messages do).
 #[derive(Clone)]
 pub struct AuthRoute {
     pub edge: Edge,
     pub tokens: TokenVerifier,
     pub caps: SocketCaps,
+    pub limits: Limits,
 }
 
 impl AuthRoute {
@@ -105,6 +107,7 @@ impl AuthRoute {
             edge,
             tokens: TokenVerifier::new(&auth),
             caps: SocketCaps::from_lookup(&lookup)?,
+            limits: Limits::from_lookup(&lookup)?,
         })
     }
 }
@@ -162,6 +165,7 @@ impl WsState {
                 edge: edge.clone(),
                 tokens,
                 caps,
+                limits,
             },
             message: MessageRoute {
                 edge,

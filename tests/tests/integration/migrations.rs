@@ -27,7 +27,7 @@ async fn migrations_go_up_from_empty_down_to_empty_and_up_again() {
 
     MIGRATOR.run(&test.migrator).await.expect("up from empty");
     let (tables, functions) = public_objects(&test).await;
-    assert_eq!(tables, 8, "every table of the schema");
+    assert_eq!(tables, 9, "every table of the schema");
     assert_eq!(
         functions, 7,
         "the row-level security helpers and the authorization rule"

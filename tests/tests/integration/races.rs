@@ -396,3 +396,43 @@ async fn a_reply_whose_producer_is_gone_ends_failed_and_the_sockets_are_told() {
         "once"
     );
 }
+
+/// `auth` frames count as messages do: on one socket against the connection's window, and
+/// across a user's sockets against the user's window; past either, `rate_limited` and the
+/// socket is closed.
+#[tokio::test]
+async fn auth_frames_count_against_the_connection_and_user_limits() {
+    let mut h = Harness::new().await;
+    h.state.auth.limits.connection.messages = 3;
+    h.state.auth.limits.user.messages = 5;
+    let token = token(h.seed.user, Role::CustomerOperator);
+    h.connect("renewer").await;
+    for n in 1..=3 {
+        let ok = h.auth("renewer", &token).await;
+        assert_eq!(ok.unwrap()["type"], "auth_ok", "auth {n} on one socket");
+    }
+    assert_eq!(
+        h.auth("renewer", &token).await,
+        None,
+        "the fourth is refused"
+    );
+    let refused = h.api.frames_to("renewer");
+    assert_eq!(refused.last().unwrap()["code"], "rate_limited");
+    assert!(
+        h.api.deletes().contains(&"renewer".to_owned()),
+        "and the socket closed"
+    );
+
+    // Three frames bound (a refused one binds nothing, and the socket is closed): two more
+    // sockets may authenticate, not three.
+    for socket in ["fourth", "fifth"] {
+        h.connect(socket).await;
+        assert_eq!(h.auth(socket, &token).await.unwrap()["type"], "auth_ok");
+    }
+    h.connect("sixth").await;
+    assert_eq!(h.auth("sixth", &token).await, None);
+    assert_eq!(
+        h.api.frames_to("sixth").last().unwrap()["code"],
+        "rate_limited"
+    );
+}
