@@ -24,7 +24,7 @@ use aws_lambda_events::sqs::{SqsEvent, SqsMessage};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use redis::aio::ConnectionManager;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::streams::{StreamClaimReply, StreamPendingCountReply, StreamId, StreamReadReply};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -247,20 +247,41 @@ impl Worker {
         }
     }
 
-    /// Entries another consumer left pending longer than the visibility timeout.
+    /// Entries another consumer left pending longer than the visibility timeout (a worker that
+    /// died). Listed first (`XPENDING … IDLE`), then only other consumers' entries claimed
+    /// (`XCLAIM`): `XAUTOCLAIM` would also re-claim this worker's own entries waiting in their
+    /// lanes, and each claim counts a delivery, dead-lettering them early.
     async fn claim(&self, conn: &mut ConnectionManager) -> Result<Vec<Entry>, Error> {
-        let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+        let idle = self.visibility_timeout.as_millis() as u64;
+        let pending: StreamPendingCountReply = redis::cmd("XPENDING")
             .arg(self.queue.stream_key())
             .arg(GROUP)
-            .arg(&self.consumer)
-            .arg(self.visibility_timeout.as_millis() as u64)
-            .arg("0-0")
-            .arg("COUNT")
+            .arg("IDLE")
+            .arg(idle)
+            .arg("-")
+            .arg("+")
             .arg(self.batch)
             .query_async(conn)
             .await?;
+        let orphans: Vec<String> = pending
+            .ids
+            .into_iter()
+            .filter(|p| p.consumer != self.consumer)
+            .map(|p| p.id)
+            .collect();
+        if orphans.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reply: StreamClaimReply = redis::cmd("XCLAIM")
+            .arg(self.queue.stream_key())
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg(idle)
+            .arg(&orphans)
+            .query_async(conn)
+            .await?;
         Ok(reply
-            .claimed
+            .ids
             .into_iter()
             .filter(|e| !e.map.is_empty())
             .map(|id| Entry {

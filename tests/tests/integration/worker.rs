@@ -359,3 +359,40 @@ async fn run_stops_on_shutdown() {
         vec!["Echo: before shutdown"]
     );
 }
+
+/// An entry waiting in its lane to be tried again, longer than the visibility timeout, is not
+/// claimed back by its own worker: each claim counts a delivery, and the entry would reach the
+/// dead-letter stream without its second attempt.
+#[tokio::test]
+async fn a_worker_does_not_claim_its_own_waiting_entries() {
+    let h = Harness::new().await;
+    let llm = FakeLlm::start(|_, index| {
+        if index == 0 {
+            Reply::Status(500)
+        } else {
+            Reply::Stream(pieces(&["second try"]), Duration::ZERO)
+        }
+    })
+    .await;
+    let mut state = orchestrator(&h, &llm);
+    state.retry.max_attempts = 1;
+    state.max_receives = 3;
+    let conversation = conversation_with(&h, Provider::Openai, "gpt-test").await;
+    h.open_session_on("tab", conversation).await;
+    let mut worker = worker(&redis_prefix());
+    worker.visibility_timeout = Duration::from_millis(100);
+    worker.retry_delay = Duration::from_millis(1500);
+    for job in queued_jobs(&h, "tab", &["flaky"]).await {
+        worker.queue.enqueue(&job).await.unwrap();
+    }
+    running(&worker, &state, async {
+        eventually("the reply", || async {
+            !answered(&h, conversation).await.is_empty()
+        })
+        .await;
+    })
+    .await;
+    assert_eq!(answered(&h, conversation).await, ["second try"]);
+    assert_eq!(dead_letters(&worker).await, 0);
+    assert_eq!(llm.requests().len(), 2, "tried twice");
+}
