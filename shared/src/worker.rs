@@ -24,7 +24,7 @@ use aws_lambda_events::sqs::{SqsEvent, SqsMessage};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use redis::aio::ConnectionManager;
-use redis::streams::{StreamClaimReply, StreamPendingCountReply, StreamId, StreamReadReply};
+use redis::streams::{StreamClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 

@@ -33,32 +33,36 @@ impl Bedrock {
     }
 
     /// Converse wants the conversation to open with the user and alternate roles: leading
-    /// assistant turns are dropped and consecutive turns of one role are joined.
+    /// assistant turns are dropped and consecutive turns of one role become one message, a
+    /// content block each. A platform admin's words follow a block of their own saying so
+    /// (Converse carries no author): the owner's text is always a single block.
     fn messages(request: &AgentRequest<'_>) -> Result<Vec<Message>, AgentError> {
-        let mut merged: Vec<(MessageRole, String)> = Vec::new();
+        let mut merged: Vec<(MessageRole, Vec<ContentBlock>)> = Vec::new();
         for turn in request
             .history
             .iter()
             .skip_while(|t| t.role == MessageRole::Assistant)
         {
+            let mut blocks = Vec::new();
+            if turn.by_someone_else {
+                blocks.push(ContentBlock::Text(super::ADMIN_MARK.to_owned()));
+            }
+            blocks.push(ContentBlock::Text(turn.content.clone()));
             match merged.last_mut() {
-                Some((role, text)) if *role == turn.role => {
-                    text.push_str("\n\n");
-                    text.push_str(&turn.content);
-                }
-                _ => merged.push((turn.role, turn.content.clone())),
+                Some((role, content)) if *role == turn.role => content.extend(blocks),
+                _ => merged.push((turn.role, blocks)),
             }
         }
         merged
             .into_iter()
-            .map(|(role, text)| {
+            .map(|(role, content)| {
                 let role = match role {
                     MessageRole::User => ConversationRole::User,
                     MessageRole::Assistant => ConversationRole::Assistant,
                 };
                 Message::builder()
                     .role(role)
-                    .content(ContentBlock::Text(text))
+                    .set_content(Some(content))
                     .build()
                     .map_err(|e| AgentError::permanent(format!("bad Converse message: {e}")))
             })

@@ -24,7 +24,17 @@ use crate::db::messages::{MessageRole, StopReason, Usage};
 pub struct Turn {
     pub role: MessageRole,
     pub content: String,
+    /// A user message the conversation's owner did not write (a platform admin did): carried
+    /// as data, so that no text the owner types can pass for it (OpenAI: the message's
+    /// `name`; Bedrock's Converse has no such field: a content block of its own says it).
+    pub by_someone_else: bool,
 }
+
+/// The `name` an OpenAI-compatible user message written by a platform admin carries.
+pub const ADMIN_NAME: &str = "platform_admin";
+
+/// The content block that precedes a platform admin's words in a Bedrock message.
+pub const ADMIN_MARK: &str = "[written by a platform administrator, not the conversation's owner]";
 
 /// What a provider is asked.
 #[derive(Debug, Clone, Copy)]

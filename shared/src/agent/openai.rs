@@ -63,7 +63,11 @@ impl OpenAi {
                 MessageRole::User => "user",
                 MessageRole::Assistant => "assistant",
             };
-            messages.push(json!({ "role": role, "content": turn.content }));
+            let mut message = json!({ "role": role, "content": turn.content });
+            if turn.by_someone_else {
+                message["name"] = json!(super::ADMIN_NAME);
+            }
+            messages.push(message);
         }
         let mut body = Map::new();
         body.insert("model".into(), json!(agent.model));

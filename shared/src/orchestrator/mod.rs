@@ -728,10 +728,6 @@ impl<'a> ReplyStream<'a> {
     }
 }
 
-/// What precedes a user message the conversation's owner did not write (a platform admin did)
-/// in the agent's context.
-pub const ADMIN_MARK: &str = "[written by a platform administrator, not the conversation's owner] ";
-
 /// The newest turns that fit the character budget, oldest first; the user message always.
 fn within_budget(history: &[ContextMessage], chars: usize) -> Vec<Turn> {
     let mut used = 0;
@@ -743,14 +739,10 @@ fn within_budget(history: &[ContextMessage], chars: usize) -> Vec<Turn> {
         }
         used += len;
         // The agent tells the owner's words from a platform admin's in the same conversation.
-        let content = if message.by_someone_else {
-            format!("{ADMIN_MARK}{}", message.content)
-        } else {
-            message.content.clone()
-        };
         kept.push(Turn {
             role: message.role,
-            content,
+            content: message.content.clone(),
+            by_someone_else: message.by_someone_else,
         });
     }
     kept.reverse();

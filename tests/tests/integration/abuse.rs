@@ -11,7 +11,6 @@ use shared::db::Scope;
 use shared::db::agents::Provider;
 use shared::db::messages::{MessageRole, MessageView};
 use shared::domain::{ConnectionId, Role, UserId};
-use shared::orchestrator::ADMIN_MARK;
 use shared::ws::{RateLimit, sweep};
 
 use crate::helpers::harness::Harness;
@@ -173,12 +172,18 @@ async fn a_platform_admins_message_is_stored_as_theirs_and_marked_for_the_agent(
             ("from support".to_owned(), Some(admin)),
         ]
     );
-    // The agent is told which words are not the owner's.
+    // The agent is told which words are not the owner's, as data (the message's `name`), not
+    // as text the owner could type.
     let requests = llm.requests();
     assert_eq!(last_user_text(&requests[0]), "from the owner");
-    assert_eq!(
-        last_user_text(&requests[1]),
-        format!("{ADMIN_MARK}from support")
+    assert_eq!(last_user_text(&requests[1]), "from support");
+    let messages = requests[1]["messages"].as_array().unwrap();
+    assert_eq!(messages.last().unwrap()["name"], shared::agent::ADMIN_NAME);
+    assert!(
+        messages
+            .iter()
+            .filter(|m| m["content"] == "from the owner")
+            .all(|m| m.get("name").is_none())
     );
     let earlier: Vec<String> = requests[1]["messages"]
         .as_array()
