@@ -85,3 +85,43 @@ async fn a_conversation_runs_on_the_aws_shaped_stack() {
             .all(|i| i.failed.as_deref() == Some(&[][..]))
     );
 }
+
+/// The `ws-auth` binary with a socket that closes right after its `auth` (with `resume_after`):
+/// its replay is posted to a gone connection (410). Once, `ws-auth` held its transaction and
+/// the conversation's lock across that post while the 410's delete (and `$disconnect`'s)
+/// waited for it: `auth` hung until its timeout and the other tab's next message with it. Now
+/// the other tab's messages go on being answered.
+#[tokio::test]
+async fn a_tab_closing_during_its_resume_holds_nothing_on_the_lambda_path() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let sim = AwsSim::start(&settings(&test)).await.unwrap();
+    let url = format!("ws://{}/ws?conversation_id={}", sim.address, s.conversation);
+    let token = token(s.user, Role::CustomerOperator);
+    let (mut tab, _) = tokio_tungstenite::connect_async(&url).await.expect("connected");
+    send(&mut tab, json!({ "type": "auth", "token": token })).await;
+    let ok = next(&mut tab, Duration::from_secs(30)).await.expect("auth answered");
+    assert_eq!(ok["type"], "auth_ok", "{ok}");
+
+    for round in 0..3 {
+        let (mut leaving, _) = tokio_tungstenite::connect_async(&url).await.expect("connected");
+        send(
+            &mut leaving,
+            json!({ "type": "auth", "token": token, "resume_after": 0 }),
+        )
+        .await;
+        drop(leaving);
+
+        let text = format!("still here {round}");
+        send(&mut tab, json!({ "type": "message", "text": text })).await;
+        let mut answered = false;
+        while let Some(frame) = next(&mut tab, Duration::from_secs(20)).await {
+            if frame["type"] == "response" {
+                assert_eq!(frame["text"], format!("Echo: {text}"));
+                answered = true;
+                break;
+            }
+        }
+        assert!(answered, "round {round}: the other tab's message was answered");
+    }
+}
