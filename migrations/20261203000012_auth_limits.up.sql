@@ -1,6 +1,11 @@
--- `auth` frames count against limits as messages do (PROTOCOL §2, costs and limits): per
--- connection in the connection's own window (`ws_connections.window_messages`), per user in a
--- fixed window kept here, one row per user and tenant.
+-- `auth` frames count against limits as messages do, with the same numbers (PROTOCOL §2, costs
+-- and limits): per connection in a window of its own beside the messages' (a client that sends
+-- its limit of messages after authenticating is not refused for it), per user in a fixed window
+-- kept here, one row per user and tenant.
+alter table ws_connections
+    add column auth_window_started_at timestamptz not null default now(),
+    add column auth_frames integer not null default 0;
+
 create table user_auth_windows (
     tenant_id         uuid not null references tenants (id) on delete cascade,
     user_id           uuid not null references portal_users (id) on delete cascade,

@@ -137,7 +137,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         names: &["WS_RATE_LIMIT_MESSAGES", "WS_RATE_LIMIT_WINDOW_SECONDS"],
         read_by: &["ws-auth", "ws-message", "konstruct-local"],
-        meaning: "`message` and `auth` frames one connection may send per window (default 20 per 10 s); more get `rate_limited`",
+        meaning: "`message` frames one connection may send per window (default 20 per 10 s), and as many `auth` frames in a window of their own; more get `rate_limited`",
     },
     Variable {
         names: &[

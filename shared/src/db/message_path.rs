@@ -249,8 +249,8 @@ struct BindRow {
 /// (this one aside). Sent again with a fresh token, it renews the binding. Returns the
 /// conversation.
 ///
-/// The frame counts against `limits` as a message does: in the connection's window, and in
-/// the user's window of `auth` frames.
+/// The frame counts against `limits` as a message does, with the same numbers: in the
+/// connection's window of `auth` frames, and in the user's.
 ///
 /// Refusals: `not_found` (no such connection or conversation), `forbidden`, `rate_limited`
 /// (too many sockets, or `auth` frames).
@@ -289,8 +289,8 @@ pub async fn bind(
          ), counted as (
              -- Sockets open now (authenticated, token unexpired), this one aside.
              select
-                 (select case when w.window_started_at > now() - make_interval(secs => $8)
-                              then w.window_messages + 1 else 1 end
+                 (select case when w.auth_window_started_at > now() - make_interval(secs => $8)
+                              then w.auth_frames + 1 else 1 end
                   from ws_connections w where w.connection_id = $1) as window_frames,
                  (select auths from user_window) as user_auths,
                  (select count(*) from ws_connections o
@@ -307,9 +307,9 @@ pub async fn bind(
              update ws_connections w
              set tenant_id = t.tenant_id, user_id = $2, role = $3, expires_at = $4,
                  authenticated_at = now(), last_seen_at = now(), catching_up_since = now(),
-                 window_messages = n.window_frames,
-                 window_started_at = case when n.window_frames = 1 then now()
-                                          else w.window_started_at end
+                 auth_frames = n.window_frames,
+                 auth_window_started_at = case when n.window_frames = 1 then now()
+                                               else w.auth_window_started_at end
              from target t, counted n
              where w.connection_id = t.connection_id and t.permitted
                and n.user_sockets < $5 and n.conversation_sockets < $6
@@ -361,7 +361,7 @@ pub async fn bind(
     }
     if i64::from(row.window_frames) > i64::from(limits.connection.messages) {
         return Err(Error::RateLimited(format!(
-            "at most {} frames per {} seconds",
+            "at most {} auth frames per {} seconds on one socket",
             limits.connection.messages, limits.connection.window_seconds
         )));
     }

@@ -107,7 +107,7 @@ async fn create_and_update_migrate_and_delete_keeps_the_schema() {
     assert_eq!(answer["Data"]["SchemaVersion"], latest.to_string());
     // The pre-signed URL is signed without a content type: none may be sent.
     assert_eq!(content_type.as_deref(), Some(""));
-    assert_eq!(tables(&test).await, 8);
+    assert_eq!(tables(&test).await, 9);
     // The functions' role works on what the migrator made.
     let db = Db::from_pool(test.pool.clone());
     db.begin(Scope::Tenant(TenantId::new()))
@@ -132,7 +132,7 @@ async fn create_and_update_migrate_and_delete_keeps_the_schema() {
     assert_eq!(answer["Status"], "SUCCESS", "{answer}");
     assert_eq!(
         tables(&test).await,
-        8,
+        9,
         "deleting the stack keeps the schema"
     );
 }
