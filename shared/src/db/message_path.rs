@@ -433,6 +433,15 @@ const OWED: &str = "with missed as (
                  order by m.seq desc limit 1) as streaming
      )";
 
+/// What both statements return ([`ResumeRow`]), once the statement's `live` CTE has run.
+const OWED_COLUMNS: &str = "c.last_seq, o.too_many,
+     case when o.too_many then '[]'::jsonb
+          else (select coalesce(jsonb_agg(to_jsonb(m) - 'bytes' order by m.seq), '[]')
+                from missed m)
+     end as missed,
+     o.streaming,
+     exists (select 1 from live) as live";
+
 /// `auth`'s second statement, after [`bind`] in the same transaction: `bind` locked the
 /// conversation row (`for share`), so this statement's snapshot holds every message whose writer
 /// listed the sockets before the binding was visible, and every writer after it waits for this
@@ -454,13 +463,7 @@ pub async fn resume(
              where w.connection_id = $5 and $2::bigint is null and o.streaming is null
              returning 1
          )
-         select c.last_seq, o.too_many,
-                case when o.too_many then '[]'::jsonb
-                     else (select coalesce(jsonb_agg(to_jsonb(m) - 'bytes' order by m.seq), '[]')
-                           from missed m)
-                end as missed,
-                o.streaming,
-                exists (select 1 from live) as live
+         select {OWED_COLUMNS}
          from web_conversations c, owed o where c.id = $1"
     )))
     .bind(conversation_id)
@@ -534,14 +537,7 @@ pub async fn catch_up(
              where w.connection_id = $5 and (u.yes or $8)
              returning 1
          )
-         select c.last_seq, o.too_many,
-                case when o.too_many then '[]'::jsonb
-                     else (select coalesce(jsonb_agg(to_jsonb(m) - 'bytes' order by m.seq), '[]')
-                           from missed m)
-                end as missed,
-                o.streaming,
-                exists (select 1 from live) as live,
-                (select message from ended) as ended
+         select {OWED_COLUMNS}, (select message from ended) as ended
          from web_conversations c, owed o where c.id = $1"
     )))
     .bind(conversation_id)

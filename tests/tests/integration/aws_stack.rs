@@ -98,13 +98,19 @@ async fn a_tab_closing_during_its_resume_holds_nothing_on_the_lambda_path() {
     let sim = AwsSim::start(&settings(&test)).await.unwrap();
     let url = format!("ws://{}/ws?conversation_id={}", sim.address, s.conversation);
     let token = token(s.user, Role::CustomerOperator);
-    let (mut tab, _) = tokio_tungstenite::connect_async(&url).await.expect("connected");
+    let (mut tab, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connected");
     send(&mut tab, json!({ "type": "auth", "token": token })).await;
-    let ok = next(&mut tab, Duration::from_secs(30)).await.expect("auth answered");
+    let ok = next(&mut tab, Duration::from_secs(30))
+        .await
+        .expect("auth answered");
     assert_eq!(ok["type"], "auth_ok", "{ok}");
 
     for round in 0..3 {
-        let (mut leaving, _) = tokio_tungstenite::connect_async(&url).await.expect("connected");
+        let (mut leaving, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect("connected");
         send(
             &mut leaving,
             json!({ "type": "auth", "token": token, "resume_after": 0 }),
@@ -122,6 +128,9 @@ async fn a_tab_closing_during_its_resume_holds_nothing_on_the_lambda_path() {
                 break;
             }
         }
-        assert!(answered, "round {round}: the other tab's message was answered");
+        assert!(
+            answered,
+            "round {round}: the other tab's message was answered"
+        );
     }
 }
