@@ -119,6 +119,25 @@ impl ClientFrame {
         })
     }
 
+    /// The `client_message_id` of a `message` frame, read leniently (the rest of the frame may
+    /// be what is refused): what a refusal carries back.
+    pub fn client_message_id_of(raw: &str) -> Option<ClientMessageId> {
+        #[derive(Deserialize)]
+        struct Ids {
+            #[serde(rename = "type")]
+            kind: Option<serde_json::Value>,
+            client_message_id: Option<serde_json::Value>,
+        }
+        if raw.len() > MAX_CLIENT_FRAME_BYTES {
+            return None;
+        }
+        let ids: Ids = serde_json::from_str(raw).ok()?;
+        if ids.kind? != "message" {
+            return None;
+        }
+        ids.client_message_id?.as_str()?.parse().ok()
+    }
+
     /// The route API Gateway would pick (`$request.body.type`).
     pub fn route_of(raw: &str) -> Option<String> {
         match serde_json::from_str::<FrameType>(raw).ok()?.kind? {
@@ -208,6 +227,10 @@ pub enum ServerFrame {
     Error {
         code: ErrorCode,
         message: String,
+        /// The refused `message` frame's own id, when it had one (PROTOCOL §2): the client
+        /// knows which pending message was refused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_message_id: Option<ClientMessageId>,
     },
     Pong,
 }
@@ -253,6 +276,19 @@ impl ServerFrame {
         Self::Error {
             code: err.code(),
             message: err.public_message(),
+            client_message_id: None,
+        }
+    }
+
+    /// The `error` frame refusing a `message` frame, carrying its `client_message_id`.
+    pub fn refusal(err: &Error, client_message_id: Option<ClientMessageId>) -> Self {
+        match Self::error(err) {
+            Self::Error { code, message, .. } => Self::Error {
+                code,
+                message,
+                client_message_id,
+            },
+            other => other,
         }
     }
 

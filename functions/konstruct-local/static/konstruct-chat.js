@@ -51,6 +51,8 @@
 
 const PING_MS = 5 * 60 * 1000;
 const TWO_HOURS_LESS_MARGIN_MS = 115 * 60 * 1000;
+/** Refusals that sending the same message again cannot change (PROTOCOL §2). */
+const PERMANENT_REFUSALS = ["bad_request", "too_large", "forbidden"];
 
 export class Chat {
   /** @param {ChatOptions} options */
@@ -66,6 +68,8 @@ export class Chat {
     this.byId = new Map();
     /** @type {Map<string, ChatMessage>} unacknowledged user messages by client_message_id */
     this.outbox = new Map();
+    /** @type {Map<string, ChatMessage>} messages the server refused for good (status "failed") */
+    this.refused = new Map();
     /** The largest seq seen: what a reconnect resumes after. */
     this.lastSeq = 0;
     /** "connecting" | "connected" | "disconnected" */
@@ -84,7 +88,7 @@ export class Chat {
   /** Every message, stored ones in seq order, then the pending ones in the order typed. */
   get messages() {
     const stored = [...this.byId.values()].sort((a, b) => a.seq - b.seq);
-    return [...stored, ...this.outbox.values()];
+    return [...stored, ...this.refused.values(), ...this.outbox.values()];
   }
 
   /** Loads the history, then connects. */
@@ -238,10 +242,19 @@ export class Chat {
         this.typing = false;
         break;
       }
-      case "error":
+      case "error": {
         this.typing = false;
+        // A refusal names the message it refuses: one that cannot succeed leaves the outbox,
+        // visibly failed, instead of being sent again on every reconnect.
+        const refused = frame.client_message_id && this.outbox.get(frame.client_message_id);
+        if (refused && PERMANENT_REFUSALS.includes(frame.code)) {
+          this.outbox.delete(frame.client_message_id);
+          this.saveOutbox();
+          this.refused.set(frame.client_message_id, { ...refused, status: "failed", error: frame.code });
+        }
         if (this.options.onError) this.options.onError(frame);
         break;
+      }
     }
     this.changed();
   }

@@ -39,7 +39,11 @@ pub async fn handle(
         Ok(None) => status(200),
         Err(err) => {
             telemetry::record(Event::MessageRefused(err.code()));
-            reply(&ServerFrame::error(&err))
+            let refused = event
+                .body
+                .as_deref()
+                .and_then(ClientFrame::client_message_id_of);
+            reply(&ServerFrame::refusal(&err, refused))
         }
     }
 }

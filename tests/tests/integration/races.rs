@@ -436,3 +436,31 @@ async fn auth_frames_count_against_the_connection_and_user_limits() {
         "rate_limited"
     );
 }
+
+/// A refused `message` frame's `error` carries its `client_message_id` (PROTOCOL §2), so the
+/// client knows which pending message was refused, whatever the refusal: bad text, a rate
+/// limit. A frame without one gets an error without one.
+#[tokio::test]
+async fn a_refusal_names_the_message_it_refuses() {
+    let mut h = Harness::new().await;
+    h.state.message.limits.connection.messages = 1;
+    h.open_session("tab").await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let empty = json!({ "type": "message", "text": "   ", "client_message_id": id });
+    let refused = h.send("tab", &empty.to_string()).await;
+    assert_eq!(refused["code"], "bad_request");
+    assert_eq!(refused["client_message_id"], json!(id));
+
+    let first =
+        json!({ "type": "message", "text": "one", "client_message_id": uuid::Uuid::new_v4() });
+    assert_eq!(h.send("tab", &first.to_string()).await["type"], "ack");
+    let id = uuid::Uuid::new_v4().to_string();
+    let second = json!({ "type": "message", "text": "two", "client_message_id": id });
+    let refused = h.send("tab", &second.to_string()).await;
+    assert_eq!(refused["code"], "rate_limited");
+    assert_eq!(refused["client_message_id"], json!(id));
+
+    let anonymous = h.send("tab", &message_frame("three")).await;
+    assert_eq!(anonymous["code"], "rate_limited");
+    assert!(anonymous.get("client_message_id").is_none());
+}
