@@ -138,13 +138,16 @@ fn owed_frames(
         Some((streamed, held)) if streamed == id => held,
         _ => 0,
     };
+    // Where the socket's copy of the reply streaming now ends; a reply restarted meanwhile by
+    // another attempt (shorter than what was sent) is sent again from the start, with `reset`.
     let streaming = resume.streaming.map(|reply| {
-        let from = if resume.missed.iter().any(|m| m.id == reply.id) {
+        let held = if resume.missed.iter().any(|m| m.id == reply.id) {
             0
         } else {
             held(reply.id)
         };
-        (from, reply)
+        let restarted = held > reply.content.chars().count();
+        (if restarted { 0 } else { held }, restarted, reply)
     });
     sent.through_seq = sent.through_seq.max(resume.last_seq);
     let missed: Vec<Message> = ended.into_iter().chain(resume.missed).collect();
@@ -152,7 +155,7 @@ fn owed_frames(
         frames.extend(replay_frames(resume.too_many, missed));
     }
     sent.streaming = None;
-    if let Some((from, reply)) = streaming
+    if let Some((from, reset, reply)) = streaming
         && let Some(reply_to) = reply.reply_to
     {
         let of = ChunkOf {
@@ -161,7 +164,19 @@ fn owed_frames(
             reply_to,
         };
         let text: String = reply.content.chars().skip(from).collect();
-        frames.extend(of.chunks(from, &text, false));
+        let chunks = of.chunks(from, &text, reset);
+        if chunks.is_empty() && reset {
+            // Restarted with no text yet: the socket still drops what it held.
+            frames.push(ServerFrame::Chunk {
+                conversation_id,
+                message_id: reply.id,
+                reply_to,
+                offset: 0,
+                delta: String::new(),
+                reset: true,
+            });
+        }
+        frames.extend(chunks);
         sent.streaming = Some((reply.id, reply.content.chars().count()));
     }
     frames
@@ -234,5 +249,62 @@ async fn refuse(state: &AuthRoute, route: &RouteEvent, err: &Error) {
             error = &e as &dyn std::error::Error,
             "could not close the connection"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn streaming_reply(id: &str, content: &str) -> Message {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "conversation_id": "11111111-1111-4111-8111-111111111111",
+            "tenant_id": "22222222-2222-4222-8222-222222222222", "role": "assistant",
+            "content": content, "client_message_id": null,
+            "reply_to": "33333333-3333-4333-8333-333333333333",
+            "created_at": "2026-12-03T00:00:00Z", "seq": 2, "status": "streaming",
+        }))
+        .unwrap()
+    }
+
+    fn caught_up(sent: &mut Sent, reply: Message) -> Vec<serde_json::Value> {
+        let resume = message_path::Resume {
+            last_seq: 2,
+            missed: Vec::new(),
+            too_many: false,
+            streaming: Some(reply.clone()),
+            live: false,
+        };
+        owed_frames(reply.conversation_id, false, resume, sent, None)
+            .iter()
+            .map(|f| serde_json::from_str(&encode(f).unwrap()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_catch_up_sends_the_new_part_of_a_streaming_reply_or_all_of_a_restarted_one() {
+        let id = "44444444-4444-4444-8444-444444444444";
+        let mut sent = Sent {
+            through_seq: 2,
+            streaming: Some((id.parse().unwrap(), 5)),
+        };
+        let frames = caught_up(&mut sent, streaming_reply(id, "Hello, world"));
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0]["offset"], 5);
+        assert_eq!(frames[0]["delta"], ", world");
+        assert!(frames[0].get("reset").is_none());
+        assert_eq!(sent.streaming, Some((id.parse().unwrap(), 12)));
+
+        // Another attempt restarted it: shorter now, sent whole with `reset`.
+        let frames = caught_up(&mut sent, streaming_reply(id, "Hi"));
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0]["offset"], 0);
+        assert_eq!(frames[0]["delta"], "Hi");
+        assert_eq!(frames[0]["reset"], true);
+
+        let frames = caught_up(&mut sent, streaming_reply(id, ""));
+        assert_eq!(frames.len(), 1, "restarted with nothing yet: reset alone");
+        assert_eq!(frames[0]["reset"], true);
+        assert_eq!(frames[0]["delta"], "");
     }
 }
