@@ -242,7 +242,14 @@ pub async fn process_one(
                 "agent_failed not sent"
             );
         }
-        if let Err(e) = give_up(state, job, audience).await {
+        let ended = end_failed(
+            &state.db,
+            state.fanout.as_ref(),
+            audience,
+            job.message_id,
+            None,
+        );
+        if let Err(e) = ended.await {
             tracing::warn!(
                 error = &e as &dyn std::error::Error,
                 "reply not ended failed"
@@ -252,29 +259,33 @@ pub async fn process_one(
     result
 }
 
-/// A job that gives up leaves its reply `failed` (what streamed of it kept, or an empty one
-/// stored), and the sockets are told: no reply stays `streaming`, and the next message's job
-/// knows this one is settled.
-pub async fn give_up(
-    state: &OrchestratorState,
-    job: &Job,
+/// Ends the reply to `reply_to` `failed` (what streamed of it kept, or an empty one stored) and
+/// tells the audience's sockets; `false` when there was nothing to end. A job that gives up
+/// calls it, and the sweeper for a reply nobody has written since `unwritten_since`: no reply
+/// stays `streaming`, and the next message's job knows this one is settled.
+pub async fn end_failed(
+    db: &Db,
+    fanout: &dyn Fanout,
     audience: &mut Audience,
-) -> Result<(), Error> {
-    let mut tx = state.db.begin(Scope::Tenant(job.tenant_id)).await?;
+    reply_to: MessageId,
+    unwritten_since: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<bool, Error> {
+    let mut tx = db.begin(Scope::Tenant(audience.tenant_id)).await?;
     let failed = message_path::fail_reply(
         &mut tx,
-        job.conversation_id,
-        job.message_id,
+        audience.conversation_id,
+        reply_to,
         MessageId::new(),
-        None,
+        unwritten_since,
     )
     .await?;
     tx.commit().await?;
     let Some((reply, recipients)) = failed else {
-        return Ok(());
+        return Ok(false);
     };
     audience.renew(recipients);
-    deliver(state.fanout.as_ref(), audience, &reply, false).await
+    deliver(fanout, audience, &reply, true).await?;
+    Ok(true)
 }
 
 /// One statement reads everything the job needs (recipients included). A reply that arrives
@@ -751,7 +762,7 @@ fn within_budget(history: &[ContextMessage], chars: usize) -> Vec<Turn> {
 
 /// Sends the stored reply as a `response`. A reply too long for one frame travels as `chunk`
 /// frames (unless it already streamed) and a `response` without its text.
-pub async fn deliver(
+async fn deliver(
     fanout: &dyn Fanout,
     audience: &mut Audience,
     reply: &Message,

@@ -16,7 +16,6 @@ use crate::Error;
 use crate::config::{ConfigError, Lookup, routes};
 use crate::db::{Scope, connections, message_path};
 use crate::delivery::{Audience, ConnectionsFanout};
-use crate::domain::MessageId;
 use crate::secrets::Secrets;
 
 /// Sockets closed at once.
@@ -72,29 +71,18 @@ pub async fn end_stale_replies(edge: &Edge, stale_after: Duration) -> Result<usi
     let fanout = ConnectionsFanout::new(edge.db.clone(), edge.delivery.clone());
     let mut ended = 0;
     for reply in stale {
-        let mut tx = edge.db.begin(Scope::Tenant(reply.tenant_id)).await?;
+        let mut audience = Audience::new(reply.tenant_id, reply.conversation_id, Vec::new());
         // Ended only if still unwritten: a producer that wrote meanwhile keeps it.
-        let failed = message_path::fail_reply(
-            &mut tx,
-            reply.conversation_id,
+        let failed = crate::orchestrator::end_failed(
+            &edge.db,
+            &fanout,
+            &mut audience,
             reply.reply_to,
-            MessageId::new(),
             Some(before),
-        )
-        .await?;
-        tx.commit().await?;
-        let Some((failed, recipients)) = failed else {
-            continue;
-        };
-        ended += 1;
-        tracing::warn!(conversation_id = %reply.conversation_id, reply_id = %failed.id, "a reply whose producer is gone ended failed");
-        let mut audience = Audience::new(reply.tenant_id, reply.conversation_id, recipients);
-        if let Err(err) = crate::orchestrator::deliver(&fanout, &mut audience, &failed, true).await
-        {
-            tracing::warn!(
-                error = &err as &dyn std::error::Error,
-                "the failed reply was not sent"
-            );
+        );
+        if failed.await? {
+            ended += 1;
+            tracing::warn!(conversation_id = %reply.conversation_id, reply_to = %reply.reply_to, "a reply whose producer is gone ended failed");
         }
     }
     Ok(ended)
