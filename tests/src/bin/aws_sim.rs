@@ -4,6 +4,8 @@
 //!   aws-sim bench [--json P] the AWS path's figures: 1, 50 and 200 conversations of two
 //!                            sockets each against a model streaming 20 pieces 25 ms apart,
 //!                            then three quick messages to a 15 s agent
+//!     --only N               one scenario only (1, 50 or 200 conversations), no 15 s agent
+//!     --statements           after each scenario, the statements that cost Postgres most
 //!
 //! Needs the services `infra/local/aws-sim.sh` starts (it runs this): `DATABASE_URL`,
 //! `MIGRATOR_DATABASE_URL`, `POOLED_DATABASE_URL`, `REDIS_URL`, `MOTO_ENDPOINT`, and
@@ -17,8 +19,12 @@ use anyhow::{Context, anyhow};
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
+use shared::config::DatabaseConfig;
 use shared::db::agents::Provider;
+use shared::db::messages::StopReason;
 use shared::db::seed::AgentPlan;
+use shared::db::{Db, Scope, conversations, message_path, messages};
+use shared::domain::{MessageId, MessageText};
 use tests::aws_sim::{AwsSim, GATEWAY_APPLICATION, Latencies, Settings};
 use tests::stack::{DatabaseUrls, Seat, seeded_database_with};
 use tokio_tungstenite::tungstenite::Message;
@@ -39,6 +45,8 @@ struct Stack {
     sim: AwsSim,
     seats: Vec<Seat>,
     database: String,
+    /// The runtime role's direct URL for `database`.
+    database_url: String,
 }
 
 async fn stack(
@@ -52,7 +60,7 @@ async fn stack(
     let database = url.rsplit('/').next().unwrap_or_default().to_owned();
     let settings = Settings {
         pooled_database_url: pooled(&url)?,
-        database_url: url,
+        database_url: url.clone(),
         redis_url: env("REDIS_URL")?,
         redis_prefix: format!("sim:{}:", uuid::Uuid::new_v4().simple()),
         moto_endpoint: env("MOTO_ENDPOINT")?,
@@ -68,6 +76,7 @@ async fn stack(
         sim: AwsSim::start(&settings).await?,
         seats,
         database,
+        database_url: url,
     })
 }
 
@@ -81,7 +90,15 @@ async fn main() -> anyhow::Result<()> {
                 .iter()
                 .position(|a| a == "--json")
                 .and_then(|i| args.get(i + 1));
-            bench(json.map(String::as_str)).await
+            let only = args
+                .iter()
+                .position(|a| a == "--only")
+                .and_then(|i| args.get(i + 1))
+                .map(|n| n.parse::<usize>())
+                .transpose()
+                .context("--only takes a number of conversations")?;
+            let statements = args.iter().any(|a| a == "--statements");
+            bench(json.map(String::as_str), only, statements).await
         }
         Some(other) => Err(anyhow!("unknown command {other}: serve or bench")),
     }
@@ -288,16 +305,94 @@ async fn statistics() -> anyhow::Result<sqlx::PgPool> {
     Ok(pool)
 }
 
-/// Postgres's time (execution and planning, nested statements included) spent in `database`
-/// since the last reset, in milliseconds.
+/// Postgres's time (execution and planning) spent in `database` since the last reset, in
+/// milliseconds: the statements clients sent, whose times include what they called (the nested
+/// statements `pg_stat_statements.track = all` also lists are not counted twice).
 async fn postgres_ms(pool: &sqlx::PgPool, database: &str) -> anyhow::Result<f64> {
     Ok(sqlx::query_scalar(
         "select coalesce(sum(total_exec_time + total_plan_time), 0)::float8 \
-         from pg_stat_statements s join pg_database d on d.oid = s.dbid where d.datname = $1",
+         from pg_stat_statements s join pg_database d on d.oid = s.dbid \
+         where d.datname = $1 and s.toplevel",
     )
     .bind(database)
     .fetch_one(pool)
     .await?)
+}
+
+/// Postgres's time per message for the least a message costs it: in the same database, through
+/// the same pooler and with statements prepared as the functions prepare them, the user's
+/// message stored, then its whole reply, each in a transaction of its own (the direct writes the
+/// loopback figures' floor makes, without any reading of recipients, streaming or limits).
+async fn direct_write_floor(stats: &sqlx::PgPool, stack: &Stack) -> anyhow::Result<f64> {
+    let pooled_url = pooled(&stack.database_url)?;
+    let config = DatabaseConfig::from_lookup(|name: &str| match name {
+        "DATABASE_URL" => Some(pooled_url.clone()),
+        "DATABASE_POOLED" => Some("true".to_owned()),
+        _ => None,
+    })?;
+    let db = Db::connect_lazy(&config);
+    let text = MessageText::parse("floor message")?;
+    let seats = &stack.seats;
+    const MESSAGES: usize = 20;
+    sqlx::query("select pg_stat_statements_reset()")
+        .execute(stats)
+        .await?;
+    for n in 0..MESSAGES {
+        let seat = &seats[n % seats.len()];
+        let mut tx = db.begin(Scope::Tenant(seat.tenant)).await?;
+        let conversation = conversations::find(&mut tx, seat.conversation)
+            .await?
+            .context("seeded")?;
+        let stored = messages::insert_user(&mut tx, &conversation, &text, None).await?;
+        tx.commit().await?;
+        let mut tx = db.begin(Scope::Tenant(seat.tenant)).await?;
+        message_path::store_reply(
+            &mut tx,
+            &conversation,
+            MessageId::new(),
+            stored.row.id,
+            "floor reply",
+            StopReason::End,
+            None,
+        )
+        .await?;
+        tx.commit().await?;
+    }
+    Ok(postgres_ms(stats, &stack.database).await? / MESSAGES as f64)
+}
+
+/// The statements that cost Postgres most in `database` since the last reset, per reply.
+async fn print_statements(
+    pool: &sqlx::PgPool,
+    database: &str,
+    replies: usize,
+) -> anyhow::Result<()> {
+    let rows: Vec<(f64, f64, i64, i64, String)> = sqlx::query_as(
+        "select (total_exec_time + total_plan_time)::float8, total_plan_time::float8, calls, plans, \
+                case when toplevel then '' else '(nested) ' end \
+                    || regexp_replace(query, '\\s+', ' ', 'g') \
+         from pg_stat_statements s join pg_database d on d.oid = s.dbid where d.datname = $1 \
+         order by 1 desc limit 12",
+    )
+    .bind(database)
+    .fetch_all(pool)
+    .await?;
+    println!(
+        "{:>14} {:>9} {:>9} {:>7} {:>7}  statement",
+        "", "ms/reply", "plan ms", "calls", "plans"
+    );
+    for (total, plan, calls, plans, query) in rows {
+        let query: String = query.chars().take(110).collect();
+        println!(
+            "{:>14} {:>9.3} {:>9.1} {:>7} {:>7}  {query}",
+            "",
+            total / replies as f64,
+            plan,
+            calls,
+            plans
+        );
+    }
+    Ok(())
 }
 
 /// The least each path can take on this stack's round trips (`c` client, `m` management API,
@@ -332,7 +427,11 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
-async fn bench(json_path: Option<&str>) -> anyhow::Result<()> {
+async fn bench(
+    json_path: Option<&str>,
+    only: Option<usize>,
+    statements: bool,
+) -> anyhow::Result<()> {
     let (pieces, gap) = (20, Duration::from_millis(25));
     let model = tests::streaming::start_model(pieces, gap).await?;
     let plan = AgentPlan {
@@ -357,7 +456,7 @@ async fn bench(json_path: Option<&str>) -> anyhow::Result<()> {
         gap.as_millis()
     );
     println!(
-        "{:>14} {:>22} {:>22} {:>22} {:>24} {:>9} {:>9} {:>8}",
+        "{:>14} {:>22} {:>22} {:>22} {:>24} {:>9} {:>9} {:>8} {:>8}",
         "conversations",
         "typing",
         "ack",
@@ -365,10 +464,14 @@ async fn bench(json_path: Option<&str>) -> anyhow::Result<()> {
         "response",
         "pg conns",
         "posts/s",
-        "pg ms/msg"
+        "pg ms/msg",
+        "(floor)"
     );
     let mut results = Vec::new();
     for (conversations, messages) in [(1, 20), (50, 4), (200, 2)] {
+        if only.is_some_and(|n| n != conversations) {
+            continue;
+        }
         let stack = stack(conversations, &plan, Some(model.clone()), 20).await?;
         let (watcher, peak) = watch_connections(stack.database.clone());
         let stats = statistics().await?;
@@ -395,6 +498,11 @@ async fn bench(json_path: Option<&str>) -> anyhow::Result<()> {
         }
         watcher.abort();
         let postgres = postgres_ms(&stats, &stack.database).await?;
+        if statements {
+            let replies = timings.lock().unwrap().replies.max(1);
+            print_statements(&stats, &stack.database, replies).await?;
+        }
+        let floor_ms = direct_write_floor(&stats, &stack).await?;
         let t = timings.lock().unwrap();
         let per_message = postgres / t.replies.max(1) as f64;
         let posts = t.posts.values().copied().max().unwrap_or(0);
@@ -403,7 +511,7 @@ async fn bench(json_path: Option<&str>) -> anyhow::Result<()> {
             format!("{:.1} / {:.1} ({})", ms(h, 0.5), ms(h, 0.99), f.as_millis())
         };
         println!(
-            "{:>14} {:>22} {:>22} {:>22} {:>24} {:>9} {:>9} {:>8.2}",
+            "{:>14} {:>22} {:>22} {:>22} {:>24} {:>9} {:>9} {:>8.2} {:>8.2}",
             conversations,
             cell(&t.typing, floor.typing),
             cell(&t.ack, floor.ack),
@@ -411,7 +519,8 @@ async fn bench(json_path: Option<&str>) -> anyhow::Result<()> {
             cell(&t.response, floor.response),
             peak,
             posts,
-            per_message
+            per_message,
+            floor_ms
         );
         if failed > 0 {
             println!("{:>14} {failed} conversations failed (see above)", "");
@@ -428,6 +537,7 @@ async fn bench(json_path: Option<&str>) -> anyhow::Result<()> {
             "postgres_connections_max": peak,
             "posts_per_second_max": posts,
             "postgres_ms_per_message": per_message,
+            "postgres_ms_per_message_direct_write_floor": floor_ms,
             "cold_starts": stack.sim.lambda.cold_starts(),
         }));
     }
@@ -439,6 +549,9 @@ async fn bench(json_path: Option<&str>) -> anyhow::Result<()> {
         floor.response.as_millis()
     );
 
+    if only.is_some() {
+        return Ok(());
+    }
     // Three messages in a row to an agent that takes 15 s a reply (the template's 60 s timeout,
     // 30 s job budget, batches of ten).
     let slow = tests::streaming::start_model(1, Duration::from_secs(15)).await?;
