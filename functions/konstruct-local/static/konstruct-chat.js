@@ -7,14 +7,19 @@
 //   (the server stores and answers each once). The outbox survives a reload (sessionStorage).
 // - resume: `auth` carries `resume_after` = the largest `seq` seen; `replay` fills the gap;
 //   more than the server replays (`recovered: false`) reloads the history over REST.
-// - chunks are applied by `offset` (a repeated one is ignored, `reset` starts over); every
-//   message is kept once, by id.
+// - chunks are applied by `offset`: a repeated one is ignored, one that overlaps what is held
+//   contributes its new part, `reset` starts over; every message is kept once, by id, and a
+//   stored message is matched to its pending one by client_message_id.
+// - the token: `getToken()` is asked at every connect, again shortly before the token expires
+//   (a fresh `auth` on the same socket), and on `unauthenticated`.
+// - a refused message: permanently (bad_request, too_large, forbidden) it leaves the outbox,
+//   visibly failed; transiently (rate_limited, internal) it is sent again after a backoff.
 // - reconnects with exponential backoff and jitter; pings every 5 minutes; reconnects by
 //   itself before the 2-hour cut.
 //
 // Usage:
 //   import { Chat } from "/konstruct-chat.js";
-//   const chat = new Chat({ conversationId, token: () => currentJwt(), onChange: render });
+//   const chat = new Chat({ conversationId, getToken: () => portal.freshJwt(), onChange: render });
 //   chat.start();
 //   chat.send("Hello");            // shown pending at once, sent when connected
 //   chat.cancel(userMessageId);    // stops the reply to it
@@ -36,8 +41,10 @@
  *
  * @typedef {object} ChatOptions
  * @property {string} conversationId
- * @property {string | (() => string | Promise<string>)} token  the portal JWT, or a function
- *   giving a fresh one (called at every connect)
+ * @property {() => string | Promise<string>} [getToken]  gives a valid portal JWT: called at
+ *   every connect, before the one in use expires, and when the server says `unauthenticated`
+ * @property {string | (() => string | Promise<string>)} [token]  the same as `getToken`, or a
+ *   fixed JWT (which cannot be renewed)
  * @property {string} [socketUrl]  default: ws(s)://<this host>/chat/ws/<conversationId>
  *   (on AWS: wss://{api}.execute-api.{region}.amazonaws.com/{stage}?conversation_id=…)
  * @property {string} [apiBase]    default: this origin; REST history is read from
@@ -45,14 +52,35 @@
  * @property {(chat: Chat) => void} [onChange]  called after every change of state
  * @property {(error: {code: string, message: string}) => void} [onError]
  * @property {number} [maxConnectionMs]  reconnect before this (default 115 minutes)
+ * @property {number} [renewBeforeMs]  renew the token this long before it expires (default 60 s)
  * @property {Storage | null} [storage]  where the outbox survives a reload (default
  *   sessionStorage; null for none)
  */
 
 const PING_MS = 5 * 60 * 1000;
 const TWO_HOURS_LESS_MARGIN_MS = 115 * 60 * 1000;
+const RENEW_BEFORE_MS = 60 * 1000;
 /** Refusals that sending the same message again cannot change (PROTOCOL §2). */
 const PERMANENT_REFUSALS = ["bad_request", "too_large", "forbidden"];
+/** Refusals worth sending the same message again later. */
+const TRANSIENT_REFUSALS = ["rate_limited", "internal"];
+
+/** Exponential backoff with full jitter: up to 0.5 s, 1 s, 2 s, … 30 s for attempt 0, 1, 2, … */
+function backoffMs(attempt) {
+  const ceiling = Math.min(30000, 500 * 2 ** attempt);
+  return Math.round(ceiling / 2 + Math.random() * ceiling / 2);
+}
+
+/** When a JWT expires (ms since the epoch), from its `exp` claim; null if it has none. */
+function expiresAt(token) {
+  try {
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const exp = JSON.parse(atob(payload.padEnd(payload.length + (4 - payload.length % 4) % 4, "="))).exp;
+    return typeof exp === "number" ? exp * 1000 : null;
+  } catch {
+    return null;
+  }
+}
 
 export class Chat {
   /** @param {ChatOptions} options */
@@ -141,13 +169,7 @@ export class Chat {
     this.changed();
     const socket = new WebSocket(this.socketUrl);
     this.socket = socket;
-    socket.onopen = async () => {
-      const token = typeof this.options.token === "function" ? await this.options.token() : this.options.token;
-      if (socket !== this.socket) return;
-      const auth = { type: "auth", token };
-      if (this.loaded) auth.resume_after = this.lastSeq;
-      socket.send(JSON.stringify(auth));
-    };
+    socket.onopen = () => this.authenticate(socket);
     socket.onmessage = (event) => {
       if (socket === this.socket) this.receive(JSON.parse(event.data));
     };
@@ -165,10 +187,49 @@ export class Chat {
     };
   }
 
-  /** Exponential backoff with full jitter: up to 0.5 s, 1 s, 2 s, … 30 s. */
+  /** The next reconnect's delay. */
   backoff() {
-    const ceiling = Math.min(30000, 500 * 2 ** this.attempt++);
-    return Math.round(ceiling / 2 + Math.random() * ceiling / 2);
+    return backoffMs(this.attempt++);
+  }
+
+  /** A valid token, from `getToken` (or `token`). */
+  async currentToken() {
+    const source = this.options.getToken ?? this.options.token;
+    return typeof source === "function" ? await source() : source;
+  }
+
+  /**
+   * Sends `auth` with a fresh token on `socket`: when it opens, and again on the same socket to
+   * renew the token (resuming after what was seen, so nothing is missed meanwhile).
+   */
+  async authenticate(socket) {
+    let token;
+    try {
+      token = await this.currentToken();
+    } catch (e) {
+      if (this.options.onError) this.options.onError({ code: "unauthenticated", message: `getToken failed: ${e}` });
+      if (socket === this.socket) socket.close(4001, "no token");
+      return;
+    }
+    if (socket !== this.socket || socket.readyState !== 1) return;
+    const auth = { type: "auth", token };
+    if (this.loaded) auth.resume_after = this.lastSeq;
+    this.authenticating = true;
+    this.token = token;
+    socket.send(JSON.stringify(auth));
+  }
+
+  /** Renews the token on the open socket shortly before it expires. */
+  scheduleRenewal() {
+    clearTimeout(this.renewal);
+    const expires = this.token ? expiresAt(this.token) : null;
+    if (expires === null) return;
+    const lead = this.options.renewBeforeMs ?? RENEW_BEFORE_MS;
+    const socket = this.socket;
+    this.renewal = setTimeout(() => {
+      if (socket === this.socket) this.authenticate(socket);
+    }, Math.max(1000, expires - lead - Date.now()));
+    this.timers.push(this.renewal);
   }
 
   later(f, ms) {
@@ -196,12 +257,18 @@ export class Chat {
   receive(frame) {
     switch (frame.type) {
       case "auth_ok":
-        this.state = "connected";
-        this.attempt = 0;
-        this.timers.push(setInterval(() => this.frame({ type: "ping" }), PING_MS));
-        // API Gateway cuts every connection at 2 hours: leave first, and resume.
-        this.later(() => this.socket && this.socket.close(4000, "renewing before the 2-hour cut"),
-          this.options.maxConnectionMs ?? TWO_HOURS_LESS_MARGIN_MS);
+        this.authenticating = false;
+        this.scheduleRenewal();
+        if (this.state !== "connected") {
+          // A renewal's auth_ok on a connected socket keeps its timers.
+          this.state = "connected";
+          this.attempt = 0;
+          this.timers.push(setInterval(() => this.frame({ type: "ping" }), PING_MS));
+          // API Gateway cuts every connection at 2 hours: leave first, and resume.
+          const socket = this.socket;
+          this.later(() => socket === this.socket && socket.close(4000, "renewing before the 2-hour cut"),
+            this.options.maxConnectionMs ?? TWO_HOURS_LESS_MARGIN_MS);
+        }
         if (!this.loaded) { this.loaded = true; this.seen(frame.last_seq); }
         // Whatever is still unacknowledged goes again, with the same client_message_id.
         for (const message of this.outbox.values()) this.transmit(message);
@@ -235,6 +302,9 @@ export class Chat {
       case "response": {
         const reply = this.reply(frame);
         if (frame.text !== undefined && frame.text !== null) reply.content = frame.text;
+        // Too long for the frame, and a chunk was missed: the whole text is read by `seq`.
+        else if (reply.gap) this.fetchAfter(frame.seq - 1, 1);
+        reply.gap = false;
         reply.seq = frame.seq;
         reply.stopReason = frame.stop_reason;
         reply.status = { cancelled: "cancelled", error: "failed" }[frame.stop_reason] || "complete";
@@ -244,13 +314,22 @@ export class Chat {
       }
       case "error": {
         this.typing = false;
+        if (frame.code === "unauthenticated") {
+          this.unauthenticated();
+          break;
+        }
         // A refusal names the message it refuses: one that cannot succeed leaves the outbox,
-        // visibly failed, instead of being sent again on every reconnect.
+        // visibly failed, instead of being sent again on every reconnect; one refused for now
+        // goes again after a backoff.
         const refused = frame.client_message_id && this.outbox.get(frame.client_message_id);
         if (refused && PERMANENT_REFUSALS.includes(frame.code)) {
           this.outbox.delete(frame.client_message_id);
           this.saveOutbox();
           this.refused.set(frame.client_message_id, { ...refused, status: "failed", error: frame.code });
+        } else if (refused && TRANSIENT_REFUSALS.includes(frame.code)) {
+          refused.retries = (refused.retries ?? 0) + 1;
+          this.later(() => this.outbox.get(refused.clientMessageId) === refused && this.transmit(refused),
+            backoffMs(refused.retries));
         }
         if (this.options.onError) this.options.onError(frame);
         break;
@@ -262,6 +341,13 @@ export class Chat {
   /** A stored message, as replay, history and frames describe it; kept once, by id. */
   store(m) {
     const existing = this.byId.get(m.id);
+    // A page read before a reply ended does not take back what the socket has since shown.
+    if (existing && existing.role === "assistant" && m.status === "streaming"
+        && (existing.status !== "streaming" || [...existing.content].length > [...m.content].length)) {
+      existing.seq = m.seq;
+      this.seen(m.seq);
+      return;
+    }
     const message = existing || /** @type {ChatMessage} */ ({ key: m.id });
     Object.assign(message, {
       id: m.id, seq: m.seq, role: m.role, content: m.content, status: m.status,
@@ -291,13 +377,36 @@ export class Chat {
     return reply;
   }
 
-  /** Appends a chunk only where it belongs: at the length held (so a repeat is ignored). */
+  /**
+   * The token expired (or was refused): a fresh one is sent on the same socket. If that one is
+   * refused too, the socket is closed and opened again after a backoff, asking for a token
+   * again; what was refused meanwhile is still in the outbox and goes after `auth_ok`.
+   */
+  unauthenticated() {
+    const socket = this.socket;
+    if (!socket) return;
+    if (this.authenticating) {
+      if (this.options.onError) this.options.onError({ code: "unauthenticated", message: "the token was refused" });
+      socket.close(4001, "token refused");
+    } else {
+      this.authenticate(socket);
+    }
+  }
+
+  /**
+   * Applies a chunk where it belongs: its text past the length held (so a repeat is ignored,
+   * and a chunk that overlaps what is held, such as the text so far sent on a resume,
+   * contributes its new part). A chunk past the length held leaves a gap: the text is read
+   * again when the reply ends.
+   */
   chunk(frame) {
     const reply = this.reply(frame);
     if (reply.status !== "streaming") return;
-    if (frame.reset) reply.content = "";
+    if (frame.reset) { reply.content = ""; reply.gap = false; }
     const held = [...reply.content].length;
-    if (frame.offset === held) reply.content += frame.delta;
+    const delta = [...frame.delta];
+    if (frame.offset > held) reply.gap = true;
+    else if (frame.offset + delta.length > held) reply.content += delta.slice(held - frame.offset).join("");
     this.typing = false;
   }
 
@@ -305,11 +414,18 @@ export class Chat {
     if (typeof seq === "number" && seq > this.lastSeq) this.lastSeq = seq;
   }
 
-  /** The newest page of history over REST: the first load, and after too much was missed. */
+  /**
+   * The newest page of history over REST: the first load, and after too much was missed. What
+   * is held from before the page is dropped (a gap would lie between); what arrived while it
+   * was read (newer than the page, or a reply not stored when it was read) is kept.
+   */
   async reload() {
     const page = await this.history("limit=200");
     if (!page) return;
-    this.byId.clear();
+    const oldest = page.length ? page[0].seq : 0;
+    for (const [id, m] of this.byId) {
+      if (m.seq < oldest) this.byId.delete(id);
+    }
     for (const m of page) this.store(m);
     this.loaded = true;
     this.changed();
@@ -325,7 +441,7 @@ export class Chat {
 
   /** A page of the conversation's history; errors go to `onError`. */
   async history(query) {
-    const token = typeof this.options.token === "function" ? await this.options.token() : this.options.token;
+    const token = await this.currentToken();
     const conversation = encodeURIComponent(this.options.conversationId);
     const url = `${this.apiBase}/api/portal/chat/conversations/${conversation}/messages?${query}`;
     const response = await fetch(url, { headers: { Authorization: "Bearer " + token } });
