@@ -1,4 +1,4 @@
-.PHONY: dev test bench aws-sim package services-up services-down fmt lint
+.PHONY: dev test bench aws-sim package services-up services-down fmt lint docs
 
 # The whole chat on this machine: services, migrations, demo data, then the server on :8080.
 dev:
@@ -29,6 +29,10 @@ services-down:
 
 fmt:
 	cargo fmt --all
+
+# Writes docs/asyncapi.json again from the frame types (a test checks the committed one).
+docs:
+	KONSTRUCT_WRITE_DOCS=1 cargo test -p tests --test integration -- the_asyncapi_document_is_the_frame_types_own
 
 lint:
 	cargo fmt --all -- --check

@@ -54,22 +54,36 @@ pub enum ClientFrame {
     },
 }
 
-/// The wire shape; unknown fields are ignored.
-#[derive(Deserialize)]
+/// The wire shape; unknown fields are ignored. Its schema is the client frames' in the AsyncAPI
+/// document (`crate::asyncapi`).
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
-enum RawFrame {
+#[schema(as = ClientFrame)]
+pub(crate) enum RawFrame {
+    /// First on a socket, and again to renew the token.
     Auth {
+        /// The portal's JWT.
         token: String,
+        /// The largest `seq` the client holds, when it resumes.
         #[serde(default)]
         resume_after: Option<i64>,
     },
+    /// A user message.
     Message {
+        /// 1 to 8000 characters once trimmed.
+        #[schema(min_length = 1)]
         text: String,
+        /// The client's own id for the message: a repeat is stored and answered once.
         #[serde(default)]
+        #[schema(format = Uuid)]
         client_message_id: Option<String>,
     },
+    /// Answered with `pong`.
     Ping,
+    /// Stop the reply to a user message.
     Cancel {
+        /// The user message whose reply stops.
+        #[schema(format = Uuid)]
         reply_to: String,
     },
 }
@@ -162,9 +176,10 @@ fn describe(raw: &str, err: serde_json::Error) -> Error {
 }
 
 /// A frame to the browser.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
+    /// The socket is authenticated.
     AuthOk {
         conversation_id: ConversationId,
         user_id: UserId,
@@ -191,15 +206,16 @@ pub enum ServerFrame {
         created_at: DateTime<Utc>,
         client_message_id: Option<ClientMessageId>,
     },
-    Typing {
-        conversation_id: ConversationId,
-    },
+    /// A message was accepted: the agent is on it.
+    Typing { conversation_id: ConversationId },
+    /// The user message is stored, and will be answered.
     Ack {
         conversation_id: ConversationId,
         message_id: MessageId,
         client_message_id: Option<ClientMessageId>,
         seq: i64,
     },
+    /// A piece of a streaming reply.
     Chunk {
         conversation_id: ConversationId,
         message_id: MessageId,
@@ -211,6 +227,7 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         reset: bool,
     },
+    /// The reply, stored.
     Response {
         /// The whole reply, when it fits in one frame; otherwise absent, and the client
         /// rebuilds it from the chunks or the history API.
@@ -224,6 +241,7 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         usage: Option<Usage>,
     },
+    /// A refusal or a failure; the socket stays open.
     Error {
         code: ErrorCode,
         message: String,
@@ -232,6 +250,7 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client_message_id: Option<ClientMessageId>,
     },
+    /// The answer to `ping`.
     Pong,
 }
 

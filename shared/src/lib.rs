@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod asyncapi;
 pub mod auth;
 pub mod config;
 pub mod db;

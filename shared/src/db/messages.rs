@@ -51,7 +51,7 @@ pub enum MessageStatus {
 }
 
 /// Tokens a provider reports for one reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Usage {
     pub input_tokens: u32,
     pub output_tokens: u32,
@@ -96,6 +96,10 @@ pub struct MessageView {
     /// User messages: who wrote it, the conversation's owner or a platform admin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub author_id: Option<UserId>,
+    /// User messages: the sending client's own id, when it gave one, so a client that sent a
+    /// message just before a drop matches the stored one to its pending one (shown once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_message_id: Option<ClientMessageId>,
 }
 
 impl From<Message> for MessageView {
@@ -109,6 +113,7 @@ impl From<Message> for MessageView {
             reply_to: m.reply_to,
             created_at: m.created_at,
             author_id: m.author_id,
+            client_message_id: m.client_message_id,
         }
     }
 }

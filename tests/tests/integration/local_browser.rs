@@ -1,6 +1,6 @@
 //! The chat page and its client module in headless Chromium (playwright-core under Node),
 //! against `konstruct-local`: a conversation, and resuming across drops, reloads, tabs, the
-//! connection limit and the idle cut; and the module alone against a scripted server.
+//! connection limit and the idle cut.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -29,25 +29,6 @@ async fn browser_script(script: &str, args: &[&str]) {
     assert!(
         output.status.success(),
         "{script} failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// The client module against a scripted server (`tests/browser/client.test.mjs`, Node's test
-/// runner): resumed streams, token renewal, refusals, replays and reloads, frame by frame.
-#[tokio::test]
-async fn the_client_module_keeps_in_step_with_a_scripted_server() {
-    let output = Command::new("node")
-        .args(["--test", "--test-reporter=spec"])
-        .arg(format!("{}/browser/client.test.mjs", env!("CARGO_MANIFEST_DIR")))
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("run node");
-    assert!(
-        output.status.success(),
-        "client.test.mjs failed:\n{}\n{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );

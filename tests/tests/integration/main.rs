@@ -9,6 +9,7 @@ mod api_history;
 mod aws_stack;
 mod cancel;
 mod chat_api_lambda;
+mod client_module;
 mod connections;
 mod conversations;
 mod dev_commands;
