@@ -1,4 +1,4 @@
-.PHONY: dev test bench aws-sim package services-up services-down fmt lint docs
+.PHONY: dev test soak bench aws-sim package services-up services-down fmt lint docs
 
 # The whole chat on this machine: services, migrations, demo data, then the server on :8080.
 dev:
@@ -7,6 +7,10 @@ dev:
 # Starts the project's own Postgres and Redis, runs every test against them, stops them.
 test:
 	infra/local/test.sh
+
+# The randomized soak in headless Chromium, ten minutes (SOAK_ARGS="--minutes 30 --seed 7").
+soak:
+	infra/local/soak.sh $(SOAK_ARGS)
 
 # The AWS path on this machine: function binaries under a Lambda emulator, the SQS FIFO event
 # source over moto, PgBouncer, round trips on every hop; prints where to connect.

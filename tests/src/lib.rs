@@ -7,5 +7,7 @@ pub mod event_source;
 pub mod lambda;
 pub mod latency;
 pub mod load;
+pub mod services;
+pub mod soak;
 pub mod stack;
 pub mod streaming;

@@ -9,7 +9,7 @@ use anyhow::{Context, anyhow};
 use shared::auth::issue_token;
 use shared::config::AuthConfig;
 use shared::db::{Db, seed};
-use shared::domain::{ConversationId, Role, TenantId, TenantRole};
+use shared::domain::{ConversationId, Role, TenantId, TenantRole, UserId};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -21,6 +21,7 @@ pub const SECRET: &str = "load-test-secret-0123456789abcdef0123456789";
 #[derive(Debug, Clone)]
 pub struct Seat {
     pub tenant: TenantId,
+    pub user: UserId,
     pub conversation: ConversationId,
     pub token: String,
 }
@@ -121,6 +122,7 @@ pub async fn seeded_database_with(
         )?;
         seats.push(Seat {
             tenant,
+            user,
             conversation,
             token,
         });

@@ -194,6 +194,7 @@ async fn streamed_replies_reach_one_user_whole_one_after_another() {
     let local = Local::start_with_model(&env, &["serve", "--listen", "127.0.0.1:0"], &model).await;
     let seat = tests::stack::Seat {
         tenant: s.tenant,
+        user: s.user,
         conversation,
         token: token(s.user, Role::CustomerOperator),
     };

@@ -35,6 +35,7 @@ mod roles;
 mod round_trips;
 mod schemathesis;
 mod secrets;
+mod soak;
 mod telemetry;
 mod template;
 mod text;

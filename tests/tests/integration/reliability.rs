@@ -8,8 +8,8 @@ use shared::db::{Db, Scope};
 use tests::load::{self, Plan, Report};
 use tests::stack::{self, DatabaseUrls, Seat, Server};
 
-use crate::helpers::local::OwnRedis;
 use crate::helpers::redis_prefix;
+use tests::services::{OwnPostgres, OwnRedis};
 
 fn local_bin() -> String {
     std::env::var("KONSTRUCT_LOCAL_BIN").expect(
@@ -312,71 +312,6 @@ async fn a_flaky_agent_is_retried_and_gives_up_only_when_retries_run_out() {
         .collect();
     assert_eq!(errors.len(), 1, "told once");
     assert!(errors.iter().all(|e| e["code"] == "agent_failed"));
-}
-
-/// A Postgres server of this test's own (`infra/local/services.sh` in a directory and on a port
-/// of its own), so restarting it disturbs no other test.
-struct OwnPostgres {
-    dir: std::path::PathBuf,
-    port: u16,
-}
-
-impl OwnPostgres {
-    /// Runs `services.sh <command>` for this instance; the command must succeed.
-    fn services(&self, command: &str) {
-        let out = std::process::Command::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../infra/local/services.sh"
-        ))
-        .arg(command)
-        .env("KONSTRUCT_LOCAL_DIR", &self.dir)
-        .env("KONSTRUCT_PG_PORT", self.port.to_string())
-        .output()
-        .expect("run services.sh");
-        assert!(
-            out.status.success(),
-            "services.sh {command}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// A new cluster with the application role (initdb runs as the postgres OS user as root).
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("konstruct-pg-{port}"));
-        let postgres = Self { dir, port };
-        postgres.services("up-postgres");
-        postgres
-    }
-
-    fn restart(&self) {
-        self.services("restart-postgres");
-    }
-
-    fn urls(&self) -> DatabaseUrls {
-        let url = |role| format!("postgres://{role}@127.0.0.1:{}/konstruct", self.port);
-        DatabaseUrls {
-            runtime: url("konstruct_app"),
-            migrator: url("konstruct_migrator"),
-        }
-    }
-}
-
-impl Drop for OwnPostgres {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../infra/local/services.sh"
-        ))
-        .arg("reset-postgres")
-        .env("KONSTRUCT_LOCAL_DIR", &self.dir)
-        .env("KONSTRUCT_PG_PORT", self.port.to_string())
-        .output();
-    }
 }
 
 #[tokio::test]

@@ -1,17 +1,17 @@
 //! `konstruct-local` as a real process ([`Local`], through `tests::stack::Server`), WebSocket
-//! clients of it, a plain HTTP GET, and a Redis server of a test's own ([`OwnRedis`]).
+//! clients of it, a plain HTTP GET.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use shared::domain::{ConversationId, Role};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub use tests::services::{OwnRedis, free_port};
 use tests::stack::Server;
 
 use crate::helpers::{Seed, TestDb, redis_prefix, token};
@@ -137,74 +137,4 @@ async fn reqwest_like_get(address: &str, path: &str, bearer: &str) -> String {
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_owned()
-}
-
-/// A Redis server of a test's own, so restarting it disturbs no other test.
-pub struct OwnRedis {
-    child: Child,
-    port: u16,
-    persistent: bool,
-}
-
-impl OwnRedis {
-    /// One without persistence, as `make dev` runs it: a restart loses what it held.
-    pub async fn start() -> Self {
-        Self::on(free_port(), false).await
-    }
-
-    /// One that writes every command to its append-only file, so a restart keeps the data.
-    pub async fn start_persistent() -> Self {
-        Self::on(free_port(), true).await
-    }
-
-    async fn on(port: u16, persistent: bool) -> Self {
-        let dir = std::env::temp_dir().join(format!("konstruct-redis-{port}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let appendonly = if persistent { "yes" } else { "no" };
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", appendonly, "--appendfsync", "always"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start redis-server");
-        for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Self {
-            child,
-            port,
-            persistent,
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    pub async fn restart(mut self) -> Self {
-        let _ = self.child.kill().await;
-        let _ = self.child.wait().await;
-        Self::on(self.port, self.persistent).await
-    }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

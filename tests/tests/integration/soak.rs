@@ -1,0 +1,35 @@
+//! Two minutes of the randomized soak (`tests::soak`; `make soak` runs it for ten): four tabs
+//! of the chat page in headless Chromium over two conversations, sends, double sends, sends
+//! while offline, reloads, tabs closed and reopened, cancels, tokens let expire and renewed,
+//! the worker killed and Redis, Postgres and the gateway restarted; at the end every tab shows
+//! exactly what the database holds, and every stored message is answered.
+
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_minutes_of_people_networks_and_faults_leave_every_tab_equal_to_the_database() {
+    let seed = std::env::var("SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_secs())
+        });
+    println!("soak seed {seed} (SOAK_SEED={seed} replays it)");
+    let settings = tests::soak::Settings {
+        duration: Duration::from_secs(120),
+        seed,
+        bin: std::env::var("KONSTRUCT_LOCAL_BIN").expect(
+            "KONSTRUCT_LOCAL_BIN is not set: run the tests through `make test`, which builds it",
+        ),
+    };
+    let outcome = tests::soak::run(&settings)
+        .await
+        .unwrap_or_else(|e| panic!("soak with seed {seed}: {e:#}"));
+    println!("{outcome:?}");
+    assert!(
+        outcome.messages > 20,
+        "the schedule sent too little: {outcome:?}"
+    );
+}
