@@ -220,3 +220,29 @@ test("a page read while a reply streamed does not take back its end", async () =
   assert.equal(chat.byId.get("r2").status, "complete");
   chat.stop();
 });
+
+test("a reply that ended while the socket was down is read again, though later messages were seen", async () => {
+  const { chat, socket } = await connected();
+  socket.push({ type: "ack", conversation_id: conversationId, message_id: "m1", client_message_id: null, seq: 1 });
+  socket.push({ type: "chunk", conversation_id: conversationId, message_id: "r2", reply_to: "m1", offset: 0, delta: "partial", reset: false });
+  // The user sends again while the reply streams: seq 3 is seen, the reply (seq 2) not yet ended.
+  socket.push({ type: "ack", conversation_id: conversationId, message_id: "m3", client_message_id: null, seq: 3 });
+  assert.equal(chat.lastSeq, 3);
+  socket.close(1006);
+  await until("a new socket", () => FakeSocket.all.length === 2 && FakeSocket.all[1].sent.length > 0);
+  const again = FakeSocket.all[1];
+  // It resumes from before the reply, so the reply's end (stored meanwhile) is replayed.
+  assert.equal(again.sent[0].resume_after, 1);
+  again.push({ type: "auth_ok", conversation_id: conversationId, user_id: "u", last_seq: 3 });
+  again.push({
+    type: "replay", recovered: true, more: false,
+    messages: [
+      stored(2, "r2", "assistant", "partial and the rest", { reply_to: "m1" }),
+      stored(3, "m3", "user", ""),
+    ],
+  });
+  assert.equal(chat.byId.get("r2").content, "partial and the rest");
+  assert.equal(chat.byId.get("r2").status, "complete");
+  assert.deepEqual(chat.messages.map((m) => m.seq), [1, 2, 3]);
+  chat.stop();
+});

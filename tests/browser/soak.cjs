@@ -3,7 +3,7 @@
 // people and networks do, with the server's faults asked for on stdout ("FAULT <kind>", answered
 // "DONE" on stdin). At the end it writes "TRANSCRIPTS <json>" (what every tab holds and shows)
 // whenever it reads "DUMP", until it reads "END".
-// Usage: node soak.cjs '{"url","secret","seed","seconds","seats":[{"user","conversation"}]}'
+// Usage: node soak.cjs '{"url","faults":[…],"secret","seed","seconds","seats":[{"user","conversation"}]}'
 "use strict";
 const crypto = require("node:crypto");
 const readline = require("node:readline");
@@ -142,7 +142,7 @@ async function main() {
     };
 
     // Each fault at least once, at spread times in a shuffled order, and a few more at random.
-    const kinds = ["kill-worker", "restart-gateway", "restart-redis", "restart-postgres"];
+    const kinds = input.faults;
     const planned = kinds.map((k) => [random(), k]).sort((a, b) => a[0] - b[0]).map(([, k], i) =>
       ({ at: (i + 1) / (kinds.length + 1), kind: k }));
     const started = Date.now();

@@ -83,6 +83,7 @@ pub struct AwsSim {
     /// Where clients connect (`127.0.0.1:port`, through the client's latency).
     pub address: String,
     pub gateway: Server,
+    gateway_start: GatewayStart,
     pub lambda: Lambda,
     pub source: EventSource,
     pub work_queue_url: String,
@@ -183,6 +184,51 @@ impl AwsSim {
         ])
         .await?;
 
+        let gateway_start = GatewayStart {
+            settings: settings.clone(),
+            address: gateway_address,
+            lambda_url: lambda.url.clone(),
+        };
+        let gateway = gateway_start.start().await?;
+
+        let mut source = EventSource::new(sqs_client, &work_queue_url, orchestrator_timeout);
+        source.max_concurrency = settings.orchestrator_concurrency;
+        let pollers = source.start(invoker(&lambda, "orchestrator"));
+        Ok(Self {
+            address: client.address.clone(),
+            gateway,
+            gateway_start,
+            lambda,
+            source,
+            work_queue_url,
+            dead_letter_queue_url,
+            latencies,
+            _pollers: pollers,
+            _proxies: vec![database, sqs, management, client],
+        })
+    }
+}
+
+impl AwsSim {
+    /// Kills the gateway and starts it again on its port: every socket drops at once, as when
+    /// API Gateway loses its connections; clients reconnect and resume.
+    pub async fn restart_gateway(&mut self) -> anyhow::Result<()> {
+        let _ = self.gateway.child.kill().await;
+        self.gateway = self.gateway_start.start().await?;
+        Ok(())
+    }
+}
+
+/// How the gateway (`konstruct-local`, standing in for API Gateway) is started.
+struct GatewayStart {
+    settings: Settings,
+    address: String,
+    lambda_url: String,
+}
+
+impl GatewayStart {
+    async fn start(&self) -> anyhow::Result<Server> {
+        let settings = &self.settings;
         // Named, so that a count of the functions' server connections can leave it out.
         let separator = if settings.database_url.contains('?') {
             '&'
@@ -193,7 +239,7 @@ impl AwsSim {
             "{}{separator}application_name={GATEWAY_APPLICATION}",
             settings.database_url
         );
-        let gateway = Server::start(
+        Server::start(
             &settings.bin_dir.join("konstruct-local").to_string_lossy(),
             &gateway_database_url,
             &settings.redis_url,
@@ -202,29 +248,14 @@ impl AwsSim {
                 "serve",
                 "--no-worker",
                 "--listen",
-                &gateway_address,
+                &self.address,
                 "--lambda-endpoint",
-                &lambda.url,
+                &self.lambda_url,
             ],
             &[],
         )
         .await
-        .context("the gateway (konstruct-local) did not start")?;
-
-        let mut source = EventSource::new(sqs_client, &work_queue_url, orchestrator_timeout);
-        source.max_concurrency = settings.orchestrator_concurrency;
-        let pollers = source.start(invoker(&lambda, "orchestrator"));
-        Ok(Self {
-            address: client.address.clone(),
-            gateway,
-            lambda,
-            source,
-            work_queue_url,
-            dead_letter_queue_url,
-            latencies,
-            _pollers: pollers,
-            _proxies: vec![database, sqs, management, client],
-        })
+        .context("the gateway (konstruct-local) did not start")
     }
 }
 

@@ -7,6 +7,14 @@
 //! renewed) and asks this side for the server's faults (the worker killed, Redis, Postgres and
 //! the gateway restarted). At the end every tab must show exactly what the database holds.
 //!
+//! On the AWS path (`Settings::aws`), the same page and schedule run against the AWS-shaped
+//! stack (`tests::aws_sim`: the function binaries under the Lambda emulator, the orchestrator on
+//! the FIFO event source over moto, PgBouncer, a round trip on every hop), on the services
+//! `make test` starts; there the fault is the gateway (API Gateway's stand-in) killed and
+//! restarted, every socket dropping at once. The others are not played there: Postgres, PgBouncer
+//! and moto are shared with the other tests, and a killed orchestrator's records come back only
+//! after the queue's six-minute visibility timeout, as on AWS (`fifo_batches` tests that).
+//!
 //! The script talks to this side over its standard streams: it writes `FAULT <kind>` and waits
 //! for `DONE`; at the end it writes `TRANSCRIPTS <json>` each time it is sent `DUMP`, until it
 //! is sent `END`.
@@ -24,8 +32,11 @@ use sqlx::Row;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
+use shared::db::Db;
+
+use crate::aws_sim::{self, AwsSim, Latencies};
 use crate::services::{OwnPostgres, OwnRedis, free_port};
-use crate::stack::{SECRET, Seat, Server, seeded_database_with};
+use crate::stack::{DatabaseUrls, SECRET, Seat, Server, seeded_database_with};
 use crate::streaming::start_random_model;
 
 pub struct Settings {
@@ -36,7 +47,18 @@ pub struct Settings {
     pub seed: u64,
     /// `konstruct-local`.
     pub bin: String,
+    /// On the AWS-shaped stack instead of the local runtime.
+    pub aws: bool,
 }
+
+/// The faults each path plays.
+const LOCAL_FAULTS: [&str; 4] = [
+    "kill-worker",
+    "restart-gateway",
+    "restart-redis",
+    "restart-postgres",
+];
+const AWS_FAULTS: [&str; 1] = ["restart-gateway"];
 
 /// What a soak did.
 #[derive(Debug)]
@@ -121,17 +143,44 @@ impl Stack {
     }
 }
 
-/// Runs the soak; fails with what differed when a tab and the database disagree at the end.
-pub async fn run(settings: &Settings) -> anyhow::Result<Outcome> {
-    let postgres = tokio::task::block_in_place(OwnPostgres::start);
-    let plan = AgentPlan {
+/// The servers under test.
+enum Backend {
+    Local(Box<Stack>),
+    Aws(Box<AwsSim>),
+}
+
+impl Backend {
+    fn address(&self) -> String {
+        match self {
+            Self::Local(stack) => stack.listen.clone(),
+            Self::Aws(sim) => sim.address.clone(),
+        }
+    }
+
+    async fn fault(&mut self, kind: &str) -> anyhow::Result<()> {
+        match self {
+            Self::Local(stack) => stack.fault(kind).await,
+            Self::Aws(sim) if kind == "restart-gateway" => sim.restart_gateway().await,
+            Self::Aws(_) => bail!("{kind} is not played on the AWS path"),
+        }
+    }
+}
+
+/// The agent both conversations talk to: an OpenAI-compatible one, the random model.
+fn plan() -> AgentPlan<'static> {
+    AgentPlan {
         name: "Soak",
         system_prompt: "You answer at length, at your own pace.",
         provider: Provider::Openai,
         model: "soak",
         settings: json!({}),
-    };
-    let (database_url, db, seats) = seeded_database_with(&postgres.urls(), 2, &plan).await?;
+    }
+}
+
+/// The local runtime as two processes on a Postgres and a Redis of the soak's own.
+async fn local(settings: &Settings, model: String) -> anyhow::Result<(Backend, Db, Vec<Seat>)> {
+    let postgres = tokio::task::block_in_place(OwnPostgres::start);
+    let (database_url, db, seats) = seeded_database_with(&postgres.urls(), 2, &plan()).await?;
     let mut stack = Stack {
         postgres,
         // Redis writes every command to its append-only file, as a queue that must not lose
@@ -141,15 +190,68 @@ pub async fn run(settings: &Settings) -> anyhow::Result<Outcome> {
         gateway: None,
         worker: None,
         listen: format!("127.0.0.1:{}", free_port()),
-        model: start_random_model(settings.seed).await?,
+        model,
         prefix: format!("soak:{}:", uuid::Uuid::new_v4().simple()),
         bin: settings.bin.clone(),
     };
     stack.start_gateway().await?;
     stack.start_worker().await?;
+    Ok((Backend::Local(Box::new(stack)), db, seats))
+}
+
+/// The AWS-shaped stack on the services `make test` (or `infra/local/soak.sh --aws`) started.
+async fn aws(settings: &Settings, model: String) -> anyhow::Result<(Backend, Db, Vec<Seat>)> {
+    let env = |name: &str| {
+        std::env::var(name)
+            .with_context(|| format!("{name} is not set: the AWS path needs the services"))
+    };
+    let urls = DatabaseUrls::from_env();
+    let (database_url, db, seats) = seeded_database_with(&urls, 2, &plan()).await?;
+    let name = database_url
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let pooler = env("POOLED_DATABASE_URL")?;
+    let pooled_database_url = format!("{}/{name}", &pooler[..pooler.rfind('/').unwrap_or(0)]);
+    let bin_dir = std::path::Path::new(&settings.bin)
+        .parent()
+        .context("konstruct-local's directory")?
+        .to_owned();
+    let sim = AwsSim::start(&aws_sim::Settings {
+        pooled_database_url,
+        database_url,
+        redis_url: env("REDIS_URL")?,
+        redis_prefix: format!("soak:{}:", uuid::Uuid::new_v4().simple()),
+        moto_endpoint: env("MOTO_ENDPOINT")?,
+        bin_dir,
+        model_base_url: Some(model),
+        latencies: Latencies::default(),
+        orchestrator_concurrency: 4,
+        route_concurrency: 20,
+        post_budget: Some(200),
+    })
+    .await?;
+    Ok((Backend::Aws(Box::new(sim)), db, seats))
+}
+
+/// Runs the soak; fails with what differed when a tab and the database disagree at the end.
+pub async fn run(settings: &Settings) -> anyhow::Result<Outcome> {
+    let model = start_random_model(settings.seed).await?;
+    let (mut backend, db, seats) = if settings.aws {
+        aws(settings, model).await?
+    } else {
+        local(settings, model).await?
+    };
+    let kinds: &[&str] = if settings.aws {
+        &AWS_FAULTS
+    } else {
+        &LOCAL_FAULTS
+    };
 
     let input = json!({
-        "url": format!("http://{}", stack.listen),
+        "url": format!("http://{}", backend.address()),
+        "faults": kinds,
         "secret": SECRET,
         "seed": settings.seed,
         "seconds": settings.duration.as_secs_f64(),
@@ -179,7 +281,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<Outcome> {
             .context("the soak script ended without its transcripts")?;
         if let Some(kind) = line.strip_prefix("FAULT ") {
             println!("soak: fault {kind}");
-            stack.fault(kind).await?;
+            backend.fault(kind).await?;
             *faults.entry(kind.to_owned()).or_default() += 1;
             to_node.write_all(b"DONE\n").await?;
         } else if let Some(json) = line.strip_prefix("TRANSCRIPTS ") {
@@ -213,14 +315,9 @@ pub async fn run(settings: &Settings) -> anyhow::Result<Outcome> {
     };
     let status = tokio::time::timeout(Duration::from_secs(30), node.wait()).await??;
     ensure!(status.success(), "the soak script failed: {status}");
-    for kind in [
-        "kill-worker",
-        "restart-gateway",
-        "restart-redis",
-        "restart-postgres",
-    ] {
+    for kind in kinds {
         ensure!(
-            faults.contains_key(kind),
+            faults.contains_key(*kind),
             "the schedule never asked for {kind}"
         );
     }
@@ -231,7 +328,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<Outcome> {
 /// messages from the oldest it holds on (a tab reloaded after a long gap holds the newest page),
 /// each once, with the same text and status, and none pending; every user message stored is
 /// answered by one reply that ended. Returns how many messages the conversations hold.
-async fn compare(db: &shared::db::Db, seats: &[Seat], tabs: &Value) -> anyhow::Result<usize> {
+async fn compare(db: &Db, seats: &[Seat], tabs: &Value) -> anyhow::Result<usize> {
     let mut stored: HashMap<String, Vec<Value>> = HashMap::new();
     for seat in seats {
         let mut tx = db.begin(shared::db::Scope::Tenant(seat.tenant)).await?;

@@ -213,10 +213,27 @@ export class Chat {
     }
     if (socket !== this.socket || socket.readyState !== 1) return;
     const auth = { type: "auth", token };
-    if (this.loaded) auth.resume_after = this.lastSeq;
+    if (this.loaded) auth.resume_after = this.resumePoint();
     this.authenticating = true;
     this.token = token;
     socket.send(JSON.stringify(auth));
+  }
+
+  /**
+   * What to resume after: the largest `seq` seen, or earlier when a reply is still streaming
+   * here. A reply that ended while the socket was down has a `seq` below later messages already
+   * seen, and chunks do not carry it: resuming from before the message it answers replays its
+   * end (what is replayed again is kept once, by id).
+   */
+  resumePoint() {
+    let point = this.lastSeq;
+    for (const m of this.byId.values()) {
+      if (m.role !== "assistant" || m.status !== "streaming") continue;
+      const asked = m.replyTo ? this.byId.get(m.replyTo) : null;
+      const before = m.seq < Number.MAX_SAFE_INTEGER ? m.seq - 1 : (asked?.seq ?? 0);
+      point = Math.min(point, before);
+    }
+    return point;
   }
 
   /** Renews the token on the open socket shortly before it expires. */

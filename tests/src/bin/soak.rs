@@ -1,6 +1,7 @@
 //! `soak`: the randomized soak (`tests::soak`) for as long as asked.
 //!
-//!   soak [--minutes M] [--seed S]   default: 10 minutes, a seed from the clock (printed)
+//!   soak [--minutes M] [--seed S] [--aws]   default: 10 minutes, a seed from the clock
+//!                                           (printed), the local runtime
 //!
 //! Needs what `infra/local/soak.sh` sets up (it runs this): Postgres's tools for
 //! `infra/local/services.sh`, `redis-server`, Chromium and `NODE_PATH` with playwright-core,
@@ -37,6 +38,7 @@ async fn main() -> anyhow::Result<()> {
         duration: Duration::from_secs_f64(minutes * 60.0),
         seed,
         bin: std::env::var("KONSTRUCT_LOCAL_BIN").context("KONSTRUCT_LOCAL_BIN is not set")?,
+        aws: args.iter().any(|a| a == "--aws"),
     };
     let outcome = tests::soak::run(&settings).await?;
     println!(

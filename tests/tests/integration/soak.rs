@@ -8,6 +8,18 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_minutes_of_people_networks_and_faults_leave_every_tab_equal_to_the_database() {
+    soak(false).await;
+}
+
+/// The same on the AWS-shaped stack (the function binaries under the Lambda emulator, the
+/// orchestrator on the FIFO event source, PgBouncer, round trips on every hop), with the gateway
+/// killed and restarted as its fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_minutes_on_the_aws_path_leave_every_tab_equal_to_the_database() {
+    soak(true).await;
+}
+
+async fn soak(aws: bool) {
     let seed = std::env::var("SOAK_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -23,6 +35,7 @@ async fn two_minutes_of_people_networks_and_faults_leave_every_tab_equal_to_the_
         bin: std::env::var("KONSTRUCT_LOCAL_BIN").expect(
             "KONSTRUCT_LOCAL_BIN is not set: run the tests through `make test`, which builds it",
         ),
+        aws,
     };
     let outcome = tests::soak::run(&settings)
         .await
