@@ -273,8 +273,9 @@ async fn an_expired_or_removed_user_gets_no_more_frames_and_may_authenticate_aga
 }
 
 /// A stall detector, not a benchmark: small frames one after another must not wait on a timer
-/// (Nagle's algorithm against a delayed ACK costs ~40 ms a frame). The margin is wide: a debug
-/// build on a busy machine answers well inside it.
+/// (Nagle's algorithm against a delayed ACK costs ~40 ms a frame, so a stalled median is past
+/// 55 ms). The margin is wide: a debug build on a machine busy with the rest of the suite (two
+/// soaks in Chromium among it) has answered in a median of up to 26 ms.
 #[tokio::test]
 async fn an_idle_stack_answers_one_user_without_a_stall() {
     let (test, db) = TestDb::migrated().await;
@@ -304,7 +305,7 @@ async fn an_idle_stack_answers_one_user_without_a_stall() {
     round_trips.sort();
     let median = round_trips[round_trips.len() / 2];
     assert!(
-        median < Duration::from_millis(25),
+        median < Duration::from_millis(45),
         "median message → response {median:?}: something waits on a timer ({round_trips:?})"
     );
     local.stop().await;
