@@ -60,6 +60,17 @@ const LOCAL_FAULTS: [&str; 4] = [
 ];
 const AWS_FAULTS: [&str; 1] = ["restart-gateway"];
 
+/// The seed given (a number), or one from the clock; printed by the callers so a run can be
+/// replayed.
+pub fn seed_or_clock(given: Option<&str>) -> anyhow::Result<u64> {
+    match given {
+        Some(seed) => seed.parse().context("a seed is a number"),
+        None => Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs())),
+    }
+}
+
 /// What a soak did.
 #[derive(Debug)]
 pub struct Outcome {

@@ -8,8 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use shared::auth::issue_token;
 use shared::config::AuthConfig;
-use shared::db::{Db, seed};
-use shared::domain::{ConversationId, Role, TenantId, TenantRole, UserId};
+use shared::db::conversations::{self, Conversation};
+use shared::db::messages::{self, StopReason};
+use shared::db::{Db, Scope, message_path, seed};
+use shared::domain::{ConversationId, MessageId, MessageText, Role, TenantId, TenantRole, UserId};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -129,6 +131,45 @@ pub async fn seeded_database_with(
     }
     owner.pool().close().await;
     Ok((url, db, seats))
+}
+
+/// The floors' first write (`loadgen`, `aws_sim`): `text` stored as a user message of the seat's
+/// conversation directly, in a transaction of its own, without what the message path adds
+/// (authorization, limits, recipients). Returns the conversation and the message's id.
+pub async fn store_message_directly(
+    db: &Db,
+    seat: &Seat,
+    text: &MessageText,
+) -> anyhow::Result<(Conversation, MessageId)> {
+    let mut tx = db.begin(Scope::Tenant(seat.tenant)).await?;
+    let conversation = conversations::find(&mut tx, seat.conversation)
+        .await?
+        .context("a seeded conversation")?;
+    let stored = messages::insert_user(&mut tx, &conversation, text, None).await?;
+    tx.commit().await?;
+    Ok((conversation, stored.row.id))
+}
+
+/// The floors' second write: a whole reply to `reply_to`, stored directly in a transaction of
+/// its own.
+pub async fn store_reply_directly(
+    db: &Db,
+    conversation: &Conversation,
+    reply_to: MessageId,
+) -> anyhow::Result<()> {
+    let mut tx = db.begin(Scope::Tenant(conversation.tenant_id)).await?;
+    message_path::store_reply(
+        &mut tx,
+        conversation,
+        MessageId::new(),
+        reply_to,
+        "Echo: floor message",
+        StopReason::End,
+        None,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// A `konstruct-local` process; killed when dropped.

@@ -20,52 +20,46 @@ use crate::stack::Seat;
 /// A model that answers every request with `pieces` pieces, `gap` apart (the first at once).
 /// Returns its base URL (`OPENAI_BASE_URL`).
 pub async fn start_model(pieces: usize, gap: Duration) -> anyhow::Result<String> {
-    let app = Router::new().route(
-        "/v1/chat/completions",
-        post(move |_body: Bytes| async move {
-            let events = futures::stream::iter(0..=pieces).then(move |i| async move {
-                if i > 0 {
-                    tokio::time::sleep(gap).await;
-                }
-                let data = if i < pieces {
-                    json!({ "choices": [{ "index": 0, "delta": { "content": format!("piece{i} ") } }] })
-                        .to_string()
-                } else {
-                    "[DONE]".to_owned()
-                };
-                Ok::<_, std::io::Error>(Bytes::from(format!("data: {data}\n\n")))
-            });
-            Response::builder()
-                .header(header::CONTENT_TYPE, "text/event-stream")
-                .body(Body::from_stream(events))
-                .expect("a response")
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok(format!("http://{address}/v1"))
+    serve_model(move || {
+        (0..pieces)
+            .map(|i| if i == 0 { Duration::ZERO } else { gap })
+            .collect()
+    })
+    .await
 }
 
 /// A model whose replies differ in length and pace, as a real one's do: each streams 3 to 24
 /// pieces, 5 to 150 ms apart, drawn from `seed` (so a run can be repeated). Returns its base URL.
 pub async fn start_random_model(seed: u64) -> anyhow::Result<String> {
-    let rng = std::sync::Arc::new(std::sync::Mutex::new(fastrand::Rng::with_seed(seed)));
+    let rng = std::sync::Mutex::new(fastrand::Rng::with_seed(seed));
+    serve_model(move || {
+        let mut rng = rng.lock().unwrap_or_else(|e| e.into_inner());
+        let pieces = rng.usize(3..25);
+        (0..pieces)
+            .map(|_| Duration::from_millis(rng.u64(5..150)))
+            .collect()
+    })
+    .await
+}
+
+/// An OpenAI-compatible streaming model: for each request, `plan` gives the wait before each
+/// piece (`piece0 `, `piece1 `, …), then `[DONE]`. Returns its base URL.
+async fn serve_model(
+    plan: impl Fn() -> Vec<Duration> + Send + Sync + 'static,
+) -> anyhow::Result<String> {
+    let plan = std::sync::Arc::new(plan);
     let app = Router::new().route(
         "/v1/chat/completions",
         post(move |_body: Bytes| {
-            let (pieces, gaps): (usize, Vec<u64>) = {
-                let mut rng = rng.lock().unwrap_or_else(|e| e.into_inner());
-                let pieces = rng.usize(3..25);
-                (pieces, (0..pieces).map(|_| rng.u64(5..150)).collect())
-            };
+            let waits = plan();
             async move {
+                let pieces = waits.len();
                 let events = futures::stream::iter(0..=pieces).then(move |i| {
-                    let gap = gaps.get(i).copied().unwrap_or(0);
+                    let wait = waits.get(i).copied().unwrap_or_default();
                     async move {
-                        tokio::time::sleep(Duration::from_millis(gap)).await;
+                        tokio::time::sleep(wait).await;
                         let data = if i < pieces {
-                            json!({ "choices": [{ "index": 0, "delta": { "content": format!("word{i} ") } }] })
+                            json!({ "choices": [{ "index": 0, "delta": { "content": format!("piece{i} ") } }] })
                                 .to_string()
                         } else {
                             "[DONE]".to_owned()

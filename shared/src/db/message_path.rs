@@ -993,33 +993,20 @@ struct FlushRow {
 }
 
 /// Appends `delta` to the reply this attempt streams, in the tenant's scope, and reads the
-/// user's `cancel` flag and the recipients in the same statement: a flush costs one round trip.
+/// user's `cancel` flag and the recipients in the same statement (`append_reply`): a flush costs
+/// one round trip.
 pub async fn flush_reply(
     conn: &mut PgConnection,
     conversation: &Conversation,
     flush: ReplyFlush<'_>,
 ) -> Result<Flushed, Error> {
     let producer = (flush.status == MessageStatus::Streaming).then_some(flush.producer);
-    let row: FlushRow = super::query_as(concat!(
-        "with locked as (
-             select id, tenant_id from web_conversations where id = $1 for no key update
-         ), flushed as (
-             update web_conversation_messages m
-             set content = m.content || $5, status = $6, producer = $7, stop_reason = $8,
-                 input_tokens = $9, output_tokens = $10, written_at = now()
-             from locked l
-             where m.conversation_id = l.id and m.id = $2 and m.producer = $3
-               and char_length(m.content) = $4
-             returning m.*
-         )
-         select (select to_jsonb(f) from flushed f) as reply,
-                coalesce((select q.cancel_requested from web_conversation_messages q, flushed f
-                          where q.conversation_id = $1 and q.id = f.reply_to), false)
-                    as cancel_requested,
-                ",
-        recipients_now!(),
-        " as recipients"
-    ))
+    // One generic plan per server connection (migration 14): behind a pooler, a statement of
+    // its own would be planned at every flush.
+    let row: FlushRow = super::query_as(
+        "select reply, cancel_requested, recipients
+         from append_reply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
     .bind(conversation.id)
     .bind(flush.id)
     .bind(flush.producer)

@@ -20,13 +20,14 @@ use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use shared::config::DatabaseConfig;
+use shared::db::Db;
 use shared::db::agents::Provider;
-use shared::db::messages::StopReason;
 use shared::db::seed::AgentPlan;
-use shared::db::{Db, Scope, conversations, message_path, messages};
-use shared::domain::{MessageId, MessageText};
+use shared::domain::MessageText;
 use tests::aws_sim::{AwsSim, GATEWAY_APPLICATION, Latencies, Settings};
-use tests::stack::{DatabaseUrls, Seat, seeded_database_with};
+use tests::stack::{
+    DatabaseUrls, Seat, seeded_database_with, store_message_directly, store_reply_directly,
+};
 use tokio_tungstenite::tungstenite::Message;
 
 fn env(name: &str) -> anyhow::Result<String> {
@@ -339,24 +340,8 @@ async fn direct_write_floor(stats: &sqlx::PgPool, stack: &Stack) -> anyhow::Resu
         .await?;
     for n in 0..MESSAGES {
         let seat = &seats[n % seats.len()];
-        let mut tx = db.begin(Scope::Tenant(seat.tenant)).await?;
-        let conversation = conversations::find(&mut tx, seat.conversation)
-            .await?
-            .context("seeded")?;
-        let stored = messages::insert_user(&mut tx, &conversation, &text, None).await?;
-        tx.commit().await?;
-        let mut tx = db.begin(Scope::Tenant(seat.tenant)).await?;
-        message_path::store_reply(
-            &mut tx,
-            &conversation,
-            MessageId::new(),
-            stored.row.id,
-            "floor reply",
-            StopReason::End,
-            None,
-        )
-        .await?;
-        tx.commit().await?;
+        let (conversation, message) = store_message_directly(&db, seat, &text).await?;
+        store_reply_directly(&db, &conversation, message).await?;
     }
     Ok(postgres_ms(stats, &stack.database).await? / MESSAGES as f64)
 }

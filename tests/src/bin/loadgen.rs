@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
-use shared::db::messages::StopReason;
-use shared::db::{Db, Scope, conversations, message_path, messages};
-use shared::domain::{MessageId, MessageText};
+use shared::db::{Db, Scope};
+use shared::domain::MessageText;
 use tests::load::{self, Plan, Report};
 use tests::stack::{self, Server, process_usage};
 
@@ -114,12 +113,8 @@ async fn floor(
             for n in (worker..total).step_by(concurrency) {
                 let seat = &seats[n % seats.len()];
                 let t = Instant::now();
-                let mut tx = db.begin(Scope::Tenant(seat.tenant)).await?;
-                let conversation = conversations::find(&mut tx, seat.conversation)
-                    .await?
-                    .context("seeded")?;
-                let stored = messages::insert_user(&mut tx, &conversation, &text, None).await?;
-                tx.commit().await?;
+                let (conversation, message) =
+                    stack::store_message_directly(&db, seat, &text).await?;
                 let _: String = redis::cmd("XADD")
                     .arg(&stream)
                     .arg("*")
@@ -127,18 +122,7 @@ async fn floor(
                     .arg("x")
                     .query_async(&mut redis)
                     .await?;
-                let mut tx = db.begin(Scope::Tenant(seat.tenant)).await?;
-                message_path::store_reply(
-                    &mut tx,
-                    &conversation,
-                    MessageId::new(),
-                    stored.row.id,
-                    "Echo: floor message",
-                    StopReason::End,
-                    None,
-                )
-                .await?;
-                tx.commit().await?;
+                stack::store_reply_directly(&db, &conversation, message).await?;
                 let _: i64 = redis::cmd("PUBLISH")
                     .arg(&stream)
                     .arg("reply")

@@ -24,15 +24,7 @@ async fn main() -> anyhow::Result<()> {
         .transpose()
         .context("--minutes takes a number")?
         .unwrap_or(10.0);
-    let seed: u64 = value("--seed")
-        .map(|s| s.parse())
-        .transpose()
-        .context("--seed takes a number")?
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_secs())
-        });
+    let seed = tests::soak::seed_or_clock(value("--seed").map(String::as_str))?;
     println!("soak: seed {seed} ({minutes} minutes; replay it with --seed {seed})");
     let settings = tests::soak::Settings {
         duration: Duration::from_secs_f64(minutes * 60.0),

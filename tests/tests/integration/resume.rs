@@ -156,6 +156,36 @@ async fn a_resuming_socket_gets_what_it_missed_then_live_frames() {
     assert!(live[1]["seq"].as_i64() > live[0]["seq"].as_i64());
 }
 
+/// A message sent just before a drop is matched to its pending bubble by `client_message_id`:
+/// the replay carries it, as the history does.
+#[tokio::test]
+async fn a_replayed_message_carries_its_client_message_id() {
+    let h = Harness::new().await;
+    h.open_session("tab").await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let ack = h
+        .send(
+            "tab",
+            &json!({ "type": "message", "text": "just before the drop", "client_message_id": id })
+                .to_string(),
+        )
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+
+    h.connect("back").await;
+    let token = token(h.seed.user, Role::CustomerOperator);
+    h.auth_with(
+        "back",
+        json!({ "type": "auth", "token": token, "resume_after": 0 }),
+    )
+    .await;
+    let frames = h.api.frames_to("back");
+    assert_eq!(frames[1]["type"], "replay");
+    let replayed = &frames[1]["messages"][0];
+    assert_eq!(replayed["content"], "just before the drop");
+    assert_eq!(replayed["client_message_id"], id);
+}
+
 #[tokio::test]
 async fn too_much_missed_is_not_recovered_and_a_long_replay_is_split_into_frames() {
     let h = Harness::new().await;

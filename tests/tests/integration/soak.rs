@@ -20,14 +20,8 @@ async fn two_minutes_on_the_aws_path_leave_every_tab_equal_to_the_database() {
 }
 
 async fn soak(aws: bool) {
-    let seed = std::env::var("SOAK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_secs())
-        });
+    let seed = tests::soak::seed_or_clock(std::env::var("SOAK_SEED").ok().as_deref())
+        .expect("SOAK_SEED is a number");
     println!("soak seed {seed} (SOAK_SEED={seed} replays it)");
     let settings = tests::soak::Settings {
         duration: Duration::from_secs(120),

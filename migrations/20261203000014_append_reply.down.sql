@@ -1,0 +1,1 @@
+drop function append_reply(uuid, uuid, uuid, bigint, text, text, uuid, text, bigint, bigint);
