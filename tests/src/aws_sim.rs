@@ -93,6 +93,16 @@ pub struct AwsSim {
     _proxies: Vec<LatencyProxy>,
 }
 
+/// The runtime role's URL through the pooler (`POOLED_DATABASE_URL`, which `make test` and
+/// `make aws-sim` set), for the database `runtime_url` names.
+pub fn pooled_url(runtime_url: &str) -> anyhow::Result<String> {
+    let name = runtime_url.rsplit('/').next().context("a database URL")?;
+    let pooler = std::env::var("POOLED_DATABASE_URL")
+        .context("POOLED_DATABASE_URL is not set: the AWS path needs the services")?;
+    let cut = pooler.rfind('/').context("a database URL")?;
+    Ok(format!("{}/{name}", &pooler[..cut]))
+}
+
 fn address_of(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let authority = rest.split('/').next().unwrap_or(rest);

@@ -218,13 +218,7 @@ async fn aws(settings: &Settings, model: String) -> anyhow::Result<(Backend, Db,
     };
     let urls = DatabaseUrls::from_env();
     let (database_url, db, seats) = seeded_database_with(&urls, 2, &plan()).await?;
-    let name = database_url
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let pooler = env("POOLED_DATABASE_URL")?;
-    let pooled_database_url = format!("{}/{name}", &pooler[..pooler.rfind('/').unwrap_or(0)]);
+    let pooled_database_url = aws_sim::pooled_url(&database_url)?;
     let bin_dir = std::path::Path::new(&settings.bin)
         .parent()
         .context("konstruct-local's directory")?

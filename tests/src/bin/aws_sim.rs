@@ -24,7 +24,7 @@ use shared::db::Db;
 use shared::db::agents::Provider;
 use shared::db::seed::AgentPlan;
 use shared::domain::MessageText;
-use tests::aws_sim::{AwsSim, GATEWAY_APPLICATION, Latencies, Settings};
+use tests::aws_sim::{AwsSim, GATEWAY_APPLICATION, Latencies, Settings, pooled_url};
 use tests::stack::{
     DatabaseUrls, Seat, seeded_database_with, store_message_directly, store_reply_directly,
 };
@@ -32,14 +32,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 fn env(name: &str) -> anyhow::Result<String> {
     std::env::var(name).with_context(|| format!("{name} is not set: run infra/local/aws-sim.sh"))
-}
-
-/// The runtime role's URL through the pooler, for the database the runtime URL names.
-fn pooled(runtime_url: &str) -> anyhow::Result<String> {
-    let name = runtime_url.rsplit('/').next().context("a database URL")?;
-    let pooler = env("POOLED_DATABASE_URL")?;
-    let cut = pooler.rfind('/').context("a database URL")?;
-    Ok(format!("{}/{name}", &pooler[..cut]))
 }
 
 struct Stack {
@@ -60,7 +52,7 @@ async fn stack(
         seeded_database_with(&DatabaseUrls::from_env(), conversations, plan).await?;
     let database = url.rsplit('/').next().unwrap_or_default().to_owned();
     let settings = Settings {
-        pooled_database_url: pooled(&url)?,
+        pooled_database_url: pooled_url(&url)?,
         database_url: url.clone(),
         redis_url: env("REDIS_URL")?,
         redis_prefix: format!("sim:{}:", uuid::Uuid::new_v4().simple()),
@@ -325,9 +317,9 @@ async fn postgres_ms(pool: &sqlx::PgPool, database: &str) -> anyhow::Result<f64>
 /// message stored, then its whole reply, each in a transaction of its own (the direct writes the
 /// loopback figures' floor makes, without any reading of recipients, streaming or limits).
 async fn direct_write_floor(stats: &sqlx::PgPool, stack: &Stack) -> anyhow::Result<f64> {
-    let pooled_url = pooled(&stack.database_url)?;
+    let url = pooled_url(&stack.database_url)?;
     let config = DatabaseConfig::from_lookup(|name: &str| match name {
-        "DATABASE_URL" => Some(pooled_url.clone()),
+        "DATABASE_URL" => Some(url.clone()),
         "DATABASE_POOLED" => Some("true".to_owned()),
         _ => None,
     })?;

@@ -7,7 +7,6 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use shared::domain::{ConversationId, Role};
 use tokio::net::TcpStream;
-
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
