@@ -240,6 +240,8 @@ fn spawn(inner: &Arc<Inner>, spec: &FunctionSpec, environments: &mut HashMap<u64
         )
         .env("AWS_LAMBDA_LOG_STREAM_NAME", format!("sim/{number}"))
         .env("AWS_REGION", "us-east-1")
+        // The template's `LoggingConfig`.
+        .env("AWS_LAMBDA_LOG_FORMAT", "JSON")
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         // A function logs to stdout, as Lambda collects it: shown with TEST_LOG.
@@ -247,7 +249,14 @@ fn spawn(inner: &Arc<Inner>, spec: &FunctionSpec, environments: &mut HashMap<u64
         .stderr(log_output())
         .kill_on_drop(true);
     match command.spawn() {
-        Ok(child) => {
+        Ok(mut child) => {
+            let stream = format!("{}/{number}", spec.name);
+            if let Some(out) = child.stdout.take() {
+                tokio::spawn(forward_log(out, stream.clone()));
+            }
+            if let Some(err) = child.stderr.take() {
+                tokio::spawn(forward_log(err, stream));
+            }
             inner.cold_starts.fetch_add(1, Ordering::Relaxed);
             environments.insert(
                 number,
@@ -264,9 +273,27 @@ fn spawn(inner: &Arc<Inner>, spec: &FunctionSpec, environments: &mut HashMap<u64
 
 fn log_output() -> Stdio {
     if std::env::var_os("TEST_LOG").is_some() {
-        Stdio::inherit()
+        Stdio::piped()
     } else {
         Stdio::null()
+    }
+}
+
+/// Writes a function's log lines to stderr as CloudWatch keeps them: each with the time it was
+/// received (seconds since the epoch, to the microsecond) and its log stream, so the lines of
+/// several functions can be read as one timeline.
+async fn forward_log(output: impl tokio::io::AsyncRead + Unpin, stream: String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(output).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        eprintln!(
+            "{}.{:06} {stream} {line}",
+            now.as_secs(),
+            now.subsec_micros()
+        );
     }
 }
 

@@ -92,7 +92,7 @@ async fn direction(
     };
     let writer = async move {
         while let Some((at, piece)) = due.recv().await {
-            tokio::time::sleep_until(at).await;
+            wait_until(at).await;
             if to.write_all(&piece).await.is_err() {
                 break;
             }
@@ -100,6 +100,18 @@ async fn direction(
         let _ = to.shutdown().await;
     };
     tokio::join!(reader, writer);
+}
+
+/// Sleeps until `at`, to a fraction of a millisecond.
+async fn wait_until(at: Instant) {
+    const TIMER_RESOLUTION: Duration = Duration::from_millis(2);
+    if at.saturating_duration_since(Instant::now()) > TIMER_RESOLUTION {
+        tokio::time::sleep_until(at - TIMER_RESOLUTION).await;
+    }
+    let rest = at.saturating_duration_since(Instant::now());
+    if !rest.is_zero() {
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+    }
 }
 
 #[cfg(test)]

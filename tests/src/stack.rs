@@ -150,16 +150,14 @@ pub async fn store_message_directly(
     Ok((conversation, stored.row.id))
 }
 
-/// The floors' second write: a whole reply to `reply_to`, stored directly in a transaction of
-/// its own.
+/// The floors' second write: a whole reply to `reply_to`, stored directly in a step of its own.
 pub async fn store_reply_directly(
     db: &Db,
     conversation: &Conversation,
     reply_to: MessageId,
 ) -> anyhow::Result<()> {
-    let mut tx = db.begin(Scope::Tenant(conversation.tenant_id)).await?;
     message_path::store_reply(
-        &mut tx,
+        db,
         conversation,
         MessageId::new(),
         reply_to,
@@ -168,7 +166,6 @@ pub async fn store_reply_directly(
         None,
     )
     .await?;
-    tx.commit().await?;
     Ok(())
 }
 

@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::agents::Agent;
 use super::conversations::Conversation;
 use super::messages::{Message, MessageRole, MessageStatus, StopReason, Usage};
+use super::{Call, Db, Scope};
 use crate::Error;
 use crate::domain::{
     ClientMessageId, ConnectionId, ConversationId, MessageId, MessageText, Role, TenantId, UserId,
@@ -82,88 +83,34 @@ struct AcceptRow {
     others: Json<Vec<Recipient>>,
 }
 
-/// The message route's one statement, in a [`Scope::BoundConnection`](super::Scope) transaction:
-/// counts the message in the connection's rate window and the user's recent messages, checks the
+/// The message route's one step (`accept_message`, in the socket's
+/// [`Scope::BoundConnection`]; one round trip): counts the message in the connection's rate window and the user's recent messages, checks the
 /// socket is authenticated, its token unexpired and its user still allowed, and stores the
 /// message, with its author, only if all holds.
 ///
 /// Refusals come back as the contract's errors: `unauthenticated` (no `auth` yet, or the token
 /// expired), `not_found`, `forbidden`, `rate_limited`.
 pub async fn accept(
-    conn: &mut PgConnection,
+    db: &Db,
     connection: &ConnectionId,
     text: &MessageText,
     client_message_id: Option<ClientMessageId>,
     limits: Limits,
 ) -> Result<Accepted, Error> {
     let limit = limits.connection;
-    let row: Option<AcceptRow> = super::query_as(
-        "with connection as (
-             update ws_connections set
-                 window_messages = case when window_started_at > now() - make_interval(secs => $2)
-                                        then window_messages + 1 else 1 end,
-                 window_started_at = case when window_started_at > now() - make_interval(secs => $2)
-                                          then window_started_at else now() end,
-                 last_seen_at = now()
-             where connection_id = $1
-             returning conversation_id, tenant_id, user_id, role, expires_at, window_messages
-         ), checked as (
-             select c.conversation_id, c.tenant_id, c.user_id, c.window_messages,
-                    coalesce(c.expires_at > now(), false) as fresh,
-                    exists (select 1 from web_conversations v
-                            where v.id = c.conversation_id and v.tenant_id = c.tenant_id)
-                        as conversation_exists,
-                    exists (select 1 from authorized_connections(c.tenant_id, c.conversation_id) a
-                            where a.connection_id = $1) as permitted,
-                    (select count(*) from web_conversation_messages m
-                     where m.tenant_id = c.tenant_id and m.author_id = c.user_id
-                       and m.role = 'user'
-                       and m.created_at > now() - make_interval(secs => $7)) as user_messages
-             from connection c
-         ), locked as (
-             select v.id, v.last_seq
-             from web_conversations v join checked k on v.id = k.conversation_id
-             where k.conversation_exists and k.permitted and k.window_messages <= $5
-               and k.user_messages < $6
-             for no key update of v
-         ), inserted as (
-             insert into web_conversation_messages
-                 (conversation_id, tenant_id, role, content, client_message_id, seq, author_id)
-             select k.conversation_id, k.tenant_id, 'user', $3, $4, l.last_seq + 1, k.user_id
-             from checked k join locked l on l.id = k.conversation_id
-             on conflict (conversation_id, client_message_id) do nothing
-             returning id, conversation_id, tenant_id, created_at, seq
-         ), touched as (
-             update web_conversations v set updated_at = i.created_at, last_seq = i.seq
-             from inserted i where v.id = i.conversation_id
-         ), earlier as (
-             select m.id, m.created_at, m.seq
-             from web_conversation_messages m join checked k using (conversation_id)
-             where $4::uuid is not null and m.client_message_id = $4
-         )
-         select k.conversation_id, k.tenant_id, k.user_id, k.fresh, k.conversation_exists,
-                k.permitted, k.window_messages, k.user_messages,
-                coalesce(i.id, e.id) as message_id,
-                coalesce(i.created_at, e.created_at) as created_at,
-                coalesce(i.seq, e.seq) as seq,
-                i.id is not null as created,
-                (select coalesce(jsonb_agg(jsonb_build_object(
-                            'connection_id', w.connection_id, 'endpoint', w.endpoint)), '[]')
-                 from inserted n, authorized_connections_now(n.tenant_id, n.conversation_id) w
-                 where w.connection_id <> $1) as others
-         from checked k
-         left join inserted i on true
-         left join earlier e on i.id is null",
-    )
-    .bind(connection)
-    .bind(f64::from(limit.window_seconds))
-    .bind(text.as_str())
-    .bind(client_message_id)
-    .bind(i64::from(limit.messages))
-    .bind(i64::from(limits.user.messages))
-    .bind(f64::from(limits.user.window_seconds))
-    .fetch_optional(&mut *conn)
-    .await?;
+    let row: Option<AcceptRow> = db
+        .call_one(
+            Scope::BoundConnection(connection),
+            Call::new("accept_message")
+                .text(connection.as_str())
+                .float(f64::from(limit.window_seconds))
+                .text(text.as_str())
+                .optional_uuid(client_message_id)
+                .bigint(i64::from(limit.messages))
+                .bigint(i64::from(limits.user.messages))
+                .float(f64::from(limits.user.window_seconds)),
+        )
+        .await?;
 
     let unauthenticated = || Error::Unauthenticated("send an auth frame first".into());
     let row = row.ok_or_else(unauthenticated)?;
@@ -200,14 +147,17 @@ pub async fn accept(
         // A concurrent repeat of the same client_message_id committed after this statement's
         // snapshot was taken: it is stored, read it now.
         _ => {
-            super::query_as(
+            let mut tx = db.begin(Scope::BoundConnection(connection)).await?;
+            let stored = super::query_as(
                 "select id, created_at, seq from web_conversation_messages
-             where conversation_id = $1 and client_message_id = $2",
+                 where conversation_id = $1 and client_message_id = $2",
             )
             .bind(row.conversation_id)
             .bind(client_message_id)
-            .fetch_one(conn)
-            .await?
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            stored
         }
     };
     Ok(Accepted {
@@ -608,72 +558,25 @@ struct JobRow {
     earlier: Json<Vec<MessageId>>,
 }
 
-/// The orchestrator's read, in the tenant's scope; `None` when the conversation is gone.
+/// The orchestrator's read (`job_context`, in the tenant's scope; one round trip); `None` when
+/// the conversation is gone.
 pub async fn load_job(
-    conn: &mut PgConnection,
+    db: &Db,
+    tenant_id: TenantId,
     conversation_id: ConversationId,
     message_id: MessageId,
     limit: u16,
 ) -> Result<Option<JobContext>, Error> {
-    let row: Option<JobRow> = super::query_as(
-        "select to_jsonb(c) as conversation,
-                (select to_jsonb(a) from agents a
-                 where a.tenant_id = c.tenant_id and a.id = c.agent_id) as agent,
-                (select to_jsonb(r) from web_conversation_messages r
-                 where r.conversation_id = c.id and r.reply_to = $2) as reply,
-                (select coalesce(jsonb_agg(jsonb_build_object(
-                                'id', h.id, 'role', h.role, 'content', h.content,
-                                'by_someone_else', h.author_id is not null
-                                                   and h.author_id <> c.user_id)
-                            order by h.anchor_at, h.anchor_id, (h.role = 'assistant')), '[]')
-                 from (
-                     select a.* from (
-                         select m.*,
-                                case when m.reply_to is null then m.created_at
-                                     else (select q.created_at from web_conversation_messages q
-                                           where q.id = m.reply_to)
-                                end as anchor_at,
-                                coalesce(m.reply_to, m.id) as anchor_id
-                         from (
-                             (select m.* from web_conversation_messages m
-                              where m.conversation_id = $1
-                                and (m.created_at, m.id) <= (upto.created_at, upto.id)
-                              order by m.created_at desc, m.id desc
-                              limit $3 * 2)
-                             union all
-                             (select m.* from web_conversation_messages m
-                              where m.conversation_id = $1
-                                and (m.created_at, m.id) > (upto.created_at, upto.id)
-                                and m.reply_to is not null)
-                         ) m
-                         where m.reply_to is distinct from upto.id
-                     ) a
-                     where (a.anchor_at, a.anchor_id) <= (upto.created_at, upto.id)
-                     order by a.anchor_at desc, a.anchor_id desc, (a.role = 'assistant') desc
-                     limit $3
-                 ) h) as history,
-                (select coalesce(jsonb_agg(jsonb_build_object(
-                            'connection_id', w.connection_id, 'endpoint', w.endpoint)), '[]')
-                 from live_connections(c.tenant_id, c.id) w) as recipients,
-                coalesce(upto.cancel_requested, false) as cancel_requested,
-                coalesce(upto.job_deferrals, 0) as deferrals,
-                (select coalesce(jsonb_agg(e.id order by e.seq), '[]')
-                 from web_conversation_messages e
-                 where e.conversation_id = c.id and e.role = 'user'
-                   and e.seq < upto.seq and e.seq >= upto.seq - $4
-                   and not exists (select 1 from web_conversation_messages r
-                                   where r.conversation_id = c.id and r.reply_to = e.id))
-                    as earlier
-         from web_conversations c
-         left join web_conversation_messages upto on upto.conversation_id = c.id and upto.id = $2
-         where c.id = $1",
-    )
-    .bind(conversation_id)
-    .bind(message_id)
-    .bind(i64::from(limit))
-    .bind(EARLIER_WINDOW)
-    .fetch_optional(conn)
-    .await?;
+    let row: Option<JobRow> = db
+        .call_one(
+            Scope::Tenant(tenant_id),
+            Call::new("job_context")
+                .uuid(conversation_id)
+                .uuid(message_id)
+                .bigint(i64::from(limit))
+                .bigint(EARLIER_WINDOW),
+        )
+        .await?;
     Ok(row.map(|row| JobContext {
         conversation: row.conversation.0,
         agent: row.agent.map(|a| a.0),
@@ -757,75 +660,47 @@ macro_rules! recipients_now {
     };
 }
 
-/// Writes a reply to `reply_to` for the first time, in the tenant's scope: at most one reply
+/// Writes a reply to `reply_to` for the first time (`write_reply`, in the tenant's scope; one
+/// round trip): at most one reply
 /// per user message, numbered when it starts; a `streaming` one left by a dead attempt is
 /// taken over. Lists the recipients as they are now.
 pub async fn write_reply(
-    conn: &mut PgConnection,
+    db: &Db,
     conversation: &Conversation,
     write: ReplyWrite<'_>,
 ) -> Result<StoredReply, Error> {
     let producer = (write.status == MessageStatus::Streaming).then_some(write.producer);
-    let row: ReplyRow = super::query_as(concat!(
-        "with locked as (
-             select id, tenant_id, last_seq from web_conversations where id = $1
-             for no key update
-         ), existing as (
-             select m.id from web_conversation_messages m
-             where m.conversation_id = $1 and m.reply_to = $4
-         ), taken as (
-             update web_conversation_messages m
-             set content = $3, status = $6, producer = $7, stop_reason = $8,
-                 input_tokens = $9, output_tokens = $10, written_at = now()
-             from existing e, locked l
-             where m.id = e.id and m.status = 'streaming'
-             returning m.*
-         ), inserted as (
-             insert into web_conversation_messages
-                 (id, conversation_id, tenant_id, role, content, reply_to, seq, status, producer,
-                  stop_reason, input_tokens, output_tokens)
-             select $5, $1, $2, 'assistant', $3, $4, l.last_seq + 1, $6, $7, $8, $9, $10
-             from locked l
-             where not exists (select 1 from existing)
-             on conflict (conversation_id, reply_to) do nothing
-             returning *
-         ), touched as (
-             update web_conversations v set updated_at = i.created_at, last_seq = i.seq
-             from inserted i where v.id = i.conversation_id
-         )
-         select coalesce((select to_jsonb(i) from inserted i),
-                         (select to_jsonb(t) from taken t),
-                         (select to_jsonb(m) from web_conversation_messages m
-                          where m.conversation_id = $1 and m.reply_to = $4)) as reply,
-                exists (select 1 from inserted) as created,
-                exists (select 1 from taken) as taken_over,
-                coalesce((select q.cancel_requested from web_conversation_messages q
-                          where q.conversation_id = $1 and q.id = $4), false) as cancel_requested,
-                ",
-        recipients_now!(),
-        " as recipients"
-    ))
-    .bind(conversation.id)
-    .bind(conversation.tenant_id)
-    .bind(write.text)
-    .bind(write.reply_to)
-    .bind(write.id)
-    .bind(write.status)
-    .bind(producer)
-    .bind(write.stop)
-    .bind(write.usage.map(|u| i64::from(u.input_tokens)))
-    .bind(write.usage.map(|u| i64::from(u.output_tokens)))
-    .fetch_one(&mut *conn)
-    .await
-    .on_constraint("web_conversation_messages_reply_to_fkey", || {
-        Error::NotFound("the message replied to is not in this conversation".into())
-    })?;
+    let row: ReplyRow = db
+        .call_one(
+            Scope::Tenant(conversation.tenant_id),
+            Call::new("write_reply")
+                .uuid(conversation.id)
+                .uuid(conversation.tenant_id)
+                .text(write.text)
+                .uuid(write.reply_to)
+                .uuid(write.id)
+                .text(status_name(write.status))
+                .optional_uuid(producer)
+                .optional_text(write.stop.map(stop_name))
+                .optional_bigint(write.usage.map(|u| i64::from(u.input_tokens)))
+                .optional_bigint(write.usage.map(|u| i64::from(u.output_tokens))),
+        )
+        .await
+        .on_constraint("web_conversation_messages_reply_to_fkey", || {
+            Error::NotFound("the message replied to is not in this conversation".into())
+        })?
+        .ok_or_else(|| Error::Internal("write_reply returned no row".into()))?;
     let reply = match row.reply {
         Some(reply) => reply.0,
         // A reply stored concurrently, committed after this statement's snapshot.
-        None => super::messages::find_reply(conn, conversation.id, write.reply_to)
-            .await?
-            .ok_or_else(|| Error::Internal("reply conflicted but cannot be read".into()))?,
+        None => {
+            let mut tx = db.begin(Scope::Tenant(conversation.tenant_id)).await?;
+            let found = super::messages::find_reply(&mut tx, conversation.id, write.reply_to)
+                .await?
+                .ok_or_else(|| Error::Internal("reply conflicted but cannot be read".into()))?;
+            tx.commit().await?;
+            found
+        }
     };
     let written = if row.created {
         Written::Created
@@ -937,7 +812,7 @@ pub async fn stale_replies(
 
 /// The whole reply at once (not streamed): [`write_reply`] with `Complete`.
 pub async fn store_reply(
-    conn: &mut PgConnection,
+    db: &Db,
     conversation: &Conversation,
     id: MessageId,
     reply_to: MessageId,
@@ -946,7 +821,7 @@ pub async fn store_reply(
     usage: Option<Usage>,
 ) -> Result<StoredReply, Error> {
     write_reply(
-        conn,
+        db,
         conversation,
         ReplyWrite {
             id,
@@ -996,34 +871,55 @@ struct FlushRow {
 /// user's `cancel` flag and the recipients in the same statement (`append_reply`): a flush costs
 /// one round trip.
 pub async fn flush_reply(
-    conn: &mut PgConnection,
+    db: &Db,
     conversation: &Conversation,
     flush: ReplyFlush<'_>,
 ) -> Result<Flushed, Error> {
     let producer = (flush.status == MessageStatus::Streaming).then_some(flush.producer);
     // One generic plan per server connection (migration 14): behind a pooler, a statement of
     // its own would be planned at every flush.
-    let row: FlushRow = super::query_as(
-        "select reply, cancel_requested, recipients
-         from append_reply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(conversation.id)
-    .bind(flush.id)
-    .bind(flush.producer)
-    .bind(i64::try_from(flush.offset).unwrap_or(i64::MAX))
-    .bind(flush.delta)
-    .bind(flush.status)
-    .bind(producer)
-    .bind(flush.stop)
-    .bind(flush.usage.map(|u| i64::from(u.input_tokens)))
-    .bind(flush.usage.map(|u| i64::from(u.output_tokens)))
-    .fetch_one(conn)
-    .await?;
+    let row: FlushRow = db
+        .call_one(
+            Scope::Tenant(conversation.tenant_id),
+            Call::new("append_reply")
+                .uuid(conversation.id)
+                .uuid(flush.id)
+                .uuid(flush.producer)
+                .bigint(i64::try_from(flush.offset).unwrap_or(i64::MAX))
+                .text(flush.delta)
+                .text(status_name(flush.status))
+                .optional_uuid(producer)
+                .optional_text(flush.stop.map(stop_name))
+                .optional_bigint(flush.usage.map(|u| i64::from(u.input_tokens)))
+                .optional_bigint(flush.usage.map(|u| i64::from(u.output_tokens))),
+        )
+        .await?
+        .ok_or_else(|| Error::Internal("append_reply returned no row".into()))?;
     Ok(Flushed {
         reply: row.reply.map(|r| r.0),
         cancel_requested: row.cancel_requested,
         recipients: row.recipients.0,
     })
+}
+
+/// A status as the schema stores it (`text`), for a [`Call`].
+fn status_name(status: MessageStatus) -> &'static str {
+    match status {
+        MessageStatus::Complete => "complete",
+        MessageStatus::Streaming => "streaming",
+        MessageStatus::Cancelled => "cancelled",
+        MessageStatus::Failed => "failed",
+    }
+}
+
+/// A stop reason as the schema stores it (`text`), for a [`Call`].
+fn stop_name(stop: StopReason) -> &'static str {
+    match stop {
+        StopReason::End => "end",
+        StopReason::Length => "length",
+        StopReason::Cancelled => "cancelled",
+        StopReason::Error => "error",
+    }
 }
 
 #[derive(sqlx::FromRow)]

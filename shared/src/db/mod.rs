@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use futures::TryStreamExt;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgArguments, PgPoolOptions, PgRow};
 use sqlx::query::{Query, QueryAs, QueryScalar};
@@ -119,9 +120,15 @@ pub enum Scope<'a> {
 
 impl Scope<'_> {
     /// The statements that open a transaction in this scope, sent as one simple query: one
-    /// round trip for `BEGIN` and the settings together. Values are quoted literals (a simple
-    /// query takes no parameters); every one of them is a parsed UUID or connection id.
+    /// round trip for `BEGIN` and the settings together.
     fn begin_statement(&self, timeouts: TxTimeouts) -> String {
+        format!("begin; {}", self.settings(timeouts))
+    }
+
+    /// The transaction's timeouts and this scope's settings (and locks), as statements of a
+    /// simple query. Values are quoted literals (a simple query takes no parameters); every one
+    /// of them is a parsed UUID or connection id.
+    fn settings(&self, timeouts: TxTimeouts) -> String {
         let set = |name: &str, value: &str| {
             format!("select set_config('{name}', {}, true)", literal(value))
         };
@@ -157,7 +164,7 @@ impl Scope<'_> {
             ),
         };
         format!(
-            "begin; set local lock_timeout = {}; set local statement_timeout = {}; {setting}",
+            "set local lock_timeout = {}; set local statement_timeout = {}; {setting}",
             timeouts.lock.as_millis(),
             timeouts.statement.as_millis()
         )
@@ -199,6 +206,85 @@ fn is_login_failure(err: &Error) -> bool {
 /// A string as an SQL literal (`standard_conforming_strings` is on, as it is by default).
 fn literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Any text as an SQL literal whatever `standard_conforming_strings` says: an escape string
+/// (`E'…'`), its backslashes and quotes doubled. A NUL (which no Postgres text can hold) ends
+/// a simple query's text early, inside the literal: the statement then fails to parse.
+fn escaped(value: &str) -> String {
+    format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// A call of one of the schema's functions, its arguments written as SQL literals, for
+/// [`Db::call`]: `select * from f(E'…'::text, '…'::uuid, 3::bigint, null::uuid)`. Each argument
+/// carries its type, so the call resolves to the function the migration declares.
+#[derive(Debug, Clone)]
+pub struct Call {
+    sql: String,
+    arguments: usize,
+}
+
+impl Call {
+    pub fn new(function: &'static str) -> Self {
+        Self {
+            sql: format!("select * from {function}("),
+            arguments: 0,
+        }
+    }
+
+    fn argument(mut self, literal: &str, type_name: &str) -> Self {
+        if self.arguments > 0 {
+            self.sql.push_str(", ");
+        }
+        self.sql.push_str(literal);
+        self.sql.push_str("::");
+        self.sql.push_str(type_name);
+        self.arguments += 1;
+        self
+    }
+
+    pub fn text(self, value: &str) -> Self {
+        self.argument(&escaped(value), "text")
+    }
+
+    pub fn optional_text(self, value: Option<&str>) -> Self {
+        match value {
+            Some(value) => self.text(value),
+            None => self.argument("null", "text"),
+        }
+    }
+
+    /// One of the domain's ids (their `Display` is the UUID's).
+    pub fn uuid(self, value: impl std::fmt::Display) -> Self {
+        self.argument(&escaped(&value.to_string()), "uuid")
+    }
+
+    pub fn optional_uuid(self, value: Option<impl std::fmt::Display>) -> Self {
+        match value {
+            Some(value) => self.uuid(value),
+            None => self.argument("null", "uuid"),
+        }
+    }
+
+    pub fn bigint(self, value: i64) -> Self {
+        self.argument(&value.to_string(), "bigint")
+    }
+
+    pub fn optional_bigint(self, value: Option<i64>) -> Self {
+        match value {
+            Some(value) => self.bigint(value),
+            None => self.argument("null", "bigint"),
+        }
+    }
+
+    /// A finite number (Rust writes it in full, which Postgres parses exactly).
+    pub fn float(self, value: f64) -> Self {
+        self.argument(&escaped(&value.to_string()), "float8")
+    }
+
+    fn sql(&self) -> String {
+        format!("{})", self.sql)
+    }
 }
 
 /// A row that was either found or created, and which of the two.
@@ -312,6 +398,51 @@ impl Db {
             let _ = self.role_verified.set(());
         }
         Ok(tx)
+    }
+
+    /// One step in one round trip: the scope's settings and `call`, sent as one simple query,
+    /// which Postgres runs as one transaction of its own (committed when its last statement
+    /// succeeds, rolled back when any fails); the rows the call returns, decoded from text.
+    ///
+    /// [`Db::begin`] takes four round trips for one statement (`BEGIN` with the settings; the
+    /// statement parsed, then bound and run, since behind a pooler it cannot stay prepared;
+    /// `COMMIT`): what the message path's steps, each one function call, do not need. The
+    /// function keeps its plans per server connection, so nothing is planned again per call.
+    pub async fn call(&self, scope: Scope<'_>, call: Call) -> Result<Vec<PgRow>, Error> {
+        match self.call_once(scope, &call).await {
+            Err(err) if is_login_failure(&err) && self.credentials_changed().await => {
+                self.call_once(scope, &call).await
+            }
+            called => called,
+        }
+    }
+
+    async fn call_once(&self, scope: Scope<'_>, call: &Call) -> Result<Vec<PgRow>, Error> {
+        if !self.role_verified.initialized() {
+            // The process's first step checks the role first, in a transaction of its own.
+            self.begin_checked(scope).await?.commit().await?;
+        }
+        let sql = format!("{}; {}", scope.settings(self.timeouts), call.sql());
+        let mut conn = self.pool.acquire().await?;
+        let mut results = sqlx::raw_sql(AssertSqlSafe(sql)).fetch_many(&mut *conn);
+        // Rows, then the statement's completion, for each statement: keep the last one's.
+        let (mut rows, mut last) = (Vec::new(), Vec::new());
+        while let Some(result) = results.try_next().await? {
+            match result {
+                sqlx::Either::Left(_) => last = std::mem::take(&mut rows),
+                sqlx::Either::Right(row) => rows.push(row),
+            }
+        }
+        Ok(last)
+    }
+
+    /// [`Db::call`] for a function that returns at most one row.
+    pub async fn call_one<T>(&self, scope: Scope<'_>, call: Call) -> Result<Option<T>, Error>
+    where
+        T: for<'r> FromRow<'r, PgRow>,
+    {
+        let rows = self.call(scope, call).await?;
+        Ok(rows.first().map(T::from_row).transpose()?)
     }
 
     /// After a failed login: whether the credentials' secret holds a new value, which new
@@ -465,5 +596,24 @@ mod tests {
         );
         assert!(bound.contains("set_config('app.current_tenant'"));
         assert_eq!(literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn a_call_writes_each_argument_as_a_typed_literal() {
+        let id = uuid::Uuid::nil();
+        let call = Call::new("f")
+            .text(r"it's a \ back\slash")
+            .uuid(id)
+            .optional_uuid(None::<uuid::Uuid>)
+            .bigint(-3)
+            .optional_text(None)
+            .float(2.5);
+        assert_eq!(
+            call.sql(),
+            format!(
+                "select * from f(E'it''s a \\\\ back\\\\slash'::text, E'{id}'::uuid, null::uuid, \
+                 -3::bigint, null::text, E'2.5'::float8)"
+            )
+        );
     }
 }

@@ -302,21 +302,16 @@ async fn answer(
     in_order: bool,
 ) -> Result<(), JobFailure> {
     let tenant_id = job.tenant_id;
-    let mut tx = state
-        .db
-        .begin(Scope::Tenant(tenant_id))
-        .await
-        .map_err(JobFailure::transient)?;
+    // A step of its own: no transaction stays open while the agent thinks.
     let loaded = message_path::load_job(
-        &mut tx,
+        &state.db,
+        tenant_id,
         job.conversation_id,
         job.message_id,
         state.context.messages,
     )
     .await
     .map_err(JobFailure::of_database)?;
-    // No transaction stays open while the agent thinks: Postgres connections are scarce.
-    tx.commit().await.map_err(JobFailure::transient)?;
     let Some(loaded) = loaded else {
         tracing::warn!("conversation gone; job dropped");
         return Ok(());
@@ -635,7 +630,7 @@ impl<'a> ReplyStream<'a> {
         Ok(stored.reply)
     }
 
-    /// One transaction: the reply's first write (a take-over of a dead attempt's says `reset`),
+    /// One step: the reply's first write (a take-over of a dead attempt's says `reset`),
     /// or an append by this attempt; either also reads the cancel flag and the recipients (the
     /// audience from then on). `reply` is `None` when this attempt no longer owns the reply.
     async fn store(
@@ -645,16 +640,11 @@ impl<'a> ReplyStream<'a> {
         stop: Option<StopReason>,
         usage: Option<Usage>,
     ) -> Result<Stored, JobFailure> {
-        let state = self.state;
-        let mut tx = state
-            .db
-            .begin(Scope::Tenant(self.conversation.tenant_id))
-            .await
-            .map_err(JobFailure::transient)?;
+        let db = &self.state.db;
         let stored = match &self.reply {
             Some(reply) => {
                 let flushed = message_path::flush_reply(
-                    &mut tx,
+                    db,
                     self.conversation,
                     ReplyFlush {
                         id: reply.id,
@@ -677,7 +667,7 @@ impl<'a> ReplyStream<'a> {
             }
             None => {
                 let written = message_path::write_reply(
-                    &mut tx,
+                    db,
                     self.conversation,
                     ReplyWrite {
                         id: MessageId::new(),
@@ -703,7 +693,6 @@ impl<'a> ReplyStream<'a> {
                 }
             }
         };
-        tx.commit().await.map_err(JobFailure::transient)?;
         Ok(stored)
     }
 

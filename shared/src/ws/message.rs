@@ -78,22 +78,17 @@ async fn message(
     client_message_id: Option<ClientMessageId>,
 ) -> Result<ServerFrame, Error> {
     let id = &route.connection_id;
-    let mut tx = state.edge.db.begin(Scope::BoundConnection(id)).await?;
-    let stored = message_path::accept(&mut tx, id, &text, client_message_id, state.limits).await?;
-    // The message is accepted: typing goes out while the transaction commits (its
-    // conversation is known only from the connection row), and before the job is queued, so
-    // it cannot arrive after the reply. A courtesy: failing to show it must not cost the
-    // message.
-    let typing = async {
-        let frame = ServerFrame::Typing {
-            conversation_id: stored.conversation_id,
-        };
-        if let Err(err) = state.edge.post(&route.endpoint, id, &frame).await {
-            tracing::warn!(error = &err as &dyn std::error::Error, "typing not sent");
-        }
+    let stored =
+        message_path::accept(&state.edge.db, id, &text, client_message_id, state.limits).await?;
+    // The message is stored: typing goes out (its conversation is known only from the
+    // connection row) before the job is queued, so it cannot arrive after the reply. A
+    // courtesy: failing to show it must not cost the message.
+    let typing = ServerFrame::Typing {
+        conversation_id: stored.conversation_id,
     };
-    let (committed, ()) = tokio::join!(tx.commit(), typing);
-    committed?;
+    if let Err(err) = state.edge.post(&route.endpoint, id, &typing).await {
+        tracing::warn!(error = &err as &dyn std::error::Error, "typing not sent");
+    }
 
     // Queued again on a repeat: if an earlier attempt stored the message but failed to queue
     // it, this is its second chance; the queue's deduplication keeps it to one job.

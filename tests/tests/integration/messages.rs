@@ -178,8 +178,9 @@ async fn a_reply_is_stored_once_per_user_message() {
             .unwrap(),
         None
     );
+    tx.commit().await.unwrap();
     let first = message_path::store_reply(
-        &mut tx,
+        &db,
         &conversation,
         MessageId::new(),
         question,
@@ -190,7 +191,7 @@ async fn a_reply_is_stored_once_per_user_message() {
     .await
     .unwrap();
     let again = message_path::store_reply(
-        &mut tx,
+        &db,
         &conversation,
         MessageId::new(),
         question,
@@ -205,14 +206,16 @@ async fn a_reply_is_stored_once_per_user_message() {
     assert_eq!(again.reply, first.reply, "the first reply stands");
     assert_eq!(first.reply.role, MessageRole::Assistant);
     assert_eq!(first.reply.reply_to, Some(question));
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
     assert_eq!(
         messages::find_reply(&mut tx, s.conversation, question)
             .await
             .unwrap(),
         Some(first.reply.clone())
     );
+    tx.commit().await.unwrap();
     let err = message_path::store_reply(
-        &mut tx,
+        &db,
         &conversation,
         MessageId::new(),
         MessageId::new(),
@@ -223,6 +226,36 @@ async fn a_reply_is_stored_once_per_user_message() {
     .await
     .unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+}
+
+/// The message path sends its steps as simple queries, arguments written as literals: any text
+/// comes back as it was sent, whatever quotes, backslashes or dollar signs it holds.
+#[tokio::test]
+async fn any_text_survives_a_step_sent_as_literals() {
+    let (_test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let conversation = conversation(&db, &s).await;
+    let texts = [
+        r"it's ''quoted'' and \back\slashed\",
+        "$$ dollar $$; select 1; -- $tag$ E'x' \\' ');drop table agents;--",
+        "line\nbreak\ttab\r\u{1F600} 中文 \u{202E}",
+        "\\",
+        "'",
+    ];
+    for (question, text) in store(&db, &s, texts.len()).await.into_iter().zip(texts) {
+        let stored = message_path::store_reply(
+            &db,
+            &conversation,
+            MessageId::new(),
+            question,
+            text,
+            StopReason::End,
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(stored.reply.content, text);
+    }
 }
 
 #[tokio::test]

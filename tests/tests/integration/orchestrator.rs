@@ -101,8 +101,9 @@ async fn a_reply_stored_but_not_delivered_is_delivered_without_asking_again() {
         .await
         .unwrap()
         .unwrap();
+    tx.commit().await.unwrap();
     let earlier = message_path::store_reply(
-        &mut tx,
+        &h.db,
         &conv,
         MessageId::new(),
         job.message_id,
@@ -113,7 +114,6 @@ async fn a_reply_stored_but_not_delivered_is_delivered_without_asking_again() {
     .await
     .unwrap()
     .reply;
-    tx.commit().await.unwrap();
 
     assert!(run(&state, vec![jobs[0].record()]).await.is_empty());
     assert!(llm.requests().is_empty(), "the agent is not asked");

@@ -339,10 +339,11 @@ async fn a_reply_whose_producer_is_gone_ends_failed_and_the_sockets_are_told() {
         .await
         .unwrap()
         .unwrap();
+    tx.commit().await.unwrap();
     let mut written = Vec::new();
     for (reply_to, text) in asked.iter().zip(["half a sen", "still going"]) {
         let stored = message_path::write_reply(
-            &mut tx,
+            &h.db,
             &conversation,
             ReplyWrite {
                 id: MessageId::new(),
@@ -359,6 +360,7 @@ async fn a_reply_whose_producer_is_gone_ends_failed_and_the_sockets_are_told() {
         written.push(stored.reply.id);
     }
     // The first one's producer last wrote ten minutes ago.
+    let mut tx = h.db.begin(Scope::Tenant(h.seed.tenant)).await.unwrap();
     sqlx::query(
         "update web_conversation_messages set written_at = now() - interval '10 minutes'
          where id = $1",
