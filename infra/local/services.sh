@@ -157,7 +157,10 @@ INI
     return
   fi
   log "pgbouncer (transaction mode, pool $pool_size) on 127.0.0.1:$pooler_port"
-  as_pg /usr/sbin/pgbouncer -d "$conf/pgbouncer.ini" >/dev/null \
+  # A descriptor per client: the AWS-shaped stack at 200 conversations opens over a thousand
+  # (every Lambda environment its own), past the 1024 a login shell (runuser) starts with.
+  as_pg sh -c 'ulimit -n "$(ulimit -Hn)"; exec /usr/sbin/pgbouncer "$@"' pgbouncer \
+    -d "$conf/pgbouncer.ini" >/dev/null \
     || { tail -n 20 "$conf/pgbouncer.log" >&2; exit 1; }
   local i
   for i in $(seq 1 50); do

@@ -76,6 +76,9 @@ pub struct Settings {
     pub route_concurrency: usize,
     /// The deployment's posts a second (`PostBudgetPerSecond`); `None` for none.
     pub post_budget: Option<u32>,
+    /// The account's `@connections` quota as posts a second and a burst (AWS's default:
+    /// 10,000 and 5,000); past it the management API answers 429. `None` for none.
+    pub management_quota: Option<(u32, u32)>,
 }
 
 /// A running stack; everything stops when it is dropped.
@@ -90,6 +93,8 @@ pub struct AwsSim {
     pub dead_letter_queue_url: String,
     pub latencies: Latencies,
     _pollers: tokio::task::JoinSet<()>,
+    /// The functions' way to SQS.
+    sqs: LatencyProxy,
     _proxies: Vec<LatencyProxy>,
 }
 
@@ -214,12 +219,26 @@ impl AwsSim {
             dead_letter_queue_url,
             latencies,
             _pollers: pollers,
-            _proxies: vec![database, sqs, management, client],
+            sqs,
+            _proxies: vec![database, management, client],
         })
     }
 }
 
 impl AwsSim {
+    /// Posts the management API answered 429 since the gateway started (0 without a quota).
+    pub async fn throttled(&self) -> anyhow::Result<u64> {
+        let url = format!("http://{}/@quota", self.gateway.address);
+        let answer: serde_json::Value = reqwest::get(url).await?.error_for_status()?.json().await?;
+        Ok(answer["throttled"].as_u64().unwrap_or(0))
+    }
+
+    /// SQS calls so far: the functions' (each a request through their latency proxy) and the
+    /// event source's for messages (receives that returned some, and deletes).
+    pub fn sqs_calls(&self) -> u64 {
+        self.sqs.http_requests() + self.source.calls()
+    }
+
     /// Kills the gateway and starts it again on its port: every socket drops at once, as when
     /// API Gateway loses its connections; clients reconnect and resume.
     pub async fn restart_gateway(&mut self) -> anyhow::Result<()> {
@@ -249,19 +268,29 @@ impl GatewayStart {
             "{}{separator}application_name={GATEWAY_APPLICATION}",
             settings.database_url
         );
+        let mut arguments = vec![
+            "serve".to_owned(),
+            "--no-worker".to_owned(),
+            "--listen".to_owned(),
+            self.address.clone(),
+            "--lambda-endpoint".to_owned(),
+            self.lambda_url.clone(),
+        ];
+        if let Some((rate, burst)) = settings.management_quota {
+            arguments.extend([
+                "--management-quota".to_owned(),
+                rate.to_string(),
+                "--management-burst".to_owned(),
+                burst.to_string(),
+            ]);
+        }
+        let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
         Server::start(
             &settings.bin_dir.join("konstruct-local").to_string_lossy(),
             &gateway_database_url,
             &settings.redis_url,
             &settings.redis_prefix,
-            &[
-                "serve",
-                "--no-worker",
-                "--listen",
-                &self.address,
-                "--lambda-endpoint",
-                &self.lambda_url,
-            ],
+            &arguments,
             &[],
         )
         .await

@@ -56,6 +56,9 @@ pub struct EventSource {
     /// The function's `Timeout`.
     pub timeout: Duration,
     invocations: Arc<Mutex<Vec<Invocation>>>,
+    /// Receives that returned messages, and deletes (the empty receives of an idle queue are
+    /// left out: they do not grow with the messages).
+    calls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl EventSource {
@@ -67,7 +70,18 @@ impl EventSource {
             max_concurrency: 2,
             timeout,
             invocations: Arc::default(),
+            calls: Arc::default(),
         }
+    }
+
+    /// SQS calls made for messages so far: receives that returned some, and deletes.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_call(&self) {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Every invocation so far.
@@ -119,6 +133,7 @@ impl EventSource {
                 tokio::time::sleep(IDLE_POLL).await;
                 continue;
             }
+            self.count_call();
             let (source, function) = (self.clone(), function.clone());
             invocations.spawn(async move {
                 source.invoke(&function, messages).await;
@@ -177,6 +192,7 @@ impl EventSource {
         if done.is_empty() {
             return;
         }
+        self.count_call();
         if let Err(e) = self
             .client
             .delete_message_batch()

@@ -3,6 +3,8 @@
 //! (bytes in flight are not held back by earlier ones' delays). Every accepted and opened socket
 //! sets `TCP_NODELAY`, so the proxy adds its delay and nothing else.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,6 +17,7 @@ pub struct LatencyProxy {
     /// `127.0.0.1:{port}`.
     pub address: String,
     pub rtt: Duration,
+    requests: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -29,19 +32,33 @@ impl LatencyProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?.to_string();
         let upstream = upstream.to_owned();
+        let requests = Arc::new(AtomicU64::new(0));
+        let counted = requests.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let upstream = upstream.clone();
+                let (upstream, counted) = (upstream.clone(), counted.clone());
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(&upstream).await {
                         let _ = client.set_nodelay(true);
                         let _ = server.set_nodelay(true);
-                        carry(client, server, rtt / 2).await;
+                        carry(client, server, rtt / 2, counted).await;
                     }
                 });
             }
         });
-        Ok(Self { address, rtt, task })
+        Ok(Self {
+            address,
+            rtt,
+            requests,
+            task,
+        })
+    }
+
+    /// HTTP requests carried so far (for a hop that speaks HTTP/1.1): each request's first
+    /// bytes start a read, since a client sends its next request only once the last one is
+    /// answered.
+    pub fn http_requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     /// `url` with its `host:port` replaced by the proxy's.
@@ -58,12 +75,12 @@ pub fn with_address(url: &str, address: &str) -> String {
     format!("{scheme}://{}{address}{path}", userinfo.unwrap_or_default())
 }
 
-async fn carry(client: TcpStream, server: TcpStream, one_way: Duration) {
+async fn carry(client: TcpStream, server: TcpStream, one_way: Duration, requests: Arc<AtomicU64>) {
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     tokio::join!(
-        direction(client_read, server_write, one_way),
-        direction(server_read, client_write, one_way),
+        direction(client_read, server_write, one_way, Some(requests)),
+        direction(server_read, client_write, one_way, None),
     );
 }
 
@@ -72,6 +89,7 @@ async fn direction(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     one_way: Duration,
+    requests: Option<Arc<AtomicU64>>,
 ) {
     let (pieces, mut due) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let reader = async move {
@@ -80,6 +98,13 @@ async fn direction(
             match from.read(&mut buffer).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    if let Some(requests) = &requests
+                        && [&b"POST "[..], b"GET ", b"PUT ", b"DELETE "]
+                            .iter()
+                            .any(|method| buffer[..n].starts_with(method))
+                    {
+                        requests.fetch_add(1, Ordering::Relaxed);
+                    }
                     if pieces
                         .send((Instant::now() + one_way, buffer[..n].to_vec()))
                         .is_err()

@@ -235,6 +235,7 @@ async fn aws(settings: &Settings, model: String) -> anyhow::Result<(Backend, Db,
         orchestrator_concurrency: 4,
         route_concurrency: 20,
         post_budget: Some(200),
+        management_quota: None,
     })
     .await?;
     Ok((Backend::Aws(Box::new(sim)), db, seats))

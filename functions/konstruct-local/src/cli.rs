@@ -89,6 +89,14 @@ struct ServeArgs {
     /// Gateway's 10-minute idle timeout.
     #[arg(long, env = "KONSTRUCT_WS_IDLE_SECONDS", default_value_t = 600)]
     idle_timeout: u64,
+    /// Posts a second the connection-management API accepts, as the account's `@connections`
+    /// quota: past it a post is answered 429 `LimitExceededException` (none when unset; AWS's
+    /// default is 10,000 a second).
+    #[arg(long)]
+    management_quota: Option<std::num::NonZeroU32>,
+    /// Posts the quota lets through at once (its burst; AWS's default is 5,000).
+    #[arg(long, requires = "management_quota")]
+    management_burst: Option<std::num::NonZeroU32>,
 }
 
 /// Local mode only: the gateway needs Redis, and dev tokens must never reach a deployed stack.
@@ -192,6 +200,9 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         auth_timeout: Duration::from_secs(args.auth_timeout),
         max_connection: Duration::from_secs(args.max_connection),
         idle_timeout: Duration::from_secs(args.idle_timeout),
+        management_quota: args.management_quota.map(|rate| {
+            crate::gateway::ManagementQuota::new(rate, args.management_burst.unwrap_or(rate))
+        }),
     });
     let app = api::router(ApiState {
         db: db.clone(),

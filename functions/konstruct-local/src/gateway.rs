@@ -99,6 +99,36 @@ pub struct Gateway {
     /// close with 1001 (going away).
     pub max_connection: Duration,
     pub idle_timeout: Duration,
+    /// The account's `@connections` quota, when one is set (`serve --management-quota`).
+    pub management_quota: Option<ManagementQuota>,
+}
+
+/// API Gateway's account-wide quota on connection-management calls: a token bucket (a rate a
+/// second and a burst); a post past it is answered 429 `LimitExceededException`, and counted.
+pub struct ManagementQuota {
+    limiter: governor::DefaultDirectRateLimiter,
+    throttled: std::sync::atomic::AtomicU64,
+}
+
+impl ManagementQuota {
+    pub fn new(per_second: std::num::NonZeroU32, burst: std::num::NonZeroU32) -> Self {
+        Self {
+            limiter: governor::RateLimiter::direct(
+                governor::Quota::per_second(per_second).allow_burst(burst),
+            ),
+            throttled: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a call may pass now; one that may not is counted.
+    fn admit(&self) -> bool {
+        let admitted = self.limiter.check().is_ok();
+        if !admitted {
+            self.throttled
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        admitted
+    }
 }
 
 /// API Gateway's limits on what a client sends: a frame of at most 32 KiB, a message (frames
@@ -118,6 +148,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
                 .get(management_get)
                 .delete(management_delete)
                 .route_layer(axum::middleware::from_fn(this_machine_only)),
+        )
+        .route(
+            "/@quota",
+            get(management_quota).route_layer(axum::middleware::from_fn(this_machine_only)),
         )
         .with_state(gateway)
 }
@@ -404,6 +438,18 @@ async fn management_post(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
+    if gateway
+        .management_quota
+        .as_ref()
+        .is_some_and(|quota| !quota.admit())
+    {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("x-amzn-ErrorType", "LimitExceededException")],
+            axum::Json(serde_json::json!({ "message": "Too Many Requests" })),
+        )
+            .into_response();
+    }
     let Some(id) = connection(&id) else {
         return gone();
     };
@@ -425,6 +471,16 @@ async fn management_post(
     } else {
         gone()
     }
+}
+
+/// The quota's count of throttled calls (`{"throttled": n}`; `null` without a quota): what the
+/// AWS path's benchmark reports as 429s seen.
+async fn management_quota(State(gateway): State<Arc<Gateway>>) -> Response {
+    let throttled = gateway
+        .management_quota
+        .as_ref()
+        .map(|quota| quota.throttled.load(std::sync::atomic::Ordering::Relaxed));
+    axum::Json(serde_json::json!({ "throttled": throttled })).into_response()
 }
 
 async fn management_get(State(gateway): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {

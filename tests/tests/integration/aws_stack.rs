@@ -5,11 +5,12 @@
 use std::time::Duration;
 
 use serde_json::json;
+use shared::db::agents::Provider;
 use shared::domain::Role;
 use tests::aws_sim::{AwsSim, Latencies, Settings};
 
 use crate::helpers::local::{next, send};
-use crate::helpers::{TestDb, redis_prefix, seed, token};
+use crate::helpers::{TestDb, conversation_for, redis_prefix, seed, seed_agent_with, token};
 
 fn settings(test: &TestDb) -> Settings {
     let env = |name: &str| {
@@ -27,6 +28,7 @@ fn settings(test: &TestDb) -> Settings {
         orchestrator_concurrency: 2,
         route_concurrency: 4,
         post_budget: Some(500),
+        management_quota: None,
     }
 }
 
@@ -133,4 +135,71 @@ async fn a_tab_closing_during_its_resume_holds_nothing_on_the_lambda_path() {
             "round {round}: the other tab's message was answered"
         );
     }
+}
+
+/// The account's `@connections` quota inside the stack: the management API answers 429 past
+/// 10 posts a second (burst 2) while a reply streams 20 pieces 25 ms apart to two tabs, with
+/// no posting budget to keep under it. Throttled posts are retried, so each tab assembles the
+/// whole reply from its chunks, in order and nothing twice, and gets one response.
+#[tokio::test]
+async fn throttled_posts_lose_no_chunk_on_the_aws_shaped_stack() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let agent = seed_agent_with(&db, s.tenant, "streams", Provider::Openai, "bench").await;
+    let conversation = conversation_for(&db, s.tenant, agent, s.user).await;
+    let model = tests::streaming::start_model(20, Duration::from_millis(25))
+        .await
+        .unwrap();
+    let sim = AwsSim::start(&Settings {
+        model_base_url: Some(model),
+        post_budget: None,
+        management_quota: Some((10, 2)),
+        ..settings(&test)
+    })
+    .await
+    .unwrap();
+    let url = format!("ws://{}/ws?conversation_id={conversation}", sim.address);
+    let token = token(s.user, Role::CustomerOperator);
+    let mut tabs = Vec::new();
+    for _ in 0..2 {
+        let (mut tab, _) = tokio_tungstenite::connect_async(&url)
+            .await
+            .expect("connected");
+        send(&mut tab, json!({ "type": "auth", "token": token })).await;
+        let ok = next(&mut tab, Duration::from_secs(30))
+            .await
+            .expect("auth answered");
+        assert_eq!(ok["type"], "auth_ok", "{ok}");
+        tabs.push(tab);
+    }
+    send(&mut tabs[0], json!({ "type": "message", "text": "go" })).await;
+
+    for (n, tab) in tabs.iter_mut().enumerate() {
+        let mut text = String::new();
+        let mut responses = Vec::new();
+        while let Some(frame) = next(tab, Duration::from_secs(30)).await {
+            match frame["type"].as_str() {
+                Some("chunk") => {
+                    let offset = frame["offset"].as_u64().unwrap() as usize;
+                    let held = text.chars().count();
+                    assert!(offset <= held, "tab {n}: a chunk past a gap: {frame}");
+                    let delta = frame["delta"].as_str().unwrap();
+                    text.extend(delta.chars().skip(held - offset));
+                }
+                Some("response") => {
+                    responses.push(frame);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(responses.len(), 1, "tab {n}: the response came");
+        assert_eq!(responses[0]["text"].as_str().unwrap(), text, "tab {n}");
+        assert!(!text.is_empty());
+        // Nothing more: no response twice.
+        while let Some(frame) = next(tab, Duration::from_millis(500)).await {
+            assert_ne!(frame["type"], "response", "tab {n}: {frame}");
+        }
+    }
+    assert!(sim.throttled().await.unwrap() > 0, "the quota was reached");
 }

@@ -1,0 +1,208 @@
+//! A user message accepted from a socket, and a reply cancelled from one.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use sqlx::types::Json;
+
+use super::Recipient;
+use crate::Error;
+use crate::db::{Call, Db, Scope, query_as};
+use crate::domain::{
+    ClientMessageId, ConnectionId, ConversationId, MessageId, MessageText, TenantId, UserId,
+};
+
+/// How many `message` frames may be sent per window: at most `messages` per `window_seconds`.
+/// One limit counts a connection's frames in a fixed window; another counts a user's stored
+/// messages across all their sockets in a sliding one (see [`Limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub messages: u32,
+    pub window_seconds: u32,
+}
+
+/// What the message route enforces besides authorization (read from the environment by
+/// `ws::Limits::from_env`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `message` frames per connection: a flood from one socket.
+    pub connection: RateLimit,
+    /// Messages per user, whichever sockets they come from: reconnecting or opening more
+    /// sockets does not reset it.
+    pub user: RateLimit,
+}
+
+/// A user message stored (or found stored, for a repeated `client_message_id`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    pub tenant_id: TenantId,
+    pub user_id: UserId,
+    pub conversation_id: ConversationId,
+    pub message_id: MessageId,
+    pub created_at: DateTime<Utc>,
+    pub seq: i64,
+    /// `false` when a message with this `client_message_id` was already stored.
+    pub created: bool,
+    /// The conversation's other sockets that may see it, listed after it was numbered (empty
+    /// for a repeat): they get it as a `message` frame.
+    pub others: Vec<Recipient>,
+}
+
+#[derive(sqlx::FromRow)]
+struct AcceptRow {
+    conversation_id: ConversationId,
+    tenant_id: Option<TenantId>,
+    user_id: Option<UserId>,
+    fresh: bool,
+    conversation_exists: bool,
+    permitted: bool,
+    window_messages: i32,
+    user_messages: i64,
+    message_id: Option<MessageId>,
+    created_at: Option<DateTime<Utc>>,
+    seq: Option<i64>,
+    created: bool,
+    others: Json<Vec<Recipient>>,
+}
+
+/// The message route's one step (`accept_message`, in the socket's
+/// [`Scope::BoundConnection`]; one round trip): counts the message in the connection's rate window and the user's recent messages, checks the
+/// socket is authenticated, its token unexpired and its user still allowed, and stores the
+/// message, with its author, only if all holds.
+///
+/// Refusals come back as the contract's errors: `unauthenticated` (no `auth` yet, or the token
+/// expired), `not_found`, `forbidden`, `rate_limited`.
+pub async fn accept(
+    db: &Db,
+    connection: &ConnectionId,
+    text: &MessageText,
+    client_message_id: Option<ClientMessageId>,
+    limits: Limits,
+) -> Result<Accepted, Error> {
+    let limit = limits.connection;
+    let row: Option<AcceptRow> = db
+        .call_one(
+            Scope::BoundConnection(connection),
+            Call::new("accept_message")
+                .text(connection.as_str())
+                .float(f64::from(limit.window_seconds))
+                .text(text.as_str())
+                .optional_uuid(client_message_id)
+                .bigint(i64::from(limit.messages))
+                .bigint(i64::from(limits.user.messages))
+                .float(f64::from(limits.user.window_seconds)),
+        )
+        .await?;
+
+    let unauthenticated = || Error::Unauthenticated("send an auth frame first".into());
+    let row = row.ok_or_else(unauthenticated)?;
+    let (Some(tenant_id), Some(user_id)) = (row.tenant_id, row.user_id) else {
+        return Err(unauthenticated());
+    };
+    if !row.fresh {
+        return Err(Error::Unauthenticated(
+            "your token has expired; send an auth frame with a fresh one".into(),
+        ));
+    }
+    if !row.conversation_exists {
+        return Err(Error::NotFound("the conversation no longer exists".into()));
+    }
+    if !row.permitted {
+        return Err(Error::Forbidden(
+            "you no longer have access to this conversation".into(),
+        ));
+    }
+    if i64::from(row.window_messages) > i64::from(limit.messages) {
+        return Err(Error::RateLimited(format!(
+            "at most {} messages per {} seconds",
+            limit.messages, limit.window_seconds
+        )));
+    }
+    if row.user_messages >= i64::from(limits.user.messages) {
+        return Err(Error::RateLimited(format!(
+            "at most {} messages per {} seconds from one user, across all their sockets",
+            limits.user.messages, limits.user.window_seconds
+        )));
+    }
+    let (message_id, created_at, seq) = match (row.message_id, row.created_at, row.seq) {
+        (Some(id), Some(at), Some(seq)) => (id, at, seq),
+        // A concurrent repeat of the same client_message_id committed after this statement's
+        // snapshot was taken: it is stored, read it now.
+        _ => {
+            let mut tx = db.begin(Scope::BoundConnection(connection)).await?;
+            let stored = query_as(
+                "select id, created_at, seq from web_conversation_messages
+                 where conversation_id = $1 and client_message_id = $2",
+            )
+            .bind(row.conversation_id)
+            .bind(client_message_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            stored
+        }
+    };
+    Ok(Accepted {
+        tenant_id,
+        user_id,
+        conversation_id: row.conversation_id,
+        message_id,
+        created_at,
+        seq,
+        created: row.created,
+        others: row.others.0,
+    })
+}
+
+#[derive(sqlx::FromRow)]
+struct CancelRow {
+    fresh: bool,
+    permitted: bool,
+    flagged: bool,
+}
+
+/// `cancel`'s one statement, in a [`Scope::BoundConnection`](crate::db::Scope) transaction: the
+/// socket must be authorized as for a message; flags the user message `reply_to` of its
+/// conversation. The reply's next flush (or its job, not started yet) sees the flag.
+pub async fn cancel(
+    conn: &mut PgConnection,
+    connection: &ConnectionId,
+    reply_to: MessageId,
+) -> Result<(), Error> {
+    let row: Option<CancelRow> = query_as(
+        "with me as (
+             select w.conversation_id, w.tenant_id,
+                    coalesce(w.expires_at > now(), false) as fresh,
+                    exists (select 1 from authorized_connections(w.tenant_id, w.conversation_id) a
+                            where a.connection_id = $1) as permitted
+             from ws_connections w where w.connection_id = $1 and w.tenant_id is not null
+         ), flagged as (
+             update web_conversation_messages m set cancel_requested = true
+             from me
+             where me.fresh and me.permitted and m.conversation_id = me.conversation_id
+               and m.id = $2 and m.role = 'user'
+             returning m.id
+         )
+         select me.fresh, me.permitted, exists (select 1 from flagged) as flagged from me",
+    )
+    .bind(connection)
+    .bind(reply_to)
+    .fetch_optional(conn)
+    .await?;
+    let row = row.ok_or_else(|| Error::Unauthenticated("send an auth frame first".into()))?;
+    if !row.fresh {
+        return Err(Error::Unauthenticated(
+            "your token has expired; send an auth frame with a fresh one".into(),
+        ));
+    }
+    if !row.permitted {
+        return Err(Error::Forbidden(
+            "you no longer have access to this conversation".into(),
+        ));
+    }
+    if !row.flagged {
+        return Err(Error::NotFound(
+            "no such message of yours in this conversation".into(),
+        ));
+    }
+    Ok(())
+}

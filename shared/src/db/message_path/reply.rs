@@ -1,0 +1,350 @@
+//! The reply stored: its first write, its flushes as it streams, its end.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::Recipient;
+use crate::Error;
+use crate::db::conversations::Conversation;
+use crate::db::messages::{Message, MessageStatus, StopReason, Usage};
+use crate::db::{Call, Db, Scope, query_as};
+use crate::domain::{ConversationId, MessageId, TenantId};
+use crate::error::ResultExt;
+
+/// How a reply's first write went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// A new row, numbered now.
+    Created,
+    /// A reply left `streaming` by an attempt that died, restarted with this text (its clients
+    /// are told `reset`).
+    TakenOver,
+    /// A reply that had ended already: this attempt writes nothing (a redelivered job sends it
+    /// again).
+    Existing,
+}
+
+/// A reply written, and who gets its frames now.
+#[derive(Debug, Clone)]
+pub struct StoredReply {
+    pub reply: Message,
+    pub written: Written,
+    /// The user asked to stop this reply (`cancel`).
+    pub cancel_requested: bool,
+    pub recipients: Vec<Recipient>,
+}
+
+/// A reply's first write: its first streamed flush (`status: Streaming`, owned by `producer`)
+/// or the whole reply in one go.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyWrite<'a> {
+    /// Chosen by the caller, so that frames sent before the write carry the id it will have.
+    pub id: MessageId,
+    pub reply_to: MessageId,
+    /// The attempt writing it: later flushes must name it.
+    pub producer: Uuid,
+    pub text: &'a str,
+    pub status: MessageStatus,
+    pub stop: Option<StopReason>,
+    pub usage: Option<Usage>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ReplyRow {
+    reply: Option<Json<Message>>,
+    created: bool,
+    taken_over: bool,
+    cancel_requested: bool,
+    recipients: Json<Vec<Recipient>>,
+}
+
+/// Writes a reply to `reply_to` for the first time (`write_reply`, in the tenant's scope; one
+/// round trip): at most one reply
+/// per user message, numbered when it starts; a `streaming` one left by a dead attempt is
+/// taken over. Lists the recipients as they are now.
+pub async fn write_reply(
+    db: &Db,
+    conversation: &Conversation,
+    write: ReplyWrite<'_>,
+) -> Result<StoredReply, Error> {
+    let producer = (write.status == MessageStatus::Streaming).then_some(write.producer);
+    let row: ReplyRow = db
+        .call_one(
+            Scope::Tenant(conversation.tenant_id),
+            Call::new("write_reply")
+                .uuid(conversation.id)
+                .uuid(conversation.tenant_id)
+                .text(write.text)
+                .uuid(write.reply_to)
+                .uuid(write.id)
+                .text(status_name(write.status))
+                .optional_uuid(producer)
+                .optional_text(write.stop.map(stop_name))
+                .optional_bigint(write.usage.map(|u| i64::from(u.input_tokens)))
+                .optional_bigint(write.usage.map(|u| i64::from(u.output_tokens))),
+        )
+        .await
+        .on_constraint("web_conversation_messages_reply_to_fkey", || {
+            Error::NotFound("the message replied to is not in this conversation".into())
+        })?
+        .ok_or_else(|| Error::Internal("write_reply returned no row".into()))?;
+    let reply = match row.reply {
+        Some(reply) => reply.0,
+        // A reply stored concurrently, committed after this statement's snapshot.
+        None => {
+            let mut tx = db.begin(Scope::Tenant(conversation.tenant_id)).await?;
+            let found = crate::db::messages::find_reply(&mut tx, conversation.id, write.reply_to)
+                .await?
+                .ok_or_else(|| Error::Internal("reply conflicted but cannot be read".into()))?;
+            tx.commit().await?;
+            found
+        }
+    };
+    let written = if row.created {
+        Written::Created
+    } else if row.taken_over {
+        Written::TakenOver
+    } else {
+        Written::Existing
+    };
+    Ok(StoredReply {
+        reply,
+        written,
+        cancel_requested: row.cancel_requested,
+        recipients: row.recipients.0,
+    })
+}
+
+/// Ends the reply to `reply_to` `failed` when its job gives up, in the tenant's scope: a
+/// reply still `streaming` keeps what it had; when none was written, an empty `failed` one is
+/// stored (numbered now, with id `id`), so every acknowledged message ends answered or visibly
+/// failed, and a later message's job knows this one is settled. `None` when the reply had
+/// already ended, or the user message is gone. Lists the recipients as they are now.
+///
+/// `unwritten_since`: only a reply still streaming that nobody has written since then is
+/// ended (the sweeper's check that its producer is gone); nothing is stored when none was.
+pub async fn fail_reply(
+    conn: &mut PgConnection,
+    conversation_id: ConversationId,
+    reply_to: MessageId,
+    id: MessageId,
+    unwritten_since: Option<DateTime<Utc>>,
+) -> Result<Option<(Message, Vec<Recipient>)>, Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        reply: Option<Json<Message>>,
+        recipients: Json<Vec<Recipient>>,
+    }
+    let row: Row = query_as(
+        "with locked as (
+             select id, tenant_id, last_seq from web_conversations where id = $1
+             for no key update
+         ), ended as (
+             update web_conversation_messages m
+             set status = 'failed', stop_reason = 'error', producer = null, written_at = now()
+             from locked l
+             where m.conversation_id = l.id and m.reply_to = $2 and m.status = 'streaming'
+               and ($4::timestamptz is null or m.written_at < $4)
+             returning m.*
+         ), inserted as (
+             insert into web_conversation_messages
+                 (id, conversation_id, tenant_id, role, content, reply_to, seq, status,
+                  stop_reason)
+             select $3, l.id, l.tenant_id, 'assistant', '', $2, l.last_seq + 1, 'failed', 'error'
+             from locked l
+             where $4::timestamptz is null
+               and exists (select 1 from web_conversation_messages q
+                           where q.conversation_id = l.id and q.id = $2 and q.role = 'user')
+               and not exists (select 1 from web_conversation_messages r
+                               where r.conversation_id = l.id and r.reply_to = $2)
+             on conflict (conversation_id, reply_to) do nothing
+             returning *
+         ), touched as (
+             update web_conversations v set updated_at = i.created_at, last_seq = i.seq
+             from inserted i where v.id = i.conversation_id
+         )
+         select coalesce((select to_jsonb(e) from ended e),
+                         (select to_jsonb(i) from inserted i)) as reply,
+                (select coalesce(jsonb_agg(jsonb_build_object(
+                            'connection_id', w.connection_id, 'endpoint', w.endpoint)), '[]')
+                 from locked l, authorized_connections_now(l.tenant_id, l.id) w) as recipients",
+    )
+    .bind(conversation_id)
+    .bind(reply_to)
+    .bind(id)
+    .bind(unwritten_since)
+    .fetch_one(conn)
+    .await?;
+    Ok(row.reply.map(|reply| (reply.0, row.recipients.0)))
+}
+
+/// A reply left `streaming` by a producer that has not written since `before`, as the
+/// sweeper finds it (its `Scope::Unauthenticated`, which sees such replies of every tenant).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StaleReply {
+    pub tenant_id: TenantId,
+    pub conversation_id: ConversationId,
+    pub reply_to: MessageId,
+    pub written_at: DateTime<Utc>,
+}
+
+/// At most `limit` replies still `streaming` whose producer has not written since `before`,
+/// oldest first.
+pub async fn stale_replies(
+    conn: &mut PgConnection,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<StaleReply>, Error> {
+    Ok(query_as(
+        "select tenant_id, conversation_id, reply_to, written_at
+         from web_conversation_messages
+         where status = 'streaming' and written_at < $1 and reply_to is not null
+         order by written_at
+         limit $2",
+    )
+    .bind(before)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// The whole reply at once (not streamed): [`write_reply`] with `Complete`.
+pub async fn store_reply(
+    db: &Db,
+    conversation: &Conversation,
+    id: MessageId,
+    reply_to: MessageId,
+    content: &str,
+    stop: StopReason,
+    usage: Option<Usage>,
+) -> Result<StoredReply, Error> {
+    write_reply(
+        db,
+        conversation,
+        ReplyWrite {
+            id,
+            reply_to,
+            producer: Uuid::nil(),
+            text: content,
+            status: MessageStatus::Complete,
+            stop: Some(stop),
+            usage,
+        },
+    )
+    .await
+}
+
+/// A later flush of a streaming reply, or its end.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyFlush<'a> {
+    pub id: MessageId,
+    pub producer: Uuid,
+    /// The reply's length in characters before `delta`: the row must hold exactly that much.
+    pub offset: usize,
+    pub delta: &'a str,
+    /// `Streaming` to go on; another status ends the reply.
+    pub status: MessageStatus,
+    pub stop: Option<StopReason>,
+    pub usage: Option<Usage>,
+}
+
+/// What a flush found.
+#[derive(Debug, Clone)]
+pub struct Flushed {
+    /// The reply after the flush; `None` when this attempt no longer owns it (another took it
+    /// over, or it ended).
+    pub reply: Option<Message>,
+    pub cancel_requested: bool,
+    pub recipients: Vec<Recipient>,
+}
+
+#[derive(sqlx::FromRow)]
+struct FlushRow {
+    reply: Option<Json<Message>>,
+    cancel_requested: bool,
+    recipients: Json<Vec<Recipient>>,
+}
+
+/// Appends `delta` to the reply this attempt streams, in the tenant's scope, and reads the
+/// user's `cancel` flag and the recipients in the same statement (`append_reply`): a flush costs
+/// one round trip.
+pub async fn flush_reply(
+    db: &Db,
+    conversation: &Conversation,
+    flush: ReplyFlush<'_>,
+) -> Result<Flushed, Error> {
+    let producer = (flush.status == MessageStatus::Streaming).then_some(flush.producer);
+    // One generic plan per server connection (migration 14): behind a pooler, a statement of
+    // its own would be planned at every flush.
+    let row: FlushRow = db
+        .call_one(
+            Scope::Tenant(conversation.tenant_id),
+            Call::new("append_reply")
+                .uuid(conversation.id)
+                .uuid(flush.id)
+                .uuid(flush.producer)
+                .bigint(i64::try_from(flush.offset).unwrap_or(i64::MAX))
+                .text(flush.delta)
+                .text(status_name(flush.status))
+                .optional_uuid(producer)
+                .optional_text(flush.stop.map(stop_name))
+                .optional_bigint(flush.usage.map(|u| i64::from(u.input_tokens)))
+                .optional_bigint(flush.usage.map(|u| i64::from(u.output_tokens))),
+        )
+        .await?
+        .ok_or_else(|| Error::Internal("append_reply returned no row".into()))?;
+    Ok(Flushed {
+        reply: row.reply.map(|r| r.0),
+        cancel_requested: row.cancel_requested,
+        recipients: row.recipients.0,
+    })
+}
+
+/// A status as the schema stores it (`text`), for a [`Call`].
+fn status_name(status: MessageStatus) -> &'static str {
+    match status {
+        MessageStatus::Complete => "complete",
+        MessageStatus::Streaming => "streaming",
+        MessageStatus::Cancelled => "cancelled",
+        MessageStatus::Failed => "failed",
+    }
+}
+
+/// A stop reason as the schema stores it (`text`), for a [`Call`].
+fn stop_name(stop: StopReason) -> &'static str {
+    match stop {
+        StopReason::End => "end",
+        StopReason::Length => "length",
+        StopReason::Cancelled => "cancelled",
+        StopReason::Error => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names a [`Call`] writes are the ones the schema stores (sqlx's and serde's).
+    #[test]
+    fn statuses_and_stop_reasons_are_named_as_stored() {
+        let name = |v: serde_json::Value| v.as_str().unwrap().to_owned();
+        for status in [
+            MessageStatus::Complete,
+            MessageStatus::Streaming,
+            MessageStatus::Cancelled,
+            MessageStatus::Failed,
+        ] {
+            assert_eq!(status_name(status), name(serde_json::json!(status)));
+        }
+        for stop in [
+            StopReason::End,
+            StopReason::Length,
+            StopReason::Cancelled,
+            StopReason::Error,
+        ] {
+            assert_eq!(stop_name(stop), name(serde_json::json!(stop)));
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! A socket bound to its caller (`auth`), and what it is owed when it resumes.
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, PgConnection};
+
+use super::Limits;
+use crate::Error;
+use crate::db::messages::Message;
+use crate::db::query_as;
+use crate::domain::{ConnectionId, ConversationId, MessageId, Role, TenantId, UserId};
+
+/// How many authenticated sockets may be open at once, per user (in a tenant) and per
+/// conversation: a reply fans out to every socket of its conversation, every chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketCaps {
+    pub per_user: u32,
+    pub per_conversation: u32,
+}
+
+#[derive(sqlx::FromRow)]
+struct BindRow {
+    conversation_id: ConversationId,
+    tenant_id: Option<TenantId>,
+    permitted: bool,
+    user_sockets: i64,
+    conversation_sockets: i64,
+    window_frames: i32,
+    user_auths: Option<i32>,
+    bound: bool,
+}
+
+/// `auth`'s one statement, in a [`Scope::ConnectingConnection`](crate::db::Scope) transaction:
+/// binds the verified caller to the connection until `expires_at`, if the conversation the
+/// socket named exists and the caller may see it (its owner while a member of its tenant, or a
+/// platform admin), and if neither the user nor the conversation has `caps` sockets open already
+/// (this one aside). Sent again with a fresh token, it renews the binding. Returns the
+/// conversation.
+///
+/// The frame counts against `limits` as a message does, with the same numbers: in the
+/// connection's window of `auth` frames, and in the user's.
+///
+/// Refusals: `not_found` (no such connection or conversation), `forbidden`, `rate_limited`
+/// (too many sockets, or `auth` frames).
+#[allow(clippy::too_many_arguments)]
+pub async fn bind(
+    conn: &mut PgConnection,
+    connection: &ConnectionId,
+    user_id: UserId,
+    role: Role,
+    expires_at: DateTime<Utc>,
+    caps: SocketCaps,
+    limits: Limits,
+) -> Result<ConversationId, Error> {
+    let row: Option<BindRow> = query_as(
+        "with target as (
+             select w.connection_id, w.conversation_id, c.tenant_id,
+                    c.id is not null
+                    and ($3 = 'platform_admin'
+                         or (c.user_id = $2
+                             and exists (select 1 from user_tenant_roles m
+                                         where m.tenant_id = c.tenant_id and m.user_id = $2)))
+                        as permitted
+             from ws_connections w
+             left join web_conversations c on c.id = w.conversation_id
+             where w.connection_id = $1
+         ), user_window as (
+             insert into user_auth_windows as u (tenant_id, user_id, auths)
+             select t.tenant_id, $2, 1 from target t where t.tenant_id is not null
+             on conflict (tenant_id, user_id) do update set
+                 auths = case when u.window_started_at > now() - make_interval(secs => $10)
+                              then u.auths + 1 else 1 end,
+                 window_started_at = case
+                     when u.window_started_at > now() - make_interval(secs => $10)
+                     then u.window_started_at else now() end
+             returning u.auths
+         ), counted as (
+             -- Sockets open now (authenticated, token unexpired), this one aside.
+             select
+                 (select case when w.auth_window_started_at > now() - make_interval(secs => $8)
+                              then w.auth_frames + 1 else 1 end
+                  from ws_connections w where w.connection_id = $1) as window_frames,
+                 (select auths from user_window) as user_auths,
+                 (select count(*) from ws_connections o
+                  where o.tenant_id = t.tenant_id and o.user_id = $2 and o.connection_id <> $1
+                    and o.authenticated_at is not null and o.expires_at > now())
+                     as user_sockets,
+                 (select count(*) from ws_connections o
+                  where o.tenant_id = t.tenant_id and o.conversation_id = t.conversation_id
+                    and o.connection_id <> $1
+                    and o.authenticated_at is not null and o.expires_at > now())
+                     as conversation_sockets
+             from target t
+         ), bound as (
+             update ws_connections w
+             set tenant_id = t.tenant_id, user_id = $2, role = $3, expires_at = $4,
+                 authenticated_at = now(), last_seen_at = now(), catching_up_since = now(),
+                 auth_frames = n.window_frames,
+                 auth_window_started_at = case when n.window_frames = 1 then now()
+                                               else w.auth_window_started_at end
+             from target t, counted n
+             where w.connection_id = t.connection_id and t.permitted
+               and n.user_sockets < $5 and n.conversation_sockets < $6
+               and n.window_frames <= $7 and n.user_auths <= $9
+             returning w.connection_id
+         ), locked as (
+             -- Writers of the conversation wait until this transaction ends (see `resume`).
+             select v.id from web_conversations v join target t on v.id = t.conversation_id
+             where t.permitted
+             for share of v
+         )
+         select t.conversation_id, t.tenant_id, t.permitted, n.user_sockets,
+                n.conversation_sockets, n.window_frames, n.user_auths,
+                exists (select 1 from bound) and exists (select 1 from locked) as bound
+         from target t, counted n",
+    )
+    .bind(connection)
+    .bind(user_id)
+    .bind(role)
+    .bind(expires_at)
+    .bind(i64::from(caps.per_user))
+    .bind(i64::from(caps.per_conversation))
+    .bind(i64::from(limits.connection.messages))
+    .bind(f64::from(limits.connection.window_seconds))
+    .bind(i64::from(limits.user.messages))
+    .bind(f64::from(limits.user.window_seconds))
+    .fetch_optional(conn)
+    .await?;
+    let row = row.ok_or_else(|| Error::NotFound("this connection is not recorded".into()))?;
+    if row.tenant_id.is_none() {
+        return Err(Error::NotFound("no such conversation".into()));
+    }
+    if !row.permitted {
+        return Err(Error::Forbidden(
+            "not your conversation, or not a member of its tenant".into(),
+        ));
+    }
+    if row.user_sockets >= i64::from(caps.per_user) {
+        return Err(Error::RateLimited(format!(
+            "you have {} sockets open already; close one first",
+            caps.per_user
+        )));
+    }
+    if row.conversation_sockets >= i64::from(caps.per_conversation) {
+        return Err(Error::RateLimited(format!(
+            "this conversation has {} sockets open already",
+            caps.per_conversation
+        )));
+    }
+    if i64::from(row.window_frames) > i64::from(limits.connection.messages) {
+        return Err(Error::RateLimited(format!(
+            "at most {} auth frames per {} seconds on one socket",
+            limits.connection.messages, limits.connection.window_seconds
+        )));
+    }
+    if row
+        .user_auths
+        .is_some_and(|n| i64::from(n) > i64::from(limits.user.messages))
+    {
+        return Err(Error::RateLimited(format!(
+            "at most {} auth frames per {} seconds from one user, across all their sockets",
+            limits.user.messages, limits.user.window_seconds
+        )));
+    }
+    if !row.bound {
+        return Err(Error::Forbidden(
+            "not your conversation, or not a member of its tenant".into(),
+        ));
+    }
+    Ok(row.conversation_id)
+}
+
+/// The most messages a `replay` catches up with; past that the client reloads through REST.
+pub const MAX_REPLAY: i64 = 500;
+
+/// The most bytes of message content a `replay` catches up with (a bounded number of frames,
+/// posted well within the auth route's timeout); past that the client reloads through REST.
+pub const MAX_REPLAY_BYTES: i64 = 256 * 1024;
+
+/// What a socket that just authenticated is owed, read after `bind` in its transaction, or
+/// what was stored since by [`catch_up`].
+#[derive(Debug, Clone)]
+pub struct Resume {
+    /// The conversation's newest `seq`.
+    pub last_seq: i64,
+    /// The messages after the `seq` asked for, oldest first (none when the client did not
+    /// resume).
+    pub missed: Vec<Message>,
+    /// More than [`MAX_REPLAY`] messages, or [`MAX_REPLAY_BYTES`], were missed: `missed` is
+    /// empty, the client reloads.
+    pub too_many: bool,
+    /// A reply streaming now, with its text so far.
+    pub streaming: Option<Message>,
+    /// The socket takes live frames from now on: nothing more is owed to it.
+    pub live: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct ResumeRow {
+    last_seq: i64,
+    too_many: bool,
+    missed: Json<Vec<Message>>,
+    streaming: Option<Json<Message>>,
+    live: bool,
+}
+
+/// The messages after `$2` (null: none), at most MAX_REPLAY (`$3`) and MAX_REPLAY_BYTES (`$4`)
+/// of them, and the reply streaming now, in conversation `$1`: the start of both statements
+/// that tell a socket what it is owed.
+const OWED: &str = "with missed as (
+         select m.*, sum(octet_length(m.content)) over (order by m.seq) as bytes
+         from web_conversation_messages m
+         where m.conversation_id = $1 and $2::bigint is not null and m.seq > $2
+         order by m.seq
+         limit $3 + 1
+     ), owed as (
+         select (select count(*) from missed) > $3
+                or coalesce((select max(bytes) from missed), 0) > $4 as too_many,
+                (select to_jsonb(m) from web_conversation_messages m
+                 where m.conversation_id = $1 and m.status = 'streaming'
+                 order by m.seq desc limit 1) as streaming
+     )";
+
+/// What both statements return ([`ResumeRow`]), once the statement's `live` CTE has run.
+const OWED_COLUMNS: &str = "c.last_seq, o.too_many,
+     case when o.too_many then '[]'::jsonb
+          else (select coalesce(jsonb_agg(to_jsonb(m) - 'bytes' order by m.seq), '[]')
+                from missed m)
+     end as missed,
+     o.streaming,
+     exists (select 1 from live) as live";
+
+/// `auth`'s second statement, after [`bind`] in the same transaction: `bind` locked the
+/// conversation row (`for share`), so this statement's snapshot holds every message whose writer
+/// listed the sockets before the binding was visible, and every writer after it waits for this
+/// transaction. `bind` left the socket catching up (writers leave it out); when it is owed
+/// nothing (it did not resume, and no reply is streaming) this statement makes it live, and
+/// every writer after this transaction lists it. Otherwise `auth` posts what it is owed after
+/// the commit, then calls [`catch_up`] until it is live. `resume_after` is the client's last
+/// `seq`, if it resumes.
+pub async fn resume(
+    conn: &mut PgConnection,
+    connection: &ConnectionId,
+    conversation_id: ConversationId,
+    resume_after: Option<i64>,
+) -> Result<Resume, Error> {
+    let row: ResumeRow = query_as(AssertSqlSafe(format!(
+        "{OWED}, live as (
+             update ws_connections w set catching_up_since = null
+             from owed o
+             where w.connection_id = $5 and $2::bigint is null and o.streaming is null
+             returning 1
+         )
+         select {OWED_COLUMNS}
+         from web_conversations c, owed o where c.id = $1"
+    )))
+    .bind(conversation_id)
+    .bind(resume_after)
+    .bind(MAX_REPLAY)
+    .bind(MAX_REPLAY_BYTES)
+    .bind(connection)
+    .fetch_one(conn)
+    .await?;
+    Ok(row.into())
+}
+
+impl From<ResumeRow> for Resume {
+    fn from(row: ResumeRow) -> Self {
+        Self {
+            last_seq: row.last_seq,
+            too_many: row.too_many,
+            missed: row.missed.0,
+            streaming: row.streaming.map(|m| m.0),
+            live: row.live,
+        }
+    }
+}
+
+/// Where a socket's catching up stands: what it has been sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    /// Every message up to this `seq` has been sent whole (or as it stood, for a reply
+    /// streaming then).
+    pub through_seq: i64,
+    /// A reply that was streaming, and how many characters of it the socket holds.
+    pub streaming: Option<(MessageId, usize)>,
+}
+
+/// `auth` catching a socket up, in a [`Scope::CatchingUp`](crate::db::Scope) transaction (the
+/// conversation locked `for share` before this statement's snapshot, so no writer is between
+/// storing and listing): what was stored after `sent.through_seq`, and the reply streaming now
+/// (the one `sent.streaming` names if it still streams). When nothing changed since `sent`, or
+/// `last_round`, the socket is made live in the same statement.
+pub async fn catch_up(
+    conn: &mut PgConnection,
+    connection: &ConnectionId,
+    conversation_id: ConversationId,
+    sent: Sent,
+    last_round: bool,
+) -> Result<(Resume, Option<Message>), Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        resume: ResumeRow,
+        /// The reply `sent.streaming` names, when it has ended since.
+        ended: Option<Json<Message>>,
+    }
+    let (streaming_id, streaming_held) = sent
+        .streaming
+        .map_or((None, 0), |(id, held)| (Some(id), held));
+    let row: Row = query_as(AssertSqlSafe(format!(
+        "{OWED}, ended as (
+             select to_jsonb(m) as message from web_conversation_messages m
+             where m.conversation_id = $1 and m.id = $6 and m.status <> 'streaming'
+         ), unchanged as (
+             select not exists (select 1 from missed) and not exists (select 1 from ended)
+                    and ($6::uuid is null) = (o.streaming is null)
+                    and ($6::uuid is null
+                         or (o.streaming ->> 'id' = $6::text
+                             and char_length(o.streaming ->> 'content') = $7)) as yes
+             from owed o
+         ), live as (
+             update ws_connections w set catching_up_since = null
+             from unchanged u
+             where w.connection_id = $5 and (u.yes or $8)
+             returning 1
+         )
+         select {OWED_COLUMNS}, (select message from ended) as ended
+         from web_conversations c, owed o where c.id = $1"
+    )))
+    .bind(conversation_id)
+    .bind(sent.through_seq)
+    .bind(MAX_REPLAY)
+    .bind(MAX_REPLAY_BYTES)
+    .bind(connection)
+    .bind(streaming_id)
+    .bind(i64::try_from(streaming_held).unwrap_or(i64::MAX))
+    .bind(last_round)
+    .fetch_one(conn)
+    .await?;
+    Ok((row.resume.into(), row.ended.map(|m| m.0)))
+}
