@@ -1,6 +1,9 @@
-//! The message path's steps, each one statement: a socket bound to its caller, a user message
-//! accepted from it, what a job needs read, the reply stored. Every step also answers who may see the conversation
-//! now, so no step needs a second query for it (STYLE 13: one round trip per step).
+//! The message path's steps, each one round trip: a socket bound to its caller (`socket`), a
+//! user message accepted from it (`accept`), what a job needs read (`job`), the reply stored as
+//! it streams (`reply`). The steps every message takes are calls of PL/pgSQL functions sent
+//! with their scope as one simple query ([`Db::call`](crate::db::Db::call)). Every step also
+//! answers who may see the conversation now, so no step needs a second query for it (STYLE 13:
+//! one round trip per step).
 //!
 //! Authorization lives in the SQL function `authorized_connections`
 //! (migration `…_authorization`): a socket counts while its token has not expired and its user
