@@ -79,6 +79,10 @@ pub struct Audience {
     /// The lowest offset of a `chunk` some socket did not get (its post failed after its
     /// retries): the next chunk starts there, for all (a client takes the part it lacks).
     pub missed_from: Option<usize>,
+    /// The sockets the last frame did not reach because their posts were throttled past their
+    /// retries (the account's quota: worth trying again soon; a stuck or gone socket is not
+    /// among them).
+    pub missed: Vec<Recipient>,
 }
 
 impl Audience {
@@ -93,7 +97,13 @@ impl Audience {
             recipients,
             stale: false,
             missed_from: None,
+            missed: Vec::new(),
         }
+    }
+
+    /// The same conversation's audience, of these sockets only.
+    pub fn of(&self, recipients: Vec<Recipient>) -> Self {
+        Self::new(self.tenant_id, self.conversation_id, recipients)
     }
 
     /// A fresher list, read by a later statement of the job.
@@ -235,6 +245,7 @@ impl Fanout for ConnectionsFanout {
             .collect()
             .await;
         let mut failed = 0;
+        audience.missed.clear();
         let mut kept = Vec::with_capacity(results.len());
         for (socket, result) in audience.recipients.drain(..).zip(results) {
             match result {
@@ -247,6 +258,9 @@ impl Fanout for ConnectionsFanout {
                         error = &e as &dyn std::error::Error,
                         "delivery failed"
                     );
+                    if is_throttled(&e) {
+                        audience.missed.push(socket.clone());
+                    }
                     kept.push(socket);
                 }
             }
@@ -384,6 +398,18 @@ impl ManagementApi {
             })
             .clone()
     }
+}
+
+/// Whether a post failed because the management API throttled it (429
+/// `LimitExceededException`), after its retries.
+pub fn is_throttled(error: &Error) -> bool {
+    type PostError = aws_sdk_apigatewaymanagement::error::SdkError<
+        aws_sdk_apigatewaymanagement::operation::post_to_connection::PostToConnectionError,
+    >;
+    matches!(error, Error::Upstream { source, .. }
+    if source.downcast_ref::<PostError>().is_some_and(|e| {
+        e.as_service_error().is_some_and(|e| e.is_limit_exceeded_exception())
+    }))
 }
 
 /// How a post is retried: the SDK's standard mode (exponential backoff with full jitter) for

@@ -789,5 +789,32 @@ async fn deliver(
             *text = None;
         }
     }
-    fanout.send(audience, &frame).await
+    let sent = fanout.send(audience, &frame).await;
+    // The last frame of a reply: no later flush carries it to a socket whose post was throttled
+    // past its retries, so it is posted to those again, seconds apart (a stuck socket is not:
+    // it would hold the conversation's next job; it gets the reply when it resumes).
+    for wait in FINAL_FRAME_WAITS {
+        if audience.missed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(wait).await;
+        let missed = std::mem::take(&mut audience.missed);
+        let mut again = audience.of(missed);
+        let _ = fanout.send(&mut again, &frame).await;
+        audience.missed = again.missed;
+    }
+    if audience.missed.is_empty() {
+        Ok(())
+    } else {
+        sent
+    }
 }
+
+/// The pauses before a reply's `response` is posted again to the sockets whose posts were
+/// throttled: each attempt is a post with its own retries; a socket still missed gets it when
+/// it resumes.
+const FINAL_FRAME_WAITS: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+];

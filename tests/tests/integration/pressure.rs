@@ -501,6 +501,33 @@ async fn a_chunk_whose_post_failed_is_carried_by_the_next_flush() {
     );
 }
 
+/// A reply's `response` whose post fails after all its retries (one tab's next fifteen posts are
+/// answered 429: the chunk's, perhaps a tail's, and the response's own) is posted to that tab
+/// again seconds later, since no later flush carries it: each tab gets exactly one response,
+/// with the whole reply.
+#[tokio::test]
+async fn a_response_whose_post_failed_is_posted_again() {
+    let h = Harness::new().await;
+    let llm =
+        FakeLlm::start(|_, _| Reply::Stream(pieces(&["whole ", "reply"]), Duration::ZERO)).await;
+    let state = orchestrator(&h, &llm);
+    let conversation = conversation_with(&h, Provider::Openai, "gpt-test").await;
+    h.open_session_on("tab-a", conversation).await;
+    h.open_session_on("tab-b", conversation).await;
+    let records = records_for(&h, "tab-a", &["go"]).await;
+    h.api.refuse_next("tab-b", 15);
+
+    assert!(run(&state, records).await.is_empty());
+
+    assert_eq!(h.api.throttled(), 15, "every refusal was used");
+    for tab in ["tab-a", "tab-b"] {
+        let frames = h.api.frames_to(tab);
+        let responses = of_type(&frames, "response");
+        assert_eq!(responses.len(), 1, "{tab}: one response");
+        assert_eq!(responses[0]["text"], json!("whole reply"), "{tab}");
+    }
+}
+
 /// The posting budget: with this process's share at 10 posts a second, a reply streamed for
 /// 2 s to two tabs (about 20 flushes, 40 posts, unmetered) never makes more than the budget
 /// allows in any second (10 a second, 10 at once); once posts wait, its chunks coalesce to one
