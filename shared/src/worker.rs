@@ -355,9 +355,11 @@ impl Worker {
         if !handle(state, event, None).await.unsettled.is_empty() {
             return Ok(Outcome::Failed);
         }
-        // The job is done whether or not the acknowledgement lands: one that did not stays
-        // pending in Redis and comes back after a reconnect, to be answered from the stored
-        // reply (at least once), never asked again.
+        // A job done but not acknowledged (Redis went away meanwhile; its frames may have gone
+        // with it) stays at the front of its lane and runs again after the retry delay: it is
+        // answered from the stored reply, which is sent again (at least once), never asked
+        // again, and acknowledged then. Left to a later read it would wait for the next
+        // reconnect of the reader, which may have come and gone already.
         let acked: redis::RedisResult<i64> = redis::cmd("XACK")
             .arg(&stream)
             .arg(GROUP)
@@ -365,7 +367,8 @@ impl Worker {
             .query_async(&mut conn)
             .await;
         if let Err(e) = acked {
-            tracing::warn!(entry = %entry.id.id, error = &e as &dyn std::error::Error, "job done but not acknowledged");
+            tracing::warn!(entry = %entry.id.id, error = &e as &dyn std::error::Error, "job done but not acknowledged; it runs again");
+            return Ok(Outcome::Failed);
         }
         Ok(Outcome::Done)
     }
