@@ -32,6 +32,22 @@ fn settings(test: &TestDb) -> Settings {
     }
 }
 
+type Tab =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A socket opened at `url` and authenticated with `token` (`auth_ok` read).
+async fn authenticated_tab(url: &str, token: &str) -> Tab {
+    let (mut tab, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connected");
+    send(&mut tab, json!({ "type": "auth", "token": token })).await;
+    let ok = next(&mut tab, Duration::from_secs(30))
+        .await
+        .expect("auth answered");
+    assert_eq!(ok["type"], "auth_ok", "{ok}");
+    tab
+}
+
 /// Two messages, one after the other, each answered through every AWS piece: `$connect` and
 /// `auth` by their functions, `typing`, `ack` and the reply posted back through the
 /// connection-management API, the jobs through SQS and the event source.
@@ -100,14 +116,7 @@ async fn a_tab_closing_during_its_resume_holds_nothing_on_the_lambda_path() {
     let sim = AwsSim::start(&settings(&test)).await.unwrap();
     let url = format!("ws://{}/ws?conversation_id={}", sim.address, s.conversation);
     let token = token(s.user, Role::CustomerOperator);
-    let (mut tab, _) = tokio_tungstenite::connect_async(&url)
-        .await
-        .expect("connected");
-    send(&mut tab, json!({ "type": "auth", "token": token })).await;
-    let ok = next(&mut tab, Duration::from_secs(30))
-        .await
-        .expect("auth answered");
-    assert_eq!(ok["type"], "auth_ok", "{ok}");
+    let mut tab = authenticated_tab(&url, &token).await;
 
     for round in 0..3 {
         let (mut leaving, _) = tokio_tungstenite::connect_async(&url)
@@ -162,15 +171,7 @@ async fn throttled_posts_lose_no_chunk_on_the_aws_shaped_stack() {
     let token = token(s.user, Role::CustomerOperator);
     let mut tabs = Vec::new();
     for _ in 0..2 {
-        let (mut tab, _) = tokio_tungstenite::connect_async(&url)
-            .await
-            .expect("connected");
-        send(&mut tab, json!({ "type": "auth", "token": token })).await;
-        let ok = next(&mut tab, Duration::from_secs(30))
-            .await
-            .expect("auth answered");
-        assert_eq!(ok["type"], "auth_ok", "{ok}");
-        tabs.push(tab);
+        tabs.push(authenticated_tab(&url, &token).await);
     }
     send(&mut tabs[0], json!({ "type": "message", "text": "go" })).await;
 

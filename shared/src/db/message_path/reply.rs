@@ -79,9 +79,9 @@ pub async fn write_reply(
                 .text(write.text)
                 .uuid(write.reply_to)
                 .uuid(write.id)
-                .text(status_name(write.status))
+                .text(&stored_name(write.status))
                 .optional_uuid(producer)
-                .optional_text(write.stop.map(stop_name))
+                .optional_text(write.stop.map(stored_name).as_deref())
                 .optional_bigint(write.usage.map(|u| i64::from(u.input_tokens)))
                 .optional_bigint(write.usage.map(|u| i64::from(u.output_tokens))),
         )
@@ -287,9 +287,9 @@ pub async fn flush_reply(
                 .uuid(flush.producer)
                 .bigint(i64::try_from(flush.offset).unwrap_or(i64::MAX))
                 .text(flush.delta)
-                .text(status_name(flush.status))
+                .text(&stored_name(flush.status))
                 .optional_uuid(producer)
-                .optional_text(flush.stop.map(stop_name))
+                .optional_text(flush.stop.map(stored_name).as_deref())
                 .optional_bigint(flush.usage.map(|u| i64::from(u.input_tokens)))
                 .optional_bigint(flush.usage.map(|u| i64::from(u.output_tokens))),
         )
@@ -302,23 +302,12 @@ pub async fn flush_reply(
     })
 }
 
-/// A status as the schema stores it (`text`), for a [`Call`].
-fn status_name(status: MessageStatus) -> &'static str {
-    match status {
-        MessageStatus::Complete => "complete",
-        MessageStatus::Streaming => "streaming",
-        MessageStatus::Cancelled => "cancelled",
-        MessageStatus::Failed => "failed",
-    }
-}
-
-/// A stop reason as the schema stores it (`text`), for a [`Call`].
-fn stop_name(stop: StopReason) -> &'static str {
-    match stop {
-        StopReason::End => "end",
-        StopReason::Length => "length",
-        StopReason::Cancelled => "cancelled",
-        StopReason::Error => "error",
+/// A status or stop reason as the schema stores it (`text`, the name serde and sqlx share), for
+/// a [`Call`].
+fn stored_name(value: impl serde::Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        other => unreachable!("a unit variant serializes as its name: {other:?}"),
     }
 }
 
@@ -326,25 +315,24 @@ fn stop_name(stop: StopReason) -> &'static str {
 mod tests {
     use super::*;
 
-    /// The names a [`Call`] writes are the ones the schema stores (sqlx's and serde's).
+    /// The names a [`Call`] writes are the ones the schema stores.
     #[test]
     fn statuses_and_stop_reasons_are_named_as_stored() {
-        let name = |v: serde_json::Value| v.as_str().unwrap().to_owned();
-        for status in [
-            MessageStatus::Complete,
-            MessageStatus::Streaming,
-            MessageStatus::Cancelled,
-            MessageStatus::Failed,
+        for (status, name) in [
+            (MessageStatus::Complete, "complete"),
+            (MessageStatus::Streaming, "streaming"),
+            (MessageStatus::Cancelled, "cancelled"),
+            (MessageStatus::Failed, "failed"),
         ] {
-            assert_eq!(status_name(status), name(serde_json::json!(status)));
+            assert_eq!(stored_name(status), name);
         }
-        for stop in [
-            StopReason::End,
-            StopReason::Length,
-            StopReason::Cancelled,
-            StopReason::Error,
+        for (stop, name) in [
+            (StopReason::End, "end"),
+            (StopReason::Length, "length"),
+            (StopReason::Cancelled, "cancelled"),
+            (StopReason::Error, "error"),
         ] {
-            assert_eq!(stop_name(stop), name(serde_json::json!(stop)));
+            assert_eq!(stored_name(stop), name);
         }
     }
 }
