@@ -106,6 +106,11 @@ impl Audience {
         Self::new(self.tenant_id, self.conversation_id, recipients)
     }
 
+    /// No socket to send to.
+    pub fn is_empty(&self) -> bool {
+        self.recipients.is_empty()
+    }
+
     /// A fresher list, read by a later statement of the job.
     pub fn renew(&mut self, recipients: Vec<Recipient>) {
         self.recipients = recipients;

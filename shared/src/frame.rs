@@ -52,6 +52,20 @@ pub enum ClientFrame {
     Cancel {
         reply_to: MessageId,
     },
+    /// A new reply to this user message (PROTOCOL §2 "Branches").
+    Regenerate {
+        reply_to: MessageId,
+    },
+    /// A new user message beside `message_id`.
+    Edit {
+        message_id: MessageId,
+        text: MessageText,
+        client_message_id: Option<ClientMessageId>,
+    },
+    /// Move the head to the newest message of the branches through `message_id`.
+    Head {
+        message_id: MessageId,
+    },
 }
 
 /// The wire shape; unknown fields are ignored. Its schema is the client frames' in the AsyncAPI
@@ -86,10 +100,44 @@ pub(crate) enum RawFrame {
         #[schema(format = Uuid)]
         reply_to: String,
     },
+    /// A new reply to a user message; one still streaming for it is cancelled first. The
+    /// earlier replies stay, as siblings.
+    Regenerate {
+        /// The user message answered again.
+        #[schema(format = Uuid)]
+        reply_to: String,
+    },
+    /// A new user message beside another (same parent), answered like a `message`.
+    Edit {
+        /// The user message edited: it and what follows it stay, on their branch.
+        #[schema(format = Uuid)]
+        message_id: String,
+        /// 1 to 8000 characters once trimmed.
+        #[schema(min_length = 1)]
+        text: String,
+        /// As a `message`'s.
+        #[serde(default)]
+        #[schema(format = Uuid)]
+        client_message_id: Option<String>,
+    },
+    /// Show another branch: the head moves to the newest message of the branches through
+    /// `message_id`.
+    Head {
+        #[schema(format = Uuid)]
+        message_id: String,
+    },
 }
 
 /// The client frame types, as API Gateway's route selection sees them.
-pub const CLIENT_FRAME_TYPES: [&str; 4] = ["auth", "message", "ping", "cancel"];
+pub const CLIENT_FRAME_TYPES: [&str; 7] = [
+    "auth",
+    "message",
+    "ping",
+    "cancel",
+    "regenerate",
+    "edit",
+    "head",
+];
 
 #[derive(Deserialize)]
 struct FrameType {
@@ -130,10 +178,25 @@ impl ClientFrame {
                 text: MessageText::parse(&text)?,
                 client_message_id: client_message_id.as_deref().map(str::parse).transpose()?,
             },
+            RawFrame::Regenerate { reply_to } => Self::Regenerate {
+                reply_to: reply_to.parse()?,
+            },
+            RawFrame::Edit {
+                message_id,
+                text,
+                client_message_id,
+            } => Self::Edit {
+                message_id: message_id.parse()?,
+                text: MessageText::parse(&text)?,
+                client_message_id: client_message_id.as_deref().map(str::parse).transpose()?,
+            },
+            RawFrame::Head { message_id } => Self::Head {
+                message_id: message_id.parse()?,
+            },
         })
     }
 
-    /// The `client_message_id` of a `message` frame, read leniently (the rest of the frame may
+    /// The `client_message_id` of a `message` or `edit` frame, read leniently (the rest of the frame may
     /// be what is refused): what a refusal carries back.
     pub fn client_message_id_of(raw: &str) -> Option<ClientMessageId> {
         #[derive(Deserialize)]
@@ -146,7 +209,7 @@ impl ClientFrame {
             return None;
         }
         let ids: Ids = serde_json::from_str(raw).ok()?;
-        if ids.kind? != "message" {
+        if !matches!(ids.kind?.as_str(), Some("message" | "edit")) {
             return None;
         }
         ids.client_message_id?.as_str()?.parse().ok()
@@ -185,6 +248,8 @@ pub enum ServerFrame {
         user_id: UserId,
         /// The conversation's newest `seq`.
         last_seq: i64,
+        /// The end of the conversation's current branch; `None` while it is empty.
+        head_id: Option<MessageId>,
     },
     /// What a resuming client missed, oldest first, split over frames (`more` on all but the
     /// last); `recovered: false` (and no messages) when too much was missed.
@@ -205,6 +270,10 @@ pub enum ServerFrame {
         content: Option<String>,
         created_at: DateTime<Utc>,
         client_message_id: Option<ClientMessageId>,
+        /// The message it follows.
+        parent_id: Option<MessageId>,
+        /// The id its reply will take.
+        reply_id: MessageId,
     },
     /// A message was accepted: the agent is on it.
     Typing { conversation_id: ConversationId },
@@ -214,6 +283,20 @@ pub enum ServerFrame {
         message_id: MessageId,
         client_message_id: Option<ClientMessageId>,
         seq: i64,
+        /// The message it follows.
+        parent_id: Option<MessageId>,
+        /// The id its reply will take.
+        reply_id: MessageId,
+    },
+    /// The conversation's current branch changed (a regenerate, an edit, a move of the head
+    /// from any socket or the REST API): it ends at `head_id`.
+    Head {
+        conversation_id: ConversationId,
+        head_id: Option<MessageId>,
+        /// When the head is a user message whose reply has not started: the id that reply will
+        /// take.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_id: Option<MessageId>,
     },
     /// A piece of a streaming reply.
     Chunk {

@@ -10,13 +10,13 @@ use crate::redis_connection::RedisConnection;
 /// Where `ws-message` puts a stored user message for the orchestrator.
 #[async_trait]
 pub trait JobQueue: Send + Sync {
-    /// Queues the job once: queuing the same message again within the deduplication window
+    /// Queues the job once: queuing the same request again within the deduplication window
     /// (SQS's five minutes) adds nothing.
     async fn enqueue(&self, job: &Job) -> Result<(), Error>;
 }
 
 /// SQS FIFO: the message group is the conversation (order within it, parallelism across
-/// conversations), the deduplication id is the stored user message.
+/// conversations), the deduplication id is the request ([`Job::request_id`]).
 #[derive(Debug, Clone)]
 pub struct SqsQueue {
     pub client: aws_sdk_sqs::Client,
@@ -35,7 +35,7 @@ impl JobQueue for SqsQueue {
             .queue_url(&self.queue_url)
             .message_body(job.to_body())
             .message_group_id(job.conversation_id.to_string())
-            .message_deduplication_id(job.message_id.to_string());
+            .message_deduplication_id(job.request_id().to_string());
         if let Some(trace) = std::env::var(TRACE_ENV).ok().filter(|t| !t.is_empty()) {
             let value = aws_sdk_sqs::types::MessageSystemAttributeValue::builder()
                 .data_type("String")
@@ -106,7 +106,9 @@ impl RedisQueue {
     fn dedup_key(&self, job: &Job) -> String {
         format!(
             "{}{}:webchat:job:{}",
-            self.prefix, job.tenant_id, job.message_id
+            self.prefix,
+            job.tenant_id,
+            job.request_id()
         )
     }
 

@@ -207,6 +207,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let app = api::router(ApiState {
         db: db.clone(),
         tokens,
+        delivery: sockets.clone(),
     })
     .merge(crate::gateway::router(gateway))
     .merge(crate::page::router())

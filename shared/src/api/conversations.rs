@@ -9,7 +9,10 @@ use super::{ApiState, ErrorBody, Json, Path, Query};
 use crate::Error;
 use crate::auth::PortalCaller;
 use crate::db::conversations::{self, Conversation, ConversationSummary, ListFilter};
-use crate::db::messages::{self, MessageView, PageFrom};
+use crate::db::messages::{self, Branch, MessageView, PageFrom};
+use crate::db::message_path;
+use crate::delivery::{Audience, ConnectionsFanout, Fanout};
+use crate::frame::ServerFrame;
 use crate::db::{Scope, agents};
 use crate::domain::{AgentId, ConversationId, ListLimit, MessageId, PageLimit, TenantId};
 use crate::rbac::{open_conversation, require_tenant_member};
@@ -132,6 +135,10 @@ pub struct HistoryParams {
     /// A `seq`: the page holds the messages just after it (catching up). Not with `before`.
     #[param(value_type = Option<i64>, minimum = 0)]
     after_seq: Option<String>,
+    /// `current` (the default): the conversation's current branch, the path from its head
+    /// back. `all`: every message of the conversation (the whole tree), by `seq`.
+    #[param(value_type = Option<String>, pattern = "^(current|all)$")]
+    branch: Option<String>,
 }
 
 /// One page of a conversation's messages, oldest first.
@@ -173,8 +180,13 @@ pub async fn history(
         ),
         (None, None) => PageFrom::Newest,
     };
+    let branch = match params.branch.as_deref() {
+        None | Some("current") => Branch::Current,
+        Some("all") => Branch::All,
+        Some(_) => return Err(Error::BadRequest("branch is `current` or `all`".into())),
+    };
     let (mut tx, conversation) = open_conversation(&state.db, &caller, id).await?;
-    let page = messages::page(&mut tx, conversation.id, from, limit).await?;
+    let page = messages::page(&mut tx, conversation.id, branch, from, limit).await?;
     tx.commit().await?;
     Ok(Json(page.into_iter().map(MessageView::from).collect()))
 }
@@ -215,4 +227,79 @@ pub async fn reset(
         );
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT …/head`'s body.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct MoveHead {
+    /// A message of the conversation: the head moves to the newest message of the branches
+    /// through it (the message itself when nothing follows it).
+    #[schema(value_type = Uuid)]
+    message_id: String,
+}
+
+/// Where the current branch ends now.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct HeadView {
+    #[schema(value_type = Uuid)]
+    conversation_id: ConversationId,
+    #[schema(value_type = Option<Uuid>)]
+    head_id: Option<MessageId>,
+    /// When the head is a user message whose reply has not started: the id it will take.
+    #[schema(value_type = Option<Uuid>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reply_id: Option<MessageId>,
+}
+
+/// Moves the conversation's current branch; every socket of the conversation gets a `head`
+/// frame.
+#[utoipa::path(
+    put,
+    path = "/api/portal/chat/conversations/{id}/head",
+    tag = "conversations",
+    params(("id" = Uuid, Path, description = "The conversation")),
+    request_body = MoveHead,
+    responses(
+        (status = 200, description = "The head moved", body = HeadView),
+        (status = 400, description = "Bad id or body", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not your conversation", body = ErrorBody),
+        (status = 404, description = "No such conversation or message", body = ErrorBody),
+        (status = 500, description = "Internal error", body = ErrorBody),
+    )
+)]
+pub async fn move_head(
+    State(state): State<ApiState>,
+    caller: PortalCaller,
+    Path(id): Path<String>,
+    Json(body): Json<MoveHead>,
+) -> Result<Json<HeadView>, Error> {
+    let id: ConversationId = id.parse()?;
+    let message_id: MessageId = body.message_id.parse()?;
+    // Checked as the history is: the owner, or a platform admin.
+    let (tx, conversation) = open_conversation(&state.db, &caller, id).await?;
+    tx.commit().await?;
+    let head = message_path::move_head(
+        &state.db,
+        Scope::Tenant(conversation.tenant_id),
+        conversation.tenant_id,
+        conversation.id,
+        message_id,
+    )
+    .await?;
+    let frame = ServerFrame::Head {
+        conversation_id: head.conversation_id,
+        head_id: head.head_id,
+        reply_id: head.reply_id,
+    };
+    let mut audience = Audience::new(head.tenant_id, head.conversation_id, head.recipients);
+    let fanout = ConnectionsFanout::new(state.db.clone(), state.delivery.clone());
+    if let Err(err) = fanout.send(&mut audience, &frame).await {
+        tracing::warn!(error = &err as &dyn std::error::Error, "head not told to every socket");
+    }
+    Ok(Json(HeadView {
+        conversation_id: head.conversation_id,
+        head_id: head.head_id,
+        reply_id: head.reply_id,
+    }))
 }

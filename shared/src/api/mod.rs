@@ -4,7 +4,7 @@
 mod conversations;
 mod error;
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
@@ -24,22 +24,29 @@ use crate::Error;
 use crate::auth::{PortalCaller, TokenVerifier};
 use crate::config::{AuthConfig, ConfigError, CorsConfig, DatabaseConfig, Lookup};
 use crate::db::Db;
+use crate::delivery::{Delivery, ManagementApi};
 use crate::secrets::Secrets;
 
 /// Request bodies here are a few UUIDs; anything larger is refused unread.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
 /// What the REST handlers need.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ApiState {
     pub db: Db,
     pub tokens: TokenVerifier,
+    /// Reaches the conversation's sockets (a moved head is told to each).
+    pub delivery: Arc<dyn Delivery>,
 }
 
 impl ApiState {
     /// From `DATABASE_URL` and the `PORTAL_JWT_*` variables, or the secrets their `…_ARN`
     /// variables name; connects to nothing yet.
-    pub async fn load(lookup: impl Lookup, secrets: &Secrets) -> Result<Self, ConfigError> {
+    pub async fn load(
+        lookup: impl Lookup,
+        aws: &aws_config::SdkConfig,
+        secrets: &Secrets,
+    ) -> Result<Self, ConfigError> {
         // Both secrets are read at once: a cold start waits for one round trip, not two.
         let (database, auth) = tokio::try_join!(
             DatabaseConfig::load(&lookup, secrets),
@@ -48,6 +55,7 @@ impl ApiState {
         Ok(Self {
             db: Db::connect_lazy(&database),
             tokens: TokenVerifier::new(&auth),
+            delivery: Arc::new(ManagementApi::new(aws.clone())),
         })
     }
 }
@@ -59,9 +67,13 @@ pub struct ChatApi {
 }
 
 impl ChatApi {
-    pub async fn load(lookup: impl Lookup, secrets: &Secrets) -> Result<Self, ConfigError> {
+    pub async fn load(
+        lookup: impl Lookup,
+        aws: &aws_config::SdkConfig,
+        secrets: &Secrets,
+    ) -> Result<Self, ConfigError> {
         Ok(Self {
-            state: ApiState::load(&lookup, secrets).await?,
+            state: ApiState::load(&lookup, aws, secrets).await?,
             cors: CorsConfig::from_lookup(&lookup)?,
         })
     }
@@ -103,6 +115,10 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/api/portal/chat/conversations/{id}",
             axum::routing::delete(conversations::reset),
+        )
+        .route(
+            "/api/portal/chat/conversations/{id}/head",
+            axum::routing::put(conversations::move_head),
         )
         .route("/api/portal/chat/openapi.json", get(openapi))
         .route("/healthz", get(health))
@@ -203,6 +219,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
         conversations::create,
         conversations::history,
         conversations::reset,
+        conversations::move_head,
         openapi,
         health,
     ),

@@ -81,6 +81,14 @@ pub struct Message {
     #[serde(default)]
     #[sqlx(default)]
     pub author_id: Option<UserId>,
+    /// The message it follows (PROTOCOL §2 "Branches"); `None` for a conversation's first.
+    #[serde(default)]
+    #[sqlx(default)]
+    pub parent_id: Option<MessageId>,
+    /// User messages: the id the reply of their current request takes.
+    #[serde(default)]
+    #[sqlx(default)]
+    pub reply_id: Option<MessageId>,
 }
 
 /// A stored message as clients see it: in the history API and in `replay` frames.
@@ -100,6 +108,16 @@ pub struct MessageView {
     /// message just before a drop matches the stored one to its pending one (shown once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_message_id: Option<ClientMessageId>,
+    /// The message it follows; `null` for the conversation's first (PROTOCOL §2 "Branches").
+    pub parent_id: Option<MessageId>,
+    /// User messages: the id their reply takes (before it starts, a message sent after this
+    /// one names it as its parent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_id: Option<MessageId>,
+    /// History items: the ids of the messages with the same parent (this one among them),
+    /// oldest first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub siblings: Option<Vec<MessageId>>,
 }
 
 impl From<Message> for MessageView {
@@ -114,6 +132,9 @@ impl From<Message> for MessageView {
             created_at: m.created_at,
             author_id: m.author_id,
             client_message_id: m.client_message_id,
+            parent_id: m.parent_id,
+            reply_id: m.reply_id,
+            siblings: None,
         }
     }
 }
@@ -139,15 +160,26 @@ pub async fn insert_user(
 ) -> Result<Upserted<Message>, Error> {
     let created: Option<Message> = super::query_as(
         "with locked as (
-             select id, last_seq from web_conversations where id = $1 for no key update
+             select id, last_seq, head_id from web_conversations where id = $1
+             for no key update
+         ), parent as (
+             select case when h.role = 'user' and not exists (
+                             select 1 from web_conversation_messages r
+                             where r.conversation_id = l.id and r.id = h.reply_id)
+                         then h.reply_id else h.id end as id
+             from locked l
+             left join web_conversation_messages h on h.conversation_id = l.id and h.id = l.head_id
          ), inserted as (
              insert into web_conversation_messages
-                 (conversation_id, tenant_id, role, content, client_message_id, seq, author_id)
-             select $1, $2, 'user', $3, $4, l.last_seq + 1, $5 from locked l
+                 (conversation_id, tenant_id, role, content, client_message_id, seq, author_id,
+                  parent_id, reply_id)
+             select $1, $2, 'user', $3, $4, l.last_seq + 1, $5, p.id, gen_random_uuid()
+             from locked l cross join parent p
              on conflict (conversation_id, client_message_id) do nothing
              returning *
          ), touched as (
-             update web_conversations c set updated_at = i.created_at, last_seq = i.seq
+             update web_conversations c
+             set updated_at = i.created_at, last_seq = i.seq, head_id = i.id
              from inserted i where c.id = i.conversation_id
          )
          select * from inserted",
@@ -176,18 +208,18 @@ pub async fn insert_user(
     })
 }
 
-/// The stored reply to a user message, if there is one.
-pub async fn find_reply(
+/// A stored message of the conversation, if it is there.
+pub async fn find(
     conn: &mut PgConnection,
     conversation_id: ConversationId,
-    reply_to: MessageId,
+    id: MessageId,
 ) -> Result<Option<Message>, Error> {
     Ok(super::query_as(
         "select * from web_conversation_messages
-         where conversation_id = $1 and reply_to = $2",
+         where conversation_id = $1 and id = $2",
     )
     .bind(conversation_id)
-    .bind(reply_to)
+    .bind(id)
     .fetch_optional(conn)
     .await?)
 }
@@ -208,68 +240,111 @@ pub enum PageFrom {
 /// message, and is cut at the end away from its cursor, so the next page's cursor is exact.
 pub const MAX_PAGE_BYTES: i64 = 512 * 1024;
 
-/// One page of history in ascending `seq`: at most `limit` messages and [`MAX_PAGE_BYTES`].
+/// Which messages a page of history is taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Branch {
+    /// The conversation's current branch: the path from its head back.
+    #[default]
+    Current,
+    /// Every message of the conversation (the whole tree), by `seq`.
+    All,
+}
+
+/// A message of a page, with the ids of the messages beside it (same parent), oldest first.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PageItem {
+    #[sqlx(flatten)]
+    pub message: Message,
+    pub siblings: sqlx::types::Json<Vec<MessageId>>,
+}
+
+impl From<PageItem> for MessageView {
+    fn from(item: PageItem) -> Self {
+        Self {
+            siblings: Some(item.siblings.0),
+            ..Self::from(item.message)
+        }
+    }
+}
+
+/// The most messages of a branch [`page`] walks to find those after a `seq`: a branch longer
+/// than this is read from its newest end.
+const MAX_BRANCH_WALK: i64 = 100_000;
+
+/// One page of history in ascending `seq`: at most `limit` messages and [`MAX_PAGE_BYTES`],
+/// from `branch`, each with its siblings.
 pub async fn page(
     conn: &mut PgConnection,
     conversation_id: ConversationId,
+    branch: Branch,
     from: PageFrom,
     limit: PageLimit,
-) -> Result<Vec<Message>, Error> {
+) -> Result<Vec<PageItem>, Error> {
     let limit = i64::from(limit.get());
-    match from {
-        PageFrom::AfterSeq(after) => Ok(super::query_as(
-            "select * from (
-                 select m.*, sum(octet_length(m.content)) over (order by m.seq) as bytes
-                 from (select * from web_conversation_messages
-                       where conversation_id = $1 and seq > $2
-                       order by seq
-                       limit $3) m
-             ) page
-             where bytes - octet_length(content) < $4
-             order by seq",
-        )
-        .bind(conversation_id)
-        .bind(after)
-        .bind(limit)
-        .bind(MAX_PAGE_BYTES)
-        .fetch_all(conn)
-        .await?),
-        PageFrom::Newest | PageFrom::Before(_) => {
-            let before = match from {
-                PageFrom::Before(id) => Some(
-                    super::query_scalar::<i64>(
-                        "select seq from web_conversation_messages
-                         where conversation_id = $1 and id = $2",
-                    )
-                    .bind(conversation_id)
-                    .bind(id)
-                    .fetch_optional(&mut *conn)
-                    .await?
-                    .ok_or_else(|| {
-                        Error::BadRequest("before is not a message of this conversation".into())
-                    })?,
-                ),
-                _ => None,
-            };
-            Ok(super::query_as(
-                "select * from (
-                     select m.*, sum(octet_length(m.content)) over (order by m.seq desc) as bytes
-                     from (select * from web_conversation_messages
-                           where conversation_id = $1 and ($2::bigint is null or seq < $2)
-                           order by seq desc
-                           limit $3) m
-                 ) newest
-                 where bytes - octet_length(content) < $4
-                 order by seq",
+    let before = match from {
+        PageFrom::Before(id) => Some(
+            super::query_scalar::<i64>(
+                "select seq from web_conversation_messages
+                 where conversation_id = $1 and id = $2",
             )
             .bind(conversation_id)
-            .bind(before)
-            .bind(limit)
-            .bind(MAX_PAGE_BYTES)
-            .fetch_all(conn)
-            .await?)
-        }
-    }
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or_else(|| {
+                Error::BadRequest("before is not a message of this conversation".into())
+            })?,
+        ),
+        _ => None,
+    };
+    // The candidates: the whole conversation, or the path from the head (or from `before`,
+    // whose own row is left out) back.
+    let (start, walk, after) = match from {
+        PageFrom::AfterSeq(after) => (None, MAX_BRANCH_WALK, Some(after)),
+        PageFrom::Before(id) => (Some(id), limit + 1, None),
+        PageFrom::Newest => (None, limit, None),
+    };
+    let newest_first = after.is_none();
+    Ok(super::query_as(
+        "with candidates as (
+             select m.* from web_conversation_messages m
+             where $2 and m.conversation_id = $1
+             union all
+             select m.* from branch_path($1, coalesce($3, (select c.head_id
+                                                         from web_conversations c
+                                                         where c.id = $1)), $4) b
+             join web_conversation_messages m on m.conversation_id = $1 and m.id = b.id
+             where not $2
+         ), window_ as (
+             select * from candidates
+             where ($5::bigint is null or seq > $5) and ($6::bigint is null or seq < $6)
+             order by case when $7 then -seq else seq end
+             limit $8
+         ), sized as (
+             select w.*, sum(octet_length(w.content))
+                             over (order by case when $7 then -w.seq else w.seq end) as bytes
+             from window_ w
+         )
+         select s.*,
+                (select coalesce(jsonb_agg(o.id order by o.seq), '[]')
+                 from web_conversation_messages o
+                 where o.conversation_id = $1
+                   and o.parent_id is not distinct from s.parent_id) as siblings
+         from sized s
+         where s.bytes - octet_length(s.content) < $9
+         order by s.seq",
+    )
+    .bind(conversation_id)
+    .bind(branch == Branch::All)
+    .bind(start)
+    .bind(walk)
+    .bind(after)
+    .bind(before)
+    .bind(newest_first)
+    .bind(limit)
+    .bind(MAX_PAGE_BYTES)
+    .fetch_all(conn)
+    .await?)
 }
 
 /// Deletes every message of the conversation and bumps its `updated_at`; the conversation
@@ -280,7 +355,9 @@ pub async fn reset(conn: &mut PgConnection, conversation_id: ConversationId) -> 
         .execute(&mut *conn)
         .await?
         .rows_affected();
-    super::query("update web_conversations set updated_at = clock_timestamp() where id = $1")
+    super::query(
+        "update web_conversations set updated_at = clock_timestamp(), head_id = null where id = $1",
+    )
         .bind(conversation_id)
         .execute(conn)
         .await?;

@@ -2,10 +2,10 @@
 //! conversation. [`process_one`] does one job; [`handle`] lifts it to an SQS batch, keeping FIFO
 //! order when something fails.
 //!
-//! Guarantees (PROTOCOL §5): a reply is stored before it is sent; each user message gets at
-//! most one stored reply however often the job is delivered (a redelivered job re-sends the
-//! stored reply instead of asking the agent again); within a conversation, jobs run in the
-//! order their messages were stored.
+//! Guarantees (PROTOCOL §5): a reply is stored before it is sent; each request (a message, an
+//! edit, a regenerate) gets at most one stored reply however often the job is delivered (a
+//! redelivered job re-sends the stored reply instead of asking the agent again); within a
+//! conversation, jobs run in the order they were queued.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +21,7 @@ use crate::db::Db;
 use crate::db::message_path::{self, ContextMessage};
 use crate::db::messages::{MessageStatus, StopReason};
 use crate::delivery::{Audience, ConnectionsFanout, Fanout, ManagementApi, RedisFanout};
-use crate::domain::storable;
+use crate::domain::{MessageId, storable};
 use crate::frame::ServerFrame;
 use crate::job::Job;
 use crate::telemetry::{self, Event};
@@ -210,6 +210,7 @@ pub async fn process_one(
     // Until the job's row is read, its deferrals are unknown: every receive counts.
     let mut attempt = Attempt {
         audience: None,
+        reply_id: job.reply_id,
         last: receipt.receives >= state.max_receives,
     };
     let started = Instant::now();
@@ -235,14 +236,20 @@ pub async fn process_one(
                 "agent_failed not sent"
             );
         }
-        let ended = end_failed(
-            &state.db,
-            state.fanout.as_ref(),
-            audience,
-            job.message_id,
-            None,
-        );
-        if let Err(e) = ended.await {
+        let ended = match attempt.reply_id {
+            Some(reply_id) => end_failed(
+                &state.db,
+                state.fanout.as_ref(),
+                audience,
+                job.message_id,
+                reply_id,
+                None,
+            )
+            .await
+            .map(|_| ()),
+            None => Ok(()),
+        };
+        if let Err(e) = ended {
             tracing::warn!(
                 error = &e as &dyn std::error::Error,
                 "reply not ended failed"
@@ -272,14 +279,16 @@ async fn answer(
         tenant_id,
         job.conversation_id,
         job.message_id,
+        job.reply_id,
         state.context.messages,
     )
     .await
     .map_err(JobFailure::of_database)?;
     let Some(loaded) = loaded else {
-        tracing::warn!("conversation gone; job dropped");
+        tracing::warn!("conversation or message gone; job dropped");
         return Ok(());
     };
+    let reply_id = *attempt.reply_id.insert(loaded.reply_id);
     let conversation = loaded.conversation;
     // Receives that found no time to start were sent back unattempted; they do not count.
     let attempts = receipt.receives.saturating_sub(loaded.deferrals);
@@ -294,6 +303,7 @@ async fn answer(
         for earlier in loaded.earlier {
             let earlier = Job {
                 message_id: earlier,
+                reply_id: None,
                 ..job.clone()
             };
             let receipt = Receipt {
@@ -335,7 +345,7 @@ async fn answer(
     })?;
     if loaded.cancel_requested {
         tracing::info!("cancelled before it started");
-        let mut stream = ReplyStream::new(state, &conversation, audience, job.message_id);
+        let mut stream = ReplyStream::new(state, &conversation, audience, job.message_id, reply_id);
         let stored = stream
             .end("", MessageStatus::Cancelled, StopReason::Cancelled, None)
             .await?;
@@ -382,7 +392,7 @@ async fn answer(
         drop(deltas);
         result
     };
-    let mut stream = ReplyStream::new(state, &conversation, audience, job.message_id);
+    let mut stream = ReplyStream::new(state, &conversation, audience, job.message_id, reply_id);
     let (result, leftover) = tokio::join!(call, stream.run(pieces, &stop));
     if result.is_some() {
         telemetry::record(Event::AgentLatency(stream.started.elapsed()));
@@ -449,6 +459,9 @@ async fn answer(
 /// whether this is its last attempt.
 struct Attempt {
     audience: Option<Audience>,
+    /// The reply this request stores (known once the job's row was read, for a job queued
+    /// before branches).
+    reply_id: Option<MessageId>,
     last: bool,
 }
 

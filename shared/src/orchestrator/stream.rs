@@ -49,6 +49,8 @@ pub(super) struct ReplyStream<'a> {
     pub(super) conversation: &'a Conversation,
     pub(super) audience: &'a mut Audience,
     pub(super) reply_to: MessageId,
+    /// The id the reply takes: its request's (the user message's `reply_id` when queued).
+    pub(super) reply_id: MessageId,
     /// This attempt, as the row's `producer`.
     pub(super) producer: Uuid,
     /// The row, once written.
@@ -68,12 +70,14 @@ impl<'a> ReplyStream<'a> {
         conversation: &'a Conversation,
         audience: &'a mut Audience,
         reply_to: MessageId,
+        reply_id: MessageId,
     ) -> Self {
         Self {
             state,
             conversation,
             audience,
             reply_to,
+            reply_id,
             producer: Uuid::new_v4(),
             reply: None,
             offset: 0,
@@ -211,7 +215,7 @@ impl<'a> ReplyStream<'a> {
                     db,
                     self.conversation,
                     ReplyWrite {
-                        id: MessageId::new(),
+                        id: self.reply_id,
                         reply_to: self.reply_to,
                         producer: self.producer,
                         text,
@@ -269,7 +273,7 @@ impl<'a> ReplyStream<'a> {
     }
 }
 
-/// Ends the reply to `reply_to` `failed` (what streamed of it kept, or an empty one stored) and
+/// Ends reply `reply_id` to `reply_to` `failed` (what streamed of it kept, or an empty one stored) and
 /// tells the audience's sockets; `false` when there was nothing to end. A job that gives up
 /// calls it, and the sweeper for a reply nobody has written since `unwritten_since`: no reply
 /// stays `streaming`, and the next message's job knows this one is settled.
@@ -278,6 +282,7 @@ pub async fn end_failed(
     fanout: &dyn Fanout,
     audience: &mut Audience,
     reply_to: MessageId,
+    reply_id: MessageId,
     unwritten_since: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<bool, Error> {
     let mut tx = db.begin(Scope::Tenant(audience.tenant_id)).await?;
@@ -285,7 +290,7 @@ pub async fn end_failed(
         &mut tx,
         audience.conversation_id,
         reply_to,
-        MessageId::new(),
+        reply_id,
         unwritten_since,
     )
     .await?;

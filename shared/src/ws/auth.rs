@@ -82,7 +82,9 @@ async fn auth(state: &AuthRoute, route: &RouteEvent) -> Result<Option<ServerFram
         conversation_id,
         user_id: caller.user_id(),
         last_seq: resume.last_seq,
+        head_id: resume.head_id,
     };
+    let mut head = resume.head_id;
     if resume.live {
         return Ok(Some(auth_ok));
     }
@@ -110,7 +112,15 @@ async fn auth(state: &AuthRoute, route: &RouteEvent) -> Result<Option<ServerFram
                 .await?;
         tx.commit().await?;
         let live = resume.live;
+        // The head moved while the socket caught up (writers leave it out until it is live).
+        let moved = (resume.head_id != head).then(|| ServerFrame::Head {
+            conversation_id,
+            head_id: resume.head_id,
+            reply_id: resume.head_reply_id,
+        });
+        head = resume.head_id;
         frames = owed_frames(conversation_id, false, resume, &mut sent, ended);
+        frames.extend(moved);
         if live {
             break;
         }
@@ -274,6 +284,8 @@ mod tests {
             too_many: false,
             streaming: Some(reply.clone()),
             live: false,
+            head_id: None,
+            head_reply_id: None,
         };
         owed_frames(reply.conversation_id, false, resume, sent, None)
             .iter()

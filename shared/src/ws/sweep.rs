@@ -78,6 +78,7 @@ pub async fn end_stale_replies(edge: &Edge, stale_after: Duration) -> Result<usi
             &fanout,
             &mut audience,
             reply.reply_to,
+            reply.id,
             Some(before),
         );
         if failed.await? {

@@ -96,6 +96,9 @@ fn server_frames() -> Vec<ServerFrame> {
         created_at: Utc::now(),
         author_id,
         client_message_id,
+        parent_id: Some(MessageId::new()),
+        reply_id: Some(MessageId::new()),
+        siblings: Some(vec![MessageId::new()]),
     };
     let chunks = ChunkOf {
         conversation_id,
@@ -107,6 +110,23 @@ fn server_frames() -> Vec<ServerFrame> {
             conversation_id,
             user_id: UserId::new(),
             last_seq: 3,
+            head_id: Some(MessageId::new()),
+        },
+        ServerFrame::AuthOk {
+            conversation_id,
+            user_id: UserId::new(),
+            last_seq: 0,
+            head_id: None,
+        },
+        ServerFrame::Head {
+            conversation_id,
+            head_id: Some(message_id),
+            reply_id: Some(MessageId::new()),
+        },
+        ServerFrame::Head {
+            conversation_id,
+            head_id: Some(message_id),
+            reply_id: None,
         },
         ServerFrame::Replay {
             messages: vec![
@@ -131,12 +151,16 @@ fn server_frames() -> Vec<ServerFrame> {
             message_id,
             client_message_id: Some(ClientMessageId::new()),
             seq: 4,
+            parent_id: Some(MessageId::new()),
+            reply_id: MessageId::new(),
         },
         ServerFrame::Ack {
             conversation_id,
             message_id,
             client_message_id: None,
             seq: 4,
+            parent_id: None,
+            reply_id: MessageId::new(),
         },
         ServerFrame::Typing { conversation_id },
         ServerFrame::Response {
@@ -176,6 +200,8 @@ fn server_frames() -> Vec<ServerFrame> {
             content,
             created_at: Utc::now(),
             client_message_id: None,
+            parent_id: Some(MessageId::new()),
+            reply_id: MessageId::new(),
         });
     }
     frames.extend(chunks.chunks(0, "from the start", true));

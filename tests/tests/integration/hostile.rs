@@ -69,6 +69,7 @@ proptest! {
             conversation_id: conversation,
             portal_user_id: user,
             message_id: message,
+            reply_id: Some(MessageId::new()),
             message: normalize_web_event(WebEvent {
                 tenant_id: tenant,
                 conversation_id: conversation,
@@ -183,6 +184,7 @@ fn any_rest_path_and_query_gets_a_contract_answer() {
     let router = api::router(ApiState {
         db,
         tokens: verifier(),
+        delivery: std::sync::Arc::new(shared::delivery::ManagementApi::new(crate::helpers::aws::sdk_config())),
     });
     proptest!(ProptestConfig::with_cases(200), |(
         segment in "\\PC{0,50}",

@@ -1,7 +1,7 @@
 use shared::Error;
 use shared::db::conversations::{self, Conversation};
 use shared::db::message_path::Written;
-use shared::db::messages::{self, MessageRole, PageFrom, StopReason};
+use shared::db::messages::{self, Branch, MessageRole, PageFrom, StopReason};
 use shared::db::{Db, Scope, message_path};
 use shared::domain::{ClientMessageId, MessageId, MessageText, PageLimit};
 
@@ -39,13 +39,14 @@ async fn page(db: &Db, s: &Seed, before: Option<MessageId>, limit: i64) -> Vec<M
     messages::page(
         &mut tx,
         s.conversation,
+        Branch::All,
         before.map_or(PageFrom::Newest, PageFrom::Before),
         PageLimit::new(limit).unwrap(),
     )
     .await
     .unwrap()
     .into_iter()
-    .map(|m| m.id)
+    .map(|m| m.message.id)
     .collect()
 }
 
@@ -96,13 +97,14 @@ async fn a_new_message_bumps_the_conversation() {
     let stored = messages::page(
         &mut tx,
         s.conversation,
+        Branch::All,
         PageFrom::Newest,
         PageLimit::default(),
     )
     .await
     .unwrap();
-    assert_eq!(stored[0].id, ids[0]);
-    assert_eq!(stored[0].created_at, after);
+    assert_eq!(stored[0].message.id, ids[0]);
+    assert_eq!(stored[0].message.created_at, after);
 }
 
 #[tokio::test]
@@ -155,6 +157,7 @@ async fn a_cursor_from_another_conversation_is_a_bad_request() {
         let err = messages::page(
             &mut tx,
             s.conversation,
+            Branch::All,
             PageFrom::Before(before),
             PageLimit::default(),
         )
@@ -165,15 +168,17 @@ async fn a_cursor_from_another_conversation_is_a_bad_request() {
 }
 
 #[tokio::test]
-async fn a_reply_is_stored_once_per_user_message() {
+async fn a_reply_is_stored_once_per_request() {
     let (_test, db) = TestDb::migrated().await;
     let s = seed(&db, "acme").await;
     let conversation = conversation(&db, &s).await;
     let question = store(&db, &s, 1).await[0];
+    // The request's reply id: a redelivered job writes the same one.
+    let reply_id = MessageId::new();
 
     let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
     assert_eq!(
-        messages::find_reply(&mut tx, s.conversation, question)
+        messages::find(&mut tx, s.conversation, reply_id)
             .await
             .unwrap(),
         None
@@ -182,7 +187,7 @@ async fn a_reply_is_stored_once_per_user_message() {
     let first = message_path::store_reply(
         &db,
         &conversation,
-        MessageId::new(),
+        reply_id,
         question,
         "answer",
         StopReason::End,
@@ -193,7 +198,7 @@ async fn a_reply_is_stored_once_per_user_message() {
     let again = message_path::store_reply(
         &db,
         &conversation,
-        MessageId::new(),
+        reply_id,
         question,
         "another answer",
         StopReason::End,
@@ -208,7 +213,7 @@ async fn a_reply_is_stored_once_per_user_message() {
     assert_eq!(first.reply.reply_to, Some(question));
     let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
     assert_eq!(
-        messages::find_reply(&mut tx, s.conversation, question)
+        messages::find(&mut tx, s.conversation, reply_id)
             .await
             .unwrap(),
         Some(first.reply.clone())

@@ -178,6 +178,7 @@ async fn a_permanent_400_is_agent_failed_and_the_user_message_stays() {
     let history = messages::page(
         &mut tx,
         conversation,
+        messages::Branch::All,
         PageFrom::Newest,
         PageLimit::default(),
     )
@@ -185,7 +186,7 @@ async fn a_permanent_400_is_agent_failed_and_the_user_message_stays() {
     .unwrap();
     assert_eq!(history.len(), 2);
     assert_eq!(
-        history[0].content, "bad request",
+        history[0].message.content, "bad request",
         "the user message is intact"
     );
 }

@@ -125,6 +125,7 @@ async fn a_worker_killed_mid_stream_leaves_a_reply_the_next_worker_restarts() {
     let stored = messages::page(
         &mut tx,
         conversation,
+        messages::Branch::All,
         PageFrom::Newest,
         PageLimit::default(),
     )
@@ -132,6 +133,7 @@ async fn a_worker_killed_mid_stream_leaves_a_reply_the_next_worker_restarts() {
     .unwrap();
     let replies: Vec<_> = stored
         .iter()
+        .map(|item| &item.message)
         .filter(|m| m.role == MessageRole::Assistant)
         .collect();
     assert_eq!(replies.len(), 1, "one stored reply");

@@ -42,6 +42,10 @@ pub struct Accepted {
     pub seq: i64,
     /// `false` when a message with this `client_message_id` was already stored.
     pub created: bool,
+    /// The message it follows (PROTOCOL §2 "Branches"); `None` for a conversation's first.
+    pub parent_id: Option<MessageId>,
+    /// The id its reply will take.
+    pub reply_id: MessageId,
     /// The conversation's other sockets that may see it, listed after it was numbered (empty
     /// for a repeat): they get it as a `message` frame.
     pub others: Vec<Recipient>,
@@ -57,26 +61,37 @@ struct AcceptRow {
     permitted: bool,
     window_messages: i32,
     user_messages: i64,
+    edited_exists: bool,
+    siblings: i64,
     message_id: Option<MessageId>,
     created_at: Option<DateTime<Utc>>,
     seq: Option<i64>,
     created: bool,
+    parent_id: Option<MessageId>,
+    reply_id: Option<MessageId>,
     others: Json<Vec<Recipient>>,
 }
+
+/// How many messages may stand beside each other (an edited message and its edits, a user
+/// message's replies): past it, `edit` and `regenerate` are refused `too_large`.
+pub const MAX_SIBLINGS: i64 = 20;
 
 /// The message route's one step (`accept_message`, in the socket's
 /// [`Scope::BoundConnection`]; one round trip): counts the message in the connection's rate window and the user's recent messages, checks the
 /// socket is authenticated, its token unexpired and its user still allowed, and stores the
-/// message, with its author, only if all holds.
+/// message, with its author, only if all holds. The message follows the conversation's head,
+/// or, for an `edit` (`edit_of`), stands beside the message it edits; it becomes the head.
 ///
 /// Refusals come back as the contract's errors: `unauthenticated` (no `auth` yet, or the token
-/// expired), `not_found`, `forbidden`, `rate_limited`.
+/// expired), `not_found`, `forbidden`, `rate_limited`, `too_large` (an edit past
+/// [`MAX_SIBLINGS`]).
 pub async fn accept(
     db: &Db,
     connection: &ConnectionId,
     text: &MessageText,
     client_message_id: Option<ClientMessageId>,
     limits: Limits,
+    edit_of: Option<MessageId>,
 ) -> Result<Accepted, Error> {
     let limit = limits.connection;
     let row: Option<AcceptRow> = db
@@ -89,7 +104,9 @@ pub async fn accept(
                 .optional_uuid(client_message_id)
                 .bigint(i64::from(limit.messages))
                 .bigint(i64::from(limits.user.messages))
-                .float(f64::from(limits.user.window_seconds)),
+                .float(f64::from(limits.user.window_seconds))
+                .optional_uuid(edit_of)
+                .bigint(MAX_SIBLINGS),
         )
         .await?;
 
@@ -98,39 +115,37 @@ pub async fn accept(
     let (Some(tenant_id), Some(user_id)) = (row.tenant_id, row.user_id) else {
         return Err(unauthenticated());
     };
-    if !row.fresh {
-        return Err(Error::Unauthenticated(
-            "your token has expired; send an auth frame with a fresh one".into(),
+    socket_refusal(
+        row.fresh,
+        row.conversation_exists,
+        row.permitted,
+        row.window_messages,
+        row.user_messages,
+        limits,
+    )?;
+    if !row.edited_exists {
+        return Err(Error::NotFound(
+            "no such user message in this conversation to edit".into(),
         ));
     }
-    if !row.conversation_exists {
-        return Err(Error::NotFound("the conversation no longer exists".into()));
-    }
-    if !row.permitted {
-        return Err(Error::Forbidden(
-            "you no longer have access to this conversation".into(),
-        ));
-    }
-    if i64::from(row.window_messages) > i64::from(limit.messages) {
-        return Err(Error::RateLimited(format!(
-            "at most {} messages per {} seconds",
-            limit.messages, limit.window_seconds
+    if row.siblings >= MAX_SIBLINGS {
+        return Err(Error::TooLarge(format!(
+            "a message has at most {MAX_SIBLINGS} versions"
         )));
     }
-    if row.user_messages >= i64::from(limits.user.messages) {
-        return Err(Error::RateLimited(format!(
-            "at most {} messages per {} seconds from one user, across all their sockets",
-            limits.user.messages, limits.user.window_seconds
-        )));
-    }
-    let (message_id, created_at, seq) = match (row.message_id, row.created_at, row.seq) {
-        (Some(id), Some(at), Some(seq)) => (id, at, seq),
+    let (message_id, created_at, seq, parent_id, reply_id) = match (
+        row.message_id,
+        row.created_at,
+        row.seq,
+        row.reply_id,
+    ) {
+        (Some(id), Some(at), Some(seq), Some(reply_id)) => (id, at, seq, row.parent_id, reply_id),
         // A concurrent repeat of the same client_message_id committed after this statement's
         // snapshot was taken: it is stored, read it now.
         _ => {
             let mut tx = db.begin(Scope::BoundConnection(connection)).await?;
             let stored = query_as(
-                "select id, created_at, seq from web_conversation_messages
+                "select id, created_at, seq, parent_id, reply_id from web_conversation_messages
                  where conversation_id = $1 and client_message_id = $2",
             )
             .bind(row.conversation_id)
@@ -149,8 +164,49 @@ pub async fn accept(
         created_at,
         seq,
         created: row.created,
+        parent_id,
+        reply_id,
         others: row.others.0,
     })
+}
+
+/// The refusal a message-like frame (`message`, `edit`, `regenerate`) gets from what its step
+/// read of the socket, if any: an expired token, a conversation gone, access lost, a rate limit.
+pub(super) fn socket_refusal(
+    fresh: bool,
+    conversation_exists: bool,
+    permitted: bool,
+    window_messages: i32,
+    user_messages: i64,
+    limits: Limits,
+) -> Result<(), Error> {
+    let limit = limits.connection;
+    if !fresh {
+        return Err(Error::Unauthenticated(
+            "your token has expired; send an auth frame with a fresh one".into(),
+        ));
+    }
+    if !conversation_exists {
+        return Err(Error::NotFound("the conversation no longer exists".into()));
+    }
+    if !permitted {
+        return Err(Error::Forbidden(
+            "you no longer have access to this conversation".into(),
+        ));
+    }
+    if i64::from(window_messages) > i64::from(limit.messages) {
+        return Err(Error::RateLimited(format!(
+            "at most {} messages per {} seconds",
+            limit.messages, limit.window_seconds
+        )));
+    }
+    if user_messages >= i64::from(limits.user.messages) {
+        return Err(Error::RateLimited(format!(
+            "at most {} messages per {} seconds from one user, across all their sockets",
+            limits.user.messages, limits.user.window_seconds
+        )));
+    }
+    Ok(())
 }
 
 #[derive(sqlx::FromRow)]

@@ -20,7 +20,9 @@ pub struct JobContext {
     /// `None` when the agent row is gone.
     pub agent: Option<Agent>,
     pub reply: Option<Message>,
-    /// The conversation up to the job's message, its last `limit` messages oldest first, each
+    /// The id of the reply this job's request stores.
+    pub reply_id: MessageId,
+    /// The branch up to the job's message, its last `limit` messages oldest first, each
     /// reply right after the message it answers (a reply is often stored after later user
     /// messages arrived). Its last element is the job's message, unless that was deleted.
     ///
@@ -30,7 +32,8 @@ pub struct JobContext {
     /// reply stored late out of it.
     pub history: Vec<ContextMessage>,
     pub recipients: Vec<Recipient>,
-    /// The user cancelled the job's message before it started.
+    /// The user cancelled the job's message before it started, or asked for a new reply since
+    /// (this job's request is no longer the message's current one).
     pub cancel_requested: bool,
     /// Times the job was received but sent back unstarted: receives that were not attempts.
     pub deferrals: u32,
@@ -60,6 +63,7 @@ struct JobRow {
     conversation: Json<Conversation>,
     agent: Option<Json<Agent>>,
     reply: Option<Json<Message>>,
+    reply_id: Option<MessageId>,
     history: Json<Vec<ContextMessage>>,
     recipients: Json<Vec<Recipient>>,
     cancel_requested: bool,
@@ -67,13 +71,15 @@ struct JobRow {
     earlier: Json<Vec<MessageId>>,
 }
 
-/// The orchestrator's read (`job_context`, in the tenant's scope; one round trip); `None` when
-/// the conversation is gone.
+/// The orchestrator's read (`job_context`, in the tenant's scope; one round trip) for the
+/// request whose reply is `reply_id` (`None`: the message's current request); `None` when the
+/// conversation or the message is gone.
 pub async fn load_job(
     db: &Db,
     tenant_id: TenantId,
     conversation_id: ConversationId,
     message_id: MessageId,
+    reply_id: Option<MessageId>,
     limit: u16,
 ) -> Result<Option<JobContext>, Error> {
     let row: Option<JobRow> = db
@@ -83,18 +89,22 @@ pub async fn load_job(
                 .uuid(conversation_id)
                 .uuid(message_id)
                 .bigint(i64::from(limit))
-                .bigint(EARLIER_WINDOW),
+                .bigint(EARLIER_WINDOW)
+                .optional_uuid(reply_id),
         )
         .await?;
-    Ok(row.map(|row| JobContext {
+    Ok(row.and_then(|row| {
+        Some(JobContext {
         conversation: row.conversation.0,
         agent: row.agent.map(|a| a.0),
         reply: row.reply.map(|r| r.0),
+        reply_id: row.reply_id?,
         history: row.history.0,
         recipients: row.recipients.0,
         cancel_requested: row.cancel_requested,
         deferrals: u32::try_from(row.deferrals).unwrap_or(0),
         earlier: row.earlier.0,
+    })
     }))
 }
 

@@ -10,11 +10,13 @@
 //! is still the conversation's owner and a member of its tenant, or a platform admin.
 
 mod accept;
+mod branch;
 mod job;
 mod reply;
 mod socket;
 
 pub use accept::*;
+pub use branch::*;
 pub use job::*;
 pub use reply::*;
 pub use socket::*;

@@ -61,9 +61,9 @@ struct ReplyRow {
 }
 
 /// Writes a reply to `reply_to` for the first time (`write_reply`, in the tenant's scope; one
-/// round trip): at most one reply
-/// per user message, numbered when it starts; a `streaming` one left by a dead attempt is
-/// taken over. Lists the recipients as they are now.
+/// round trip): the reply of one request (its id, the request's `reply_id`) is stored once,
+/// numbered when it starts, and becomes the head if its user message is; a `streaming` one left
+/// by a dead attempt is taken over. Lists the recipients as they are now.
 pub async fn write_reply(
     db: &Db,
     conversation: &Conversation,
@@ -95,7 +95,7 @@ pub async fn write_reply(
         // A reply stored concurrently, committed after this statement's snapshot.
         None => {
             let mut tx = db.begin(Scope::Tenant(conversation.tenant_id)).await?;
-            let found = crate::db::messages::find_reply(&mut tx, conversation.id, write.reply_to)
+            let found = crate::db::messages::find(&mut tx, conversation.id, write.id)
                 .await?
                 .ok_or_else(|| Error::Internal("reply conflicted but cannot be read".into()))?;
             tx.commit().await?;
@@ -117,10 +117,10 @@ pub async fn write_reply(
     })
 }
 
-/// Ends the reply to `reply_to` `failed` when its job gives up, in the tenant's scope: a
+/// Ends reply `id` (to `reply_to`) `failed` when its job gives up, in the tenant's scope: a
 /// reply still `streaming` keeps what it had; when none was written, an empty `failed` one is
-/// stored (numbered now, with id `id`), so every acknowledged message ends answered or visibly
-/// failed, and a later message's job knows this one is settled. `None` when the reply had
+/// stored (numbered now), so every request ends answered or visibly failed, and a later
+/// message's job knows this one is settled. `None` when the reply had
 /// already ended, or the user message is gone. Lists the recipients as they are now.
 ///
 /// `unwritten_since`: only a reply still streaming that nobody has written since then is
@@ -145,24 +145,27 @@ pub async fn fail_reply(
              update web_conversation_messages m
              set status = 'failed', stop_reason = 'error', producer = null, written_at = now()
              from locked l
-             where m.conversation_id = l.id and m.reply_to = $2 and m.status = 'streaming'
+             where m.conversation_id = l.id and m.id = $3 and m.status = 'streaming'
                and ($4::timestamptz is null or m.written_at < $4)
              returning m.*
          ), inserted as (
              insert into web_conversation_messages
-                 (id, conversation_id, tenant_id, role, content, reply_to, seq, status,
-                  stop_reason)
-             select $3, l.id, l.tenant_id, 'assistant', '', $2, l.last_seq + 1, 'failed', 'error'
+                 (id, conversation_id, tenant_id, role, content, reply_to, parent_id, seq,
+                  status, stop_reason)
+             select $3, l.id, l.tenant_id, 'assistant', '', $2, $2, l.last_seq + 1, 'failed',
+                    'error'
              from locked l
              where $4::timestamptz is null
                and exists (select 1 from web_conversation_messages q
                            where q.conversation_id = l.id and q.id = $2 and q.role = 'user')
                and not exists (select 1 from web_conversation_messages r
-                               where r.conversation_id = l.id and r.reply_to = $2)
-             on conflict (conversation_id, reply_to) do nothing
+                               where r.conversation_id = l.id and r.id = $3)
+             on conflict (id) do nothing
              returning *
          ), touched as (
-             update web_conversations v set updated_at = i.created_at, last_seq = i.seq
+             update web_conversations v
+             set updated_at = i.created_at, last_seq = i.seq,
+                 head_id = case when v.head_id = i.reply_to then i.id else v.head_id end
              from inserted i where v.id = i.conversation_id
          )
          select coalesce((select to_jsonb(e) from ended e),
@@ -186,6 +189,7 @@ pub async fn fail_reply(
 pub struct StaleReply {
     pub tenant_id: TenantId,
     pub conversation_id: ConversationId,
+    pub id: MessageId,
     pub reply_to: MessageId,
     pub written_at: DateTime<Utc>,
 }
@@ -198,7 +202,7 @@ pub async fn stale_replies(
     limit: i64,
 ) -> Result<Vec<StaleReply>, Error> {
     Ok(query_as(
-        "select tenant_id, conversation_id, reply_to, written_at
+        "select tenant_id, conversation_id, id, reply_to, written_at
          from web_conversation_messages
          where status = 'streaming' and written_at < $1 and reply_to is not null
          order by written_at

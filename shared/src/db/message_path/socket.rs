@@ -193,6 +193,10 @@ pub struct Resume {
     pub streaming: Option<Message>,
     /// The socket takes live frames from now on: nothing more is owed to it.
     pub live: bool,
+    /// The end of the conversation's current branch, and the id its reply will take when it
+    /// is a user message whose reply has not started (a `head` frame's fields).
+    pub head_id: Option<MessageId>,
+    pub head_reply_id: Option<MessageId>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -202,6 +206,8 @@ struct ResumeRow {
     missed: Json<Vec<Message>>,
     streaming: Option<Json<Message>>,
     live: bool,
+    head_id: Option<MessageId>,
+    head_reply_id: Option<MessageId>,
 }
 
 /// The messages after `$2` (null: none), at most MAX_REPLAY (`$3`) and MAX_REPLAY_BYTES (`$4`)
@@ -228,7 +234,9 @@ const OWED_COLUMNS: &str = "c.last_seq, o.too_many,
                 from missed m)
      end as missed,
      o.streaming,
-     exists (select 1 from live) as live";
+     exists (select 1 from live) as live,
+     (select h.head_id from head_of(c.id) h) as head_id,
+     (select h.reply_id from head_of(c.id) h) as head_reply_id";
 
 /// `auth`'s second statement, after [`bind`] in the same transaction: `bind` locked the
 /// conversation row (`for share`), so this statement's snapshot holds every message whose writer
@@ -272,6 +280,8 @@ impl From<ResumeRow> for Resume {
             missed: row.missed.0,
             streaming: row.streaming.map(|m| m.0),
             live: row.live,
+            head_id: row.head_id,
+            head_reply_id: row.head_reply_id,
         }
     }
 }

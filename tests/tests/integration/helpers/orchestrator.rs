@@ -134,11 +134,15 @@ pub async fn stored(h: &Harness, conversation: ConversationId) -> Vec<messages::
     messages::page(
         &mut tx,
         conversation,
+        messages::Branch::All,
         PageFrom::Newest,
         PageLimit::new(200).unwrap(),
     )
     .await
     .unwrap()
+    .into_iter()
+    .map(|item| item.message)
+    .collect()
 }
 
 /// The conversation's replies that have ended, oldest first.
