@@ -19,6 +19,7 @@ const chat = new Chat({
   apiBase: "https://chat-api.example.test",
   onChange: (c) => render(c.messages, c.state, c.typing),
   onError: (e: ChatError) => console.warn(e.code, e.message, e.client_message_id),
+  onHead: (headId: string | null) => console.info("branch now ends at", headId),
   maxConnectionMs: 115 * 60 * 1000,
   renewBeforeMs: 60_000,
   storage: null,
@@ -32,8 +33,15 @@ async function use(): Promise<void> {
   for (const m of chat.messages) {
     const seq: number | null = m.seq;
     const failed: boolean = m.status === "failed" && m.error !== undefined;
-    void seq, failed;
+    const version = `${m.id ? m.siblings.indexOf(m.id) + 1 : 0} of ${m.siblings.length}`;
+    const parent: string | null = m.parentId;
+    void seq, failed, version, parent;
+    if (m.role === "assistant" && m.replyTo) chat.regenerate(m.replyTo);
+    if (m.role === "user" && m.id) chat.edit(m.id, "Better words");
+    if (m.id && m.siblings.length > 1) await chat.switchTo(m.siblings[0]);
   }
+  const head: string | null = chat.head;
+  void head;
   await chat.reload();
   chat.stop();
 }
@@ -50,6 +58,7 @@ function describe(frame: ServerFrame): string {
     case "chunk": return `${frame.offset}+${frame.delta.length}${frame.reset ? " (reset)" : ""}`;
     case "response": return `${frame.stop_reason}: ${frame.text ?? "(rebuilt from chunks)"}`;
     case "error": return `${frame.code}: ${frame.message}`;
+    case "head": return `branch ends at ${frame.head_id ?? "nothing"}${frame.reply_id ? ` (reply ${frame.reply_id} to come)` : ""}`;
     case "pong": return "pong";
   }
 }
@@ -59,6 +68,9 @@ const frames: ClientFrame[] = [
   { type: "auth", token: "jwt", resume_after: 42 },
   { type: "message", text: "Hi", client_message_id: "00000000-0000-4000-8000-000000000000" },
   { type: "cancel", reply_to: "00000000-0000-4000-8000-000000000000" },
+  { type: "regenerate", reply_to: "00000000-0000-4000-8000-000000000000" },
+  { type: "edit", message_id: "00000000-0000-4000-8000-000000000000", text: "Hi again", client_message_id: "00000000-0000-4000-8000-000000000001" },
+  { type: "head", message_id: "00000000-0000-4000-8000-000000000000" },
   { type: "ping" },
 ];
 void frames;

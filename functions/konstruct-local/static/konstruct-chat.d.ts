@@ -35,6 +35,17 @@ export interface ChatMessage {
   replyTo: string | null;
   clientMessageId: string | null;
   stopReason: StopReason | null;
+  /** The message it follows (null for the conversation's first; null while pending). */
+  parentId: string | null;
+  /** For a user message: the id its reply takes (known before the reply starts). */
+  replyId: string | null;
+  /**
+   * The ids of the messages beside it (same parent), oldest first, itself among them: "2 of 3"
+   * is `siblings.indexOf(id) + 1` of `siblings.length`. Filled by `messages`.
+   */
+  siblings: string[];
+  /** For a pending edit: the user message it edits. */
+  editOf?: string | null;
   /** For a message refused for good, the refusal's code. */
   error?: ErrorCode;
 }
@@ -65,6 +76,8 @@ export interface ChatOptions {
   onChange?: (chat: Chat) => void;
   /** A refusal, a failed history read, a token that could not be had. */
   onError?: (error: ChatError) => void;
+  /** The current branch changed (here or in another tab): it now ends at `headId`. */
+  onHead?: (headId: string | null) => void;
   /** Reconnect before this (default 115 minutes: API Gateway cuts at 2 hours). */
   maxConnectionMs?: number;
   /** Renew the token this long before it expires (default 60 000). */
@@ -78,8 +91,13 @@ export type ConnectionState = "connecting" | "connected" | "disconnected";
 export declare class Chat {
   constructor(options: ChatOptions);
   readonly options: ChatOptions;
-  /** Every message once: stored ones in `seq` order, then refused ones, then pending ones. */
+  /**
+   * The current branch (the path from the head back, oldest first), then refused ones, then
+   * pending ones. Before the server names a head: every stored message in `seq` order.
+   */
   readonly messages: ChatMessage[];
+  /** The end of the current branch; null until the server names it (or while empty). */
+  head: string | null;
   /** The largest `seq` seen: what a reconnect resumes after. */
   lastSeq: number;
   state: ConnectionState;
@@ -97,6 +115,15 @@ export declare class Chat {
   send(text: string): string;
   /** Stops the agent's reply to a user message. */
   cancel(userMessageId: string): void;
+  /**
+   * A new reply to a user message (one streaming stops first); the earlier ones stay, as
+   * siblings. False when no socket is connected.
+   */
+  regenerate(userMessageId: string): boolean;
+  /** A new version of a user message beside it, answered (pending until stored). */
+  edit(userMessageId: string, text: string): string;
+  /** Shows the branch through a stored message, in every tab. */
+  switchTo(messageId: string): Promise<void>;
   /** Reads the newest page of history again over REST. */
   reload(): Promise<void>;
 }
@@ -115,12 +142,33 @@ export interface StoredMessage {
   created_at: string;
   /** User messages: who wrote it (the conversation's owner, or a platform admin). */
   author_id?: string;
+  /** The message it follows; null for the conversation's first. */
+  parent_id: string | null;
+  /** User messages: the id their reply takes. */
+  reply_id?: string;
+  /** History items: the ids of the messages with the same parent, oldest first. */
+  siblings?: string[];
 }
 
 export type ServerFrame =
-  | { type: "auth_ok"; conversation_id: string; user_id: string; last_seq: number }
+  | { type: "auth_ok"; conversation_id: string; user_id: string; last_seq: number; head_id: string | null }
+  | {
+      type: "head";
+      conversation_id: string;
+      head_id: string | null;
+      /** When the head is a user message whose reply has not started: the id it will take. */
+      reply_id?: string;
+    }
   | { type: "replay"; messages: StoredMessage[]; recovered: boolean; more: boolean }
-  | { type: "ack"; conversation_id: string; message_id: string; client_message_id: string | null; seq: number }
+  | {
+      type: "ack";
+      conversation_id: string;
+      message_id: string;
+      client_message_id: string | null;
+      seq: number;
+      parent_id: string | null;
+      reply_id: string;
+    }
   | {
       type: "message";
       conversation_id: string;
@@ -131,6 +179,8 @@ export type ServerFrame =
       content?: string;
       created_at: string;
       client_message_id: string | null;
+      parent_id: string | null;
+      reply_id: string;
     }
   | { type: "typing"; conversation_id: string }
   | {
@@ -162,4 +212,7 @@ export type ClientFrame =
   | { type: "auth"; token: string; resume_after?: number }
   | { type: "message"; text: string; client_message_id?: string }
   | { type: "cancel"; reply_to: string }
+  | { type: "regenerate"; reply_to: string }
+  | { type: "edit"; message_id: string; text: string; client_message_id?: string }
+  | { type: "head"; message_id: string }
   | { type: "ping" };

@@ -16,6 +16,10 @@
 //   visibly failed; transiently (rate_limited, internal) it is sent again after a backoff.
 // - reconnects with exponential backoff and jitter; pings every 5 minutes; reconnects by
 //   itself before the 2-hour cut.
+// - branches (PROTOCOL.md §2 "Branches"): every message it holds is kept (the whole tree);
+//   `messages` is the current branch, the path from the head back. The head follows the server:
+//   `auth_ok` names it, a new user message and a reply to the head move it, a `head` frame moves
+//   it anywhere. `regenerate()`, `edit()` and `switchTo()` ask the server to move it.
 //
 // Usage:
 //   import { Chat } from "/konstruct-chat.js";
@@ -23,7 +27,10 @@
 //   chat.start();
 //   chat.send("Hello");            // shown pending at once, sent when connected
 //   chat.cancel(userMessageId);    // stops the reply to it
-//   chat.messages;                 // ChatMessage[] in seq order, pending ones last
+//   chat.regenerate(userMessageId); // a new reply to it; the earlier ones stay, as siblings
+//   chat.edit(userMessageId, "…"); // a new version of it, answered; the original stays
+//   chat.switchTo(messageId);      // show the branch through that message
+//   chat.messages;                 // ChatMessage[]: the current branch, pending ones last
 
 /**
  * @typedef {"pending" | "complete" | "streaming" | "cancelled" | "failed"} MessageStatus
@@ -38,6 +45,11 @@
  * @property {string | null} replyTo  for a reply, the user message it answers
  * @property {string | null} clientMessageId
  * @property {string | null} stopReason  for a reply: end, length, cancelled or error
+ * @property {string | null} parentId  the message it follows (null for the first)
+ * @property {string | null} replyId   for a user message: the id its reply takes
+ * @property {string[]} siblings   ids of the messages beside it (same parent), oldest first,
+ *   itself among them: "2 of 3" is `siblings.indexOf(id) + 1` of `siblings.length`
+ * @property {string | null} [editOf]  for a pending edit: the message it edits
  *
  * @typedef {object} ChatOptions
  * @property {string} conversationId
@@ -51,6 +63,8 @@
  *   <apiBase>/api/portal/chat/conversations/<id>/messages
  * @property {(chat: Chat) => void} [onChange]  called after every change of state
  * @property {(error: {code: string, message: string}) => void} [onError]
+ * @property {(headId: string | null) => void} [onHead]  the current branch changed (here or in
+ *   another tab): it now ends at `headId`
  * @property {number} [maxConnectionMs]  reconnect before this (default 115 minutes)
  * @property {number} [renewBeforeMs]  renew the token this long before it expires (default 60 s)
  * @property {Storage | null} [storage]  where the outbox survives a reload (default
@@ -100,6 +114,8 @@ export class Chat {
     this.refused = new Map();
     /** The largest seq seen: what a reconnect resumes after. */
     this.lastSeq = 0;
+    /** The end of the current branch (null until the server names it). */
+    this.head = null;
     /** "connecting" | "connected" | "disconnected" */
     this.state = "disconnected";
     this.typing = false;
@@ -113,10 +129,36 @@ export class Chat {
     this.restoreOutbox();
   }
 
-  /** Every message, stored ones in seq order, then the pending ones in the order typed. */
+  /**
+   * The current branch (the path from the head back, oldest first), then the pending messages
+   * in the order typed. Before the server has named a head, every stored message, in seq order.
+   */
   get messages() {
     const stored = [...this.byId.values()].sort((a, b) => a.seq - b.seq);
-    return [...stored, ...this.refused.values(), ...this.outbox.values()];
+    const siblings = new Map();
+    for (const m of stored) {
+      const of = siblings.get(m.parentId) ?? [];
+      of.push(m.id);
+      siblings.set(m.parentId, of);
+    }
+    for (const m of stored) m.siblings = siblings.get(m.parentId);
+    return [...this.branch(stored), ...this.refused.values(), ...this.outbox.values()];
+  }
+
+  /** The path from the head back, oldest first (a parent not held yet ends it). */
+  branch(stored) {
+    const head = this.head && this.byId.get(this.head);
+    if (!head) return stored;
+    // A reply that has not started is known by the id its user message says it will take.
+    const byReplyId = new Map(stored.filter((m) => m.replyId).map((m) => [m.replyId, m]));
+    const path = [];
+    const seen = new Set();
+    for (let at = head; at && !seen.has(at.id);) {
+      seen.add(at.id);
+      path.push(at);
+      at = at.parentId ? this.byId.get(at.parentId) ?? byReplyId.get(at.parentId) : null;
+    }
+    return path.reverse();
   }
 
   /** Loads the history, then connects. */
@@ -144,6 +186,7 @@ export class Chat {
     const message = {
       key: clientMessageId, id: null, seq: null, role: "user", content: text,
       status: "pending", replyTo: null, clientMessageId, stopReason: null,
+      parentId: null, replyId: null, siblings: [],
     };
     this.outbox.set(clientMessageId, message);
     this.saveOutbox();
@@ -158,6 +201,69 @@ export class Chat {
    */
   cancel(userMessageId) {
     this.frame({ type: "cancel", reply_to: userMessageId });
+  }
+
+  /**
+   * Asks for a new reply to a user message (one still streaming stops first); the earlier
+   * replies stay, as its siblings. Says whether the frame went (a socket must be connected).
+   * @param {string} userMessageId
+   */
+  regenerate(userMessageId) {
+    return this.frame({ type: "regenerate", reply_to: userMessageId });
+  }
+
+  /**
+   * A new version of a user message, beside it (same parent), answered by the agent; the
+   * original and what follows it stay on their branch. Pending like `send` until stored.
+   * @param {string} userMessageId
+   * @param {string} text
+   * @returns {string} its client_message_id
+   */
+  edit(userMessageId, text) {
+    const clientMessageId = crypto.randomUUID();
+    /** @type {ChatMessage} */
+    const message = {
+      key: clientMessageId, id: null, seq: null, role: "user", content: text,
+      status: "pending", replyTo: null, clientMessageId, stopReason: null,
+      parentId: null, replyId: null, siblings: [], editOf: userMessageId,
+    };
+    this.outbox.set(clientMessageId, message);
+    this.saveOutbox();
+    this.transmit(message);
+    this.changed();
+    return clientMessageId;
+  }
+
+  /**
+   * Shows the branch through a stored message (the newest message that follows it becomes the
+   * head), in every tab: over the socket, or over REST while it is down.
+   * @param {string} messageId
+   */
+  async switchTo(messageId) {
+    if (this.frame({ type: "head", message_id: messageId })) return;
+    const token = await this.currentToken();
+    const conversation = encodeURIComponent(this.options.conversationId);
+    const response = await fetch(`${this.apiBase}/api/portal/chat/conversations/${conversation}/head`, {
+      method: "PUT",
+      headers: { Authorization: "Bearer " + token, "Content-Type": "application/json" },
+      body: JSON.stringify({ message_id: messageId }),
+    });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      if (this.options.onError) this.options.onError({ code: body.code || "internal", message: body.detail || response.statusText });
+      return;
+    }
+    this.moveHead(body.head_id ?? null, body.reply_id);
+    this.changed();
+  }
+
+  /** The head moved (as the server says); `replyId`: the id its reply will take. */
+  moveHead(headId, replyId) {
+    const head = headId && this.byId.get(headId);
+    if (head && replyId) head.replyId = replyId;
+    if (headId === this.head) return;
+    this.head = headId;
+    if (this.options.onHead) this.options.onHead(headId);
   }
 
   // --- connection -------------------------------------------------------------------------
@@ -266,7 +372,9 @@ export class Chat {
   }
 
   transmit(message) {
-    this.frame({ type: "message", text: message.content, client_message_id: message.clientMessageId });
+    this.frame(message.editOf
+      ? { type: "edit", message_id: message.editOf, text: message.content, client_message_id: message.clientMessageId }
+      : { type: "message", text: message.content, client_message_id: message.clientMessageId });
   }
 
   // --- frames from the server --------------------------------------------------------------
@@ -287,6 +395,8 @@ export class Chat {
             this.options.maxConnectionMs ?? TWO_HOURS_LESS_MARGIN_MS);
         }
         if (!this.loaded) { this.loaded = true; this.seen(frame.last_seq); }
+        // The replay that follows is history: it does not move the head, auth_ok names it.
+        this.moveHead(frame.head_id ?? null);
         // Whatever is still unacknowledged goes again, with the same client_message_id.
         for (const message of this.outbox.values()) this.transmit(message);
         break;
@@ -302,13 +412,22 @@ export class Chat {
           id: frame.message_id, seq: frame.seq, role: "user",
           content: message ? message.content : (this.byId.get(frame.message_id)?.content ?? ""),
           status: "complete", reply_to: null, client_message_id: frame.client_message_id,
+          parent_id: frame.parent_id, reply_id: frame.reply_id,
         });
+        this.moveHead(frame.message_id);
         break;
       }
       case "message":
         // Too long for a frame: announced without its text, which is read by `seq`.
-        if (typeof frame.content !== "string") { this.fetchAfter(frame.seq - 1, 1); break; }
+        if (typeof frame.content !== "string") {
+          this.fetchAfter(frame.seq - 1, 1).then(() => { this.moveHead(frame.message_id); this.changed(); });
+          break;
+        }
         this.store({ ...frame, id: frame.message_id, status: "complete", reply_to: null });
+        this.moveHead(frame.message_id);
+        break;
+      case "head":
+        this.moveHead(frame.head_id ?? null, frame.reply_id);
         break;
       case "typing":
         this.typing = true;
@@ -326,6 +445,7 @@ export class Chat {
         reply.stopReason = frame.stop_reason;
         reply.status = { cancelled: "cancelled", error: "failed" }[frame.stop_reason] || "complete";
         this.seen(frame.seq);
+        if (frame.reply_to === this.head) this.moveHead(reply.id);
         this.typing = false;
         break;
       }
@@ -370,6 +490,8 @@ export class Chat {
       id: m.id, seq: m.seq, role: m.role, content: m.content, status: m.status,
       replyTo: m.reply_to ?? null, clientMessageId: m.client_message_id ?? message.clientMessageId ?? null,
       stopReason: message.stopReason ?? null,
+      parentId: m.parent_id ?? (m.role === "assistant" ? m.reply_to ?? null : null),
+      replyId: m.reply_id ?? message.replyId ?? null, siblings: message.siblings ?? [],
     });
     if (message.clientMessageId && this.outbox.has(message.clientMessageId)) {
       message.key = message.clientMessageId;
@@ -387,9 +509,12 @@ export class Chat {
       reply = {
         key: frame.message_id, id: frame.message_id, seq: frame.seq ?? Number.MAX_SAFE_INTEGER,
         role: "assistant", content: "", status: "streaming", replyTo: frame.reply_to,
-        clientMessageId: null, stopReason: null,
+        clientMessageId: null, stopReason: null, parentId: frame.reply_to, replyId: null,
+        siblings: [],
       };
       this.byId.set(frame.message_id, reply);
+      // A reply to the head becomes the head when it starts.
+      if (frame.reply_to === this.head) this.moveHead(reply.id);
     }
     return reply;
   }
@@ -437,7 +562,7 @@ export class Chat {
    * was read (newer than the page, or a reply not stored when it was read) is kept.
    */
   async reload() {
-    const page = await this.history("limit=200");
+    const page = await this.history("limit=200&branch=all");
     if (!page) return;
     const oldest = page.length ? page[0].seq : 0;
     for (const [id, m] of this.byId) {
@@ -450,7 +575,7 @@ export class Chat {
 
   /** The `limit` messages just after `seq`, over REST (a message announced without its text). */
   async fetchAfter(seq, limit) {
-    const page = await this.history(`after_seq=${seq}&limit=${limit}`);
+    const page = await this.history(`after_seq=${seq}&limit=${limit}&branch=all`);
     if (!page) return;
     for (const m of page) this.store(m);
     this.changed();
@@ -474,16 +599,17 @@ export class Chat {
 
   saveOutbox() {
     if (!this.storage) return;
-    const pending = [...this.outbox.values()].map((m) => ({ c: m.clientMessageId, t: m.content }));
+    const pending = [...this.outbox.values()].map((m) => ({ c: m.clientMessageId, t: m.content, e: m.editOf ?? null }));
     this.storage.setItem(this.outboxKey, JSON.stringify(pending));
   }
 
   restoreOutbox() {
     if (!this.storage) return;
-    for (const { c, t } of JSON.parse(this.storage.getItem(this.outboxKey) || "[]")) {
+    for (const { c, t, e } of JSON.parse(this.storage.getItem(this.outboxKey) || "[]")) {
       this.outbox.set(c, {
         key: c, id: null, seq: null, role: "user", content: t, status: "pending",
-        replyTo: null, clientMessageId: c, stopReason: null,
+        replyTo: null, clientMessageId: c, stopReason: null, parentId: null, replyId: null,
+        siblings: [], editOf: e ?? null,
       });
     }
   }

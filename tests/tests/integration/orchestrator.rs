@@ -105,7 +105,7 @@ async fn a_reply_stored_but_not_delivered_is_delivered_without_asking_again() {
     let earlier = message_path::store_reply(
         &h.db,
         &conv,
-        MessageId::new(),
+        job.reply_id.unwrap(),
         job.message_id,
         "stored earlier",
         StopReason::End,

@@ -46,7 +46,8 @@ async fn typing_goes_out_before_the_job_is_queued_and_the_message_is_stored_once
     let queued = drain(&h.queue).await;
     assert_eq!(queued.len(), 1);
     assert_eq!(queued[0].group_id, h.seed.conversation.to_string());
-    assert_eq!(queued[0].dedup_id, ack["message_id"].as_str().unwrap());
+    // One job per request: deduplicated on the id its reply will take.
+    assert_eq!(queued[0].dedup_id, ack["reply_id"].as_str().unwrap());
     let job: Job = serde_json::from_value(queued[0].body.clone()).unwrap();
     assert_eq!(job.tenant_id, h.seed.tenant);
     assert_eq!(job.portal_user_id, h.seed.user);

@@ -113,7 +113,7 @@ async fn a_platform_admin_may_open_any_conversation() {
     assert_eq!(
         ok,
         json!({ "type": "auth_ok", "conversation_id": h.seed.conversation, "user_id": admin,
-                "last_seq": 0 })
+                "last_seq": 0, "head_id": null })
     );
     let binding = h.connection("c1").await.unwrap().binding().unwrap();
     assert_eq!(
