@@ -148,7 +148,8 @@ export class Chat {
   /** The path from the head back, oldest first (a parent not held yet ends it). */
   branch(stored) {
     const head = this.head && this.byId.get(this.head);
-    if (!head) return stored;
+    // A server without branches names no head: one line, by seq.
+    if (!this.branches || !head) return stored;
     // A reply that has not started is known by the id its user message says it will take.
     const byReplyId = new Map(stored.filter((m) => m.replyId).map((m) => [m.replyId, m]));
     const path = [];
@@ -396,6 +397,7 @@ export class Chat {
         }
         if (!this.loaded) { this.loaded = true; this.seen(frame.last_seq); }
         // The replay that follows is history: it does not move the head, auth_ok names it.
+        this.branches = "head_id" in frame;
         this.moveHead(frame.head_id ?? null);
         // Whatever is still unacknowledged goes again, with the same client_message_id.
         for (const message of this.outbox.values()) this.transmit(message);

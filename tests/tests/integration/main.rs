@@ -7,6 +7,7 @@ mod api;
 mod api_conversations;
 mod api_history;
 mod aws_stack;
+mod branches;
 mod cancel;
 mod chat_api_lambda;
 mod client_module;

@@ -8,7 +8,7 @@ use serde_json::json;
 use shared::db::agents::Provider;
 use shared::db::messages::{self, MessageStatus, PageFrom, StopReason};
 use shared::db::{Scope, conversations, message_path};
-use shared::domain::{MessageId, PageLimit};
+use shared::domain::PageLimit;
 use shared::job::Job;
 
 use crate::helpers::aws::Queued;
