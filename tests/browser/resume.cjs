@@ -34,7 +34,7 @@ async function main() {
       () => [...document.querySelectorAll(".message.assistant.streaming")].some((el) => el.textContent.length > 0),
       null, { timeout: 15000 });
     const settled = (page, text) => page.waitForFunction(
-      (want) => [...document.querySelectorAll(".message.assistant.complete")].some((el) => el.textContent === want),
+      (want) => [...document.querySelectorAll(".message.assistant.complete")].some((el) => el.firstChild && el.firstChild.textContent === want),
       answer(text), { timeout: 20000 });
     // Every question once and its full answer once, in order.
     const expectExactly = async (page, questions) => {

@@ -287,10 +287,12 @@ async fn a_regenerate_before_the_reply_started_supersedes_it_and_every_request_i
     );
     assert_eq!(llm.requests().len(), 2);
     assert_eq!(context(&llm.requests()[1]), ["question", "reply 0", "next"]);
-    assert_eq!(
-        contents(&history(&h, conversation, "").await),
-        ["question", "reply 0", "next", "reply 1"]
-    );
+    // The branch holds all four, in `seq` order as history always is ("next" was stored before
+    // the reply it follows started); `parent_id` gives the path's order.
+    let branch = history(&h, conversation, "").await;
+    assert_eq!(contents(&branch), ["question", "next", "reply 0", "reply 1"]);
+    assert_eq!(branch[1]["parent_id"], branch[2]["id"], "next follows reply 0");
+    assert_eq!(branch[2]["parent_id"], branch[0]["id"]);
 }
 
 #[tokio::test]

@@ -51,6 +51,23 @@ async fn the_chat_page_talks_to_the_agent_in_headless_chromium() {
     local.stop().await;
 }
 
+/// Regenerate, edit and version navigation on the page (`tests/browser/branches.cjs`), with a
+/// second tab and a reload on the same branch.
+#[tokio::test]
+async fn the_chat_page_regenerates_edits_and_switches_branches_in_headless_chromium() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let local = Local::start(&Env::new(&test), &["serve", "--listen", "127.0.0.1:0"]).await;
+    let url = format!(
+        "http://{}/?conversation={}#token={}",
+        local.address,
+        s.conversation,
+        token(s.user, Role::CustomerOperator)
+    );
+    browser_script("branches.cjs", &[&url]).await;
+    local.stop().await;
+}
+
 /// Runs `tests/browser/resume.cjs` (in `mode`, if any) against konstruct-local (with these
 /// extra `serve` arguments) and a model that streams each reply over about two seconds; returns
 /// how many times each user message was stored and answered, by text, in `seq` order.
