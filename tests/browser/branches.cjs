@@ -55,7 +55,8 @@ async function main() {
     const other = await open();
     await expectShown(other, ["user:Hello again (2/2)", "agent:Echo: Hello again"], "a second tab on the same branch");
     await page.click(".message.user .previous");
-    const original = ["user:Hello (1/2)", "agent:Echo: Hello (1/2)"];
+    // The head lands on the newest message through the original: its second reply.
+    const original = ["user:Hello (1/2)", "agent:Echo: Hello (2/2)"];
     await expectShown(page, original, "back to the original message");
     await expectShown(other, original, "the second tab follows");
 

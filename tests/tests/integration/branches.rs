@@ -493,3 +493,90 @@ async fn a_message_has_at_most_twenty_replies_and_versions() {
         .count();
     assert_eq!(replies, 19, "nineteen stored, the twentieth to come");
 }
+
+/// The frames a local socket gets up to and including the first of type `kind`.
+async fn until(socket: &mut crate::helpers::local::Socket, kind: &str) -> Vec<Value> {
+    let mut frames = Vec::new();
+    loop {
+        let frame = crate::helpers::local::next(socket, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("no {kind} frame; got {frames:?}"));
+        let done = frame["type"] == kind;
+        frames.push(frame);
+        if done {
+            return frames;
+        }
+    }
+}
+
+#[tokio::test]
+async fn branches_on_the_local_runtime_keep_every_tab_and_a_resuming_one_in_step() {
+    use crate::helpers::local::{Env, Local, authenticated, expect, open, send};
+    let (test, db) = crate::helpers::TestDb::migrated().await;
+    let s = crate::helpers::seed(&db, "acme").await;
+    let llm = numbered_model().await;
+    let conversation = crate::helpers::model_conversation(&db, &s).await;
+    let local = Local::start_with_model(
+        &Env::new(&test),
+        &["serve", "--listen", "127.0.0.1:0"],
+        &llm.base_url,
+    )
+    .await;
+    let mut tab = authenticated(&local.address, &s, conversation).await;
+    let mut other = authenticated(&local.address, &s, conversation).await;
+
+    send(&mut tab, json!({ "type": "message", "text": "question" })).await;
+    let first = until(&mut tab, "response").await.pop().unwrap();
+    assert_eq!(first["text"], "reply 0");
+    let question = first["reply_to"].clone();
+    until(&mut other, "response").await;
+
+    // Regenerate: the sender gets typing and the head, then the new reply; the other tab too.
+    send(&mut tab, json!({ "type": "regenerate", "reply_to": question })).await;
+    let frames = until(&mut tab, "response").await;
+    let head = of_type(&frames, "head")[0].clone();
+    assert_eq!(head["head_id"], question);
+    let second = frames.last().unwrap().clone();
+    assert_eq!(second["text"], "reply 1");
+    assert_eq!(head["reply_id"], second["message_id"], "the reply took the id announced");
+    let seen = until(&mut other, "response").await;
+    assert_eq!(of_type(&seen, "head")[0]["head_id"], question);
+
+    // Back to the first reply, from the tab: the other tab is told.
+    send(&mut tab, json!({ "type": "head", "message_id": first["message_id"] })).await;
+    assert_eq!(expect(&mut tab, "head").await["head_id"], first["message_id"]);
+    assert_eq!(expect(&mut other, "head").await["head_id"], first["message_id"]);
+
+    // An edit: answered from its own branch; the other tab sees it and the head move.
+    send(&mut tab, json!({ "type": "edit", "message_id": question, "text": "question, again" }))
+        .await;
+    let frames = until(&mut tab, "response").await;
+    let ack = of_type(&frames, "ack")[0].clone();
+    assert_eq!(ack["parent_id"], Value::Null);
+    assert_eq!(frames.last().unwrap()["text"], "reply 2");
+    assert_eq!(context(llm.requests().last().unwrap()), ["question, again"]);
+    let seen = until(&mut other, "response").await;
+    assert_eq!(of_type(&seen, "message")[0]["message_id"], ack["message_id"]);
+    assert_eq!(of_type(&seen, "head")[0]["head_id"], ack["message_id"]);
+
+    // A tab that held nothing resumes: the whole tree once, and the branch it is on.
+    let mut back = open(&local.address, conversation).await;
+    send(
+        &mut back,
+        json!({ "type": "auth", "token": token(s.user, Role::CustomerOperator), "resume_after": 0 }),
+    )
+    .await;
+    let ok = expect(&mut back, "auth_ok").await;
+    let replay = expect(&mut back, "replay").await;
+    let messages = replay["messages"].as_array().unwrap();
+    assert_eq!(
+        contents(messages),
+        ["question", "reply 0", "reply 1", "question, again", "reply 2"]
+    );
+    assert_eq!(ok["head_id"], messages[4]["id"], "on the edit's branch");
+    assert_eq!(messages[4]["parent_id"], messages[3]["id"]);
+    assert_eq!(messages[3]["parent_id"], Value::Null);
+    assert_eq!(messages[1]["parent_id"], messages[0]["id"]);
+    assert_eq!(messages[2]["parent_id"], messages[0]["id"]);
+    local.stop().await;
+}
