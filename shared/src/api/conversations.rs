@@ -9,12 +9,12 @@ use super::{ApiState, ErrorBody, Json, Path, Query};
 use crate::Error;
 use crate::auth::PortalCaller;
 use crate::db::conversations::{self, Conversation, ConversationSummary, ListFilter};
-use crate::db::messages::{self, Branch, MessageView, PageFrom};
 use crate::db::message_path;
-use crate::delivery::{Audience, ConnectionsFanout, Fanout};
-use crate::frame::ServerFrame;
+use crate::db::messages::{self, Branch, MessageView, PageFrom};
 use crate::db::{Scope, agents};
+use crate::delivery::{Audience, ConnectionsFanout, Fanout};
 use crate::domain::{AgentId, ConversationId, ListLimit, MessageId, PageLimit, TenantId};
+use crate::frame::ServerFrame;
 use crate::rbac::{open_conversation, require_tenant_member};
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -295,7 +295,10 @@ pub async fn move_head(
     let mut audience = Audience::new(head.tenant_id, head.conversation_id, head.recipients);
     let fanout = ConnectionsFanout::new(state.db.clone(), state.delivery.clone());
     if let Err(err) = fanout.send(&mut audience, &frame).await {
-        tracing::warn!(error = &err as &dyn std::error::Error, "head not told to every socket");
+        tracing::warn!(
+            error = &err as &dyn std::error::Error,
+            "head not told to every socket"
+        );
     }
     Ok(Json(HeadView {
         conversation_id: head.conversation_id,

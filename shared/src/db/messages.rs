@@ -358,8 +358,8 @@ pub async fn reset(conn: &mut PgConnection, conversation_id: ConversationId) -> 
     super::query(
         "update web_conversations set updated_at = clock_timestamp(), head_id = null where id = $1",
     )
-        .bind(conversation_id)
-        .execute(conn)
-        .await?;
+    .bind(conversation_id)
+    .execute(conn)
+    .await?;
     Ok(deleted)
 }

@@ -113,7 +113,7 @@ async fn auth(state: &AuthRoute, route: &RouteEvent) -> Result<Option<ServerFram
         tx.commit().await?;
         let live = resume.live;
         // The head moved while the socket caught up (writers leave it out until it is live).
-        let moved = (resume.head_id != head).then(|| ServerFrame::Head {
+        let moved = (resume.head_id != head).then_some(ServerFrame::Head {
             conversation_id,
             head_id: resume.head_id,
             reply_id: resume.head_reply_id,

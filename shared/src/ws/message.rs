@@ -71,9 +71,7 @@ async fn route_frame(
         } => Ok(Some(
             message(state, route, text, client_message_id, Some(message_id)).await?,
         )),
-        ClientFrame::Regenerate { reply_to } => {
-            Ok(Some(regenerate(state, route, reply_to).await?))
-        }
+        ClientFrame::Regenerate { reply_to } => Ok(Some(regenerate(state, route, reply_to).await?)),
         ClientFrame::Head { message_id } => {
             let head =
                 message_path::move_head_from(&state.edge.db, &route.connection_id, message_id)
@@ -252,7 +250,11 @@ async fn regenerate(
 
 /// The `head` frame for a move: posted to the conversation's other sockets, and returned for
 /// the sender.
-async fn tell_head(state: &MessageRoute, route: &RouteEvent, head: message_path::Head) -> ServerFrame {
+async fn tell_head(
+    state: &MessageRoute,
+    route: &RouteEvent,
+    head: message_path::Head,
+) -> ServerFrame {
     let frame = ServerFrame::Head {
         conversation_id: head.conversation_id,
         head_id: head.head_id,

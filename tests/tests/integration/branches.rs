@@ -61,7 +61,10 @@ fn ids(items: &[Value]) -> Vec<Value> {
 }
 
 fn contents(items: &[Value]) -> Vec<&str> {
-    items.iter().map(|m| m["content"].as_str().unwrap()).collect()
+    items
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect()
 }
 
 /// The texts of the conversation the agent was given in its request, oldest first (the system
@@ -85,11 +88,19 @@ async fn regenerate_twice_keeps_three_replies_and_every_tab_follows_the_head() {
     h.open_session_on("tab", conversation).await;
     h.open_session_on("other", conversation).await;
 
-    assert!(run(&state, records_for(&h, "tab", &["question"]).await).await.is_empty());
+    assert!(
+        run(&state, records_for(&h, "tab", &["question"]).await)
+            .await
+            .is_empty()
+    );
     let question = stored(&h, conversation).await[0].clone();
     let first = replies(&h, conversation).await.remove(0);
     assert_eq!(first.parent_id, Some(question.id));
-    assert_eq!(question.reply_id, Some(first.id), "the reply took the id it was given");
+    assert_eq!(
+        question.reply_id,
+        Some(first.id),
+        "the reply took the id it was given"
+    );
 
     let mut heads = Vec::new();
     for _ in 0..2 {
@@ -105,9 +116,16 @@ async fn regenerate_twice_keeps_three_replies_and_every_tab_follows_the_head() {
         ["reply 0", "reply 1", "reply 2"],
         "every reply kept"
     );
-    assert!(all.iter().all(|r| r.reply_to == Some(question.id) && r.parent_id == Some(question.id)));
+    assert!(
+        all.iter()
+            .all(|r| r.reply_to == Some(question.id) && r.parent_id == Some(question.id))
+    );
     for (head, reply) in heads.iter().zip(&all[1..]) {
-        assert_eq!(head["reply_id"], json!(reply.id), "the head frame named the reply to come");
+        assert_eq!(
+            head["reply_id"],
+            json!(reply.id),
+            "the head frame named the reply to come"
+        );
     }
     // Each regenerate asked the agent with the same context: the question alone.
     let requests = llm.requests();
@@ -125,11 +143,20 @@ async fn regenerate_twice_keeps_three_replies_and_every_tab_follows_the_head() {
 
     // Switching back, over the socket and over REST: both tabs are told each time.
     let moved = h
-        .route("tab", &json!({ "type": "head", "message_id": all[0].id }).to_string())
+        .route(
+            "tab",
+            &json!({ "type": "head", "message_id": all[0].id }).to_string(),
+        )
         .await
         .unwrap();
-    assert_eq!(moved, json!({ "type": "head", "conversation_id": conversation, "head_id": all[0].id }));
-    assert_eq!(contents(&history(&h, conversation, "").await), ["question", "reply 0"]);
+    assert_eq!(
+        moved,
+        json!({ "type": "head", "conversation_id": conversation, "head_id": all[0].id })
+    );
+    assert_eq!(
+        contents(&history(&h, conversation, "").await),
+        ["question", "reply 0"]
+    );
     let response = call(
         &h.db,
         Method::PUT,
@@ -140,18 +167,29 @@ async fn regenerate_twice_keeps_three_replies_and_every_tab_follows_the_head() {
     .await;
     assert_eq!(response.status, StatusCode::OK, "{}", response.body);
     assert_eq!(response.body["head_id"], json!(all[1].id));
-    assert_eq!(contents(&history(&h, conversation, "").await), ["question", "reply 1"]);
+    assert_eq!(
+        contents(&history(&h, conversation, "").await),
+        ["question", "reply 1"]
+    );
     let told: Vec<Value> = of_type(&h.api.frames_to("other"), "head")
         .into_iter()
         .map(|f| f["head_id"].clone())
         .collect();
     assert_eq!(
         told,
-        [json!(question.id), json!(question.id), json!(all[0].id), json!(all[1].id)],
+        [
+            json!(question.id),
+            json!(question.id),
+            json!(all[0].id),
+            json!(all[1].id)
+        ],
         "the other tab followed every move"
     );
     let told_here = of_type(&h.api.frames_to("tab"), "head").len();
-    assert_eq!(told_here, 1, "the sender got its own moves as answers; REST's by post");
+    assert_eq!(
+        told_here, 1,
+        "the sender got its own moves as answers; REST's by post"
+    );
     // Every reply reached both tabs whole.
     for tab in ["tab", "other"] {
         let frames = h.api.frames_to(tab);
@@ -170,7 +208,11 @@ async fn an_edit_answers_from_its_own_branch_and_keeps_the_original() {
     h.open_session_on("tab", conversation).await;
     h.open_session_on("other", conversation).await;
     for text in ["first", "second"] {
-        assert!(run(&state, records_for(&h, "tab", &[text]).await).await.is_empty());
+        assert!(
+            run(&state, records_for(&h, "tab", &[text]).await)
+                .await
+                .is_empty()
+        );
     }
     assert_eq!(context(&llm.requests()[1]), ["first", "reply 0", "second"]);
     let before = stored(&h, conversation).await;
@@ -193,25 +235,48 @@ async fn an_edit_answers_from_its_own_branch_and_keeps_the_original() {
     let all = history(&h, conversation, "?branch=all").await;
     assert_eq!(
         contents(&all),
-        ["first", "reply 0", "second", "reply 1", "first, better", "reply 2"]
+        [
+            "first",
+            "reply 0",
+            "second",
+            "reply 1",
+            "first, better",
+            "reply 2"
+        ]
     );
     let branch = history(&h, conversation, "").await;
     assert_eq!(contents(&branch), ["first, better", "reply 2"]);
     assert_eq!(branch[0]["siblings"], json!([first.id, ack["message_id"]]));
     // The other tab saw the message and was told the head moved.
     let frames = h.api.frames_to("other");
-    assert_eq!(of_type(&frames, "message").last().unwrap()["content"], "first, better");
-    assert_eq!(of_type(&frames, "head").last().unwrap()["head_id"], ack["message_id"]);
+    assert_eq!(
+        of_type(&frames, "message").last().unwrap()["content"],
+        "first, better"
+    );
+    assert_eq!(
+        of_type(&frames, "head").last().unwrap()["head_id"],
+        ack["message_id"]
+    );
 
     // Back to the original: the head lands on the newest message through it.
     let moved = h
-        .route("tab", &json!({ "type": "head", "message_id": first.id }).to_string())
+        .route(
+            "tab",
+            &json!({ "type": "head", "message_id": first.id }).to_string(),
+        )
         .await
         .unwrap();
     assert_eq!(moved["head_id"], json!(before[3].id), "{moved}");
-    assert_eq!(contents(&history(&h, conversation, "").await), ["first", "reply 0", "second", "reply 1"]);
+    assert_eq!(
+        contents(&history(&h, conversation, "").await),
+        ["first", "reply 0", "second", "reply 1"]
+    );
     // A message sent now continues the original branch.
-    assert!(run(&state, records_for(&h, "tab", &["third"]).await).await.is_empty());
+    assert!(
+        run(&state, records_for(&h, "tab", &["third"]).await)
+            .await
+            .is_empty()
+    );
     assert_eq!(
         context(llm.requests().last().unwrap()),
         ["first", "reply 0", "second", "reply 1", "third"]
@@ -242,17 +307,31 @@ async fn regenerate_while_the_first_reply_streams_stops_it_and_keeps_what_it_had
 
     let all = replies(&h, conversation).await;
     assert_eq!(all.len(), 2);
-    assert_eq!(all[0].status, MessageStatus::Cancelled, "stopped at its next flush");
-    assert!(!all[0].content.is_empty() && all[0].content.len() < 31, "{:?}", all[0].content);
+    assert_eq!(
+        all[0].status,
+        MessageStatus::Cancelled,
+        "stopped at its next flush"
+    );
+    assert!(
+        !all[0].content.is_empty() && all[0].content.len() < 31,
+        "{:?}",
+        all[0].content
+    );
     assert_eq!(all[1].status, MessageStatus::Complete);
     assert_eq!(all[1].content, "The answer comes in six pieces.");
     let frames = h.api.frames_to("tab");
     let responses = of_type(&frames, "response");
     assert_eq!(
-        responses.iter().map(|r| r["stop_reason"].clone()).collect::<Vec<_>>(),
+        responses
+            .iter()
+            .map(|r| r["stop_reason"].clone())
+            .collect::<Vec<_>>(),
         [json!("cancelled"), json!("end")]
     );
-    assert_eq!(contents(&history(&h, conversation, "").await), ["go on", all[1].content.as_str()]);
+    assert_eq!(
+        contents(&history(&h, conversation, "").await),
+        ["go on", all[1].content.as_str()]
+    );
 }
 
 #[tokio::test]
@@ -265,9 +344,12 @@ async fn a_regenerate_before_the_reply_started_supersedes_it_and_every_request_i
     // The first job has not run when the regenerate comes, and a second message follows.
     let mut records = records_for(&h, "tab", &["question"]).await;
     let question = stored(&h, conversation).await[0].clone();
-    h.route("tab", &json!({ "type": "regenerate", "reply_to": question.id }).to_string())
-        .await
-        .unwrap();
+    h.route(
+        "tab",
+        &json!({ "type": "regenerate", "reply_to": question.id }).to_string(),
+    )
+    .await
+    .unwrap();
     records.extend(drain(&h.queue).await.iter().map(|q| q.record()));
     let next = records_for(&h, "tab", &["next"]).await;
     // Delivered twice, as SQS may.
@@ -277,7 +359,9 @@ async fn a_regenerate_before_the_reply_started_supersedes_it_and_every_request_i
 
     let all = replies(&h, conversation).await;
     assert_eq!(
-        all.iter().map(|r| (r.content.as_str(), r.status)).collect::<Vec<_>>(),
+        all.iter()
+            .map(|r| (r.content.as_str(), r.status))
+            .collect::<Vec<_>>(),
         [
             ("", MessageStatus::Cancelled),
             ("reply 0", MessageStatus::Complete),
@@ -290,8 +374,14 @@ async fn a_regenerate_before_the_reply_started_supersedes_it_and_every_request_i
     // The branch holds all four, in `seq` order as history always is ("next" was stored before
     // the reply it follows started); `parent_id` gives the path's order.
     let branch = history(&h, conversation, "").await;
-    assert_eq!(contents(&branch), ["question", "next", "reply 0", "reply 1"]);
-    assert_eq!(branch[1]["parent_id"], branch[2]["id"], "next follows reply 0");
+    assert_eq!(
+        contents(&branch),
+        ["question", "next", "reply 0", "reply 1"]
+    );
+    assert_eq!(
+        branch[1]["parent_id"], branch[2]["id"],
+        "next follows reply 0"
+    );
     assert_eq!(branch[2]["parent_id"], branch[0]["id"]);
 }
 
@@ -302,17 +392,30 @@ async fn a_tab_that_resumes_lands_on_the_current_branch_with_every_message_once(
     let state = orchestrator(&h, &llm);
     let conversation = conversation_with(&h, Provider::Openai, "gpt-test").await;
     h.open_session_on("tab", conversation).await;
-    assert!(run(&state, records_for(&h, "tab", &["question"]).await).await.is_empty());
+    assert!(
+        run(&state, records_for(&h, "tab", &["question"]).await)
+            .await
+            .is_empty()
+    );
     let question = stored(&h, conversation).await[0].id;
     // A tab that saw the first exchange drops; meanwhile two regenerates and a switch back.
     let seen = stored(&h, conversation).await.last().unwrap().seq;
     for _ in 0..2 {
-        route_and_answer(&h, &state, "tab", json!({ "type": "regenerate", "reply_to": question })).await;
+        route_and_answer(
+            &h,
+            &state,
+            "tab",
+            json!({ "type": "regenerate", "reply_to": question }),
+        )
+        .await;
     }
     let all = replies(&h, conversation).await;
-    h.route("tab", &json!({ "type": "head", "message_id": all[1].id }).to_string())
-        .await
-        .unwrap();
+    h.route(
+        "tab",
+        &json!({ "type": "head", "message_id": all[1].id }).to_string(),
+    )
+    .await
+    .unwrap();
 
     h.connect_to("back", &conversation.to_string()).await;
     let frames = h
@@ -324,13 +427,21 @@ async fn a_tab_that_resumes_lands_on_the_current_branch_with_every_message_once(
     assert!(frames.is_none(), "a resuming socket is answered by posts");
     let frames = h.api.frames_to("back");
     assert_eq!(frames[0]["type"], "auth_ok");
-    assert_eq!(frames[0]["head_id"], json!(all[1].id), "the branch it lands on");
+    assert_eq!(
+        frames[0]["head_id"],
+        json!(all[1].id),
+        "the branch it lands on"
+    );
     let replayed: Vec<&Value> = of_type(&frames, "replay")
         .iter()
         .flat_map(|r| r["messages"].as_array().unwrap())
         .collect();
     let replayed_ids: Vec<Value> = replayed.iter().map(|m| m["id"].clone()).collect();
-    assert_eq!(replayed_ids, [json!(all[1].id), json!(all[2].id)], "each missed message once");
+    assert_eq!(
+        replayed_ids,
+        [json!(all[1].id), json!(all[2].id)],
+        "each missed message once"
+    );
     assert!(replayed.iter().all(|m| m["parent_id"] == json!(question)));
 }
 
@@ -342,7 +453,11 @@ async fn history_pages_walk_the_current_branch() {
     let conversation = conversation_with(&h, Provider::Openai, "gpt-test").await;
     h.open_session_on("tab", conversation).await;
     for text in ["a", "b", "c"] {
-        assert!(run(&state, records_for(&h, "tab", &[text]).await).await.is_empty());
+        assert!(
+            run(&state, records_for(&h, "tab", &[text]).await)
+                .await
+                .is_empty()
+        );
     }
     let first = stored(&h, conversation).await[0].id;
     route_and_answer(
@@ -353,7 +468,11 @@ async fn history_pages_walk_the_current_branch() {
     )
     .await;
     for text in ["d", "e"] {
-        assert!(run(&state, records_for(&h, "tab", &[text]).await).await.is_empty());
+        assert!(
+            run(&state, records_for(&h, "tab", &[text]).await)
+                .await
+                .is_empty()
+        );
     }
     // The branch: a2 r3 d r4 e r5; six messages off it.
     let newest = history(&h, conversation, "?limit=2").await;
@@ -367,7 +486,12 @@ async fn history_pages_walk_the_current_branch() {
     let seq = older[1]["seq"].as_i64().unwrap();
     let after = history(&h, conversation, &format!("?after_seq={seq}&limit=2")).await;
     assert_eq!(contents(&after), ["reply 4", "e"]);
-    assert_eq!(history(&h, conversation, "?branch=all&limit=200").await.len(), 12);
+    assert_eq!(
+        history(&h, conversation, "?branch=all&limit=200")
+            .await
+            .len(),
+        12
+    );
     assert_eq!(
         ids(&history(&h, conversation, "?branch=current").await),
         ids(&history(&h, conversation, "").await)
@@ -396,29 +520,62 @@ async fn branch_frames_are_refused_as_the_contract_says() {
         json!({ "type": "edit", "message_id": nobody, "text": "x" }),
         json!({ "type": "head", "message_id": nobody }),
     ] {
-        assert_eq!(h.send("anon", &frame.to_string()).await["code"], "unauthenticated", "{frame}");
+        assert_eq!(
+            h.send("anon", &frame.to_string()).await["code"],
+            "unauthenticated",
+            "{frame}"
+        );
     }
     h.open_session_on("tab", conversation).await;
-    assert!(run(&state, records_for(&h, "tab", &["question"]).await).await.is_empty());
+    assert!(
+        run(&state, records_for(&h, "tab", &["question"]).await)
+            .await
+            .is_empty()
+    );
     let question = stored(&h, conversation).await[0].clone();
     let reply = replies(&h, conversation).await.remove(0);
     let cmid = uuid::Uuid::new_v4();
     for (frame, code) in [
-        (json!({ "type": "regenerate", "reply_to": nobody }), "not_found"),
-        (json!({ "type": "regenerate", "reply_to": reply.id }), "not_found"),
-        (json!({ "type": "regenerate", "reply_to": "not-a-uuid" }), "bad_request"),
+        (
+            json!({ "type": "regenerate", "reply_to": nobody }),
+            "not_found",
+        ),
+        (
+            json!({ "type": "regenerate", "reply_to": reply.id }),
+            "not_found",
+        ),
+        (
+            json!({ "type": "regenerate", "reply_to": "not-a-uuid" }),
+            "bad_request",
+        ),
         (json!({ "type": "regenerate" }), "bad_request"),
-        (json!({ "type": "edit", "message_id": nobody, "text": "x", "client_message_id": cmid }), "not_found"),
-        (json!({ "type": "edit", "message_id": reply.id, "text": "x", "client_message_id": cmid }), "not_found"),
-        (json!({ "type": "edit", "message_id": question.id, "text": "  ", "client_message_id": cmid }), "bad_request"),
-        (json!({ "type": "edit", "message_id": question.id, "text": "x".repeat(8001), "client_message_id": cmid }), "too_large"),
+        (
+            json!({ "type": "edit", "message_id": nobody, "text": "x", "client_message_id": cmid }),
+            "not_found",
+        ),
+        (
+            json!({ "type": "edit", "message_id": reply.id, "text": "x", "client_message_id": cmid }),
+            "not_found",
+        ),
+        (
+            json!({ "type": "edit", "message_id": question.id, "text": "  ", "client_message_id": cmid }),
+            "bad_request",
+        ),
+        (
+            json!({ "type": "edit", "message_id": question.id, "text": "x".repeat(8001), "client_message_id": cmid }),
+            "too_large",
+        ),
         (json!({ "type": "head", "message_id": nobody }), "not_found"),
         (json!({ "type": "head" }), "bad_request"),
     ] {
         let refused = h.send("tab", &frame.to_string()).await;
         assert_eq!(refused["code"], code, "{frame} → {refused}");
         if frame["type"] == "edit" {
-            assert_eq!(refused["client_message_id"], json!(cmid), "the refusal names the edit");
+            assert_eq!(
+                refused["client_message_id"],
+                json!(cmid),
+                "the refusal names the edit"
+            );
         }
     }
     assert!(drain(&h.queue).await.is_empty(), "nothing queued");
@@ -427,14 +584,22 @@ async fn branch_frames_are_refused_as_the_contract_says() {
     // Another user's message, or a message of another conversation, is not found here.
     let elsewhere = crate::helpers::orchestrator::conversation_with_named(&h, "elsewhere").await;
     h.open_session_on("far", elsewhere).await;
-    assert!(run(&state, records_for(&h, "far", &["far away"]).await).await.is_empty());
+    assert!(
+        run(&state, records_for(&h, "far", &["far away"]).await)
+            .await
+            .is_empty()
+    );
     let far = stored(&h, elsewhere).await[0].id;
     for frame in [
         json!({ "type": "regenerate", "reply_to": far }),
         json!({ "type": "edit", "message_id": far, "text": "x" }),
         json!({ "type": "head", "message_id": far }),
     ] {
-        assert_eq!(h.send("tab", &frame.to_string()).await["code"], "not_found", "{frame}");
+        assert_eq!(
+            h.send("tab", &frame.to_string()).await["code"],
+            "not_found",
+            "{frame}"
+        );
     }
     let put = |message: Value, token: Option<String>| {
         let db = h.db.clone();
@@ -449,10 +614,26 @@ async fn branch_frames_are_refused_as_the_contract_says() {
             .await
         }
     };
-    assert_error(&put(json!({ "message_id": far }), Some(bearer(&h))).await, StatusCode::NOT_FOUND, "not_found");
-    assert_error(&put(json!({ "message_id": "x" }), Some(bearer(&h))).await, StatusCode::BAD_REQUEST, "bad_request");
-    assert_error(&put(json!({}), Some(bearer(&h))).await, StatusCode::BAD_REQUEST, "bad_request");
-    assert_error(&put(json!({ "message_id": question.id }), None).await, StatusCode::UNAUTHORIZED, "unauthenticated");
+    assert_error(
+        &put(json!({ "message_id": far }), Some(bearer(&h))).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        &put(json!({ "message_id": "x" }), Some(bearer(&h))).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    assert_error(
+        &put(json!({}), Some(bearer(&h))).await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    );
+    assert_error(
+        &put(json!({ "message_id": question.id }), None).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+    );
     let stranger = crate::helpers::seed_user(&h.db, "stranger").await;
     let theirs = token(stranger, Role::CustomerOperator);
     let refused = put(json!({ "message_id": question.id }), Some(theirs)).await;
@@ -472,7 +653,12 @@ async fn a_message_has_at_most_twenty_replies_and_versions() {
         conversation_with(&h, Provider::Openai, "gpt-test").await
     };
     h.open_session_on("tab", conversation).await;
-    let ack = h.send("tab", &json!({ "type": "message", "text": "q" }).to_string()).await;
+    let ack = h
+        .send(
+            "tab",
+            &json!({ "type": "message", "text": "q" }).to_string(),
+        )
+        .await;
     let question = ack["message_id"].clone();
     // Each regenerate before the reply started stores the one it supersedes.
     // One socket takes the message and nineteen regenerates (its rate limit is twenty frames
@@ -484,7 +670,10 @@ async fn a_message_has_at_most_twenty_replies_and_versions() {
         let regenerate = json!({ "type": "regenerate", "reply_to": question });
         answers.push(h.send(tab, &regenerate.to_string()).await);
     }
-    assert!(answers[..19].iter().all(|a| a["type"] == "head"), "{answers:?}");
+    assert!(
+        answers[..19].iter().all(|a| a["type"] == "head"),
+        "{answers:?}"
+    );
     assert_eq!(answers[19]["code"], "too_large", "{}", answers[19]);
     let replies = stored(&h, conversation)
         .await
@@ -532,31 +721,54 @@ async fn branches_on_the_local_runtime_keep_every_tab_and_a_resuming_one_in_step
     until(&mut other, "response").await;
 
     // Regenerate: the sender gets typing and the head, then the new reply; the other tab too.
-    send(&mut tab, json!({ "type": "regenerate", "reply_to": question })).await;
+    send(
+        &mut tab,
+        json!({ "type": "regenerate", "reply_to": question }),
+    )
+    .await;
     let frames = until(&mut tab, "response").await;
     let head = of_type(&frames, "head")[0].clone();
     assert_eq!(head["head_id"], question);
     let second = frames.last().unwrap().clone();
     assert_eq!(second["text"], "reply 1");
-    assert_eq!(head["reply_id"], second["message_id"], "the reply took the id announced");
+    assert_eq!(
+        head["reply_id"], second["message_id"],
+        "the reply took the id announced"
+    );
     let seen = until(&mut other, "response").await;
     assert_eq!(of_type(&seen, "head")[0]["head_id"], question);
 
     // Back to the first reply, from the tab: the other tab is told.
-    send(&mut tab, json!({ "type": "head", "message_id": first["message_id"] })).await;
-    assert_eq!(expect(&mut tab, "head").await["head_id"], first["message_id"]);
-    assert_eq!(expect(&mut other, "head").await["head_id"], first["message_id"]);
+    send(
+        &mut tab,
+        json!({ "type": "head", "message_id": first["message_id"] }),
+    )
+    .await;
+    assert_eq!(
+        expect(&mut tab, "head").await["head_id"],
+        first["message_id"]
+    );
+    assert_eq!(
+        expect(&mut other, "head").await["head_id"],
+        first["message_id"]
+    );
 
     // An edit: answered from its own branch; the other tab sees it and the head move.
-    send(&mut tab, json!({ "type": "edit", "message_id": question, "text": "question, again" }))
-        .await;
+    send(
+        &mut tab,
+        json!({ "type": "edit", "message_id": question, "text": "question, again" }),
+    )
+    .await;
     let frames = until(&mut tab, "response").await;
     let ack = of_type(&frames, "ack")[0].clone();
     assert_eq!(ack["parent_id"], Value::Null);
     assert_eq!(frames.last().unwrap()["text"], "reply 2");
     assert_eq!(context(llm.requests().last().unwrap()), ["question, again"]);
     let seen = until(&mut other, "response").await;
-    assert_eq!(of_type(&seen, "message")[0]["message_id"], ack["message_id"]);
+    assert_eq!(
+        of_type(&seen, "message")[0]["message_id"],
+        ack["message_id"]
+    );
     assert_eq!(of_type(&seen, "head")[0]["head_id"], ack["message_id"]);
 
     // A tab that held nothing resumes: the whole tree once, and the branch it is on.
@@ -571,7 +783,13 @@ async fn branches_on_the_local_runtime_keep_every_tab_and_a_resuming_one_in_step
     let messages = replay["messages"].as_array().unwrap();
     assert_eq!(
         contents(messages),
-        ["question", "reply 0", "reply 1", "question, again", "reply 2"]
+        [
+            "question",
+            "reply 0",
+            "reply 1",
+            "question, again",
+            "reply 2"
+        ]
     );
     assert_eq!(ok["head_id"], messages[4]["id"], "on the edit's branch");
     assert_eq!(messages[4]["parent_id"], messages[3]["id"]);

@@ -30,7 +30,9 @@ async fn invoke(db: &Db, fixture: &str) -> (u16, Value) {
     let state = ApiState {
         db: db.clone(),
         tokens: fixture_verifier(),
-        delivery: std::sync::Arc::new(shared::delivery::ManagementApi::new(crate::helpers::aws::sdk_config())),
+        delivery: std::sync::Arc::new(shared::delivery::ManagementApi::new(
+            crate::helpers::aws::sdk_config(),
+        )),
     };
     let adapter = Adapter::from(api::router(state));
     let response = adapter

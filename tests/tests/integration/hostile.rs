@@ -184,7 +184,9 @@ fn any_rest_path_and_query_gets_a_contract_answer() {
     let router = api::router(ApiState {
         db,
         tokens: verifier(),
-        delivery: std::sync::Arc::new(shared::delivery::ManagementApi::new(crate::helpers::aws::sdk_config())),
+        delivery: std::sync::Arc::new(shared::delivery::ManagementApi::new(
+            crate::helpers::aws::sdk_config(),
+        )),
     });
     proptest!(ProptestConfig::with_cases(200), |(
         segment in "\\PC{0,50}",

@@ -19,7 +19,9 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
     let state = ApiState {
         db: db.clone(),
         tokens: verifier(),
-        delivery: std::sync::Arc::new(shared::delivery::ManagementApi::new(crate::helpers::aws::sdk_config())),
+        delivery: std::sync::Arc::new(shared::delivery::ManagementApi::new(
+            crate::helpers::aws::sdk_config(),
+        )),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();

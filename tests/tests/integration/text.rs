@@ -177,7 +177,9 @@ impl RoundTrip {
         let router = api::router(ApiState {
             db: h.db.clone(),
             tokens: verifier(),
-            delivery: std::sync::Arc::new(shared::delivery::ManagementApi::new(crate::helpers::aws::sdk_config())),
+            delivery: std::sync::Arc::new(shared::delivery::ManagementApi::new(
+                crate::helpers::aws::sdk_config(),
+            )),
         });
         let bearer = token(h.seed.user, Role::CustomerOperator);
         Self {

@@ -133,29 +133,27 @@ pub async fn accept(
             "a message has at most {MAX_SIBLINGS} versions"
         )));
     }
-    let (message_id, created_at, seq, parent_id, reply_id) = match (
-        row.message_id,
-        row.created_at,
-        row.seq,
-        row.reply_id,
-    ) {
-        (Some(id), Some(at), Some(seq), Some(reply_id)) => (id, at, seq, row.parent_id, reply_id),
-        // A concurrent repeat of the same client_message_id committed after this statement's
-        // snapshot was taken: it is stored, read it now.
-        _ => {
-            let mut tx = db.begin(Scope::BoundConnection(connection)).await?;
-            let stored = query_as(
-                "select id, created_at, seq, parent_id, reply_id from web_conversation_messages
+    let (message_id, created_at, seq, parent_id, reply_id) =
+        match (row.message_id, row.created_at, row.seq, row.reply_id) {
+            (Some(id), Some(at), Some(seq), Some(reply_id)) => {
+                (id, at, seq, row.parent_id, reply_id)
+            }
+            // A concurrent repeat of the same client_message_id committed after this statement's
+            // snapshot was taken: it is stored, read it now.
+            _ => {
+                let mut tx = db.begin(Scope::BoundConnection(connection)).await?;
+                let stored = query_as(
+                    "select id, created_at, seq, parent_id, reply_id from web_conversation_messages
                  where conversation_id = $1 and client_message_id = $2",
-            )
-            .bind(row.conversation_id)
-            .bind(client_message_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            stored
-        }
-    };
+                )
+                .bind(row.conversation_id)
+                .bind(client_message_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                stored
+            }
+        };
     Ok(Accepted {
         tenant_id,
         user_id,

@@ -95,16 +95,16 @@ pub async fn load_job(
         .await?;
     Ok(row.and_then(|row| {
         Some(JobContext {
-        conversation: row.conversation.0,
-        agent: row.agent.map(|a| a.0),
-        reply: row.reply.map(|r| r.0),
-        reply_id: row.reply_id?,
-        history: row.history.0,
-        recipients: row.recipients.0,
-        cancel_requested: row.cancel_requested,
-        deferrals: u32::try_from(row.deferrals).unwrap_or(0),
-        earlier: row.earlier.0,
-    })
+            conversation: row.conversation.0,
+            agent: row.agent.map(|a| a.0),
+            reply: row.reply.map(|r| r.0),
+            reply_id: row.reply_id?,
+            history: row.history.0,
+            recipients: row.recipients.0,
+            cancel_requested: row.cancel_requested,
+            deferrals: u32::try_from(row.deferrals).unwrap_or(0),
+            earlier: row.earlier.0,
+        })
     }))
 }
 

@@ -42,7 +42,9 @@ pub async fn send(db: &Db, request: Request<Body>) -> Response {
     let state = ApiState {
         db: db.clone(),
         tokens: verifier(),
-        delivery: std::sync::Arc::new(shared::delivery::ManagementApi::new(crate::helpers::aws::sdk_config())),
+        delivery: std::sync::Arc::new(shared::delivery::ManagementApi::new(
+            crate::helpers::aws::sdk_config(),
+        )),
     };
     let response = api::router(state).oneshot(request).await.unwrap();
     let status = response.status();
