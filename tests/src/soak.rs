@@ -385,7 +385,10 @@ async fn compare(db: &Db, seats: &[Seat], tabs: &Value) -> anyhow::Result<usize>
                 "tab {name} holds a message pending without a reason: {m}"
             );
         }
-        let shown: Vec<&Value> = held.iter().filter(|m| !m["id"].is_null()).collect();
+        // The tab shows its branch in the path's order (a reply right after its message, though
+        // numbered after later ones); compared in `seq` order.
+        let mut shown: Vec<&Value> = held.iter().filter(|m| !m["id"].is_null()).collect();
+        shown.sort_by_key(|m| m["seq"].as_i64().unwrap_or(i64::MAX));
         let first = shown
             .first()
             .map_or(i64::MAX, |m| m["seq"].as_i64().unwrap_or(0));

@@ -204,3 +204,66 @@ async fn throttled_posts_lose_no_chunk_on_the_aws_shaped_stack() {
     }
     assert!(sim.throttled().await.unwrap() > 0, "the quota was reached");
 }
+
+/// The frames a tab gets up to and including the first `response`.
+async fn until_response(tab: &mut Tab) -> Vec<serde_json::Value> {
+    let mut seen = Vec::new();
+    while let Some(frame) = next(tab, Duration::from_secs(30)).await {
+        let done = frame["type"] == "response";
+        seen.push(frame);
+        if done {
+            return seen;
+        }
+    }
+    panic!("no response; got {seen:?}");
+}
+
+/// Regenerate, edit and a move of the head through every AWS piece: the regenerate's job is a
+/// request of its own to SQS FIFO's deduplication (it would be dropped as a repeat of the
+/// message's), and the other tab follows each move through the connection-management API.
+#[tokio::test]
+async fn branches_run_on_the_aws_shaped_stack() {
+    let (test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    let sim = AwsSim::start(&settings(&test)).await.unwrap();
+    let url = format!("ws://{}/ws?conversation_id={}", sim.address, s.conversation);
+    let bearer = token(s.user, Role::CustomerOperator);
+    let mut tab = authenticated_tab(&url, &bearer).await;
+    let mut other = authenticated_tab(&url, &bearer).await;
+
+    send(&mut tab, json!({ "type": "message", "text": "first" })).await;
+    let first = until_response(&mut tab).await.pop().unwrap();
+    until_response(&mut other).await;
+    let question = first["reply_to"].clone();
+
+    send(&mut tab, json!({ "type": "regenerate", "reply_to": question })).await;
+    let frames = until_response(&mut tab).await;
+    let kinds: Vec<&str> = frames.iter().map(|f| f["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["typing", "head", "response"], "{frames:?}");
+    let again = frames.last().unwrap();
+    assert_eq!(again["text"], "Echo: first");
+    assert_eq!(again["reply_to"], question);
+    assert_ne!(again["message_id"], first["message_id"], "a second reply");
+    assert_eq!(frames[1]["reply_id"], again["message_id"]);
+    let seen = until_response(&mut other).await;
+    assert_eq!(seen[0]["type"], "head", "{seen:?}");
+
+    send(
+        &mut tab,
+        json!({ "type": "edit", "message_id": question, "text": "first, edited" }),
+    )
+    .await;
+    let frames = until_response(&mut tab).await;
+    let ack = frames.iter().find(|f| f["type"] == "ack").unwrap();
+    assert_eq!(ack["parent_id"], serde_json::Value::Null);
+    assert_eq!(frames.last().unwrap()["text"], "Echo: first, edited");
+    let seen = until_response(&mut other).await;
+    assert!(seen.iter().any(|f| f["type"] == "head" && f["head_id"] == ack["message_id"]));
+
+    send(&mut tab, json!({ "type": "head", "message_id": first["message_id"] })).await;
+    for socket in [&mut tab, &mut other] {
+        let moved = next(socket, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(moved["type"], "head", "{moved}");
+        assert_eq!(moved["head_id"], first["message_id"]);
+    }
+}
