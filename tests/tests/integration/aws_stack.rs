@@ -236,7 +236,11 @@ async fn branches_run_on_the_aws_shaped_stack() {
     until_response(&mut other).await;
     let question = first["reply_to"].clone();
 
-    send(&mut tab, json!({ "type": "regenerate", "reply_to": question })).await;
+    send(
+        &mut tab,
+        json!({ "type": "regenerate", "reply_to": question }),
+    )
+    .await;
     let frames = until_response(&mut tab).await;
     let kinds: Vec<&str> = frames.iter().map(|f| f["type"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["typing", "head", "response"], "{frames:?}");
@@ -258,9 +262,16 @@ async fn branches_run_on_the_aws_shaped_stack() {
     assert_eq!(ack["parent_id"], serde_json::Value::Null);
     assert_eq!(frames.last().unwrap()["text"], "Echo: first, edited");
     let seen = until_response(&mut other).await;
-    assert!(seen.iter().any(|f| f["type"] == "head" && f["head_id"] == ack["message_id"]));
+    assert!(
+        seen.iter()
+            .any(|f| f["type"] == "head" && f["head_id"] == ack["message_id"])
+    );
 
-    send(&mut tab, json!({ "type": "head", "message_id": first["message_id"] })).await;
+    send(
+        &mut tab,
+        json!({ "type": "head", "message_id": first["message_id"] }),
+    )
+    .await;
     for socket in [&mut tab, &mut other] {
         let moved = next(socket, Duration::from_secs(30)).await.unwrap();
         assert_eq!(moved["type"], "head", "{moved}");
