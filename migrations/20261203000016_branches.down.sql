@@ -5,6 +5,8 @@ drop function move_head(uuid, uuid);
 drop function head_of(uuid);
 drop function newest_below(uuid, uuid);
 drop function accept_message(text, float8, text, uuid, bigint, bigint, float8, uuid, bigint);
+drop function next_parent(uuid, uuid);
+drop function socket_frame(text, float8, float8);
 drop function job_context(uuid, uuid, bigint, bigint, uuid);
 drop function branch_path(uuid, uuid, bigint);
 

@@ -141,6 +141,61 @@ create function move_head(p_conversation uuid, p_message uuid)
     end
     $$;
 
+-- A message-like frame (`message`, `edit`, `regenerate`) from a socket: counts it in the
+-- socket's rate window and reads what decides whether it is taken (the token unexpired, the
+-- conversation there, the user still allowed, the user's recent messages). One place for what
+-- accept_message and regenerate_reply check alike.
+create function socket_frame(
+    p_connection text, p_window_seconds float8, p_user_window_seconds float8)
+    returns table (conversation_id uuid, tenant_id uuid, user_id uuid, fresh boolean,
+                   conversation_exists boolean, permitted boolean, window_messages integer,
+                   user_messages bigint)
+    language plpgsql volatile
+    set plan_cache_mode = force_generic_plan
+    as $$
+    #variable_conflict use_column
+    begin
+        return query
+        with connection as (
+            update ws_connections set
+                window_messages = case when window_started_at > now() - make_interval(secs => $2)
+                                       then window_messages + 1 else 1 end,
+                window_started_at = case when window_started_at > now() - make_interval(secs => $2)
+                                         then window_started_at else now() end,
+                last_seen_at = now()
+            where connection_id = $1
+            returning conversation_id, tenant_id, user_id, expires_at, window_messages
+        )
+        select c.conversation_id, c.tenant_id, c.user_id,
+               coalesce(c.expires_at > now(), false) as fresh,
+               exists (select 1 from web_conversations v
+                       where v.id = c.conversation_id and v.tenant_id = c.tenant_id)
+                   as conversation_exists,
+               exists (select 1 from authorized_connections(c.tenant_id, c.conversation_id) a
+                       where a.connection_id = $1) as permitted,
+               c.window_messages,
+               (select count(*) from web_conversation_messages m
+                where m.tenant_id = c.tenant_id and m.author_id = c.user_id
+                  and m.role = 'user'
+                  and m.created_at > now() - make_interval(secs => $3)) as user_messages
+        from connection c;
+    end
+    $$;
+
+-- What a new message follows when the head is `p_head`: the head, or, while the head is a
+-- user message whose reply has not started, that reply (by the id it will take).
+create function next_parent(p_conversation uuid, p_head uuid)
+    returns uuid
+    language sql stable
+    as $$
+    select case when h.role = 'user' and not exists (
+                    select 1 from web_conversation_messages r
+                    where r.conversation_id = p_conversation and r.id = h.reply_id)
+                then h.reply_id else h.id end
+    from web_conversation_messages h
+    where h.conversation_id = p_conversation and h.id = p_head
+    $$;
+
 -- The message route's step (migration 15's, which it replaces) for `message` and `edit`: a
 -- new message follows the head (or, while the head's reply has not started, that reply); an
 -- edit (`p_edit_of`) stands beside the message it edits, at most `p_max_siblings` of them. The
@@ -161,59 +216,33 @@ create function accept_message(
     #variable_conflict use_column
     begin
         return query
-        with connection as (
-            update ws_connections set
-                window_messages = case when window_started_at > now() - make_interval(secs => $2)
-                                       then window_messages + 1 else 1 end,
-                window_started_at = case when window_started_at > now() - make_interval(secs => $2)
-                                         then window_started_at else now() end,
-                last_seen_at = now()
-            where connection_id = $1
-            returning conversation_id, tenant_id, user_id, role, expires_at, window_messages
+        with checked as (
+            select * from socket_frame($1, $2, $7)
         ), edited as (
             select e.parent_id,
                    (select count(*) from web_conversation_messages s
                     where s.conversation_id = e.conversation_id and s.role = 'user'
                       and s.parent_id is not distinct from e.parent_id) as siblings
-            from web_conversation_messages e join connection c using (conversation_id)
+            from web_conversation_messages e join checked k using (conversation_id)
             where e.id = $8 and e.role = 'user'
-        ), checked as (
-            select c.conversation_id, c.tenant_id, c.user_id, c.window_messages,
-                   coalesce(c.expires_at > now(), false) as fresh,
-                   exists (select 1 from web_conversations v
-                           where v.id = c.conversation_id and v.tenant_id = c.tenant_id)
-                       as conversation_exists,
-                   exists (select 1 from authorized_connections(c.tenant_id, c.conversation_id) a
-                           where a.connection_id = $1) as permitted,
-                   (select count(*) from web_conversation_messages m
-                    where m.tenant_id = c.tenant_id and m.author_id = c.user_id
-                      and m.role = 'user'
-                      and m.created_at > now() - make_interval(secs => $7)) as user_messages,
-                   $8::uuid is null or exists (select 1 from edited) as edited_exists,
+        ), edit as (
+            select $8::uuid is null or exists (select 1 from edited) as edited_exists,
                    coalesce((select e.siblings from edited e), 0) as siblings
-            from connection c
         ), locked as (
             select v.id, v.last_seq, v.head_id
-            from web_conversations v join checked k on v.id = k.conversation_id
+            from web_conversations v join checked k on v.id = k.conversation_id cross join edit d
             where k.conversation_exists and k.permitted and k.window_messages <= $5
-              and k.user_messages < $6 and k.edited_exists and k.siblings < $9
+              and k.user_messages < $6 and d.edited_exists and d.siblings < $9
             for no key update of v
-        ), parent as (
-            select case when $8::uuid is not null then (select e.parent_id from edited e)
-                        when h.role = 'user' and not exists (
-                            select 1 from web_conversation_messages r
-                            where r.conversation_id = l.id and r.id = h.reply_id)
-                            then h.reply_id
-                        else h.id end as id
-            from locked l
-            left join web_conversation_messages h on h.conversation_id = l.id and h.id = l.head_id
         ), inserted as (
             insert into web_conversation_messages
                 (conversation_id, tenant_id, role, content, client_message_id, seq, author_id,
                  parent_id, reply_id)
             select k.conversation_id, k.tenant_id, 'user', $3, $4, l.last_seq + 1, k.user_id,
-                   p.id, gen_random_uuid()
-            from checked k join locked l on l.id = k.conversation_id cross join parent p
+                   case when $8::uuid is not null then (select e.parent_id from edited e)
+                        else next_parent(l.id, l.head_id) end,
+                   gen_random_uuid()
+            from checked k join locked l on l.id = k.conversation_id
             on conflict (conversation_id, client_message_id) do nothing
             returning id, conversation_id, tenant_id, created_at, seq, parent_id, reply_id
         ), touched as (
@@ -226,7 +255,7 @@ create function accept_message(
             where $4::uuid is not null and m.client_message_id = $4
         )
         select k.conversation_id, k.tenant_id, k.user_id, k.fresh, k.conversation_exists,
-               k.permitted, k.window_messages, k.user_messages, k.edited_exists, k.siblings,
+               k.permitted, k.window_messages, k.user_messages, d.edited_exists, d.siblings,
                coalesce(i.id, e.id) as message_id,
                coalesce(i.created_at, e.created_at) as created_at,
                coalesce(i.seq, e.seq) as seq,
@@ -238,6 +267,7 @@ create function accept_message(
                 from inserted n, authorized_connections_now(n.tenant_id, n.conversation_id) w
                 where w.connection_id <> $1) as others
         from checked k
+        cross join edit d
         left join inserted i on true
         left join earlier e on i.id is null;
     end
@@ -261,15 +291,8 @@ create function regenerate_reply(
     #variable_conflict use_column
     begin
         return query
-        with connection as (
-            update ws_connections set
-                window_messages = case when window_started_at > now() - make_interval(secs => $2)
-                                       then window_messages + 1 else 1 end,
-                window_started_at = case when window_started_at > now() - make_interval(secs => $2)
-                                         then window_started_at else now() end,
-                last_seen_at = now()
-            where connection_id = $1
-            returning conversation_id, tenant_id, user_id, role, expires_at, window_messages
+        with checked as (
+            select * from socket_frame($1, $2, $6)
         ), target as (
             select u.id, u.content, u.created_at, u.reply_id,
                    (select count(*) from web_conversation_messages r
@@ -278,28 +301,16 @@ create function regenerate_reply(
                                            where r.conversation_id = u.conversation_id
                                              and r.id = u.reply_id)
                               then 0 else 1 end as siblings
-            from web_conversation_messages u join connection c using (conversation_id)
+            from web_conversation_messages u join checked c using (conversation_id)
             where u.id = $3 and u.role = 'user'
-        ), checked as (
-            select c.conversation_id, c.tenant_id, c.user_id, c.window_messages,
-                   coalesce(c.expires_at > now(), false) as fresh,
-                   exists (select 1 from web_conversations v
-                           where v.id = c.conversation_id and v.tenant_id = c.tenant_id)
-                       as conversation_exists,
-                   exists (select 1 from authorized_connections(c.tenant_id, c.conversation_id) a
-                           where a.connection_id = $1) as permitted,
-                   (select count(*) from web_conversation_messages m
-                    where m.tenant_id = c.tenant_id and m.author_id = c.user_id
-                      and m.role = 'user'
-                      and m.created_at > now() - make_interval(secs => $6)) as user_messages,
-                   exists (select 1 from target) as found,
+        ), asked as (
+            select exists (select 1 from target) as found,
                    coalesce((select t.siblings from target t), 0) as siblings
-            from connection c
         ), locked as (
             select v.id, v.tenant_id, v.last_seq
-            from web_conversations v join checked k on v.id = k.conversation_id
+            from web_conversations v join checked k on v.id = k.conversation_id cross join asked f
             where k.conversation_exists and k.permitted and k.window_messages <= $4
-              and k.user_messages < $5 and k.found and k.siblings < $7
+              and k.user_messages < $5 and f.found and f.siblings < $7
             for no key update of v
         ), never_started as (
             insert into web_conversation_messages
@@ -323,12 +334,13 @@ create function regenerate_reply(
             from locked l where v.id = l.id
         )
         select k.conversation_id, k.tenant_id, k.user_id, k.fresh, k.conversation_exists,
-               k.permitted, k.window_messages, k.user_messages, k.found, k.siblings,
+               k.permitted, k.window_messages, k.user_messages, f.found, f.siblings,
                t.content, t.created_at, (select n.reply_id from renewed n),
                (select coalesce(jsonb_agg(jsonb_build_object(
                            'connection_id', w.connection_id, 'endpoint', w.endpoint)), '[]')
                 from locked l, authorized_connections_now(l.tenant_id, l.id) w) as recipients
         from checked k
+        cross join asked f
         left join target t on true;
     end
     $$;

@@ -162,19 +162,13 @@ pub async fn insert_user(
         "with locked as (
              select id, last_seq, head_id from web_conversations where id = $1
              for no key update
-         ), parent as (
-             select case when h.role = 'user' and not exists (
-                             select 1 from web_conversation_messages r
-                             where r.conversation_id = l.id and r.id = h.reply_id)
-                         then h.reply_id else h.id end as id
-             from locked l
-             left join web_conversation_messages h on h.conversation_id = l.id and h.id = l.head_id
          ), inserted as (
              insert into web_conversation_messages
                  (conversation_id, tenant_id, role, content, client_message_id, seq, author_id,
                   parent_id, reply_id)
-             select $1, $2, 'user', $3, $4, l.last_seq + 1, $5, p.id, gen_random_uuid()
-             from locked l cross join parent p
+             select $1, $2, 'user', $3, $4, l.last_seq + 1, $5, next_parent(l.id, l.head_id),
+                    gen_random_uuid()
+             from locked l
              on conflict (conversation_id, client_message_id) do nothing
              returning *
          ), touched as (

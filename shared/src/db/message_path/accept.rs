@@ -51,9 +51,10 @@ pub struct Accepted {
     pub others: Vec<Recipient>,
 }
 
+/// What a message-like frame's step read of its socket (`socket_frame`, migration 16).
 #[derive(sqlx::FromRow)]
-struct AcceptRow {
-    conversation_id: ConversationId,
+pub(super) struct SocketCheck {
+    pub(super) conversation_id: ConversationId,
     tenant_id: Option<TenantId>,
     user_id: Option<UserId>,
     fresh: bool,
@@ -61,6 +62,51 @@ struct AcceptRow {
     permitted: bool,
     window_messages: i32,
     user_messages: i64,
+}
+
+impl SocketCheck {
+    /// The socket's tenant and user when the frame is taken; otherwise the contract's refusal:
+    /// `unauthenticated` (no `auth` yet, or the token expired), `not_found`, `forbidden`,
+    /// `rate_limited`.
+    pub(super) fn refusal(&self, limits: Limits) -> Result<(TenantId, UserId), Error> {
+        let unauthenticated = || Error::Unauthenticated("send an auth frame first".into());
+        let (Some(tenant_id), Some(user_id)) = (self.tenant_id, self.user_id) else {
+            return Err(unauthenticated());
+        };
+        let limit = limits.connection;
+        if !self.fresh {
+            return Err(Error::Unauthenticated(
+                "your token has expired; send an auth frame with a fresh one".into(),
+            ));
+        }
+        if !self.conversation_exists {
+            return Err(Error::NotFound("the conversation no longer exists".into()));
+        }
+        if !self.permitted {
+            return Err(Error::Forbidden(
+                "you no longer have access to this conversation".into(),
+            ));
+        }
+        if i64::from(self.window_messages) > i64::from(limit.messages) {
+            return Err(Error::RateLimited(format!(
+                "at most {} messages per {} seconds",
+                limit.messages, limit.window_seconds
+            )));
+        }
+        if self.user_messages >= i64::from(limits.user.messages) {
+            return Err(Error::RateLimited(format!(
+                "at most {} messages per {} seconds from one user, across all their sockets",
+                limits.user.messages, limits.user.window_seconds
+            )));
+        }
+        Ok((tenant_id, user_id))
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct AcceptRow {
+    #[sqlx(flatten)]
+    socket: SocketCheck,
     edited_exists: bool,
     siblings: i64,
     message_id: Option<MessageId>,
@@ -110,19 +156,8 @@ pub async fn accept(
         )
         .await?;
 
-    let unauthenticated = || Error::Unauthenticated("send an auth frame first".into());
-    let row = row.ok_or_else(unauthenticated)?;
-    let (Some(tenant_id), Some(user_id)) = (row.tenant_id, row.user_id) else {
-        return Err(unauthenticated());
-    };
-    socket_refusal(
-        row.fresh,
-        row.conversation_exists,
-        row.permitted,
-        row.window_messages,
-        row.user_messages,
-        limits,
-    )?;
+    let row = row.ok_or_else(|| Error::Unauthenticated("send an auth frame first".into()))?;
+    let (tenant_id, user_id) = row.socket.refusal(limits)?;
     if !row.edited_exists {
         return Err(Error::NotFound(
             "no such user message in this conversation to edit".into(),
@@ -146,7 +181,7 @@ pub async fn accept(
                     "select id, created_at, seq, parent_id, reply_id from web_conversation_messages
                  where conversation_id = $1 and client_message_id = $2",
                 )
-                .bind(row.conversation_id)
+                .bind(row.socket.conversation_id)
                 .bind(client_message_id)
                 .fetch_one(&mut *tx)
                 .await?;
@@ -157,7 +192,7 @@ pub async fn accept(
     Ok(Accepted {
         tenant_id,
         user_id,
-        conversation_id: row.conversation_id,
+        conversation_id: row.socket.conversation_id,
         message_id,
         created_at,
         seq,
@@ -166,45 +201,6 @@ pub async fn accept(
         reply_id,
         others: row.others.0,
     })
-}
-
-/// The refusal a message-like frame (`message`, `edit`, `regenerate`) gets from what its step
-/// read of the socket, if any: an expired token, a conversation gone, access lost, a rate limit.
-pub(super) fn socket_refusal(
-    fresh: bool,
-    conversation_exists: bool,
-    permitted: bool,
-    window_messages: i32,
-    user_messages: i64,
-    limits: Limits,
-) -> Result<(), Error> {
-    let limit = limits.connection;
-    if !fresh {
-        return Err(Error::Unauthenticated(
-            "your token has expired; send an auth frame with a fresh one".into(),
-        ));
-    }
-    if !conversation_exists {
-        return Err(Error::NotFound("the conversation no longer exists".into()));
-    }
-    if !permitted {
-        return Err(Error::Forbidden(
-            "you no longer have access to this conversation".into(),
-        ));
-    }
-    if i64::from(window_messages) > i64::from(limit.messages) {
-        return Err(Error::RateLimited(format!(
-            "at most {} messages per {} seconds",
-            limit.messages, limit.window_seconds
-        )));
-    }
-    if user_messages >= i64::from(limits.user.messages) {
-        return Err(Error::RateLimited(format!(
-            "at most {} messages per {} seconds from one user, across all their sockets",
-            limits.user.messages, limits.user.window_seconds
-        )));
-    }
-    Ok(())
 }
 
 #[derive(sqlx::FromRow)]

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 
+use super::accept::SocketCheck;
 use super::{Limits, MAX_SIBLINGS, Recipient};
 use crate::Error;
 use crate::db::{Call, Db, Scope, query_as};
@@ -27,14 +28,8 @@ pub struct Regenerated {
 
 #[derive(sqlx::FromRow)]
 struct RegenerateRow {
-    conversation_id: ConversationId,
-    tenant_id: Option<TenantId>,
-    user_id: Option<UserId>,
-    fresh: bool,
-    conversation_exists: bool,
-    permitted: bool,
-    window_messages: i32,
-    user_messages: i64,
+    #[sqlx(flatten)]
+    socket: SocketCheck,
     found: bool,
     siblings: i64,
     content: Option<String>,
@@ -70,19 +65,8 @@ pub async fn regenerate(
                 .bigint(MAX_SIBLINGS),
         )
         .await?;
-    let unauthenticated = || Error::Unauthenticated("send an auth frame first".into());
-    let row = row.ok_or_else(unauthenticated)?;
-    let (Some(tenant_id), Some(user_id)) = (row.tenant_id, row.user_id) else {
-        return Err(unauthenticated());
-    };
-    super::socket_refusal(
-        row.fresh,
-        row.conversation_exists,
-        row.permitted,
-        row.window_messages,
-        row.user_messages,
-        limits,
-    )?;
+    let row = row.ok_or_else(|| Error::Unauthenticated("send an auth frame first".into()))?;
+    let (tenant_id, user_id) = row.socket.refusal(limits)?;
     if !row.found {
         return Err(Error::NotFound(
             "no such user message in this conversation".into(),
@@ -97,7 +81,7 @@ pub async fn regenerate(
         (Some(content), Some(created_at), Some(reply_id)) => Ok(Regenerated {
             tenant_id,
             user_id,
-            conversation_id: row.conversation_id,
+            conversation_id: row.socket.conversation_id,
             message_id,
             content,
             created_at,
