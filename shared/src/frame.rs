@@ -101,7 +101,8 @@ pub(crate) enum RawFrame {
         reply_to: String,
     },
     /// A new reply to a user message; one still streaming for it is cancelled first. The
-    /// earlier replies stay, as siblings.
+    /// earlier replies stay, as siblings. No answer of its own: every socket, the sender's too,
+    /// is sent `typing` and `head` before the job is queued.
     Regenerate {
         /// The user message answered again.
         #[schema(format = Uuid)]

@@ -246,3 +246,26 @@ test("a reply that ended while the socket was down is read again, though later m
   assert.deepEqual(chat.messages.map((m) => m.seq), [1, 2, 3]);
   chat.stop();
 });
+
+test("a reply whose frames come before the ack or the head frame still ends the branch", async (t) => {
+  const { chat, socket } = await connected({ page: [stored(1, "m0", "user", "hi", { reply_id: "r0" }),
+    stored(2, "r0", "assistant", "hello", { reply_to: "m0", parent_id: "m0" })] });
+  t.after(() => chat.stop());
+  socket.push({ type: "auth_ok", conversation_id: conversationId, user_id: "u", last_seq: 2, head_id: "r0" });
+  chat.send("again");
+  const [sent] = socket.framesOfType("message");
+  // On the Lambda path the route's ack is posted after the function returns: the reply can
+  // come first.
+  socket.push({ type: "response", conversation_id: conversationId, message_id: "r1", reply_to: "m1",
+    seq: 4, text: "answer", stop_reason: "end" });
+  socket.push({ type: "ack", conversation_id: conversationId, message_id: "m1", seq: 3,
+    client_message_id: sent.client_message_id, parent_id: "r0", reply_id: "r1" });
+  assert.equal(chat.head, "r1");
+  assert.deepEqual(chat.messages.map((m) => m.id), ["m0", "r0", "m1", "r1"]);
+  // A regenerate's head frame that arrives after its reply started.
+  socket.push({ type: "response", conversation_id: conversationId, message_id: "r2", reply_to: "m1",
+    seq: 5, text: "answer, again", stop_reason: "end" });
+  socket.push({ type: "head", conversation_id: conversationId, head_id: "m1", reply_id: "r2" });
+  assert.equal(chat.head, "r2");
+  assert.deepEqual(chat.messages.map((m) => m.id), ["m0", "r0", "m1", "r2"]);
+});

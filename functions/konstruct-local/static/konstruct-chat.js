@@ -262,6 +262,10 @@ export class Chat {
   moveHead(headId, replyId) {
     const head = headId && this.byId.get(headId);
     if (head && replyId) head.replyId = replyId;
+    // Its reply has started already: the frames crossed (a reply to the head moves the head
+    // when it starts, and the server never names a user message whose reply has started).
+    const started = head && head.replyId && this.byId.get(head.replyId);
+    if (started) headId = started.id;
     if (headId === this.head) return;
     this.head = headId;
     if (this.options.onHead) this.options.onHead(headId);

@@ -71,7 +71,10 @@ async fn route_frame(
         } => Ok(Some(
             message(state, route, text, client_message_id, Some(message_id)).await?,
         )),
-        ClientFrame::Regenerate { reply_to } => Ok(Some(regenerate(state, route, reply_to).await?)),
+        ClientFrame::Regenerate { reply_to } => {
+            regenerate(state, route, reply_to).await?;
+            Ok(None)
+        }
         ClientFrame::Head { message_id } => {
             let head =
                 message_path::move_head_from(&state.edge.db, &route.connection_id, message_id)
@@ -166,20 +169,19 @@ async fn message(
             stored.others.clone(),
         );
         send_others(state, &mut others, &shown).await;
+        // An edit moves the head off the branch the other tabs may show: they are told (the
+        // sender learns it from the ack).
+        if edit_of.is_some() && stored.created {
+            let head = ServerFrame::Head {
+                conversation_id: stored.conversation_id,
+                head_id: Some(stored.message_id),
+                reply_id: Some(stored.reply_id),
+            };
+            send_others(state, &mut others, &head).await;
+        }
     };
     let (queued, _) = tokio::join!(state.queue.enqueue(&job), show_others);
     queued?;
-    // An edit moves the head off the branch the other tabs may show: they are told (the
-    // sender learns it from the ack).
-    if edit_of.is_some() && stored.created {
-        let head = ServerFrame::Head {
-            conversation_id: stored.conversation_id,
-            head_id: Some(stored.message_id),
-            reply_id: Some(stored.reply_id),
-        };
-        let mut others = Audience::new(stored.tenant_id, stored.conversation_id, stored.others);
-        send_others(state, &mut others, &head).await;
-    }
     telemetry::record(Event::MessageAccepted);
     let span = tracing::Span::current();
     span.record(
@@ -203,21 +205,17 @@ async fn message(
     })
 }
 
-/// `regenerate`: a new request for the message's reply, queued as a message's is; every socket
-/// of the conversation is told the head (the message, its new reply to come).
+/// `regenerate`: a new request for the message's reply, queued as a message's is. Every socket
+/// of the conversation, the sender's too, is told the head (the message, its new reply to come)
+/// before the job is queued: on the Lambda path a route's answer is posted after the function
+/// returns, and the reply could come first.
 async fn regenerate(
     state: &MessageRoute,
     route: &RouteEvent,
     message_id: MessageId,
-) -> Result<ServerFrame, Error> {
+) -> Result<(), Error> {
     let id = &route.connection_id;
     let asked = message_path::regenerate(&state.edge.db, id, message_id, state.limits).await?;
-    let typing = ServerFrame::Typing {
-        conversation_id: asked.conversation_id,
-    };
-    if let Err(err) = state.edge.post(&route.endpoint, id, &typing).await {
-        tracing::warn!(error = &err as &dyn std::error::Error, "typing not sent");
-    }
     let text = MessageText::parse(&asked.content)?;
     let job = Job {
         tenant_id: asked.tenant_id,
@@ -235,9 +233,9 @@ async fn regenerate(
             timestamp: asked.created_at,
         }),
     };
-    state.queue.enqueue(&job).await?;
-    telemetry::record(Event::MessageAccepted);
-    tracing::info!(%message_id, reply_id = %asked.reply_id, "regenerate accepted");
+    let typing = ServerFrame::Typing {
+        conversation_id: asked.conversation_id,
+    };
     let head = message_path::Head {
         tenant_id: asked.tenant_id,
         conversation_id: asked.conversation_id,
@@ -245,7 +243,17 @@ async fn regenerate(
         reply_id: Some(asked.reply_id),
         recipients: asked.recipients,
     };
-    Ok(tell_head(state, route, head).await)
+    let head = tell_head(state, route, head).await;
+    // Courtesies: failing to show them must not cost the request.
+    for frame in [typing, head] {
+        if let Err(err) = state.edge.post(&route.endpoint, id, &frame).await {
+            tracing::warn!(error = &err as &dyn std::error::Error, "frame not sent");
+        }
+    }
+    state.queue.enqueue(&job).await?;
+    telemetry::record(Event::MessageAccepted);
+    tracing::info!(%message_id, reply_id = %asked.reply_id, "regenerate accepted");
+    Ok(())
 }
 
 /// The `head` frame for a move: posted to the conversation's other sockets, and returned for

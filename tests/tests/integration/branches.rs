@@ -26,14 +26,14 @@ async fn numbered_model() -> FakeLlm {
         .await
 }
 
-/// Routes a frame and runs the job it queued; returns the frame the route answered with.
+/// Routes a frame and runs the job it queued; returns the frame the route answered with, if any.
 async fn route_and_answer(
     h: &Harness,
     state: &shared::orchestrator::OrchestratorState,
     connection: &str,
     frame: Value,
-) -> Value {
-    let answer = h.route(connection, &frame.to_string()).await.unwrap();
+) -> Option<Value> {
+    let answer = h.route(connection, &frame.to_string()).await;
     let records: Vec<_> = drain(&h.queue).await.iter().map(|q| q.record()).collect();
     assert!(run(state, records).await.is_empty());
     answer
@@ -105,10 +105,18 @@ async fn regenerate_twice_keeps_three_replies_and_every_tab_follows_the_head() {
     let mut heads = Vec::new();
     for _ in 0..2 {
         let regenerate = json!({ "type": "regenerate", "reply_to": question.id });
+        let before = h.api.frames_to("tab").len();
         let answer = route_and_answer(&h, &state, "tab", regenerate).await;
-        assert_eq!(answer["type"], "head", "{answer}");
-        assert_eq!(answer["head_id"], json!(question.id));
-        heads.push(answer);
+        assert_eq!(answer, None, "the sender is told by a post");
+        // Posted before the job is queued: on the Lambda path a route's answer goes out after
+        // the function returns, and the reply could come first.
+        let posted = h.api.frames_to("tab").split_off(before);
+        let kinds: Vec<_> = posted.iter().map(|f| f["type"].as_str().unwrap()).collect();
+        assert_eq!(kinds[..2], ["typing", "head"], "{kinds:?}");
+        assert_eq!(kinds.last(), Some(&"response"), "{kinds:?}");
+        let head = posted[1].clone();
+        assert_eq!(head["head_id"], json!(question.id));
+        heads.push(head);
     }
     let all = replies(&h, conversation).await;
     assert_eq!(
@@ -187,8 +195,8 @@ async fn regenerate_twice_keeps_three_replies_and_every_tab_follows_the_head() {
     );
     let told_here = of_type(&h.api.frames_to("tab"), "head").len();
     assert_eq!(
-        told_here, 1,
-        "the sender got its own moves as answers; REST's by post"
+        told_here, 3,
+        "the sender's regenerates and REST's move by post, its head frame as the answer"
     );
     // Every reply reached both tabs whole.
     for tab in ["tab", "other"] {
@@ -221,7 +229,7 @@ async fn an_edit_answers_from_its_own_branch_and_keeps_the_original() {
     let client_message_id = uuid::Uuid::new_v4();
     let edit = json!({ "type": "edit", "message_id": first.id, "text": "first, better",
                        "client_message_id": client_message_id });
-    let ack = route_and_answer(&h, &state, "tab", edit).await;
+    let ack = route_and_answer(&h, &state, "tab", edit).await.unwrap();
     assert_eq!(ack["type"], "ack", "{ack}");
     assert_eq!(ack["client_message_id"], json!(client_message_id));
     assert_eq!(ack["parent_id"], Value::Null, "beside the first message");
@@ -300,7 +308,7 @@ async fn regenerate_while_the_first_reply_streams_stops_it_and_keeps_what_it_had
     };
     let (failures, answer) = tokio::join!(job, asked);
     assert!(failures.is_empty());
-    assert_eq!(answer.unwrap()["type"], "head");
+    assert_eq!(answer, None, "the head is posted, not answered");
     let records: Vec<_> = drain(&h.queue).await.iter().map(|q| q.record()).collect();
     assert_eq!(records.len(), 1, "one job for the regenerate");
     assert!(run(&state, records).await.is_empty());
@@ -344,12 +352,13 @@ async fn a_regenerate_before_the_reply_started_supersedes_it_and_every_request_i
     // The first job has not run when the regenerate comes, and a second message follows.
     let mut records = records_for(&h, "tab", &["question"]).await;
     let question = stored(&h, conversation).await[0].clone();
-    h.route(
-        "tab",
-        &json!({ "type": "regenerate", "reply_to": question.id }).to_string(),
-    )
-    .await
-    .unwrap();
+    let answer = h
+        .route(
+            "tab",
+            &json!({ "type": "regenerate", "reply_to": question.id }).to_string(),
+        )
+        .await;
+    assert_eq!(answer, None);
     records.extend(drain(&h.queue).await.iter().map(|q| q.record()));
     let next = records_for(&h, "tab", &["next"]).await;
     // Delivered twice, as SQS may.
@@ -668,13 +677,14 @@ async fn a_message_has_at_most_twenty_replies_and_versions() {
     for i in 0..20 {
         let tab = if i < 19 { "tab" } else { "tab2" };
         let regenerate = json!({ "type": "regenerate", "reply_to": question });
-        answers.push(h.send(tab, &regenerate.to_string()).await);
+        answers.push(h.route(tab, &regenerate.to_string()).await);
     }
-    assert!(
-        answers[..19].iter().all(|a| a["type"] == "head"),
+    assert!(answers[..19].iter().all(Option::is_none), "{answers:?}");
+    assert_eq!(
+        answers[19].as_ref().unwrap()["code"],
+        "too_large",
         "{answers:?}"
     );
-    assert_eq!(answers[19]["code"], "too_large", "{}", answers[19]);
     let replies = stored(&h, conversation)
         .await
         .into_iter()
