@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use aws_sdk_apigatewaymanagement::primitives::Blob;
 
 use crate::Error;
+use crate::config::orchestrator::FanoutSettings;
 use crate::db::message_path::{self, Recipient};
 use crate::db::{Db, Scope, connections};
 use crate::domain::{ConnectionId, ConversationId, TenantId};
@@ -186,17 +187,25 @@ pub struct ConnectionsFanout {
 }
 
 impl ConnectionsFanout {
-    pub const DEFAULT_CONCURRENCY: usize = 8;
-    pub const DEFAULT_POST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
-
     /// With the default bounds.
     pub fn new(db: Db, delivery: std::sync::Arc<dyn Delivery>) -> Self {
+        Self::with_settings(db, delivery, &FanoutSettings::default())
+    }
+
+    /// With the deployment's bounds.
+    pub fn with_settings(
+        db: Db,
+        delivery: std::sync::Arc<dyn Delivery>,
+        settings: &FanoutSettings,
+    ) -> Self {
         Self {
             db,
             delivery,
-            concurrency: Self::DEFAULT_CONCURRENCY,
-            post_timeout: Self::DEFAULT_POST_TIMEOUT,
-            budget: None,
+            concurrency: settings.concurrency,
+            post_timeout: settings.post_timeout,
+            budget: settings
+                .post_budget
+                .map(|per_second| std::sync::Arc::new(PostBudget::new(per_second))),
         }
     }
 }

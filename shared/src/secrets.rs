@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::{ConfigError, Lookup};
-
 /// The AWS SDK's configuration from the environment and a secrets reader through it: what a
 /// function loads before its state.
 pub async fn aws_config() -> (aws_config::SdkConfig, Secrets) {
@@ -45,44 +43,24 @@ impl Secrets {
         Self { client: None }
     }
 
-    /// The secret `var` names: read from Secrets Manager when `{var}_SECRET_ARN` is set, else
-    /// the plain variable's value; `None` when neither is set. Both set is refused: which one
-    /// counts would be a guess.
-    pub async fn load(
-        &self,
-        lookup: &impl Lookup,
-        var: &'static str,
-        arn_var: &'static str,
-    ) -> Result<Option<Secret>, ConfigError> {
-        let plain = crate::config::optional(lookup, var);
-        let arn = crate::config::optional(lookup, arn_var);
-        match (plain, arn) {
-            (Some(_), Some(_)) => Err(ConfigError::new(
-                arn_var,
-                format!("and {var} are both set; set one"),
-            )),
-            (Some(value), None) => Ok(Some(Secret::fixed(var, value))),
-            (None, None) => Ok(None),
-            (None, Some(arn)) => {
-                let client = self.client.clone().ok_or_else(|| {
-                    ConfigError::new(arn_var, "is not read here (set the value itself)")
-                })?;
-                let managed = Managed {
-                    client,
-                    arn: arn.trim().to_owned(),
-                    last_read: tokio::sync::Mutex::new(Instant::now()),
-                };
-                let value = managed
-                    .read()
-                    .await
-                    .map_err(|problem| ConfigError::new(arn_var, problem))?;
-                Ok(Some(Secret(Arc::new(Inner {
-                    var,
-                    value: RwLock::new(value),
-                    managed: Some(managed),
-                }))))
-            }
-        }
+    /// The secret `var` stands for, read from Secrets Manager by its ARN; the problem, to be
+    /// told against the variable that named it, when it cannot be read.
+    pub async fn read(&self, var: &'static str, arn: &str) -> Result<Secret, String> {
+        let client = self
+            .client
+            .clone()
+            .ok_or_else(|| "is not read here (set the value itself)".to_owned())?;
+        let managed = Managed {
+            client,
+            arn: arn.trim().to_owned(),
+            last_read: tokio::sync::Mutex::new(Instant::now()),
+        };
+        let value = managed.read().await?;
+        Ok(Secret(Arc::new(Inner {
+            var,
+            value: RwLock::new(value),
+            managed: Some(managed),
+        })))
     }
 }
 

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use shared::api::{self, ApiState};
 use shared::auth::{TokenVerifier, issue_token};
+use shared::config::routes::{Limits, SocketCaps};
 use shared::config::{self, AuthConfig, DatabaseConfig, Mode, env, redis_prefix};
 use shared::db::{Db, seed};
 use shared::domain::{Role, TenantRole, UserId};
@@ -16,7 +17,7 @@ use shared::orchestrator::OrchestratorState;
 use shared::queue::RedisQueue;
 use shared::secrets::Secrets;
 use shared::worker::Worker;
-use shared::ws::{Edge, Limits, SocketCaps, WsState};
+use shared::ws::{Edge, WsState};
 use tokio::sync::mpsc;
 
 use crate::gateway::{Dispatch, Gateway};

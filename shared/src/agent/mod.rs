@@ -5,8 +5,6 @@ mod bedrock;
 mod echo;
 mod openai;
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use tokio::sync::mpsc;
@@ -14,8 +12,9 @@ use tokio::time::Instant;
 
 pub use bedrock::Bedrock;
 pub use echo::Echo;
-pub use openai::{DEFAULT_BASE_URL, OpenAi};
+pub use openai::OpenAi;
 
+use crate::config::orchestrator::{OutputLimits, RetryPolicy};
 use crate::db::agents::{Agent, Provider};
 use crate::db::messages::{MessageRole, StopReason, Usage};
 
@@ -84,25 +83,6 @@ pub fn cap(text: &mut String, max_bytes: usize) -> bool {
     }
     text.truncate(end);
     true
-}
-
-/// Bounds on what one reply may cost: the model's output tokens (a deployment default, an
-/// agent's own `max_tokens` setting up to a deployment maximum) and the stored reply's size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OutputLimits {
-    pub default_max_tokens: u32,
-    pub max_tokens: u32,
-    pub max_reply_bytes: usize,
-}
-
-impl Default for OutputLimits {
-    fn default() -> Self {
-        Self {
-            default_max_tokens: 1024,
-            max_tokens: 4096,
-            max_reply_bytes: 64 * 1024,
-        }
-    }
 }
 
 impl OutputLimits {
@@ -197,26 +177,7 @@ pub trait ModelClient: Send + Sync {
     ) -> Result<AgentReply, AgentError>;
 }
 
-/// How long and how often an agent is tried within one job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    pub attempt_timeout: Duration,
-    pub max_attempts: usize,
-    pub min_backoff: Duration,
-    pub max_backoff: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            attempt_timeout: Duration::from_secs(60),
-            max_attempts: 3,
-            min_backoff: Duration::from_millis(250),
-            max_backoff: Duration::from_secs(4),
-        }
-    }
-}
-
+/// Running the policy the deployment set.
 impl RetryPolicy {
     /// Asks the model: each attempt bounded by the timeout and by `deadline` (when the job
     /// must be done), retryable failures tried again with exponential backoff and jitter while

@@ -15,10 +15,8 @@ use super::{AgentError, AgentReply, AgentRequest, Deltas, ModelClient, cap};
 use crate::db::messages::{MessageRole, StopReason, Usage};
 use crate::secrets::Secret;
 
-pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
-
 /// Request fields an agent's `settings` may set; the rest of the body is the provider's (the
-/// output limit is set from [`super::OutputLimits`]).
+/// output limit is set from [`crate::config::orchestrator::OutputLimits`]).
 const SETTINGS: [&str; 4] = [
     "temperature",
     "top_p",
@@ -45,7 +43,7 @@ impl OpenAi {
         }
     }
 
-    /// A client of `base_url` with its key as [`crate::secrets::Secrets::load`] read it.
+    /// A client of `base_url` with its key as [`crate::config::load_secret`] read it.
     pub fn with_key(base_url: &str, api_key: Option<Secret>) -> Self {
         let mut openai = Self::new(base_url, None);
         openai.api_key = api_key;

@@ -4,7 +4,32 @@
 use std::time::Duration;
 
 use super::{ConfigError, Lookup, number, positive};
-use crate::db::message_path::{Limits, RateLimit, SocketCaps};
+/// How many `message` frames may be sent per window: at most `messages` per `window_seconds`.
+/// One limit counts a connection's frames in a fixed window; another counts a user's stored
+/// messages across all their sockets in a sliding one (see [`Limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub messages: u32,
+    pub window_seconds: u32,
+}
+
+/// What the message route enforces besides authorization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `message` frames per connection: a flood from one socket.
+    pub connection: RateLimit,
+    /// Messages per user, whichever sockets they come from: reconnecting or opening more
+    /// sockets does not reset it.
+    pub user: RateLimit,
+}
+
+/// How many authenticated sockets may be open at once, per user (in a tenant) and per
+/// conversation: a reply fans out to every socket of its conversation, every chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketCaps {
+    pub per_user: u32,
+    pub per_conversation: u32,
+}
 
 impl Limits {
     /// `WS_RATE_LIMIT_MESSAGES` per `WS_RATE_LIMIT_WINDOW_SECONDS` per connection (default 20

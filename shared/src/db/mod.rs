@@ -18,6 +18,12 @@ pub mod seed;
 pub mod tenants;
 pub mod users;
 
+mod call;
+mod scope;
+
+pub use call::Call;
+pub use scope::Scope;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,9 +37,7 @@ use sqlx::{AssertSqlSafe, Connection, FromRow, PgConnection, PgPool, Postgres, S
 use tokio::sync::OnceCell;
 
 use crate::Error;
-use crate::auth::PlatformAdmin;
 use crate::config::{DatabaseConfig, TxTimeouts, connect_options};
-use crate::domain::{ConnectionId, ConversationId, TenantId, UserId};
 use crate::secrets::Secret;
 use secrecy::ExposeSecret;
 
@@ -81,116 +85,6 @@ pub const PING_AFTER_IDLE: Duration = Duration::from_secs(10);
 /// A transaction whose scope is set; commit it to keep its writes.
 pub type Tx = sqlx::Transaction<'static, Postgres>;
 
-/// What a transaction may see. Each variant sets one setting that the row-level security
-/// policies read.
-#[derive(Debug, Clone, Copy)]
-pub enum Scope<'a> {
-    /// One tenant's rows: the scope of almost all work.
-    Tenant(TenantId),
-    /// Every tenant's rows, read-only; only for a verified platform admin.
-    AllTenants(PlatformAdmin),
-    /// Exactly one conversation row, to learn its tenant before checking access to it.
-    Conversation(ConversationId),
-    /// Exactly one WebSocket connection row, which the route Lambdas find by the id API
-    /// Gateway gives them.
-    Connection(&'a ConnectionId),
-    /// One connection row and the tenant it is bound to (none before `auth`): what the message
-    /// route needs to check the socket, count it and store its message in one transaction.
-    /// The user's other such transactions wait for this one (an advisory lock taken in the
-    /// `BEGIN` round trip, before the first statement's snapshot), so the per-user limit
-    /// counts every message committed before and holds under concurrency.
-    BoundConnection(&'a ConnectionId),
-    /// One connection row, the conversation it named at `$connect`, and that conversation's
-    /// tenant: what `auth` needs to check the caller and bind the socket in one transaction.
-    /// The user's other binds and the conversation's wait for this one, as for
-    /// `BoundConnection`, so the caps on open sockets hold under concurrency.
-    Binding {
-        connection: &'a ConnectionId,
-        user: UserId,
-    },
-    /// `Binding`'s rows, with the conversation locked `for share` before the first statement:
-    /// what `auth` reads to catch a socket up, knowing no writer of the conversation is
-    /// between storing a message and listing its recipients.
-    CatchingUp(&'a ConnectionId),
-    /// The connection rows that never authenticated (they carry no tenant), to read and
-    /// delete, and the replies still `streaming` of every tenant, to read: the sweeper's
-    /// scope, and nothing else.
-    Unauthenticated,
-}
-
-impl Scope<'_> {
-    /// The statements that open a transaction in this scope, sent as one simple query: one
-    /// round trip for `BEGIN` and the settings together.
-    fn begin_statement(&self, timeouts: TxTimeouts) -> String {
-        format!("begin; {}", self.settings(timeouts))
-    }
-
-    /// The transaction's timeouts and this scope's settings (and locks), as statements of a
-    /// simple query. Values are quoted literals (a simple query takes no parameters); every one
-    /// of them is a parsed UUID or connection id.
-    fn settings(&self, timeouts: TxTimeouts) -> String {
-        let set = |name: &str, value: &str| {
-            format!("select set_config('{name}', {}, true)", literal(value))
-        };
-        let setting = match self {
-            Self::Tenant(id) => set("app.current_tenant", &id.to_string()),
-            Self::AllTenants(_) => set("app.platform_admin", "on"),
-            Self::Conversation(id) => set("app.current_conversation", &id.to_string()),
-            Self::Connection(id) => set("app.current_connection", id.as_str()),
-            Self::Unauthenticated => set("app.sweep", "on"),
-            // The tenant is read from the row the connection key has just made visible: a
-            // later statement of the same query sees the earlier one's setting.
-            Self::BoundConnection(id) => format!(
-                "{}; select set_config('app.current_tenant', coalesce((\
-                     select tenant_id::text from ws_connections \
-                     where connection_id = current_setting('app.current_connection')), ''), true); \
-                 select pg_advisory_xact_lock({USER_LOCKS}, hashtext(coalesce((\
-                     select user_id::text from ws_connections \
-                     where connection_id = current_setting('app.current_connection')), '')))",
-                set("app.current_connection", id.as_str())
-            ),
-            Self::Binding { connection, user } => format!(
-                "{}; select pg_advisory_xact_lock({USER_LOCKS}, hashtext({})); \
-                 select pg_advisory_xact_lock({CONVERSATION_LOCKS}, \
-                     hashtext(current_setting('app.current_conversation')))",
-                connecting(connection),
-                literal(&user.to_string())
-            ),
-            Self::CatchingUp(connection) => format!(
-                "{}; select 1 from web_conversations \
-                     where id = nullif(current_setting('app.current_conversation'), '')::uuid \
-                     for share",
-                connecting(connection)
-            ),
-        };
-        format!(
-            "set local lock_timeout = {}; set local statement_timeout = {}; {setting}",
-            timeouts.lock.as_millis(),
-            timeouts.statement.as_millis()
-        )
-    }
-}
-
-/// The advisory locks' namespaces (the first key of `pg_advisory_xact_lock(int, int)`).
-const USER_LOCKS: i32 = 1;
-const CONVERSATION_LOCKS: i32 = 2;
-
-/// The settings that make one connection row, the conversation it named at `$connect`, and
-/// that conversation's tenant visible, each setting making the next row visible.
-fn connecting(id: &ConnectionId) -> String {
-    format!(
-        "select set_config('app.current_connection', {}, true); \
-         select set_config('app.current_conversation', coalesce((\
-             select conversation_id::text from ws_connections \
-             where connection_id = current_setting('app.current_connection')), ''), true); \
-         select set_config('app.current_tenant', coalesce((\
-             select tenant_id::text from web_conversations \
-             where id = nullif(current_setting('app.current_conversation'), '')::uuid), ''), \
-             true)",
-        literal(id.as_str())
-    )
-}
-
 fn rls_exempt(role: &str) -> Error {
     Error::Internal(format!(
         "database role `{role}` is a superuser or has BYPASSRLS; row-level security would not hold"
@@ -201,90 +95,6 @@ fn rls_exempt(role: &str) -> Error {
 fn is_login_failure(err: &Error) -> bool {
     matches!(err, Error::Database(sqlx::Error::Database(db))
         if db.code().is_some_and(|code| code.starts_with("28")))
-}
-
-/// A string as an SQL literal (`standard_conforming_strings` is on, as it is by default).
-fn literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
-}
-
-/// Any text as an SQL literal whatever `standard_conforming_strings` says: an escape string
-/// (`E'…'`), its backslashes and quotes doubled. A NUL (which no Postgres text can hold) ends
-/// a simple query's text early, inside the literal: the statement then fails to parse.
-fn escaped(value: &str) -> String {
-    format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
-}
-
-/// A call of one of the schema's functions, its arguments written as SQL literals, for
-/// [`Db::call`]: `select * from f(E'…'::text, '…'::uuid, 3::bigint, null::uuid)`. Each argument
-/// carries its type, so the call resolves to the function the migration declares.
-#[derive(Debug, Clone)]
-pub struct Call {
-    sql: String,
-    arguments: usize,
-}
-
-impl Call {
-    pub fn new(function: &'static str) -> Self {
-        Self {
-            sql: format!("select * from {function}("),
-            arguments: 0,
-        }
-    }
-
-    fn argument(mut self, literal: &str, type_name: &str) -> Self {
-        if self.arguments > 0 {
-            self.sql.push_str(", ");
-        }
-        self.sql.push_str(literal);
-        self.sql.push_str("::");
-        self.sql.push_str(type_name);
-        self.arguments += 1;
-        self
-    }
-
-    pub fn text(self, value: &str) -> Self {
-        self.argument(&escaped(value), "text")
-    }
-
-    pub fn optional_text(self, value: Option<&str>) -> Self {
-        match value {
-            Some(value) => self.text(value),
-            None => self.argument("null", "text"),
-        }
-    }
-
-    /// One of the domain's ids (their `Display` is the UUID's).
-    pub fn uuid(self, value: impl std::fmt::Display) -> Self {
-        self.argument(&escaped(&value.to_string()), "uuid")
-    }
-
-    pub fn optional_uuid(self, value: Option<impl std::fmt::Display>) -> Self {
-        match value {
-            Some(value) => self.uuid(value),
-            None => self.argument("null", "uuid"),
-        }
-    }
-
-    pub fn bigint(self, value: i64) -> Self {
-        self.argument(&value.to_string(), "bigint")
-    }
-
-    pub fn optional_bigint(self, value: Option<i64>) -> Self {
-        match value {
-            Some(value) => self.bigint(value),
-            None => self.argument("null", "bigint"),
-        }
-    }
-
-    /// A finite number (Rust writes it in full, which Postgres parses exactly).
-    pub fn float(self, value: f64) -> Self {
-        self.argument(&escaped(&value.to_string()), "float8")
-    }
-
-    fn sql(&self) -> String {
-        format!("{})", self.sql)
-    }
 }
 
 /// A row that was either found or created, and which of the two.
@@ -571,49 +381,4 @@ async fn check_runtime_role(conn: &mut PgConnection) -> Result<(), Error> {
         )));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_scope_opens_in_one_simple_query_with_quoted_values() {
-        let tenant = TenantId::new();
-        assert_eq!(
-            Scope::Tenant(tenant).begin_statement(TxTimeouts::default()),
-            format!(
-                "begin; set local lock_timeout = 3000; set local statement_timeout = 5000; \
-                 select set_config('app.current_tenant', '{tenant}', true)"
-            )
-        );
-        let id = ConnectionId::parse("L0SM9cOFvHcCIhw=").unwrap();
-        let bound = Scope::BoundConnection(&id).begin_statement(TxTimeouts::default());
-        assert!(
-            bound.contains(
-                "; select set_config('app.current_connection', 'L0SM9cOFvHcCIhw=', true); "
-            )
-        );
-        assert!(bound.contains("set_config('app.current_tenant'"));
-        assert_eq!(literal("it's"), "'it''s'");
-    }
-
-    #[test]
-    fn a_call_writes_each_argument_as_a_typed_literal() {
-        let id = uuid::Uuid::nil();
-        let call = Call::new("f")
-            .text(r"it's a \ back\slash")
-            .uuid(id)
-            .optional_uuid(None::<uuid::Uuid>)
-            .bigint(-3)
-            .optional_text(None)
-            .float(2.5);
-        assert_eq!(
-            call.sql(),
-            format!(
-                "select * from f(E'it''s a \\\\ back\\\\slash'::text, E'{id}'::uuid, null::uuid, \
-                 -3::bigint, null::text, E'2.5'::float8)"
-            )
-        );
-    }
 }

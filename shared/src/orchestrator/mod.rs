@@ -13,9 +13,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::Error;
-use crate::agent::{
-    AgentRequest, Agents, Bedrock, Deltas, Echo, OpenAi, OutputLimits, RetryPolicy, Turn,
-};
+use crate::agent::{AgentRequest, Agents, Bedrock, Deltas, Echo, OpenAi, Turn};
+use crate::config::orchestrator::{OrchestratorSettings, OutputLimits, RetryPolicy};
 use crate::config::{self, ConfigError, DatabaseConfig, Lookup, Mode};
 use crate::db::Db;
 use crate::db::message_path::{self, ContextMessage};
@@ -74,27 +73,24 @@ pub struct OrchestratorState {
     pub redrive: Option<SqsRedrive>,
 }
 
-/// Defaults of [`OrchestratorState`]'s limits.
-pub const DEFAULT_MAX_RECEIVES: u32 = 5;
-pub const DEFAULT_JOB_BUDGET: Duration = Duration::from_secs(30);
-
 impl OrchestratorState {
-    /// The orchestrator's state (the function's, and `konstruct-local`'s worker's); opens no
-    /// connection.
+    /// The orchestrator's state (the function's, and `konstruct-local`'s worker's), built from
+    /// its settings; opens no connection.
     pub async fn load(lookup: impl Lookup) -> Result<Self, ConfigError> {
         let (aws, secrets) = crate::secrets::aws_config().await;
+        let settings = OrchestratorSettings::from_lookup(&lookup)?;
         let db = Db::connect_lazy(&DatabaseConfig::load(&lookup, &secrets).await?);
         let (fanout, redrive): (Arc<dyn Fanout>, _) = match Mode::from_lookup(&lookup)? {
             Mode::Aws { queue_url } => (
-                Arc::new(ConnectionsFanout::from_lookup(
+                Arc::new(ConnectionsFanout::with_settings(
                     db.clone(),
                     Arc::new(ManagementApi::new(aws.clone())),
-                    &lookup,
-                )?),
+                    &settings.fanout,
+                )),
                 Some(SqsRedrive {
                     client: aws_sdk_sqs::Client::new(&aws),
                     queue_url,
-                    dead_letter_url: config::http_url(&lookup, "DEAD_LETTER_QUEUE_URL")?,
+                    dead_letter_url: settings.dead_letter_url.clone(),
                     retry_after: RETRY_AFTER,
                 }),
             ),
@@ -106,19 +102,30 @@ impl OrchestratorState {
                 None,
             ),
         };
+        let openai_key = config::load_secret(
+            &lookup,
+            &secrets,
+            "OPENAI_API_KEY",
+            "OPENAI_API_KEY_SECRET_ARN",
+        )
+        .await?;
+        let mut bedrock = Bedrock::new(aws_sdk_bedrockruntime::Client::new(&aws));
+        if let Some(models) = settings.bedrock_model_ids {
+            bedrock = bedrock.allowing(models);
+        }
         Ok(Self {
             db,
             fanout,
             agents: Arc::new(Agents {
                 echo: Echo,
-                openai: OpenAi::load(&lookup, &secrets).await?,
-                bedrock: Bedrock::from_lookup(aws_sdk_bedrockruntime::Client::new(&aws), &lookup),
+                openai: OpenAi::with_key(&settings.openai_base_url, openai_key),
+                bedrock,
             }),
-            retry: RetryPolicy::from_lookup(&lookup)?,
+            retry: settings.retry,
             context: ContextLimits::default(),
-            output: OutputLimits::from_lookup(&lookup)?,
-            max_receives: config::orchestrator::max_receives(&lookup)?,
-            job_budget: config::orchestrator::job_budget(&lookup)?,
+            output: settings.output,
+            max_receives: settings.max_receives,
+            job_budget: settings.job_budget,
             redrive,
         })
     }

@@ -22,6 +22,7 @@ use aws_lambda_events::encodings::Body;
 
 use crate::Error;
 use crate::auth::TokenVerifier;
+use crate::config::routes::{Limits, SocketCaps};
 use crate::config::{
     AuthConfig, ConfigError, DatabaseConfig, Lookup, Mode, management_endpoint, redis_prefix,
 };
@@ -31,11 +32,6 @@ use crate::domain::ConnectionId;
 use crate::frame::ServerFrame;
 use crate::queue::{JobQueue, RedisQueue, SqsQueue};
 use crate::secrets::Secrets;
-
-/// The caps on open sockets; the bind statement enforces them.
-pub use crate::db::message_path::SocketCaps;
-/// The message route's rate limits; the accept statement enforces them.
-pub use crate::db::message_path::{Limits, RateLimit};
 
 /// What every route needs: the database and the way to the sockets. Each route's function
 /// builds this and what its own route needs besides ([`AuthRoute`], [`MessageRoute`]) and

@@ -7,11 +7,12 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use shared::config::routes::RateLimit;
 use shared::db::Scope;
 use shared::db::agents::Provider;
 use shared::db::messages::{MessageRole, MessageView};
 use shared::domain::{ConnectionId, Role, UserId};
-use shared::ws::{RateLimit, sweep};
+use shared::ws::sweep;
 
 use crate::helpers::harness::Harness;
 use crate::helpers::llm::{FakeLlm, last_user_text};

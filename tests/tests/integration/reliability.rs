@@ -224,12 +224,12 @@ async fn a_flaky_agent_is_retried_and_gives_up_only_when_retries_run_out() {
     use crate::helpers::orchestrator::{orchestrator, records_for};
 
     let mut h = Harness::new().await;
-    h.state.message.limits = shared::ws::Limits {
-        connection: shared::ws::RateLimit {
+    h.state.message.limits = shared::config::routes::Limits {
+        connection: shared::config::routes::RateLimit {
             messages: 1000,
             window_seconds: 10,
         },
-        user: shared::ws::RateLimit {
+        user: shared::config::routes::RateLimit {
             messages: 1000,
             window_seconds: 10,
         },

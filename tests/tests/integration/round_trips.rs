@@ -13,14 +13,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shared::agent::{Agents, Bedrock, Echo, OpenAi, OutputLimits, RetryPolicy};
+use shared::agent::{Agents, Bedrock, Echo, OpenAi};
 use shared::config::DatabaseConfig;
+use shared::config::orchestrator::{OrchestratorSettings, OutputLimits, RetryPolicy};
 use shared::db::Db;
 use shared::db::agents::Provider;
 use shared::delivery::{ConnectionsFanout, ManagementApi};
-use shared::orchestrator::{
-    ContextLimits, DEFAULT_JOB_BUDGET, DEFAULT_MAX_RECEIVES, OrchestratorState,
-};
+use shared::orchestrator::{ContextLimits, OrchestratorState};
 use sqlx::postgres::PgConnectOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -206,8 +205,8 @@ async fn functions_through(proxy: &PgProxy, h: &mut Harness, llm: &FakeLlm) -> O
         retry: RetryPolicy::default(),
         context: ContextLimits::default(),
         output: OutputLimits::default(),
-        max_receives: DEFAULT_MAX_RECEIVES,
-        job_budget: DEFAULT_JOB_BUDGET,
+        max_receives: OrchestratorSettings::DEFAULT_MAX_RECEIVES,
+        job_budget: OrchestratorSettings::DEFAULT_JOB_BUDGET,
         redrive: None,
     }
 }

@@ -9,10 +9,10 @@ use http::Request;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use shared::api::{self, ApiState};
+use shared::config::routes::{Limits, RateLimit};
 use shared::db::agents::Provider;
 use shared::domain::Role;
 use shared::orchestrator::OrchestratorState;
-use shared::ws::{Limits, RateLimit};
 use tower::ServiceExt;
 
 use crate::helpers::aws::{depth, drain};

@@ -3,12 +3,13 @@
 
 use futures::FutureExt;
 use serde_json::{Value, json};
+use shared::config::routes::RateLimit;
 use shared::delivery::Posted;
 use shared::domain::{ClientMessageId, ConnectionId};
 use shared::frame::ServerFrame;
 use shared::job::Job;
 use shared::queue::{JobQueue, RedisQueue};
-use shared::ws::{RateLimit, Route};
+use shared::ws::Route;
 
 use crate::helpers::aws::{ManagementApi, depth, drain, sdk_config};
 use crate::helpers::harness::{Harness, event};

@@ -6,30 +6,11 @@ use sqlx::types::Json;
 
 use super::Recipient;
 use crate::Error;
+use crate::config::routes::Limits;
 use crate::db::{Call, Db, Scope, query_as};
 use crate::domain::{
     ClientMessageId, ConnectionId, ConversationId, MessageId, MessageText, TenantId, UserId,
 };
-
-/// How many `message` frames may be sent per window: at most `messages` per `window_seconds`.
-/// One limit counts a connection's frames in a fixed window; another counts a user's stored
-/// messages across all their sockets in a sliding one (see [`Limits`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateLimit {
-    pub messages: u32,
-    pub window_seconds: u32,
-}
-
-/// What the message route enforces besides authorization (read from the environment by
-/// `ws::Limits::from_env`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// `message` frames per connection: a flood from one socket.
-    pub connection: RateLimit,
-    /// Messages per user, whichever sockets they come from: reconnecting or opening more
-    /// sockets does not reset it.
-    pub user: RateLimit,
-}
 
 /// A user message stored (or found stored, for a repeated `client_message_id`).
 #[derive(Debug, Clone, PartialEq)]

@@ -5,8 +5,9 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 
 use super::accept::SocketCheck;
-use super::{Limits, MAX_SIBLINGS, Recipient};
+use super::{MAX_SIBLINGS, Recipient};
 use crate::Error;
+use crate::config::routes::Limits;
 use crate::db::{Call, Db, Scope, query_as};
 use crate::domain::{ConnectionId, ConversationId, MessageId, TenantId, UserId};
 

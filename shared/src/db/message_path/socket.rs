@@ -4,19 +4,11 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, PgConnection};
 
-use super::Limits;
 use crate::Error;
+use crate::config::routes::{Limits, SocketCaps};
 use crate::db::messages::Message;
 use crate::db::query_as;
 use crate::domain::{ConnectionId, ConversationId, MessageId, Role, TenantId, UserId};
-
-/// How many authenticated sockets may be open at once, per user (in a tenant) and per
-/// conversation: a reply fans out to every socket of its conversation, every chunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SocketCaps {
-    pub per_user: u32,
-    pub per_conversation: u32,
-}
 
 #[derive(sqlx::FromRow)]
 struct BindRow {

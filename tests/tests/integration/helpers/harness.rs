@@ -7,10 +7,11 @@ use std::sync::Arc;
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use aws_lambda_events::encodings::Body;
 use serde_json::{Value, json};
+use shared::config::routes::{Limits, SocketCaps};
 use shared::db::{Db, Scope, connections};
 use shared::domain::{ConnectionId, ConversationId, Role};
 use shared::queue::SqsQueue;
-use shared::ws::{Edge, Limits, Route, SocketCaps, WsState};
+use shared::ws::{Edge, Route, WsState};
 
 use crate::helpers::aws::{ManagementApi, depth, fifo_queue, sdk_config};
 use crate::helpers::{Seed, TestDb, seed, token, verifier};

@@ -6,16 +6,15 @@ use std::time::Duration;
 
 use aws_lambda_events::sqs::{SqsEvent, SqsMessage};
 use serde_json::{Value, json};
-use shared::agent::{Agents, Bedrock, Echo, OpenAi, OutputLimits, RetryPolicy};
+use shared::agent::{Agents, Bedrock, Echo, OpenAi};
+use shared::config::orchestrator::{OrchestratorSettings, OutputLimits, RetryPolicy};
 use shared::db::Scope;
 use shared::db::agents::Provider;
 use shared::db::messages::{self, MessageRole, MessageStatus, PageFrom};
 use shared::delivery::{ConnectionsFanout, ManagementApi};
 use shared::domain::{ConversationId, PageLimit};
 use shared::job::Job;
-use shared::orchestrator::{
-    ContextLimits, DEFAULT_JOB_BUDGET, DEFAULT_MAX_RECEIVES, OrchestratorState, handle,
-};
+use shared::orchestrator::{ContextLimits, OrchestratorState, handle};
 
 use crate::helpers::aws::{Queued, drain, sdk_config};
 use crate::helpers::harness::Harness;
@@ -52,8 +51,8 @@ pub fn orchestrator(h: &Harness, llm: &FakeLlm) -> OrchestratorState {
         },
         context: ContextLimits::default(),
         output: OutputLimits::default(),
-        max_receives: DEFAULT_MAX_RECEIVES,
-        job_budget: DEFAULT_JOB_BUDGET,
+        max_receives: OrchestratorSettings::DEFAULT_MAX_RECEIVES,
+        job_budget: OrchestratorSettings::DEFAULT_JOB_BUDGET,
         redrive: None,
     }
 }
