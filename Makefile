@@ -1,4 +1,4 @@
-.PHONY: dev test soak bench aws-sim package services-up services-down fmt lint docs
+.PHONY: dev test test-unit soak bench aws-sim package services-up services-down fmt lint docs
 
 # The whole chat on this machine: services, migrations, demo data, then the server on :8080.
 dev:
@@ -7,6 +7,12 @@ dev:
 # Starts the project's own Postgres and Redis, runs every test against them, stops them.
 test:
 	infra/local/test.sh
+
+# The tests that need no service: the crates' unit tests and the browser client module against
+# its scripted server (Node). Seconds once built; `make test` runs these too.
+test-unit:
+	cargo test --workspace --lib --bins
+	node --test tests/browser/client.test.mjs
 
 # The randomized soak in headless Chromium, ten minutes (SOAK_ARGS="--minutes 30 --seed 7").
 soak:

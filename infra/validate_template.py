@@ -4,21 +4,27 @@
    CodeUri values become s3:// placeholders, managed policies are not looked up).
 2. Lints the translated template with cfn-lint. Linting the SAM template itself misses most
    mistakes (a misspelt !GetAtt target, an invalid runtime), the translated one does not.
-3. Checks that every crate under functions/ (but the local runtime) has exactly one function
-   whose Binary is that crate, and every function's Binary is a crate.
+3. Checks that every function of the registry is a crate under functions/ (and every crate
+   there but the local runtime is in the registry), has exactly one SAM function whose Binary
+   is that crate, and that every function's Binary is one of them; and that a function is given
+   only variables the registry says its binary reads.
 4. Checks the secrets (PROTOCOL §4, invariant 8): no function's environment holds a secret's
    value (a `{{resolve:` reference, or a variable that carries one: PORTAL_JWT_SECRET,
    DATABASE_URL, …); each secret is named by a `…_SECRET_ARN` variable, and each function's role
    may read exactly the secrets its variables name.
 5. Checks Bedrock: a function may invoke only the models of BedrockModelIds.
-6. Checks the WebSocket API against the route table (shared/src/ws/routes.rs): exactly its
+6. Checks the WebSocket API against the registry's route table: exactly its
    route keys, each integrated with the function the table names, each route but $connect and
    $disconnect with a route response (so the function's answer reaches the socket), and the
    stage's deployment waiting for every route.
 7. Checks the dashboard and alarms: the dashboard's body is JSON, and every metric of the
-   Konstruct/WebChat namespace they name is one the code emits (shared/src/telemetry.rs).
+   Konstruct/WebChat namespace they name is one the code emits.
 
-Usage: python validate_template.py TEMPLATE [--functions OUT.json]
+The registry is the JSON document the code emits (`shared::registry::document`, printed by
+`konstruct-local registry`): functions, routes, variables, metrics. Nothing here reads Rust
+source.
+
+Usage: python validate_template.py TEMPLATE --registry REGISTRY.json [--functions OUT.json]
 OUT.json lists each function's binary and the environment variables it is given, for the test
 that starts every binary with exactly those variables.
 """
@@ -90,6 +96,17 @@ def refs(node):
     return {r for v in node.values() for r in refs(v)}
 
 
+def check_variables(sam, functions, binaries, registry):
+    """Each function is given only variables its binary reads (shared/src/config/variables.rs)."""
+    globals_env = sam.get("Globals", {}).get("Function", {}).get("Environment", {}).get("Variables", {})
+    for name, resource in functions.items():
+        env = dict(globals_env)
+        env.update(resource.get("Properties", {}).get("Environment", {}).get("Variables", {}) or {})
+        for variable in sorted(env):
+            if binaries[name] not in registry["variables"].get(variable, []):
+                fail(f"{name}: is given {variable}, which {binaries[name]} does not read (the registry's variables)")
+
+
 def check_secrets(sam, functions):
     """Invariant 8: secrets are named in the functions' environment, never placed there, and
     each function may read exactly the secrets it names."""
@@ -119,15 +136,9 @@ def check_secrets(sam, functions):
             )
 
 
-def check_routes(sam, binaries, workspace):
+def check_routes(sam, binaries, registry):
     """The WebSocket API's routes are the route table's, no more, no less."""
-    source = (workspace / "shared" / "src" / "ws" / "routes.rs").read_text()
-    table = re.search(r"pub const ROUTES: \[\(&str, Route\); \d+\] = \[(.*?)\];", source, re.S)
-    functions = re.search(r"pub const fn function\(self\)(.*?)\n    \}", source, re.S)
-    if not table or not functions:
-        fail("shared/src/ws/routes.rs: ROUTES or Route::function not found")
-    function_of = dict(re.findall(r'Self::(\w+) => "([a-z-]+)"', functions.group(1)))
-    expected = {key: function_of[route] for key, route in re.findall(r'\("([^"]+)", Route::(\w+)\)', table.group(1))}
+    expected = registry["routes"]
 
     resources = sam.get("Resources", {})
 
@@ -152,7 +163,7 @@ def check_routes(sam, binaries, workspace):
         missing = {k: v for k, v in expected.items() if deployed.get(k) != v}
         extra = {k: v for k, v in deployed.items() if expected.get(k) != v}
         fail(
-            "the WebSocket routes are not the route table of shared/src/ws/routes.rs: "
+            "the WebSocket routes are not the route table of the registry (shared/src/ws/routes.rs): "
             f"the table has {missing or 'nothing more'}, the template has {extra or 'nothing more'}"
         )
     answered = {
@@ -171,11 +182,11 @@ def check_routes(sam, binaries, workspace):
                 fail(f"{name} does not wait for the routes {sorted(set(routes) - set(waits))}")
 
 
-def check_operations(sam, workspace):
-    """The dashboard parses, and names in our namespace exist in shared/src/telemetry.rs."""
-    source = (workspace / "shared" / "src" / "telemetry.rs").read_text()
-    emitted = set(re.findall(r'(?:counter|histogram)!\(\s*"([A-Za-z]+)"', source))
-    namespace = re.search(r'pub const NAMESPACE: &str = "([^"]+)"', source).group(1)
+def check_operations(sam, registry):
+    """The dashboard parses, and names in our namespace are metrics the code emits."""
+    metrics = registry["metrics"]
+    emitted = set(metrics["counters"]) | set(metrics["histograms"])
+    namespace = metrics["namespace"]
     named = set()
     for name, resource in sam.get("Resources", {}).items():
         properties = resource.get("Properties", {})
@@ -211,8 +222,10 @@ def fail(message):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("template")
+    parser.add_argument("--registry", required=True)
     parser.add_argument("--functions")
     args = parser.parse_args()
+    registry = json.loads(pathlib.Path(args.registry).read_text())
     template_path = pathlib.Path(args.template)
     workspace = pathlib.Path(__file__).resolve().parent.parent
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -240,6 +253,8 @@ def main():
         for d in (workspace / "functions").iterdir()
         if (d / "Cargo.toml").exists() and d.name not in NOT_FUNCTIONS
     )
+    if sorted(registry["functions"]) != crates:
+        fail(f"the registry's functions {sorted(registry['functions'])} are not the crates under functions/ {crates}")
     for crate in crates:
         owners = [n for n, b in binaries.items() if b == crate]
         if len(owners) != 1:
@@ -249,7 +264,8 @@ def main():
             fail(f"{name}: Binary {binary!r} is not a crate under functions/")
 
     check_secrets(sam, functions)
-    check_operations(sam, workspace)
+    check_variables(sam, functions, binaries, registry)
+    check_operations(sam, registry)
 
     allowed_models = resolve({"Ref": "BedrockModelIds"}, sam)
     for name, resource in functions.items():
@@ -282,7 +298,7 @@ def main():
         fail(f"cfn-lint found problems in the translated template:\n{lint.stdout}{lint.stderr}")
 
     # After the lint, which names a broken reference better than a route check could.
-    check_routes(sam, binaries, workspace)
+    check_routes(sam, binaries, registry)
 
     if args.functions:
         listing = {}

@@ -22,6 +22,7 @@ pub mod queue;
 pub mod rbac;
 pub mod redis_connection;
 pub mod redis_keys;
+pub mod registry;
 pub mod secrets;
 pub mod telemetry;
 pub mod worker;

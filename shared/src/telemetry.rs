@@ -19,6 +19,26 @@ use crate::ErrorCode;
 /// The CloudWatch namespace of every metric.
 pub const NAMESPACE: &str = "Konstruct/WebChat";
 
+/// The counters [`record`] emits (a test records every [`Event`] and holds it to these lists;
+/// the registry gives them to the template check).
+pub const COUNTERS: &[&str] = &[
+    "MessagesAccepted",
+    "MessagesRefused",
+    "Jobs",
+    "AgentFailures",
+    "OutputTokens",
+    "Posts",
+    "PostBudgetWaits",
+    "ColdStarts",
+];
+/// The histograms [`record`] emits, in milliseconds.
+pub const HISTOGRAMS: &[&str] = &[
+    "AgentLatency",
+    "TimeToFirstChunk",
+    "ReplyLatency",
+    "PostLatency",
+];
+
 /// How a job ended on this receive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobOutcome {
@@ -125,24 +145,16 @@ fn millis(d: Duration) -> f64 {
 
 /// Tells the recorder each metric's unit (CloudWatch shows them; Prometheus ignores them).
 pub fn describe() {
-    for name in [
-        "MessagesAccepted",
-        "MessagesRefused",
-        "Jobs",
-        "AgentFailures",
-        "Posts",
-        "ColdStarts",
-    ] {
-        describe_counter!(name, Unit::Count, "");
+    for name in COUNTERS {
+        let description = if *name == "OutputTokens" {
+            "output tokens of replies"
+        } else {
+            ""
+        };
+        describe_counter!(*name, Unit::Count, description);
     }
-    describe_counter!("OutputTokens", Unit::Count, "output tokens of replies");
-    for name in [
-        "AgentLatency",
-        "TimeToFirstChunk",
-        "ReplyLatency",
-        "PostLatency",
-    ] {
-        describe_histogram!(name, Unit::Milliseconds, "");
+    for name in HISTOGRAMS {
+        describe_histogram!(*name, Unit::Milliseconds, "");
     }
 }
 
@@ -178,5 +190,88 @@ pub fn flush() {
         && let Err(e) = collector.flush(std::io::stdout().lock())
     {
         tracing::warn!(error = %e, "metrics not written");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString};
+
+    use super::*;
+
+    /// Names what is registered, by kind.
+    #[derive(Default)]
+    struct Names(Arc<Mutex<Vec<(&'static str, String)>>>);
+
+    impl Recorder for Names {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            self.0.lock().unwrap().push(("counter", key.name().into()));
+            Counter::noop()
+        }
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            self.0.lock().unwrap().push(("gauge", key.name().into()));
+            Gauge::noop()
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            self.0
+                .lock()
+                .unwrap()
+                .push(("histogram", key.name().into()));
+            Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn every_event_is_a_listed_metric_and_every_listed_metric_is_recorded() {
+        let recorder = Names::default();
+        let seen = recorder.0.clone();
+        let ms = Duration::from_millis(1);
+        metrics::with_local_recorder(&recorder, || {
+            for event in [
+                Event::MessageAccepted,
+                Event::MessageRefused(ErrorCode::RateLimited),
+                Event::Job(JobOutcome::Answered),
+                Event::AgentLatency(ms),
+                Event::TimeToFirstChunk(ms),
+                Event::ReplyLatency(ms),
+                Event::AgentFailure { transient: true },
+                Event::OutputTokens(3),
+                Event::Post {
+                    outcome: PostOutcome::Gone,
+                    latency: ms,
+                },
+                Event::PostBudgetWait,
+                Event::ColdStart,
+            ] {
+                record(event);
+            }
+        });
+        let seen = seen.lock().unwrap();
+        let mut counters: Vec<&str> = seen
+            .iter()
+            .filter(|(kind, _)| *kind == "counter")
+            .map(|(_, name)| name.as_str())
+            .collect();
+        let mut histograms: Vec<&str> = seen
+            .iter()
+            .filter(|(kind, _)| *kind == "histogram")
+            .map(|(_, name)| name.as_str())
+            .collect();
+        assert_eq!(seen.len(), counters.len() + histograms.len(), "{seen:?}");
+        counters.sort_unstable();
+        counters.dedup();
+        histograms.sort_unstable();
+        histograms.dedup();
+        let mut listed_counters = COUNTERS.to_vec();
+        listed_counters.sort_unstable();
+        let mut listed_histograms = HISTOGRAMS.to_vec();
+        listed_histograms.sort_unstable();
+        assert_eq!(counters, listed_counters);
+        assert_eq!(histograms, listed_histograms);
     }
 }

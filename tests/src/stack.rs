@@ -9,13 +9,14 @@ use anyhow::{Context, anyhow};
 use shared::auth::issue_token;
 use shared::config::AuthConfig;
 use shared::db::conversations::{self, Conversation};
-use shared::db::messages::{self, StopReason};
+use shared::db::messages::{self, MessageStatus, StopReason, Usage};
 use shared::db::{Db, Scope, message_path, seed};
 use shared::domain::{ConversationId, MessageId, MessageText, Role, TenantId, TenantRole, UserId};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use uuid::Uuid;
 
 pub const SECRET: &str = "load-test-secret-0123456789abcdef0123456789";
 
@@ -150,13 +151,40 @@ pub async fn store_message_directly(
     Ok((conversation, stored.row.id))
 }
 
+/// A whole reply stored at once (not streamed), through the statement the orchestrator's
+/// stream ends with ([`message_path::write_reply`] with `Complete`).
+pub async fn store_reply(
+    db: &Db,
+    conversation: &Conversation,
+    id: MessageId,
+    reply_to: MessageId,
+    content: &str,
+    stop: StopReason,
+    usage: Option<Usage>,
+) -> Result<message_path::StoredReply, shared::Error> {
+    message_path::write_reply(
+        db,
+        conversation,
+        message_path::ReplyWrite {
+            id,
+            reply_to,
+            producer: Uuid::nil(),
+            text: content,
+            status: MessageStatus::Complete,
+            stop: Some(stop),
+            usage,
+        },
+    )
+    .await
+}
+
 /// The floors' second write: a whole reply to `reply_to`, stored directly in a step of its own.
 pub async fn store_reply_directly(
     db: &Db,
     conversation: &Conversation,
     reply_to: MessageId,
 ) -> anyhow::Result<()> {
-    message_path::store_reply(
+    store_reply(
         db,
         conversation,
         MessageId::new(),

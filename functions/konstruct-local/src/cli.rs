@@ -67,6 +67,9 @@ enum Command {
         #[arg(long, default_value_t = 12)]
         hours: u64,
     },
+    /// Prints the registry (functions, routes, variables, metrics) as JSON, for
+    /// `infra/validate_template.py template.yaml --registry FILE`.
+    Registry,
 }
 
 #[derive(clap::Args)]
@@ -163,6 +166,10 @@ impl Cli {
                 println!("{token}");
                 Ok(())
             }
+            Command::Registry => {
+                println!("{:#}", shared::registry::document());
+                Ok(())
+            }
         }
     }
 }
@@ -202,7 +209,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         max_connection: Duration::from_secs(args.max_connection),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         management_quota: args.management_quota.map(|rate| {
-            crate::gateway::ManagementQuota::new(rate, args.management_burst.unwrap_or(rate))
+            crate::management::ManagementQuota::new(rate, args.management_burst.unwrap_or(rate))
         }),
     });
     let app = api::router(ApiState {

@@ -6,7 +6,6 @@
 //! outside the process can reach the sockets.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,20 +13,19 @@ use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxy
 use aws_lambda_events::encodings::Body;
 use aws_lambda_events::query_map::QueryMap;
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use base64::Engine;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
+use shared::Error;
 use shared::db::{Db, Scope, connections, conversations};
 use shared::domain::{ConnectionId, ConversationId, TenantId};
 use shared::frame::ServerFrame;
 use shared::ws::{Route, WsState, reply, route_key};
-use shared::{Error, ErrorCode};
 use tokio::sync::mpsc;
 
 use crate::sockets::{Outbound, Sockets};
@@ -100,35 +98,7 @@ pub struct Gateway {
     pub max_connection: Duration,
     pub idle_timeout: Duration,
     /// The account's `@connections` quota, when one is set (`serve --management-quota`).
-    pub management_quota: Option<ManagementQuota>,
-}
-
-/// API Gateway's account-wide quota on connection-management calls: a token bucket (a rate a
-/// second and a burst); a post past it is answered 429 `LimitExceededException`, and counted.
-pub struct ManagementQuota {
-    limiter: governor::DefaultDirectRateLimiter,
-    throttled: std::sync::atomic::AtomicU64,
-}
-
-impl ManagementQuota {
-    pub fn new(per_second: std::num::NonZeroU32, burst: std::num::NonZeroU32) -> Self {
-        Self {
-            limiter: governor::RateLimiter::direct(
-                governor::Quota::per_second(per_second).allow_burst(burst),
-            ),
-            throttled: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// Whether a call may pass now; one that may not is counted.
-    fn admit(&self) -> bool {
-        let admitted = self.limiter.check().is_ok();
-        if !admitted {
-            self.throttled
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        admitted
-    }
+    pub management_quota: Option<crate::management::ManagementQuota>,
 }
 
 /// API Gateway's limits on what a client sends: a frame of at most 32 KiB, a message (frames
@@ -142,17 +112,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/chat/ws/{conversation_id}", get(ws_by_path))
         .route("/ws", get(ws_by_query))
-        .route(
-            "/@connections/{id}",
-            post(management_post)
-                .get(management_get)
-                .delete(management_delete)
-                .route_layer(axum::middleware::from_fn(this_machine_only)),
-        )
-        .route(
-            "/@quota",
-            get(management_quota).route_layer(axum::middleware::from_fn(this_machine_only)),
-        )
+        .merge(crate::management::routes())
         .with_state(gateway)
 }
 
@@ -399,109 +359,4 @@ async fn ws_by_query(
     ws: WebSocketUpgrade,
 ) -> Response {
     gateway.upgrade(ws, query.conversation_id).await
-}
-
-fn gone() -> Response {
-    (
-        StatusCode::GONE,
-        [("x-amzn-ErrorType", "GoneException")],
-        axum::Json(serde_json::json!({ "message": null })),
-    )
-        .into_response()
-}
-
-/// A connection id from the path; one that cannot be an id is as gone as an unknown one.
-fn connection(raw: &str) -> Option<ConnectionId> {
-    ConnectionId::parse(raw).ok()
-}
-
-/// The connection-management API posts to any socket: only this machine may call it (functions
-/// under `cargo lambda watch`, the in-process handlers), never a client on the network.
-async fn this_machine_only(
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    if !peer.ip().is_loopback() {
-        return (
-            StatusCode::FORBIDDEN,
-            [("x-amzn-ErrorType", "ForbiddenException")],
-            axum::Json(serde_json::json!({ "message": "Forbidden" })),
-        )
-            .into_response();
-    }
-    next.run(request).await
-}
-
-async fn management_post(
-    State(gateway): State<Arc<Gateway>>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
-    if gateway
-        .management_quota
-        .as_ref()
-        .is_some_and(|quota| !quota.admit())
-    {
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            [("x-amzn-ErrorType", "LimitExceededException")],
-            axum::Json(serde_json::json!({ "message": "Too Many Requests" })),
-        )
-            .into_response();
-    }
-    let Some(id) = connection(&id) else {
-        return gone();
-    };
-    if body.len() > shared::frame::MAX_SERVER_FRAME_BYTES {
-        let err = Error::TooLarge("frames are limited to 32 KiB".into());
-        return (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            axum::Json(serde_json::json!({
-                "message": err.public_message(), "code": ErrorCode::TooLarge
-            })),
-        )
-            .into_response();
-    }
-    let Ok(text) = String::from_utf8(body.to_vec()) else {
-        return StatusCode::BAD_REQUEST.into_response();
-    };
-    if gateway.sockets.send_text(&id, text) {
-        StatusCode::OK.into_response()
-    } else {
-        gone()
-    }
-}
-
-/// The quota's count of throttled calls (`{"throttled": n}`; `null` without a quota): what the
-/// AWS path's benchmark reports as 429s seen.
-async fn management_quota(State(gateway): State<Arc<Gateway>>) -> Response {
-    let throttled = gateway
-        .management_quota
-        .as_ref()
-        .map(|quota| quota.throttled.load(std::sync::atomic::Ordering::Relaxed));
-    axum::Json(serde_json::json!({ "throttled": throttled })).into_response()
-}
-
-async fn management_get(State(gateway): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
-    match connection(&id) {
-        Some(id) if gateway.sockets.is_open(&id) => axum::Json(serde_json::json!({
-            "ConnectedAt": null,
-            "Identity": { "SourceIp": "127.0.0.1" },
-        }))
-        .into_response(),
-        _ => gone(),
-    }
-}
-
-async fn management_delete(
-    State(gateway): State<Arc<Gateway>>,
-    Path(id): Path<String>,
-) -> Response {
-    match connection(&id) {
-        Some(id) if gateway.sockets.close(&id, 1000, "closed by the server") => {
-            StatusCode::NO_CONTENT.into_response()
-        }
-        _ => gone(),
-    }
 }

@@ -3,6 +3,7 @@
 mod bridge;
 mod cli;
 mod gateway;
+mod management;
 mod metrics;
 mod page;
 mod sockets;

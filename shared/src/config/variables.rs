@@ -33,6 +33,17 @@ const DATABASE: &[&str] = &[
     "chat-api",
     "konstruct-local",
 ];
+/// The Lambda functions: each a crate under `functions/` and one function of template.yaml.
+pub const LAMBDAS: &[&str] = &[
+    "ws-connect",
+    "ws-auth",
+    "ws-message",
+    "ws-disconnect",
+    "ws-sweep",
+    "orchestrator",
+    "chat-api",
+    "migrate",
+];
 const ALL_FUNCTIONS: &[&str] = &[
     "ws-connect",
     "ws-auth",
@@ -43,16 +54,6 @@ const ALL_FUNCTIONS: &[&str] = &[
     "chat-api",
     "migrate",
     "konstruct-local",
-];
-const SECRET_ARNS: &[&str] = &[
-    "ws-connect",
-    "ws-auth",
-    "ws-message",
-    "ws-disconnect",
-    "ws-sweep",
-    "orchestrator",
-    "chat-api",
-    "migrate",
 ];
 const TOKENS: &[&str] = &["ws-auth", "chat-api", "konstruct-local"];
 const ORCHESTRATOR: &[&str] = &["orchestrator", "konstruct-local"];
@@ -76,7 +77,7 @@ pub const VARIABLES: &[Variable] = &[
             "PORTAL_JWT_SECRET_ARN",
             "OPENAI_API_KEY_SECRET_ARN",
         ],
-        read_by: SECRET_ARNS,
+        read_by: LAMBDAS,
         meaning: "instead of the plain variable (setting both is refused): the Secrets Manager secret holding the value, read at start and read again (at most every 5 s) when it fails to authenticate (a token signature, a database login, a 401 from the model), so a rotation needs no redeploy. A database secret may be a URL or the JSON RDS keeps (`username`, `password`, `host`, `port`, `dbname`). In aws mode a plain secret variable logs a warning",
     },
     Variable {
@@ -299,6 +300,21 @@ mod tests {
             &|_: &str| Some("x".to_owned()),
             "KONSTRUCT_NOT_IN_THE_TABLE",
         );
+    }
+
+    #[test]
+    fn every_reader_is_a_lambda_or_the_local_runtime() {
+        assert_eq!(ALL_FUNCTIONS[..LAMBDAS.len()], *LAMBDAS);
+        assert_eq!(ALL_FUNCTIONS[LAMBDAS.len()..], ["konstruct-local"]);
+        for variable in VARIABLES {
+            for reader in variable.read_by {
+                assert!(
+                    ALL_FUNCTIONS.contains(reader),
+                    "{reader} of {:?}",
+                    variable.names
+                );
+            }
+        }
     }
 
     #[test]

@@ -87,40 +87,6 @@ pub async fn find(conn: &mut PgConnection, id: &ConnectionId) -> Result<Option<C
     )
 }
 
-/// Binds an authenticated caller to the connection (`auth`, first or again with a fresh
-/// token) until `expires_at`. Its conversation must be in `tenant_id`, which the foreign key
-/// checks.
-pub async fn bind(
-    conn: &mut PgConnection,
-    id: &ConnectionId,
-    tenant_id: TenantId,
-    user_id: UserId,
-    role: Role,
-    expires_at: DateTime<Utc>,
-) -> Result<(), Error> {
-    let updated = super::query(
-        "update ws_connections
-         set tenant_id = $2, user_id = $3, role = $4, expires_at = $5,
-             authenticated_at = now(), last_seen_at = now()
-         where connection_id = $1",
-    )
-    .bind(id)
-    .bind(tenant_id)
-    .bind(user_id)
-    .bind(role)
-    .bind(expires_at)
-    .execute(conn)
-    .await
-    .on_constraint("ws_connections_conversation_fkey", || {
-        Error::NotFound("no such conversation in this tenant".into())
-    })?
-    .rows_affected();
-    if updated == 0 {
-        return Err(Error::NotFound("no such connection".into()));
-    }
-    Ok(())
-}
-
 /// Forgets the connection; `false` when it was not recorded (or not visible in this scope).
 pub async fn delete(conn: &mut PgConnection, id: &ConnectionId) -> Result<bool, Error> {
     let deleted = super::query("delete from ws_connections where connection_id = $1")

@@ -1,8 +1,8 @@
 //! The WebSocket API's route table: every route key API Gateway selects, the handler that
 //! serves it and the function deployed for that handler. The Lambdas (their names), the local
-//! gateway (route selection, events, dispatch) and the template check
-//! (`infra/validate_template.py`, which fails when template.yaml deploys other routes) all read
-//! this table. Adding a route: a row here, a `Route` if it needs a handler of its own, and the
+//! gateway (route selection, events, dispatch) and the template check (through
+//! [`crate::registry`]: `infra/validate_template.py` fails when template.yaml deploys other
+//! routes) all read this table. Adding a route: a row here, a `Route` if it needs a handler of its own, and the
 //! template's `AWS::ApiGatewayV2::Route`.
 
 use crate::frame::ClientFrame;

@@ -1,5 +1,6 @@
 use chrono::{DateTime, Duration, Utc};
 use shared::Error;
+use shared::config::routes::{Limits, SocketCaps};
 use shared::db::{Db, Scope, connections, memberships, message_path};
 use shared::domain::{ConnectionId, ConversationId, Role, TenantId, UserId};
 
@@ -32,19 +33,33 @@ async fn bound(
     conn_id
 }
 
-/// Binds the connection again, as a fresh `auth` does.
+/// Binds the connection again, as a fresh `auth` does: through `auth`'s own statement.
 async fn rebind(
     db: &Db,
     conn_id: &ConnectionId,
-    s: &crate::helpers::Seed,
+    _s: &crate::helpers::Seed,
     user: UserId,
     role: Role,
     expires_at: DateTime<Utc>,
 ) {
-    let mut tx = db.begin(Scope::Connection(conn_id)).await.unwrap();
-    connections::bind(&mut tx, conn_id, s.tenant, user, role, expires_at)
+    let mut tx = db
+        .begin(Scope::Binding {
+            connection: conn_id,
+            user,
+        })
         .await
         .unwrap();
+    message_path::bind(
+        &mut tx,
+        conn_id,
+        user,
+        role,
+        expires_at,
+        SocketCaps::default(),
+        Limits::default(),
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
 }
 
@@ -63,7 +78,6 @@ async fn recipients(db: &Db, tenant: TenantId, s: &crate::helpers::Seed) -> Vec<
 async fn only_sockets_still_authorized_are_recipients() {
     let (_test, db) = TestDb::migrated().await;
     let s = seed(&db, "acme").await;
-    let stranger = seed_user(&db, "stranger").await;
     let admin = seed_user(&db, "admin").await;
     bound(&db, "owner", &s, s.user, Role::CustomerOperator, later()).await;
     bound(
@@ -75,7 +89,6 @@ async fn only_sockets_still_authorized_are_recipients() {
         Utc::now() - Duration::seconds(1),
     )
     .await;
-    bound(&db, "stranger", &s, stranger, Role::CustomerAdmin, later()).await;
     bound(&db, "admin", &s, admin, Role::PlatformAdmin, later()).await;
     assert_eq!(recipients(&db, s.tenant, &s).await, ["owner", "admin"]);
 
@@ -155,30 +168,39 @@ async fn a_connection_is_recorded_bound_listed_and_forgotten() {
 }
 
 #[tokio::test]
-async fn binding_checks_the_conversation_belongs_to_the_tenant() {
+async fn binding_needs_a_conversation_the_caller_may_see() {
     let (_test, db) = TestDb::migrated().await;
     let a = seed(&db, "alpha").await;
     let b = seed(&db, "beta").await;
-    for (conversation, name) in [
-        (a.conversation, "wrong-tenant"),
-        (ConversationId::new(), "missing"),
+    for (conversation, name, refused) in [
+        (a.conversation, "other-tenant", "forbidden"),
+        (ConversationId::new(), "missing", "not_found"),
     ] {
         let conn_id = id(name);
         let mut tx = db.begin(Scope::Connection(&conn_id)).await.unwrap();
         connections::insert(&mut tx, &conn_id, conversation, "https://x/prod")
             .await
             .unwrap();
-        let err = connections::bind(
+        tx.commit().await.unwrap();
+        let mut tx = db
+            .begin(Scope::Binding {
+                connection: &conn_id,
+                user: b.user,
+            })
+            .await
+            .unwrap();
+        let err = message_path::bind(
             &mut tx,
             &conn_id,
-            b.tenant,
             b.user,
             Role::CustomerOperator,
             later(),
+            SocketCaps::default(),
+            Limits::default(),
         )
         .await
         .unwrap_err();
-        assert!(matches!(err, Error::NotFound(_)), "{name}: {err:?}");
+        assert_eq!(err.code().as_str(), refused, "{name}: {err:?}");
     }
 }
 

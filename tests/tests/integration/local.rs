@@ -216,15 +216,15 @@ async fn an_expired_or_removed_user_gets_no_more_frames_and_may_authenticate_aga
     let (test, db) = TestDb::migrated().await;
     let s = seed(&db, "acme").await;
     let local = Local::start(&Env::new(&test), &["serve", "--listen", "127.0.0.1:0"]).await;
-    let short = crate::helpers::sign(
-        &json!({ "sub": s.user, "role": "customer_operator", "exp": crate::helpers::now() + 2 }),
-    );
+    let exp = crate::helpers::now() + 3000;
+    let short =
+        crate::helpers::sign(&json!({ "sub": s.user, "role": "customer_operator", "exp": exp }));
     let mut expiring = open(&local.address, s.conversation).await;
     send(&mut expiring, json!({ "type": "auth", "token": short })).await;
     expect(&mut expiring, "auth_ok").await;
     let mut other = authenticated(&local.address, &s, s.conversation).await;
 
-    tokio::time::sleep(Duration::from_millis(3100)).await;
+    assert_eq!(crate::helpers::expire_sockets(&db, s.tenant, exp).await, 1);
     send(
         &mut expiring,
         json!({ "type": "message", "text": "expired?" }),

@@ -2,7 +2,7 @@ use shared::Error;
 use shared::db::conversations::{self, Conversation};
 use shared::db::message_path::Written;
 use shared::db::messages::{self, Branch, MessageRole, PageFrom, StopReason};
-use shared::db::{Db, Scope, message_path};
+use shared::db::{Db, Scope};
 use shared::domain::{ClientMessageId, MessageId, MessageText, PageLimit};
 
 use crate::helpers::{Seed, TestDb, seed};
@@ -184,7 +184,7 @@ async fn a_reply_is_stored_once_per_request() {
         None
     );
     tx.commit().await.unwrap();
-    let first = message_path::store_reply(
+    let first = tests::stack::store_reply(
         &db,
         &conversation,
         reply_id,
@@ -195,7 +195,7 @@ async fn a_reply_is_stored_once_per_request() {
     )
     .await
     .unwrap();
-    let again = message_path::store_reply(
+    let again = tests::stack::store_reply(
         &db,
         &conversation,
         reply_id,
@@ -219,7 +219,7 @@ async fn a_reply_is_stored_once_per_request() {
         Some(first.reply.clone())
     );
     tx.commit().await.unwrap();
-    let err = message_path::store_reply(
+    let err = tests::stack::store_reply(
         &db,
         &conversation,
         MessageId::new(),
@@ -248,7 +248,7 @@ async fn any_text_survives_a_step_sent_as_literals() {
         "'",
     ];
     for (question, text) in store(&db, &s, texts.len()).await.into_iter().zip(texts) {
-        let stored = message_path::store_reply(
+        let stored = tests::stack::store_reply(
             &db,
             &conversation,
             MessageId::new(),

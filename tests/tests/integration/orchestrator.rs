@@ -7,7 +7,7 @@ use aws_lambda_events::sqs::SqsMessage;
 use serde_json::json;
 use shared::db::agents::Provider;
 use shared::db::messages::{self, MessageStatus, PageFrom, StopReason};
-use shared::db::{Scope, conversations, message_path};
+use shared::db::{Scope, conversations};
 use shared::domain::PageLimit;
 use shared::job::Job;
 
@@ -102,7 +102,7 @@ async fn a_reply_stored_but_not_delivered_is_delivered_without_asking_again() {
         .unwrap()
         .unwrap();
     tx.commit().await.unwrap();
-    let earlier = message_path::store_reply(
+    let earlier = tests::stack::store_reply(
         &h.db,
         &conv,
         job.reply_id.unwrap(),

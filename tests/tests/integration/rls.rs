@@ -51,14 +51,23 @@ async fn two_tenants(db: &Db) -> (Seed, Seed) {
         connections::insert(&mut tx, &id, s.conversation, "http://127.0.0.1:1/local")
             .await
             .unwrap();
+        tx.commit().await.unwrap();
         let expires_at = chrono::Utc::now() + chrono::Duration::minutes(10);
-        connections::bind(
+        let mut tx = db
+            .begin(Scope::Binding {
+                connection: &id,
+                user: s.user,
+            })
+            .await
+            .unwrap();
+        shared::db::message_path::bind(
             &mut tx,
             &id,
-            s.tenant,
             s.user,
             Role::CustomerOperator,
             expires_at,
+            Default::default(),
+            Default::default(),
         )
         .await
         .unwrap();

@@ -24,10 +24,14 @@ async fn validate(
     template: &std::path::Path,
     functions: Option<&std::path::Path>,
 ) -> (bool, String) {
+    let registry = std::env::temp_dir().join(format!("registry-{}.json", uuid::Uuid::new_v4()));
+    std::fs::write(&registry, shared::registry::document().to_string()).unwrap();
     let mut command = Command::new(python());
     command
         .arg(format!("{WORKSPACE}/infra/validate_template.py"))
-        .arg(template);
+        .arg(template)
+        .arg("--registry")
+        .arg(&registry);
     if let Some(out) = functions {
         command.arg("--functions").arg(out);
     }
@@ -36,6 +40,7 @@ async fn validate(
         .output()
         .await
         .expect("run the validator");
+    std::fs::remove_file(&registry).ok();
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -110,6 +115,12 @@ async fn broken_templates_fail_validation() {
             "\"TimeToFirstChunk\", \"function\"",
             "\"TimeToFirstChunks\", \"function\"",
             "TimeToFirstChunks",
+        ),
+        // A variable the function does not read (the registry's variables).
+        (
+            "          DATABASE_URL_SECRET_ARN: !Ref DatabaseUrlSecretArn\n          WS_MANAGEMENT_ENDPOINT",
+            "          DATABASE_URL_SECRET_ARN: !Ref DatabaseUrlSecretArn\n          KONSTRUCT_AGENT_TIMOUT: \"5\"\n          WS_MANAGEMENT_ENDPOINT",
+            "is given KONSTRUCT_AGENT_TIMOUT, which ws-connect does not read",
         ),
         // A function whose role may read a secret it does not use.
         (

@@ -214,32 +214,6 @@ pub async fn stale_replies(
     .await?)
 }
 
-/// The whole reply at once (not streamed): [`write_reply`] with `Complete`.
-pub async fn store_reply(
-    db: &Db,
-    conversation: &Conversation,
-    id: MessageId,
-    reply_to: MessageId,
-    content: &str,
-    stop: StopReason,
-    usage: Option<Usage>,
-) -> Result<StoredReply, Error> {
-    write_reply(
-        db,
-        conversation,
-        ReplyWrite {
-            id,
-            reply_to,
-            producer: Uuid::nil(),
-            text: content,
-            status: MessageStatus::Complete,
-            stop: Some(stop),
-            usage,
-        },
-    )
-    .await
-}
-
 /// A later flush of a streaming reply, or its end.
 #[derive(Debug, Clone, Copy)]
 pub struct ReplyFlush<'a> {

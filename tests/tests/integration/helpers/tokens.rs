@@ -39,3 +39,29 @@ pub fn token(user: UserId, role: Role) -> String {
 pub fn caller(user: UserId, role: Role) -> PortalCaller {
     verifier().verify(&token(user, role)).unwrap()
 }
+
+/// The clock passes a token's expiry, for the sockets bound with it: their stored expiry (the
+/// token's `exp`, which is all the server compares with `now()`) is set a second into the past.
+/// Returns how many sockets it found; a test asserts it, which also checks the binding took
+/// the token's `exp`. No test waits for a token to expire.
+pub async fn expire_sockets(
+    db: &shared::db::Db,
+    tenant: shared::domain::TenantId,
+    exp: i64,
+) -> u64 {
+    let mut tx = db
+        .begin(shared::db::Scope::Tenant(tenant))
+        .await
+        .expect("a tenant transaction");
+    let expired = shared::db::query(
+        "update ws_connections set expires_at = now() - interval '1 second'
+         where expires_at = to_timestamp($1)",
+    )
+    .bind(exp as f64)
+    .execute(&mut *tx)
+    .await
+    .expect("expire the sockets")
+    .rows_affected();
+    tx.commit().await.expect("commit");
+    expired
+}
