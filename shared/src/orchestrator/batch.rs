@@ -2,131 +2,36 @@
 //! invocation's deadline; and, on AWS, what becomes of the records it did not settle.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use aws_lambda_events::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
+use aws_lambda_events::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use tokio::time::Instant;
 
-use super::{JobFailure, OrchestratorState, Receipt, process_one};
+use super::groups::{BatchReport, Unsettled, failures, receives};
+use super::{OrchestratorState, Receipt, process_one};
+use crate::Error;
 use crate::db::Scope;
 use crate::db::message_path;
 use crate::domain::MessageId;
 use crate::job::Job;
-use crate::telemetry::{self, Event, JobOutcome};
-use crate::{Error, ErrorCode};
 
 /// The time kept back from a Lambda invocation's deadline to return the batch response.
 const RESPONSE_MARGIN: Duration = Duration::from_secs(1);
 
-/// What became of a record that a batch did not settle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unsettled {
-    /// Never started: too little of the invocation was left, or an earlier record of its group
-    /// failed. It goes back at once, and its receive is not counted as an attempt.
-    Deferred,
-    /// Started, and failed in a way that may pass: to be tried again.
-    Failed,
-    /// Failed on its last attempt, its user told: for the dead-letter queue.
-    GivenUp,
-}
-
-/// A batch's outcome: every record it did not settle, in the order received, and why.
-#[derive(Debug, Default)]
-pub struct BatchReport {
-    pub unsettled: Vec<(SqsMessage, Unsettled)>,
-}
-
-impl BatchReport {
-    /// The response for a driver that leaves every unsettled record to the queue: each is
-    /// delivered again, and the queue's own redrive dead-letters it after enough receives.
-    pub fn response(&self) -> SqsBatchResponse {
-        failures(self.unsettled.iter().map(|(record, _)| record))
-    }
-
-    pub fn of(&self, kind: Unsettled) -> impl Iterator<Item = &SqsMessage> {
-        self.unsettled
-            .iter()
-            .filter(move |(_, k)| *k == kind)
-            .map(|(record, _)| record)
-    }
-}
-
-/// A batch response reporting these records failed.
-pub fn failures<'a>(records: impl IntoIterator<Item = &'a SqsMessage>) -> SqsBatchResponse {
-    let mut response = SqsBatchResponse::default();
-    response.batch_item_failures = records
-        .into_iter()
-        .map(|record| {
-            let mut failure = BatchItemFailure::default();
-            failure.item_identifier = record.message_id.clone().unwrap_or_default();
-            failure
-        })
-        .collect();
-    response
-}
-
 /// How long counting a batch's deferrals may take: it runs in the margin before the deadline.
 const DEFERRAL_WRITE_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// An SQS batch. Records of one message group run in order; groups run side by side. After the
-/// first failure in a group, that record and every later one of the group stay unsettled, so
-/// SQS delivers them again in order. With a `deadline` (the Lambda invocation's), no job
-/// starts with less than the job budget left, and the report is made a moment before the
-/// deadline whatever is still running. A record that did not start is `Deferred`, and its
-/// deferral is counted on its message, so that it uses up no attempt (invariant 9). A record
-/// whose body is not a job is dropped (logged): no delivery can make it one.
+/// An SQS batch, its records run by [`groups::settle`](super::groups::settle) with the job
+/// itself ([`process_one`]); then each record it deferred has its deferral counted on its
+/// message, so that it uses up no attempt (invariant 9).
 pub async fn handle(
     state: &OrchestratorState,
     event: SqsEvent,
     deadline: Option<Instant>,
 ) -> BatchReport {
-    let records = event.records;
-    let mut order: Vec<String> = Vec::new();
-    let mut groups: HashMap<String, Vec<&SqsMessage>> = HashMap::new();
-    for record in &records {
-        let group = record
-            .attributes
-            .get("MessageGroupId")
-            .or(record.message_id.as_ref())
-            .cloned()
-            .unwrap_or_default();
-        if !groups.contains_key(&group) {
-            order.push(group.clone());
-        }
-        groups.entry(group).or_default().push(record);
-    }
     let cutoff = deadline.map(|d| d.checked_sub(RESPONSE_MARGIN).unwrap_or(d));
-    let outcomes = Mutex::new(HashMap::new());
-    let runs = order
-        .into_iter()
-        .filter_map(|group| groups.remove(&group))
-        .map(|records| process_group(state, records, cutoff, &outcomes));
-    let all = futures::future::join_all(runs);
-    match cutoff {
-        Some(cutoff) => {
-            if tokio::time::timeout_at(cutoff, all).await.is_err() {
-                tracing::warn!("deadline near: unfinished records reported failed");
-            }
-        }
-        None => {
-            all.await;
-        }
-    }
-    let outcomes = outcomes.into_inner().unwrap_or_else(|e| e.into_inner());
-    let report = BatchReport {
-        unsettled: records
-            .into_iter()
-            .filter_map(|record| {
-                let id = record.message_id.as_deref().unwrap_or_default();
-                match outcomes.get(id) {
-                    None => Some((record, Unsettled::Deferred)),
-                    Some(Some(unsettled)) => Some((record, *unsettled)),
-                    Some(None) => None,
-                }
-            })
-            .collect(),
-    };
+    let run = |job: Job, receipt: Receipt| async move { process_one(state, &job, receipt).await };
+    let report = super::groups::settle(event.records, cutoff, state.job_budget, run).await;
     let counted = tokio::time::timeout(
         DEFERRAL_WRITE_TIMEOUT,
         count_deferrals(state, report.of(Unsettled::Deferred)),
@@ -161,75 +66,6 @@ async fn count_deferrals<'a>(
         tracing::info!(tenant_id = %tenant_id, jobs = ids.len(), "jobs deferred: not enough time to start");
     }
     Ok(())
-}
-
-/// Works one message group's records in order, noting in `outcomes` each one started (`None`
-/// once settled); stops at the first that failed and may be tried again, or that could not
-/// finish before `cutoff`.
-async fn process_group(
-    state: &OrchestratorState,
-    records: Vec<&SqsMessage>,
-    cutoff: Option<Instant>,
-    outcomes: &Mutex<HashMap<String, Option<Unsettled>>>,
-) {
-    let note = |id: &str, outcome: Option<Unsettled>| {
-        outcomes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_owned(), outcome);
-    };
-    for record in records {
-        let id = record.message_id.clone().unwrap_or_default();
-        if cutoff.is_some_and(|c| Instant::now() + state.job_budget > c) {
-            tracing::info!(message_id = %id, "not enough time left for the job; sent back");
-            return;
-        }
-        // Started: should the deadline come first, it counts as a failed attempt.
-        note(&id, Some(Unsettled::Failed));
-        let receives = receives(record);
-        let receipt = Receipt {
-            receives,
-            deadline: cutoff,
-            trace: record
-                .attributes
-                .get(crate::queue::TRACE_ATTRIBUTE)
-                .cloned(),
-        };
-        let outcome = match record.body.as_deref().map(Job::from_body) {
-            Some(Ok(job)) => process_one(state, &job, receipt).await,
-            Some(Err(e)) => Err(JobFailure::permanent(e)),
-            None => Err(JobFailure::permanent(Error::BadRequest(
-                "record has no body".into(),
-            ))),
-        };
-        telemetry::record(Event::Job(match &outcome {
-            Ok(()) => JobOutcome::Answered,
-            Err(f) if !f.retry => JobOutcome::Failed,
-            Err(f) if f.last => JobOutcome::DeadLettered,
-            Err(_) => JobOutcome::Retried,
-        }));
-        match outcome {
-            Ok(()) => {}
-            Err(f) if !f.retry => {
-                if f.error.code() == ErrorCode::BadRequest {
-                    tracing::error!(message_id = %id, error = %f, "unparseable record dropped");
-                } else {
-                    tracing::warn!(message_id = %id, error = %f, "job dropped: retrying cannot help");
-                }
-            }
-            // Its user has been told: the group goes on without it.
-            Err(f) if f.last => {
-                tracing::error!(message_id = %id, receives, error = &f as &dyn std::error::Error, "job failed on its last attempt; given up");
-                note(&id, Some(Unsettled::GivenUp));
-                continue;
-            }
-            Err(f) => {
-                tracing::error!(message_id = %id, receives, error = &f as &dyn std::error::Error, "job failed; to be retried");
-                return;
-            }
-        }
-        note(&id, None);
-    }
 }
 
 /// The instant a Lambda deadline (milliseconds since the Unix epoch) falls on; none when it is
@@ -366,15 +202,6 @@ impl SqsRedrive {
         tracing::error!(message_id = %id, "job dead-lettered after its last attempt");
         Ok(())
     }
-}
-
-/// How often SQS has handed the record over (`ApproximateReceiveCount`; 1 when absent).
-pub fn receives(record: &SqsMessage) -> u32 {
-    record
-        .attributes
-        .get("ApproximateReceiveCount")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1)
 }
 
 /// One invocation on the SQS event source: the batch, then what becomes of the records it did

@@ -28,11 +28,12 @@ pub use stream::end_failed;
 use stream::{Ended, ReplyStream, deliver};
 
 mod batch;
+mod groups;
 mod stream;
 pub use batch::{
-    BatchReport, RETRY_AFTER, SqsRedrive, Unsettled, deadline_from_epoch_ms, failures, handle,
-    invoke, receives, retry_after, run,
+    RETRY_AFTER, SqsRedrive, deadline_from_epoch_ms, handle, invoke, retry_after, run,
 };
+pub use groups::{BatchReport, Unsettled, failures, receives, settle};
 
 /// How much of the conversation the agent sees: the last `messages`, and no more than `chars`
 /// characters of them (the newest are kept).

@@ -33,11 +33,12 @@ async fn bound(
     conn_id
 }
 
-/// Binds the connection again, as a fresh `auth` does: through `auth`'s own statement.
+/// Binds the connection again, as a fresh `auth` does: through `auth`'s own two statements
+/// (`bind` leaves the socket catching up; `resume`, owing it nothing, makes it live).
 async fn rebind(
     db: &Db,
     conn_id: &ConnectionId,
-    _s: &crate::helpers::Seed,
+    s: &crate::helpers::Seed,
     user: UserId,
     role: Role,
     expires_at: DateTime<Utc>,
@@ -60,6 +61,9 @@ async fn rebind(
     )
     .await
     .unwrap();
+    message_path::resume(&mut tx, conn_id, s.conversation, None)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 }
 
