@@ -177,17 +177,8 @@ fn parse_connect_options(value: &str) -> Result<PgConnectOptions, String> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
-
-    fn vars(pairs: &[(&str, &str)]) -> impl Lookup {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k: &str| map.get(k).cloned()
-    }
+    use crate::config::vars;
 
     #[test]
     fn database_config_names_the_bad_variable() {
