@@ -7,7 +7,7 @@ use std::time::Duration;
 use aws_lambda_events::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use tokio::time::Instant;
 
-use super::groups::{BatchReport, Unsettled, failures, receives};
+use super::groups::{BatchReport, Unsettled, failures, receives, settle};
 use super::{OrchestratorState, Receipt, process_one};
 use crate::Error;
 use crate::db::Scope;
@@ -21,7 +21,7 @@ const RESPONSE_MARGIN: Duration = Duration::from_secs(1);
 /// How long counting a batch's deferrals may take: it runs in the margin before the deadline.
 const DEFERRAL_WRITE_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// An SQS batch, its records run by [`groups::settle`](super::groups::settle) with the job
+/// An SQS batch, its records run by [`settle`] with the job
 /// itself ([`process_one`]); then each record it deferred has its deferral counted on its
 /// message, so that it uses up no attempt (invariant 9).
 pub async fn handle(
@@ -31,7 +31,7 @@ pub async fn handle(
 ) -> BatchReport {
     let cutoff = deadline.map(|d| d.checked_sub(RESPONSE_MARGIN).unwrap_or(d));
     let run = |job: Job, receipt: Receipt| async move { process_one(state, &job, receipt).await };
-    let report = super::groups::settle(event.records, cutoff, state.job_budget, run).await;
+    let report = settle(event.records, cutoff, state.job_budget, run).await;
     let counted = tokio::time::timeout(
         DEFERRAL_WRITE_TIMEOUT,
         count_deferrals(state, report.of(Unsettled::Deferred)),

@@ -68,7 +68,7 @@ pub fn failures<'a>(records: impl IntoIterator<Item = &'a SqsMessage>) -> SqsBat
 /// job starts with less than `job_budget` left, and the report is made at the cutoff whatever
 /// is still running. A record that did not start is `Deferred`. A record whose body is not a
 /// job is dropped (logged): no delivery can make it one.
-pub async fn settle<F, Fut>(
+pub(super) async fn settle<F, Fut>(
     records: Vec<SqsMessage>,
     cutoff: Option<Instant>,
     job_budget: Duration,

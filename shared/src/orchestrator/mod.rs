@@ -33,7 +33,7 @@ mod stream;
 pub use batch::{
     RETRY_AFTER, SqsRedrive, deadline_from_epoch_ms, handle, invoke, retry_after, run,
 };
-pub use groups::{BatchReport, Unsettled, failures, receives, settle};
+pub use groups::{BatchReport, Unsettled, failures, receives};
 
 /// How much of the conversation the agent sees: the last `messages`, and no more than `chars`
 /// characters of them (the newest are kept).
