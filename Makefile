@@ -1,4 +1,4 @@
-.PHONY: dev test test-unit soak bench aws-sim package services-up services-down fmt lint docs
+.PHONY: dev test test-unit soak bench aws-sim package services-up services-down fmt lint docs sqlx-prepare sqlx-check
 
 # The whole chat on this machine: services, migrations, demo data, then the server on :8080.
 dev:
@@ -43,6 +43,15 @@ fmt:
 # Writes docs/asyncapi.json again from the frame types (a test checks the committed one).
 docs:
 	KONSTRUCT_WRITE_DOCS=1 cargo test -p tests --test integration -- the_asyncapi_document_is_the_frame_types_own
+
+# The SQL the compiler checks: after changing a statement or a migration, write the offline
+# cache (shared/.sqlx) again from a throwaway database the migrations build, and commit it.
+sqlx-prepare:
+	infra/local/sqlx.sh prepare
+
+# Fails when shared/.sqlx is not what the statements and the migrations give now (CI runs it).
+sqlx-check:
+	infra/local/sqlx.sh check
 
 lint:
 	cargo fmt --all -- --check

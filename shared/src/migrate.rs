@@ -156,8 +156,9 @@ async fn apply(state: &MigrateState) -> Result<HashMap<String, String>, String> 
     let config = state.database.as_ref().map_err(ToString::to_string)?;
     let db = Db::connect_lazy(config);
     db.migrate().await.map_err(|e| e.to_string())?;
-    let version: i64 = crate::db::query_scalar(
-        "select coalesce(max(version), 0) from _sqlx_migrations where success",
+    let version: i64 = crate::checked!(
+        query_scalar,
+        "select coalesce(max(version), 0) from _sqlx_migrations where success"
     )
     .fetch_one(db.pool())
     .await

@@ -46,30 +46,34 @@ pub struct NewAgent<'a> {
 }
 
 pub async fn insert(conn: &mut PgConnection, agent: NewAgent<'_>) -> Result<Agent, Error> {
-    Ok(super::query_as(
+    Ok(crate::checked!(
+        query_as,
         "insert into agents (tenant_id, name, system_prompt, provider, model, settings)
          values ($1, $2, $3, $4, $5, $6) returning *",
+        agent.tenant_id,
+        agent.name,
+        agent.system_prompt,
+        agent.provider,
+        agent.model,
+        agent.settings
     )
-    .bind(agent.tenant_id)
-    .bind(agent.name)
-    .bind(agent.system_prompt)
-    .bind(agent.provider)
-    .bind(agent.model)
-    .bind(agent.settings)
     .fetch_one(conn)
     .await?)
 }
 
 pub async fn find(conn: &mut PgConnection, id: AgentId) -> Result<Option<Agent>, Error> {
-    Ok(super::query_as("select * from agents where id = $1")
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+    Ok(
+        crate::checked!(query_as, "select * from agents where id = $1", id)
+            .fetch_optional(conn)
+            .await?,
+    )
 }
 
 /// The agents the transaction's scope can see, by name.
 pub async fn list(conn: &mut PgConnection) -> Result<Vec<Agent>, Error> {
-    Ok(super::query_as("select * from agents order by name, id")
-        .fetch_all(conn)
-        .await?)
+    Ok(
+        crate::checked!(query_as, "select * from agents order by name, id")
+            .fetch_all(conn)
+            .await?,
+    )
 }

@@ -1,5 +1,12 @@
 //! A call of one of the schema's functions as one simple query (no prepare round trip).
 
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::domain::{
+    AgentId, ClientMessageId, ConnectionId, ConversationId, MessageId, TenantId, UserId,
+};
+
 /// Any text as an SQL literal whatever `standard_conforming_strings` says: an escape string
 /// (`E'…'`), its backslashes and quotes doubled. A NUL (which no Postgres text can hold) ends
 /// a simple query's text early, inside the literal: the statement then fails to parse.
@@ -7,75 +14,112 @@ fn escaped(value: &str) -> String {
     format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
 }
 
-/// A call of one of the schema's functions, its arguments written as SQL literals, for
-/// [`Db::call`]: `select * from f(E'…'::text, '…'::uuid, 3::bigint, null::uuid)`. Each argument
-/// carries its type, so the call resolves to the function the migration declares.
+/// A value written into a [`Call`]'s text as an SQL literal.
+pub trait Literal {
+    fn literal(&self) -> String;
+}
+
+impl<T: Literal + ?Sized> Literal for &T {
+    fn literal(&self) -> String {
+        (**self).literal()
+    }
+}
+
+impl<T: Literal> Literal for Option<T> {
+    fn literal(&self) -> String {
+        self.as_ref()
+            .map_or_else(|| "null".to_owned(), Literal::literal)
+    }
+}
+
+/// Text, and the domain's ids (their `Display` is the UUID's), as escaped strings.
+macro_rules! escaped_literal {
+    ($($type:ty),+) => {
+        $(impl Literal for $type {
+            fn literal(&self) -> String {
+                escaped(&self.to_string())
+            }
+        })+
+    };
+}
+
+escaped_literal!(
+    str,
+    String,
+    ConnectionId,
+    Uuid,
+    TenantId,
+    UserId,
+    AgentId,
+    ConversationId
+);
+escaped_literal!(MessageId, ClientMessageId, DateTime<Utc>);
+
+impl Literal for i64 {
+    fn literal(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Literal for bool {
+    fn literal(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// A finite number (Rust writes it in full, which Postgres parses exactly).
+impl Literal for f64 {
+    fn literal(&self) -> String {
+        escaped(&self.to_string())
+    }
+}
+
+/// A call of one of the schema's functions for [`Db::call`](super::Db::call), built by
+/// [`call!`](crate::call): `select * from f($1::text, $2::uuid)` with each `$n` replaced by
+/// its argument as an SQL literal. The casts stay, so the call resolves to the function the
+/// migration declares. The text is the macro's literal, whose only `$` are its parameters.
 #[derive(Debug, Clone)]
 pub struct Call {
-    sql: String,
-    arguments: usize,
+    sql: &'static str,
+    arguments: Vec<String>,
 }
 
 impl Call {
-    pub fn new(function: &'static str) -> Self {
+    pub fn new(sql: &'static str) -> Self {
         Self {
-            sql: format!("select * from {function}("),
-            arguments: 0,
+            sql,
+            arguments: Vec::new(),
         }
     }
 
-    fn argument(mut self, literal: &str, type_name: &str) -> Self {
-        if self.arguments > 0 {
-            self.sql.push_str(", ");
-        }
-        self.sql.push_str(literal);
-        self.sql.push_str("::");
-        self.sql.push_str(type_name);
-        self.arguments += 1;
+    /// The next parameter's argument.
+    pub fn arg(mut self, value: impl Literal) -> Self {
+        self.arguments.push(value.literal());
         self
     }
 
-    pub fn text(self, value: &str) -> Self {
-        self.argument(&escaped(value), "text")
-    }
-
-    pub fn optional_text(self, value: Option<&str>) -> Self {
-        match value {
-            Some(value) => self.text(value),
-            None => self.argument("null", "text"),
-        }
-    }
-
-    /// One of the domain's ids (their `Display` is the UUID's).
-    pub fn uuid(self, value: impl std::fmt::Display) -> Self {
-        self.argument(&escaped(&value.to_string()), "uuid")
-    }
-
-    pub fn optional_uuid(self, value: Option<impl std::fmt::Display>) -> Self {
-        match value {
-            Some(value) => self.uuid(value),
-            None => self.argument("null", "uuid"),
-        }
-    }
-
-    pub fn bigint(self, value: i64) -> Self {
-        self.argument(&value.to_string(), "bigint")
-    }
-
-    pub fn optional_bigint(self, value: Option<i64>) -> Self {
-        match value {
-            Some(value) => self.bigint(value),
-            None => self.argument("null", "bigint"),
-        }
-    }
-
-    /// A finite number (Rust writes it in full, which Postgres parses exactly).
-    pub fn float(self, value: f64) -> Self {
-        self.argument(&escaped(&value.to_string()), "float8")
-    }
-
     pub(super) fn sql(&self) -> String {
-        format!("{})", self.sql)
+        let mut sql = String::with_capacity(
+            self.sql.len() + self.arguments.iter().map(String::len).sum::<usize>(),
+        );
+        let mut rest = self.sql;
+        while let Some(at) = rest.find('$') {
+            sql.push_str(&rest[..at]);
+            let digits = rest[at + 1..]
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len() - at - 1);
+            let argument = rest[at + 1..at + 1 + digits]
+                .parse::<usize>()
+                .ok()
+                .and_then(|n| self.arguments.get(n.checked_sub(1)?));
+            match argument {
+                Some(literal) => sql.push_str(literal),
+                None => sql.push_str(&rest[at..at + 1 + digits]),
+            }
+            rest = &rest[at + 1 + digits..];
+        }
+        sql.push_str(rest);
+        sql
     }
 }
 
@@ -84,20 +128,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_call_writes_each_argument_as_a_typed_literal() {
-        let id = uuid::Uuid::nil();
-        let call = Call::new("f")
-            .text(r"it's a \ back\slash")
-            .uuid(id)
-            .optional_uuid(None::<uuid::Uuid>)
-            .bigint(-3)
-            .optional_text(None)
-            .float(2.5);
+    fn a_call_writes_each_argument_as_a_literal_in_its_parameter_place() {
+        let id = Uuid::nil();
+        let call = Call::new(
+            "select * from f($1::text, $2::uuid, $3::uuid, $4::bigint, $5::text, $6::float8, \
+             $7::bool, $8::text, $9::text, $10::bigint)",
+        )
+        .arg(r"it's a \ back\slash")
+        .arg(id)
+        .arg(None::<MessageId>)
+        .arg(-3)
+        .arg(None::<&str>)
+        .arg(2.5)
+        .arg(true)
+        .arg("$1")
+        .arg("9")
+        .arg(10);
         assert_eq!(
             call.sql(),
             format!(
                 "select * from f(E'it''s a \\\\ back\\\\slash'::text, E'{id}'::uuid, null::uuid, \
-                 -3::bigint, null::text, E'2.5'::float8)"
+                 -3::bigint, null::text, E'2.5'::float8, true::bool, E'$1'::text, E'9'::text, \
+                 10::bigint)"
             )
         );
     }

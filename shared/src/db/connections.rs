@@ -64,13 +64,14 @@ pub async fn insert(
     conversation_id: ConversationId,
     endpoint: &str,
 ) -> Result<Connection, Error> {
-    super::query_as(
+    crate::checked!(
+        query_as,
         "insert into ws_connections (connection_id, conversation_id, endpoint)
          values ($1, $2, $3) returning *",
+        id,
+        conversation_id,
+        endpoint
     )
-    .bind(id)
-    .bind(conversation_id)
-    .bind(endpoint)
     .fetch_one(conn)
     .await
     .on_constraint("ws_connections_pkey", || {
@@ -79,20 +80,24 @@ pub async fn insert(
 }
 
 pub async fn find(conn: &mut PgConnection, id: &ConnectionId) -> Result<Option<Connection>, Error> {
-    Ok(
-        super::query_as("select * from ws_connections where connection_id = $1")
-            .bind(id)
-            .fetch_optional(conn)
-            .await?,
+    Ok(crate::checked!(
+        query_as,
+        "select * from ws_connections where connection_id = $1",
+        id
     )
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// Forgets the connection; `false` when it was not recorded (or not visible in this scope).
 pub async fn delete(conn: &mut PgConnection, id: &ConnectionId) -> Result<bool, Error> {
-    let deleted = super::query("delete from ws_connections where connection_id = $1")
-        .bind(id)
-        .execute(conn)
-        .await?;
+    let deleted = crate::checked!(
+        query,
+        "delete from ws_connections where connection_id = $1",
+        id
+    )
+    .execute(conn)
+    .await?;
     Ok(deleted.rows_affected() > 0)
 }
 
@@ -112,7 +117,8 @@ pub async fn forget_unauthenticated(
     older_than: std::time::Duration,
     limit: i64,
 ) -> Result<Vec<Unauthenticated>, Error> {
-    Ok(super::query_as(
+    Ok(crate::checked!(
+        query_as,
         "delete from ws_connections
          where connection_id in (
              select connection_id from ws_connections
@@ -122,9 +128,9 @@ pub async fn forget_unauthenticated(
              limit $2)
            and authenticated_at is null
          returning connection_id, endpoint",
+        older_than.as_secs_f64(),
+        limit
     )
-    .bind(older_than.as_secs_f64())
-    .bind(limit)
     .fetch_all(conn)
     .await?)
 }

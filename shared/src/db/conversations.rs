@@ -28,14 +28,15 @@ pub async fn get_or_create(
     agent_id: AgentId,
     user_id: UserId,
 ) -> Result<Upserted<Conversation>, Error> {
-    let created: Option<Conversation> = super::query_as(
+    let created: Option<Conversation> = crate::checked!(
+        query_as,
         "insert into web_conversations (tenant_id, agent_id, user_id) values ($1, $2, $3)
          on conflict (tenant_id, agent_id, user_id) do nothing
          returning *",
+        tenant_id,
+        agent_id,
+        user_id
     )
-    .bind(tenant_id)
-    .bind(agent_id)
-    .bind(user_id)
     .fetch_optional(&mut *conn)
     .await
     .on_constraint("web_conversations_agent_fkey", || {
@@ -47,12 +48,13 @@ pub async fn get_or_create(
     if let Some(row) = created {
         return Ok(Upserted { row, created: true });
     }
-    let row = super::query_as(
+    let row = crate::checked!(
+        query_as,
         "select * from web_conversations where tenant_id = $1 and agent_id = $2 and user_id = $3",
+        tenant_id,
+        agent_id,
+        user_id
     )
-    .bind(tenant_id)
-    .bind(agent_id)
-    .bind(user_id)
     .fetch_one(conn)
     .await?;
     Ok(Upserted {
@@ -65,12 +67,13 @@ pub async fn find(
     conn: &mut PgConnection,
     id: ConversationId,
 ) -> Result<Option<Conversation>, Error> {
-    Ok(
-        super::query_as("select * from web_conversations where id = $1")
-            .bind(id)
-            .fetch_optional(conn)
-            .await?,
+    Ok(crate::checked!(
+        query_as,
+        "select * from web_conversations where id = $1",
+        id
     )
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// A line of the conversation list: the conversation, its agent's name and the start of its
@@ -104,7 +107,8 @@ pub async fn list(
     conn: &mut PgConnection,
     filter: ListFilter,
 ) -> Result<Vec<ConversationSummary>, Error> {
-    Ok(super::query_as(
+    Ok(crate::checked!(
+        query_as,
         "select c.id, c.tenant_id, c.agent_id, a.name as agent_name, c.user_id, c.updated_at,
                 (select left(m.content, $4) from web_conversation_messages m
                  where m.conversation_id = c.id
@@ -115,11 +119,11 @@ pub async fn list(
            and ($2::uuid is null or c.user_id = $2)
          order by c.updated_at desc, c.id desc
          limit $3",
+        filter.tenant_id,
+        filter.user_id,
+        i64::from(filter.limit.get()),
+        PREVIEW_CHARS
     )
-    .bind(filter.tenant_id)
-    .bind(filter.user_id)
-    .bind(i64::from(filter.limit.get()))
-    .bind(PREVIEW_CHARS)
     .fetch_all(conn)
     .await?)
 }

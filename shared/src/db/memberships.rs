@@ -13,13 +13,14 @@ pub async fn grant(
     user_id: UserId,
     role: TenantRole,
 ) -> Result<(), Error> {
-    super::query(
+    crate::checked!(
+        query,
         "insert into user_tenant_roles (tenant_id, user_id, role) values ($1, $2, $3)
          on conflict (tenant_id, user_id) do update set role = excluded.role",
+        tenant_id,
+        user_id,
+        role
     )
-    .bind(tenant_id)
-    .bind(user_id)
-    .bind(role)
     .execute(conn)
     .await?;
     Ok(())
@@ -30,11 +31,14 @@ pub async fn revoke(
     tenant_id: TenantId,
     user_id: UserId,
 ) -> Result<bool, Error> {
-    let done = super::query("delete from user_tenant_roles where tenant_id = $1 and user_id = $2")
-        .bind(tenant_id)
-        .bind(user_id)
-        .execute(conn)
-        .await?;
+    let done = crate::checked!(
+        query,
+        "delete from user_tenant_roles where tenant_id = $1 and user_id = $2",
+        tenant_id,
+        user_id
+    )
+    .execute(conn)
+    .await?;
     Ok(done.rows_affected() > 0)
 }
 
@@ -44,11 +48,12 @@ pub async fn role_of(
     tenant_id: TenantId,
     user_id: UserId,
 ) -> Result<Option<TenantRole>, Error> {
-    Ok(super::query_scalar(
+    Ok(crate::checked!(
+        query_scalar,
         "select role from user_tenant_roles where tenant_id = $1 and user_id = $2",
+        tenant_id,
+        user_id
     )
-    .bind(tenant_id)
-    .bind(user_id)
     .fetch_optional(conn)
     .await?)
 }

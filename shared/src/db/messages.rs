@@ -158,7 +158,8 @@ pub async fn insert_user(
     text: &MessageText,
     client_message_id: Option<ClientMessageId>,
 ) -> Result<Upserted<Message>, Error> {
-    let created: Option<Message> = super::query_as(
+    let created: Option<Message> = crate::checked!(
+        query_as,
         "with locked as (
              select id, last_seq, head_id from web_conversations where id = $1
              for no key update
@@ -177,23 +178,24 @@ pub async fn insert_user(
              from inserted i where c.id = i.conversation_id
          )
          select * from inserted",
+        conversation.id,
+        conversation.tenant_id,
+        text.as_str(),
+        client_message_id,
+        conversation.user_id
     )
-    .bind(conversation.id)
-    .bind(conversation.tenant_id)
-    .bind(text.as_str())
-    .bind(client_message_id)
-    .bind(conversation.user_id)
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(row) = created {
         return Ok(Upserted { row, created: true });
     }
-    let row = super::query_as(
+    let row = crate::checked!(
+        query_as,
         "select * from web_conversation_messages
          where conversation_id = $1 and client_message_id = $2",
+        conversation.id,
+        client_message_id
     )
-    .bind(conversation.id)
-    .bind(client_message_id)
     .fetch_one(conn)
     .await?;
     Ok(Upserted {
@@ -208,12 +210,13 @@ pub async fn find(
     conversation_id: ConversationId,
     id: MessageId,
 ) -> Result<Option<Message>, Error> {
-    Ok(super::query_as(
+    Ok(crate::checked!(
+        query_as,
         "select * from web_conversation_messages
          where conversation_id = $1 and id = $2",
+        conversation_id,
+        id
     )
-    .bind(conversation_id)
-    .bind(id)
     .fetch_optional(conn)
     .await?)
 }
@@ -277,12 +280,13 @@ pub async fn page(
     let limit = i64::from(limit.get());
     let before = match from {
         PageFrom::Before(id) => Some(
-            super::query_scalar::<i64>(
+            crate::checked!(
+                query_scalar::<i64>,
                 "select seq from web_conversation_messages
                  where conversation_id = $1 and id = $2",
+                conversation_id,
+                id
             )
-            .bind(conversation_id)
-            .bind(id)
             .fetch_optional(&mut *conn)
             .await?
             .ok_or_else(|| {
@@ -299,7 +303,8 @@ pub async fn page(
         PageFrom::Newest => (None, limit, None),
     };
     let newest_first = after.is_none();
-    Ok(super::query_as(
+    Ok(crate::checked!(
+        query_as,
         "with candidates as (
              select m.* from web_conversation_messages m
              where $2 and m.conversation_id = $1
@@ -327,16 +332,16 @@ pub async fn page(
          from sized s
          where s.bytes - octet_length(s.content) < $9
          order by s.seq",
+        conversation_id,
+        branch == Branch::All,
+        start,
+        walk,
+        after,
+        before,
+        newest_first,
+        limit,
+        MAX_PAGE_BYTES
     )
-    .bind(conversation_id)
-    .bind(branch == Branch::All)
-    .bind(start)
-    .bind(walk)
-    .bind(after)
-    .bind(before)
-    .bind(newest_first)
-    .bind(limit)
-    .bind(MAX_PAGE_BYTES)
     .fetch_all(conn)
     .await?)
 }
@@ -344,15 +349,19 @@ pub async fn page(
 /// Deletes every message of the conversation and bumps its `updated_at`; the conversation
 /// itself stays. Returns how many messages were deleted.
 pub async fn reset(conn: &mut PgConnection, conversation_id: ConversationId) -> Result<u64, Error> {
-    let deleted = super::query("delete from web_conversation_messages where conversation_id = $1")
-        .bind(conversation_id)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    super::query(
-        "update web_conversations set updated_at = clock_timestamp(), head_id = null where id = $1",
+    let deleted = crate::checked!(
+        query,
+        "delete from web_conversation_messages where conversation_id = $1",
+        conversation_id
     )
-    .bind(conversation_id)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    crate::checked!(
+        query,
+        "update web_conversations set updated_at = clock_timestamp(), head_id = null where id = $1",
+        conversation_id
+    )
     .execute(conn)
     .await?;
     Ok(deleted)

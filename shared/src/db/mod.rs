@@ -19,6 +19,7 @@ pub mod tenants;
 pub mod users;
 
 mod call;
+pub mod checked;
 mod scope;
 
 pub use call::Call;
@@ -315,8 +316,9 @@ impl Db {
     /// migrates.
     pub async fn refuse_rls_exempt_role(&self) -> Result<(), Error> {
         let mut tx = self.pool.begin().await?;
-        let (name, superuser, bypass): (String, bool, bool) = query_as(
-            "select rolname::text, rolsuper, rolbypassrls from pg_roles where rolname = current_user",
+        let (name, superuser, bypass): (String, bool, bool) = crate::checked!(
+            query_as,
+            "select rolname::text, rolsuper, rolbypassrls from pg_roles where rolname = current_user"
         )
         .fetch_one(&mut *tx)
         .await?;
@@ -351,7 +353,8 @@ impl Db {
 /// [`Db::verify_runtime_role`]'s check, on a connection in a transaction.
 async fn check_runtime_role(conn: &mut PgConnection) -> Result<(), Error> {
     // One statement, in the first transaction of every execution environment.
-    let (name, superuser, bypass, owned): (String, bool, bool, Option<String>) = query_as(
+    let (name, superuser, bypass, owned): (String, bool, bool, Option<String>) = crate::checked!(
+        query_as,
         "select r.rolname::text, r.rolsuper, r.rolbypassrls,
                     (select what from (
                          select 'the database ' || quote_ident(d.datname) as what,
@@ -366,7 +369,7 @@ async fn check_runtime_role(conn: &mut PgConnection) -> Result<(), Error> {
                      ) objects
                      where pg_has_role(current_user, owner, 'MEMBER')
                      limit 1)
-             from pg_roles r where r.rolname = current_user",
+             from pg_roles r where r.rolname = current_user"
     )
     .fetch_one(conn)
     .await?;

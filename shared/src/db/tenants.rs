@@ -17,18 +17,20 @@ pub struct Tenant {
 /// Creates a tenant; run it in `Scope::Tenant(id)` with the new id, since row-level security
 /// admits a tenant row only into its own scope.
 pub async fn insert(conn: &mut PgConnection, id: TenantId, name: &str) -> Result<Tenant, Error> {
-    Ok(
-        super::query_as("insert into tenants (id, name) values ($1, $2) returning *")
-            .bind(id)
-            .bind(name)
-            .fetch_one(conn)
-            .await?,
+    Ok(crate::checked!(
+        query_as,
+        "insert into tenants (id, name) values ($1, $2) returning *",
+        id,
+        name
     )
+    .fetch_one(conn)
+    .await?)
 }
 
 pub async fn find(conn: &mut PgConnection, id: TenantId) -> Result<Option<Tenant>, Error> {
-    Ok(super::query_as("select * from tenants where id = $1")
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+    Ok(
+        crate::checked!(query_as, "select * from tenants where id = $1", id)
+            .fetch_optional(conn)
+            .await?,
+    )
 }

@@ -17,31 +17,36 @@ pub struct PortalUser {
 }
 
 pub async fn insert(conn: &mut PgConnection, email: &str, name: &str) -> Result<PortalUser, Error> {
-    super::query_as("insert into portal_users (email, name) values ($1, $2) returning *")
-        .bind(email)
-        .bind(name)
-        .fetch_one(conn)
-        .await
-        .on_constraint("portal_users_email_key", || {
-            Error::Conflict("a user with this email exists".into())
-        })
+    crate::checked!(
+        query_as,
+        "insert into portal_users (email, name) values ($1, $2) returning *",
+        email,
+        name
+    )
+    .fetch_one(conn)
+    .await
+    .on_constraint("portal_users_email_key", || {
+        Error::Conflict("a user with this email exists".into())
+    })
 }
 
 pub async fn find(conn: &mut PgConnection, id: UserId) -> Result<Option<PortalUser>, Error> {
-    Ok(super::query_as("select * from portal_users where id = $1")
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+    Ok(
+        crate::checked!(query_as, "select * from portal_users where id = $1", id)
+            .fetch_optional(conn)
+            .await?,
+    )
 }
 
 pub async fn find_by_email(
     conn: &mut PgConnection,
     email: &str,
 ) -> Result<Option<PortalUser>, Error> {
-    Ok(
-        super::query_as("select * from portal_users where lower(email) = lower($1)")
-            .bind(email)
-            .fetch_optional(conn)
-            .await?,
+    Ok(crate::checked!(
+        query_as,
+        "select * from portal_users where lower(email) = lower($1)",
+        email
     )
+    .fetch_optional(conn)
+    .await?)
 }

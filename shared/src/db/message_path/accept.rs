@@ -7,7 +7,7 @@ use sqlx::types::Json;
 use super::Recipient;
 use crate::Error;
 use crate::config::routes::Limits;
-use crate::db::{Call, Db, Scope, query_as};
+use crate::db::{Db, Scope};
 use crate::domain::{
     ClientMessageId, ConnectionId, ConversationId, MessageId, MessageText, TenantId, UserId,
 };
@@ -124,16 +124,18 @@ pub async fn accept(
     let row: Option<AcceptRow> = db
         .call_one(
             Scope::BoundConnection(connection),
-            Call::new("accept_message")
-                .text(connection.as_str())
-                .float(f64::from(limit.window_seconds))
-                .text(text.as_str())
-                .optional_uuid(client_message_id)
-                .bigint(i64::from(limit.messages))
-                .bigint(i64::from(limits.user.messages))
-                .float(f64::from(limits.user.window_seconds))
-                .optional_uuid(edit_of)
-                .bigint(MAX_SIBLINGS),
+            crate::call!(
+                "select * from accept_message($1::text, $2::float8, $3::text, $4::uuid, $5::bigint, $6::bigint, $7::float8, $8::uuid, $9::bigint)",
+                connection.as_str(),
+                f64::from(limit.window_seconds),
+                text.as_str(),
+                client_message_id,
+                i64::from(limit.messages),
+                i64::from(limits.user.messages),
+                f64::from(limits.user.window_seconds),
+                edit_of,
+                MAX_SIBLINGS
+            ),
         )
         .await?;
 
@@ -158,12 +160,13 @@ pub async fn accept(
             // snapshot was taken: it is stored, read it now.
             _ => {
                 let mut tx = db.begin(Scope::BoundConnection(connection)).await?;
-                let stored = query_as(
+                let stored = crate::checked!(
+                    query_as,
                     "select id, created_at, seq, parent_id, reply_id from web_conversation_messages
                  where conversation_id = $1 and client_message_id = $2",
+                    row.socket.conversation_id,
+                    client_message_id
                 )
-                .bind(row.socket.conversation_id)
-                .bind(client_message_id)
                 .fetch_one(&mut *tx)
                 .await?;
                 tx.commit().await?;
@@ -199,7 +202,8 @@ pub async fn cancel(
     connection: &ConnectionId,
     reply_to: MessageId,
 ) -> Result<(), Error> {
-    let row: Option<CancelRow> = query_as(
+    let row: Option<CancelRow> = crate::checked!(
+        query_as,
         "with me as (
              select w.conversation_id, w.tenant_id,
                     coalesce(w.expires_at > now(), false) as fresh,
@@ -214,9 +218,9 @@ pub async fn cancel(
              returning m.id
          )
          select me.fresh, me.permitted, exists (select 1 from flagged) as flagged from me",
+        connection,
+        reply_to
     )
-    .bind(connection)
-    .bind(reply_to)
     .fetch_optional(conn)
     .await?;
     let row = row.ok_or_else(|| Error::Unauthenticated("send an auth frame first".into()))?;

@@ -8,7 +8,7 @@ use super::accept::SocketCheck;
 use super::{MAX_SIBLINGS, Recipient};
 use crate::Error;
 use crate::config::routes::Limits;
-use crate::db::{Call, Db, Scope, query_as};
+use crate::db::{Db, Scope};
 use crate::domain::{ConnectionId, ConversationId, MessageId, TenantId, UserId};
 
 /// A regenerate accepted: the user message asked again, and the id its new reply will take.
@@ -56,14 +56,16 @@ pub async fn regenerate(
     let row: Option<RegenerateRow> = db
         .call_one(
             Scope::BoundConnection(connection),
-            Call::new("regenerate_reply")
-                .text(connection.as_str())
-                .float(f64::from(limit.window_seconds))
-                .uuid(message_id)
-                .bigint(i64::from(limit.messages))
-                .bigint(i64::from(limits.user.messages))
-                .float(f64::from(limits.user.window_seconds))
-                .bigint(MAX_SIBLINGS),
+            crate::call!(
+                "select * from regenerate_reply($1::text, $2::float8, $3::uuid, $4::bigint, $5::bigint, $6::float8, $7::bigint)",
+                connection.as_str(),
+                f64::from(limit.window_seconds),
+                message_id,
+                i64::from(limit.messages),
+                i64::from(limits.user.messages),
+                f64::from(limits.user.window_seconds),
+                MAX_SIBLINGS
+            ),
         )
         .await?;
     let row = row.ok_or_else(|| Error::Unauthenticated("send an auth frame first".into()))?;
@@ -125,9 +127,11 @@ pub async fn move_head(
     let row: Option<HeadRow> = db
         .call_one(
             scope,
-            Call::new("move_head")
-                .uuid(conversation_id)
-                .uuid(message_id),
+            crate::call!(
+                "select * from move_head($1::uuid, $2::uuid)",
+                conversation_id,
+                message_id
+            ),
         )
         .await?;
     let row = row.ok_or_else(|| Error::NotFound("no such message in this conversation".into()))?;
@@ -154,13 +158,14 @@ pub async fn move_head_from(
         permitted: bool,
     }
     let mut tx = db.begin(Scope::BoundConnection(connection)).await?;
-    let me: Option<Me> = query_as(
+    let me: Option<Me> = crate::checked!(
+        query_as,
         "select w.tenant_id, w.conversation_id, coalesce(w.expires_at > now(), false) as fresh,
                 exists (select 1 from authorized_connections(w.tenant_id, w.conversation_id) a
                         where a.connection_id = $1) as permitted
          from ws_connections w where w.connection_id = $1 and w.tenant_id is not null",
+        connection
     )
-    .bind(connection)
     .fetch_optional(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -9,7 +9,7 @@ use crate::Error;
 use crate::db::agents::Agent;
 use crate::db::conversations::Conversation;
 use crate::db::messages::{Message, MessageRole};
-use crate::db::{Call, Db, Scope, query};
+use crate::db::{Db, Scope};
 use crate::domain::{ConversationId, MessageId, TenantId};
 
 /// What one job needs, read at once: the conversation, its agent, a reply already stored (a
@@ -85,12 +85,14 @@ pub async fn load_job(
     let row: Option<JobRow> = db
         .call_one(
             Scope::Tenant(tenant_id),
-            Call::new("job_context")
-                .uuid(conversation_id)
-                .uuid(message_id)
-                .bigint(i64::from(limit))
-                .bigint(EARLIER_WINDOW)
-                .optional_uuid(reply_id),
+            crate::call!(
+                "select * from job_context($1::uuid, $2::uuid, $3::bigint, $4::bigint, $5::uuid)",
+                conversation_id,
+                message_id,
+                i64::from(limit),
+                EARLIER_WINDOW,
+                reply_id
+            ),
         )
         .await?;
     Ok(row.and_then(|row| {
@@ -112,11 +114,12 @@ pub async fn load_job(
 /// queue without being started (see `orchestrator::handle`).
 pub async fn defer_jobs(conn: &mut PgConnection, message_ids: &[MessageId]) -> Result<(), Error> {
     let ids: Vec<uuid::Uuid> = message_ids.iter().map(MessageId::as_uuid).collect();
-    query(
+    crate::checked!(
+        query,
         "update web_conversation_messages set job_deferrals = job_deferrals + 1
          where id = any($1) and role = 'user'",
+        ids
     )
-    .bind(ids)
     .execute(conn)
     .await?;
     Ok(())

@@ -25,7 +25,6 @@ use serde::Deserialize;
 use sqlx::PgConnection;
 
 use crate::Error;
-use crate::db::query_as;
 use crate::domain::{ConnectionId, ConversationId, TenantId};
 
 /// A socket that a conversation's frames may go to.
@@ -42,11 +41,12 @@ pub async fn recipients(
     tenant_id: TenantId,
     conversation_id: ConversationId,
 ) -> Result<Vec<Recipient>, Error> {
-    Ok(
-        query_as("select connection_id, endpoint from live_connections($1, $2)")
-            .bind(tenant_id)
-            .bind(conversation_id)
-            .fetch_all(conn)
-            .await?,
+    Ok(crate::checked!(
+        query_as,
+        "select connection_id, endpoint from live_connections($1, $2)",
+        tenant_id,
+        conversation_id
     )
+    .fetch_all(conn)
+    .await?)
 }

@@ -9,7 +9,7 @@ use super::Recipient;
 use crate::Error;
 use crate::db::conversations::Conversation;
 use crate::db::messages::{Message, MessageStatus, StopReason, Usage};
-use crate::db::{Call, Db, Scope, query_as};
+use crate::db::{Db, Scope};
 use crate::domain::{ConversationId, MessageId, TenantId};
 use crate::error::ResultExt;
 
@@ -73,17 +73,19 @@ pub async fn write_reply(
     let row: ReplyRow = db
         .call_one(
             Scope::Tenant(conversation.tenant_id),
-            Call::new("write_reply")
-                .uuid(conversation.id)
-                .uuid(conversation.tenant_id)
-                .text(write.text)
-                .uuid(write.reply_to)
-                .uuid(write.id)
-                .text(&stored_name(write.status))
-                .optional_uuid(producer)
-                .optional_text(write.stop.map(stored_name).as_deref())
-                .optional_bigint(write.usage.map(|u| i64::from(u.input_tokens)))
-                .optional_bigint(write.usage.map(|u| i64::from(u.output_tokens))),
+            crate::call!(
+                "select * from write_reply($1::uuid, $2::uuid, $3::text, $4::uuid, $5::uuid, $6::text, $7::uuid, $8::text, $9::bigint, $10::bigint)",
+                conversation.id,
+                conversation.tenant_id,
+                write.text,
+                write.reply_to,
+                write.id,
+                &stored_name(write.status),
+                producer,
+                write.stop.map(stored_name).as_deref(),
+                write.usage.map(|u| i64::from(u.input_tokens)),
+                write.usage.map(|u| i64::from(u.output_tokens))
+            ),
         )
         .await
         .on_constraint("web_conversation_messages_reply_to_fkey", || {
@@ -137,7 +139,8 @@ pub async fn fail_reply(
         reply: Option<Json<Message>>,
         recipients: Json<Vec<Recipient>>,
     }
-    let row: Row = query_as(
+    let row: Row = crate::checked!(
+        query_as,
         "with locked as (
              select id, tenant_id, last_seq from web_conversations where id = $1
              for no key update
@@ -173,11 +176,11 @@ pub async fn fail_reply(
                 (select coalesce(jsonb_agg(jsonb_build_object(
                             'connection_id', w.connection_id, 'endpoint', w.endpoint)), '[]')
                  from locked l, authorized_connections_now(l.tenant_id, l.id) w) as recipients",
+        conversation_id,
+        reply_to,
+        id,
+        unwritten_since
     )
-    .bind(conversation_id)
-    .bind(reply_to)
-    .bind(id)
-    .bind(unwritten_since)
     .fetch_one(conn)
     .await?;
     Ok(row.reply.map(|reply| (reply.0, row.recipients.0)))
@@ -201,15 +204,16 @@ pub async fn stale_replies(
     before: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<StaleReply>, Error> {
-    Ok(query_as(
+    Ok(crate::checked!(
+        query_as,
         "select tenant_id, conversation_id, id, reply_to, written_at
          from web_conversation_messages
          where status = 'streaming' and written_at < $1 and reply_to is not null
          order by written_at
          limit $2",
+        before,
+        limit
     )
-    .bind(before)
-    .bind(limit)
     .fetch_all(conn)
     .await?)
 }
@@ -259,17 +263,19 @@ pub async fn flush_reply(
     let row: FlushRow = db
         .call_one(
             Scope::Tenant(conversation.tenant_id),
-            Call::new("append_reply")
-                .uuid(conversation.id)
-                .uuid(flush.id)
-                .uuid(flush.producer)
-                .bigint(i64::try_from(flush.offset).unwrap_or(i64::MAX))
-                .text(flush.delta)
-                .text(&stored_name(flush.status))
-                .optional_uuid(producer)
-                .optional_text(flush.stop.map(stored_name).as_deref())
-                .optional_bigint(flush.usage.map(|u| i64::from(u.input_tokens)))
-                .optional_bigint(flush.usage.map(|u| i64::from(u.output_tokens))),
+            crate::call!(
+                "select * from append_reply($1::uuid, $2::uuid, $3::uuid, $4::bigint, $5::text, $6::text, $7::uuid, $8::text, $9::bigint, $10::bigint)",
+                conversation.id,
+                flush.id,
+                flush.producer,
+                i64::try_from(flush.offset).unwrap_or(i64::MAX),
+                flush.delta,
+                &stored_name(flush.status),
+                producer,
+                flush.stop.map(stored_name).as_deref(),
+                flush.usage.map(|u| i64::from(u.input_tokens)),
+                flush.usage.map(|u| i64::from(u.output_tokens))
+            ),
         )
         .await?
         .ok_or_else(|| Error::Internal("append_reply returned no row".into()))?;

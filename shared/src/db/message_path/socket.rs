@@ -1,13 +1,12 @@
 //! A socket bound to its caller (`auth`), and what it is owed when it resumes.
 
 use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
 use sqlx::types::Json;
-use sqlx::{AssertSqlSafe, PgConnection};
 
 use crate::Error;
 use crate::config::routes::{Limits, SocketCaps};
 use crate::db::messages::Message;
-use crate::db::query_as;
 use crate::domain::{ConnectionId, ConversationId, MessageId, Role, TenantId, UserId};
 
 #[derive(sqlx::FromRow)]
@@ -44,7 +43,8 @@ pub async fn bind(
     caps: SocketCaps,
     limits: Limits,
 ) -> Result<ConversationId, Error> {
-    let row: Option<BindRow> = query_as(
+    let row: Option<BindRow> = crate::checked!(
+        query_as,
         "with target as (
              select w.connection_id, w.conversation_id, c.tenant_id,
                     c.id is not null
@@ -93,7 +93,7 @@ pub async fn bind(
              from target t, counted n
              where w.connection_id = t.connection_id and t.permitted
                and n.user_sockets < $5 and n.conversation_sockets < $6
-               and n.window_frames <= $7 and n.user_auths <= $9
+               and n.window_frames <= $7::bigint and n.user_auths <= $9::bigint
              returning w.connection_id
          ), locked as (
              -- Writers of the conversation wait until this transaction ends (see `resume`).
@@ -105,17 +105,17 @@ pub async fn bind(
                 n.conversation_sockets, n.window_frames, n.user_auths,
                 exists (select 1 from bound) and exists (select 1 from locked) as bound
          from target t, counted n",
+        connection,
+        user_id,
+        role,
+        expires_at,
+        i64::from(caps.per_user),
+        i64::from(caps.per_conversation),
+        i64::from(limits.connection.messages),
+        f64::from(limits.connection.window_seconds),
+        i64::from(limits.user.messages),
+        f64::from(limits.user.window_seconds)
     )
-    .bind(connection)
-    .bind(user_id)
-    .bind(role)
-    .bind(expires_at)
-    .bind(i64::from(caps.per_user))
-    .bind(i64::from(caps.per_conversation))
-    .bind(i64::from(limits.connection.messages))
-    .bind(f64::from(limits.connection.window_seconds))
-    .bind(i64::from(limits.user.messages))
-    .bind(f64::from(limits.user.window_seconds))
     .fetch_optional(conn)
     .await?;
     let row = row.ok_or_else(|| Error::NotFound("this connection is not recorded".into()))?;
@@ -202,25 +202,31 @@ struct ResumeRow {
     head_reply_id: Option<MessageId>,
 }
 
-/// The messages after `$2` (null: none), at most MAX_REPLAY (`$3`) and MAX_REPLAY_BYTES (`$4`)
-/// of them, and the reply streaming now, in conversation `$1`: the start of both statements
-/// that tell a socket what it is owed.
-const OWED: &str = "with missed as (
+/// One of the two statements that tell a socket what it is owed, in pieces: `with missed …,
+/// owed …` (the messages after `$2` (null: none), at most MAX_REPLAY (`$3`) and
+/// MAX_REPLAY_BYTES (`$4`) of them, and the reply streaming now, in conversation `$1`), then the
+/// statement's own CTEs (one named `live`), then what both return ([`ResumeRow`]), then the
+/// statement's own columns and its `from`.
+macro_rules! owed {
+    ($kind:ident, $ctes:tt, $tail:tt $(, $arg:expr)* $(,)?) => {
+        crate::checked!(
+            $kind,
+            [
+                "with missed as (
          select m.*, sum(octet_length(m.content)) over (order by m.seq) as bytes
          from web_conversation_messages m
          where m.conversation_id = $1 and $2::bigint is not null and m.seq > $2
          order by m.seq
-         limit $3 + 1
+         limit $3::bigint + 1
      ), owed as (
          select (select count(*) from missed) > $3
                 or coalesce((select max(bytes) from missed), 0) > $4 as too_many,
                 (select to_jsonb(m) from web_conversation_messages m
                  where m.conversation_id = $1 and m.status = 'streaming'
                  order by m.seq desc limit 1) as streaming
-     )";
-
-/// What both statements return ([`ResumeRow`]), once the statement's `live` CTE has run.
-const OWED_COLUMNS: &str = "c.last_seq, o.too_many,
+     )",
+                $ctes,
+                "select c.last_seq, o.too_many,
      case when o.too_many then '[]'::jsonb
           else (select coalesce(jsonb_agg(to_jsonb(m) - 'bytes' order by m.seq), '[]')
                 from missed m)
@@ -228,7 +234,13 @@ const OWED_COLUMNS: &str = "c.last_seq, o.too_many,
      o.streaming,
      exists (select 1 from live) as live,
      (select h.head_id from head_of(c.id) h) as head_id,
-     (select h.reply_id from head_of(c.id) h) as head_reply_id";
+     (select h.reply_id from head_of(c.id) h) as head_reply_id",
+                $tail
+            ]
+            $(, $arg)*
+        )
+    };
+}
 
 /// `auth`'s second statement, after [`bind`] in the same transaction: `bind` locked the
 /// conversation row (`for share`), so this statement's snapshot holds every message whose writer
@@ -244,21 +256,23 @@ pub async fn resume(
     conversation_id: ConversationId,
     resume_after: Option<i64>,
 ) -> Result<Resume, Error> {
-    let row: ResumeRow = query_as(AssertSqlSafe(format!(
-        "{OWED}, live as (
+    let row: ResumeRow = owed!(
+        query_as,
+        ", live as (
              update ws_connections w set catching_up_since = null
              from owed o
              where w.connection_id = $5 and $2::bigint is null and o.streaming is null
              returning 1
          )
-         select {OWED_COLUMNS}
-         from web_conversations c, owed o where c.id = $1"
-    )))
-    .bind(conversation_id)
-    .bind(resume_after)
-    .bind(MAX_REPLAY)
-    .bind(MAX_REPLAY_BYTES)
-    .bind(connection)
+         ",
+        "
+         from web_conversations c, owed o where c.id = $1",
+        conversation_id,
+        resume_after,
+        MAX_REPLAY,
+        MAX_REPLAY_BYTES,
+        connection,
+    )
     .fetch_one(conn)
     .await?;
     Ok(row.into())
@@ -310,8 +324,9 @@ pub async fn catch_up(
     let (streaming_id, streaming_held) = sent
         .streaming
         .map_or((None, 0), |(id, held)| (Some(id), held));
-    let row: Row = query_as(AssertSqlSafe(format!(
-        "{OWED}, ended as (
+    let row: Row = owed!(
+        query_as,
+        ", ended as (
              select to_jsonb(m) as message from web_conversation_messages m
              where m.conversation_id = $1 and m.id = $6 and m.status <> 'streaming'
          ), unchanged as (
@@ -319,7 +334,7 @@ pub async fn catch_up(
                     and ($6::uuid is null) = (o.streaming is null)
                     and ($6::uuid is null
                          or (o.streaming ->> 'id' = $6::text
-                             and char_length(o.streaming ->> 'content') = $7)) as yes
+                             and char_length(o.streaming ->> 'content') = $7::bigint)) as yes
              from owed o
          ), live as (
              update ws_connections w set catching_up_since = null
@@ -327,17 +342,18 @@ pub async fn catch_up(
              where w.connection_id = $5 and (u.yes or $8)
              returning 1
          )
-         select {OWED_COLUMNS}, (select message from ended) as ended
-         from web_conversations c, owed o where c.id = $1"
-    )))
-    .bind(conversation_id)
-    .bind(sent.through_seq)
-    .bind(MAX_REPLAY)
-    .bind(MAX_REPLAY_BYTES)
-    .bind(connection)
-    .bind(streaming_id)
-    .bind(i64::try_from(streaming_held).unwrap_or(i64::MAX))
-    .bind(last_round)
+         ",
+        ", (select message from ended) as ended
+         from web_conversations c, owed o where c.id = $1",
+        conversation_id,
+        sent.through_seq,
+        MAX_REPLAY,
+        MAX_REPLAY_BYTES,
+        connection,
+        streaming_id,
+        i64::try_from(streaming_held).unwrap_or(i64::MAX),
+        last_round,
+    )
     .fetch_one(conn)
     .await?;
     Ok((row.resume.into(), row.ended.map(|m| m.0)))
