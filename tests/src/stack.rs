@@ -9,7 +9,7 @@ use anyhow::{Context, anyhow};
 use shared::auth::issue_token;
 use shared::config::AuthConfig;
 use shared::db::conversations::{self, Conversation};
-use shared::db::messages::{self, MessageStatus, StopReason, Usage};
+use shared::db::messages::{Message, MessageStatus, StopReason, Usage};
 use shared::db::{Db, Scope, message_path, seed};
 use shared::domain::{ConversationId, MessageId, MessageText, Role, TenantId, TenantRole, UserId};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -146,9 +146,45 @@ pub async fn store_message_directly(
     let conversation = conversations::find(&mut tx, seat.conversation)
         .await?
         .context("a seeded conversation")?;
-    let stored = messages::insert_user(&mut tx, &conversation, text, None).await?;
+    let stored = store_history(&mut tx, &conversation, text).await?;
     tx.commit().await?;
-    Ok((conversation, stored.row.id))
+    Ok((conversation, stored.id))
+}
+
+/// History as a fixture: a user message written straight into the conversation, at the end of
+/// its current branch, numbered and made its head as a user message is. Production stores a
+/// user message only through a socket's `accept_message` (which the socket tests drive); this
+/// writes history in bulk without a socket, a rate window or recipients, as the seeds write
+/// tenants. Run it in the conversation's tenant scope.
+pub async fn store_history(
+    conn: &mut sqlx::PgConnection,
+    conversation: &Conversation,
+    text: &MessageText,
+) -> Result<Message, shared::Error> {
+    Ok(sqlx::query_as(
+        "with locked as (
+             select id, last_seq, head_id from web_conversations where id = $1
+             for no key update
+         ), inserted as (
+             insert into web_conversation_messages
+                 (conversation_id, tenant_id, role, content, seq, author_id, parent_id, reply_id)
+             select $1, $2, 'user', $3, l.last_seq + 1, $4, next_parent(l.id, l.head_id),
+                    gen_random_uuid()
+             from locked l
+             returning *
+         ), touched as (
+             update web_conversations c
+             set updated_at = i.created_at, last_seq = i.seq, head_id = i.id
+             from inserted i where c.id = i.conversation_id
+         )
+         select * from inserted",
+    )
+    .bind(conversation.id)
+    .bind(conversation.tenant_id)
+    .bind(text.as_str())
+    .bind(conversation.user_id)
+    .fetch_one(conn)
+    .await?)
 }
 
 /// A whole reply stored at once (not streamed), through the statement the orchestrator's

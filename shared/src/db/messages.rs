@@ -4,12 +4,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 
-use super::Upserted;
-use super::conversations::Conversation;
 use crate::Error;
-use crate::domain::{
-    ClientMessageId, ConversationId, MessageId, MessageText, PageLimit, TenantId, UserId,
-};
+use crate::domain::{ClientMessageId, ConversationId, MessageId, PageLimit, TenantId, UserId};
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
@@ -147,61 +143,6 @@ impl Message {
             output_tokens: u32::try_from(self.output_tokens?).ok()?,
         })
     }
-}
-
-/// Stores a user message. With a `client_message_id` already stored in this conversation, the
-/// earlier message comes back (`created: false`) and nothing is written. A new message bumps
-/// the conversation's `updated_at` to its own time.
-pub async fn insert_user(
-    conn: &mut PgConnection,
-    conversation: &Conversation,
-    text: &MessageText,
-    client_message_id: Option<ClientMessageId>,
-) -> Result<Upserted<Message>, Error> {
-    let created: Option<Message> = crate::checked!(
-        query_as,
-        "with locked as (
-             select id, last_seq, head_id from web_conversations where id = $1
-             for no key update
-         ), inserted as (
-             insert into web_conversation_messages
-                 (conversation_id, tenant_id, role, content, client_message_id, seq, author_id,
-                  parent_id, reply_id)
-             select $1, $2, 'user', $3, $4, l.last_seq + 1, $5, next_parent(l.id, l.head_id),
-                    gen_random_uuid()
-             from locked l
-             on conflict (conversation_id, client_message_id) do nothing
-             returning *
-         ), touched as (
-             update web_conversations c
-             set updated_at = i.created_at, last_seq = i.seq, head_id = i.id
-             from inserted i where c.id = i.conversation_id
-         )
-         select * from inserted",
-        conversation.id,
-        conversation.tenant_id,
-        text.as_str(),
-        client_message_id,
-        conversation.user_id
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(row) = created {
-        return Ok(Upserted { row, created: true });
-    }
-    let row = crate::checked!(
-        query_as,
-        "select * from web_conversation_messages
-         where conversation_id = $1 and client_message_id = $2",
-        conversation.id,
-        client_message_id
-    )
-    .fetch_one(conn)
-    .await?;
-    Ok(Upserted {
-        row,
-        created: false,
-    })
 }
 
 /// A stored message of the conversation, if it is there.

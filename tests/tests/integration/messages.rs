@@ -3,7 +3,9 @@ use shared::db::conversations::{self, Conversation};
 use shared::db::message_path::Written;
 use shared::db::messages::{self, Branch, MessageRole, PageFrom, StopReason};
 use shared::db::{Db, Scope};
-use shared::domain::{ClientMessageId, MessageId, MessageText, PageLimit};
+use shared::domain::{MessageId, MessageText, PageLimit};
+
+use tests::stack::store_history;
 
 use crate::helpers::{Seed, TestDb, seed};
 
@@ -25,11 +27,11 @@ async fn store(db: &Db, s: &Seed, n: usize) -> Vec<MessageId> {
     let mut ids = Vec::new();
     for i in 0..n {
         let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
-        let stored = messages::insert_user(&mut tx, &conversation, &text(&format!("m{i}")), None)
+        let stored = store_history(&mut tx, &conversation, &text(&format!("m{i}")))
             .await
             .unwrap();
         tx.commit().await.unwrap();
-        ids.push(stored.row.id);
+        ids.push(stored.id);
     }
     ids
 }
@@ -48,41 +50,6 @@ async fn page(db: &Db, s: &Seed, before: Option<MessageId>, limit: i64) -> Vec<M
     .into_iter()
     .map(|m| m.message.id)
     .collect()
-}
-
-#[tokio::test]
-async fn a_repeated_client_message_id_stores_one_row() {
-    let (_test, db) = TestDb::migrated().await;
-    let s = seed(&db, "acme").await;
-    let conversation = conversation(&db, &s).await;
-    let client_id = ClientMessageId::new();
-
-    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
-    let first = messages::insert_user(&mut tx, &conversation, &text("hi"), Some(client_id))
-        .await
-        .unwrap();
-    let again = messages::insert_user(&mut tx, &conversation, &text("hi"), Some(client_id))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-
-    assert!(first.created);
-    assert!(!again.created);
-    assert_eq!(first.row, again.row);
-    assert_eq!(first.row.client_message_id, Some(client_id));
-    assert_eq!(first.row.role, MessageRole::User);
-    assert_eq!(page(&db, &s, None, 200).await, vec![first.row.id]);
-
-    // Without a client id, every message is a new one.
-    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
-    for _ in 0..2 {
-        let stored = messages::insert_user(&mut tx, &conversation, &text("hi"), None)
-            .await
-            .unwrap();
-        assert!(stored.created);
-    }
-    tx.commit().await.unwrap();
-    assert_eq!(page(&db, &s, None, 200).await.len(), 3);
 }
 
 #[tokio::test]
@@ -135,10 +102,10 @@ async fn messages_written_in_one_transaction_keep_their_order() {
     let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
     let mut ids = Vec::new();
     for i in 0..5 {
-        let stored = messages::insert_user(&mut tx, &conversation, &text(&format!("m{i}")), None)
+        let stored = store_history(&mut tx, &conversation, &text(&format!("m{i}")))
             .await
             .unwrap();
-        ids.push(stored.row.id);
+        ids.push(stored.id);
     }
     tx.commit().await.unwrap();
     assert_eq!(page(&db, &s, None, 50).await, ids);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use shared::db::agents::Provider;
-use shared::db::messages::{self, MessageRole, MessageStatus};
+use shared::db::messages::{MessageRole, MessageStatus};
 use shared::db::{Scope, conversations};
 use shared::domain::{MessageText, Role};
 
@@ -196,7 +196,7 @@ async fn too_much_missed_is_not_recovered_and_a_long_replay_is_split_into_frames
         .unwrap();
     let text = MessageText::parse(&"a rather long message ".repeat(15)).unwrap();
     for _ in 0..501 {
-        messages::insert_user(&mut tx, &conversation, &text, None)
+        tests::stack::store_history(&mut tx, &conversation, &text)
             .await
             .unwrap();
     }

@@ -1,6 +1,6 @@
 //! Row-level security as the application role: the last line of tenant isolation.
 
-use shared::db::{Db, Scope, connections, messages};
+use shared::db::{Db, Scope, connections};
 use shared::domain::{ConnectionId, MessageText, Role, TenantId};
 use sqlx::{AssertSqlSafe, PgConnection};
 
@@ -29,7 +29,7 @@ async fn two_tenants(db: &Db) -> (Seed, Seed) {
             .unwrap()
             .unwrap();
         let text = MessageText::parse("hello").unwrap();
-        messages::insert_user(&mut tx, &conversation, &text, None)
+        tests::stack::store_history(&mut tx, &conversation, &text)
             .await
             .unwrap();
         tx.commit().await.unwrap();

@@ -5,7 +5,7 @@ use axum::body::Body;
 use http::{Method, Request, StatusCode, header};
 use serde_json::Value;
 use shared::api::{self, ApiState};
-use shared::db::{Db, Scope, conversations, messages};
+use shared::db::{Db, Scope, conversations};
 use shared::domain::{ConversationId, MessageText};
 use tower::ServiceExt;
 
@@ -85,15 +85,11 @@ pub async fn add_messages(db: &Db, s: &Seed, texts: &[&str]) -> Vec<String> {
         .unwrap();
     let mut ids = Vec::new();
     for text in texts {
-        let stored = messages::insert_user(
-            &mut tx,
-            &conversation,
-            &MessageText::parse(text).unwrap(),
-            None,
-        )
-        .await
-        .unwrap();
-        ids.push(stored.row.id.to_string());
+        let stored =
+            tests::stack::store_history(&mut tx, &conversation, &MessageText::parse(text).unwrap())
+                .await
+                .unwrap();
+        ids.push(stored.id.to_string());
     }
     tx.commit().await.unwrap();
     ids
