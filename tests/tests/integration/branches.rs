@@ -14,7 +14,7 @@ use crate::helpers::aws::drain;
 use crate::helpers::harness::Harness;
 use crate::helpers::llm::{FakeLlm, Reply, pieces};
 use crate::helpers::orchestrator::{
-    conversation_with, of_type, orchestrator, records_for, replies, run, stored,
+    conversation_with, of_type, orchestrator, records_for, replies, run, stored, streaming_reply,
 };
 use crate::helpers::rest::{assert_error, call, history_uri};
 use crate::helpers::streams::{assembled, slow_model};
@@ -303,7 +303,7 @@ async fn regenerate_while_the_first_reply_streams_stops_it_and_keeps_what_it_had
     let regenerate = json!({ "type": "regenerate", "reply_to": question }).to_string();
     let job = run(&state, records);
     let asked = async {
-        tokio::time::sleep(Duration::from_millis(350)).await;
+        streaming_reply(&h, conversation).await;
         h.route("tab", &regenerate).await
     };
     let (failures, answer) = tokio::join!(job, asked);

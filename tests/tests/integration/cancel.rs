@@ -9,7 +9,7 @@ use shared::db::messages::MessageStatus;
 
 use crate::helpers::harness::Harness;
 use crate::helpers::orchestrator::{
-    conversation_with, of_type, orchestrator, records_for, replies, run, stored,
+    conversation_with, of_type, orchestrator, records_for, replies, run, stored, streaming_reply,
 };
 use crate::helpers::streams::{assembled, slow_model};
 
@@ -44,7 +44,7 @@ async fn cancel_before_the_start_skips_the_agent_and_mid_stream_keeps_what_it_ha
     let started = tokio::time::Instant::now();
     let job = run(&state, records);
     let stop = async {
-        tokio::time::sleep(Duration::from_millis(350)).await;
+        streaming_reply(&h, conversation).await;
         h.route(
             "tab",
             &json!({ "type": "cancel", "reply_to": question }).to_string(),

@@ -15,7 +15,7 @@ use shared::domain::{MessageText, Role};
 use crate::helpers::harness::Harness;
 use crate::helpers::llm::FakeLlm;
 use crate::helpers::orchestrator::{
-    conversation_with, of_type, orchestrator, records_for, replies, run, stored,
+    conversation_with, of_type, orchestrator, records_for, replies, run, stored, streaming_reply,
 };
 use crate::helpers::streams::{assembled, slow_model};
 use crate::helpers::token;
@@ -257,15 +257,8 @@ async fn a_tab_joining_mid_stream_gets_the_text_so_far_then_the_tail() {
 
     let job = run(&state, records);
     let join_late = async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let streaming = stored(&h, conversation).await;
-        let reply = streaming.last().unwrap().clone();
-        assert_eq!(
-            reply.status,
-            MessageStatus::Streaming,
-            "stored as it streams"
-        );
-        assert!(!reply.content.is_empty());
+        // Stored as it streams.
+        let reply = streaming_reply(&h, conversation).await;
         h.open_session_on("late", conversation).await;
         reply
     };
