@@ -16,6 +16,7 @@ pub mod error;
 pub mod frame;
 pub mod job;
 pub mod konstruct_message;
+pub mod lambda;
 pub mod migrate;
 pub mod orchestrator;
 pub mod queue;

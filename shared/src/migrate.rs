@@ -196,16 +196,14 @@ async fn answer(http: &reqwest::Client, url: &str, response: &Response) -> Resul
 /// Runs the function until the runtime stops it.
 pub async fn run(state: MigrateState) -> Result<(), lambda_runtime::Error> {
     let state = &state;
-    lambda_runtime::run(lambda_runtime::service_fn(
+    crate::lambda::serve(
         move |event: lambda_runtime::LambdaEvent<Request>| async move {
             let deadline = std::time::UNIX_EPOCH + Duration::from_millis(event.context.deadline);
             let time_left = deadline
                 .duration_since(std::time::SystemTime::now())
                 .unwrap_or(Duration::from_secs(60));
-            let answered = handle(state, event.payload, time_left).await;
-            crate::telemetry::flush();
-            answered.map_err(lambda_runtime::Error::from)
+            Ok(handle(state, event.payload, time_left).await?)
         },
-    ))
+    )
     .await
 }

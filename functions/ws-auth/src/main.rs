@@ -7,5 +7,5 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     shared::telemetry::lambda_start(ws::Route::Auth.function());
     let (aws, secrets) = shared::secrets::aws_config().await;
     let state = AuthRoute::load(config::env, &aws, &secrets).await?;
-    ws::run(|event| auth::handle(&state, event)).await
+    ws::run::<auth::Auth>(state).await
 }

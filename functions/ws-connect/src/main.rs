@@ -7,5 +7,5 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     shared::telemetry::lambda_start(ws::Route::Connect.function());
     let (aws, secrets) = shared::secrets::aws_config().await;
     let edge = Edge::load(config::env, &aws, &secrets).await?;
-    ws::run(|event| connect::handle(&edge, event)).await
+    ws::run::<connect::Connect>(edge).await
 }

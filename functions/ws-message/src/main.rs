@@ -7,5 +7,5 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     shared::telemetry::lambda_start(ws::Route::Message.function());
     let (aws, secrets) = shared::secrets::aws_config().await;
     let state = MessageRoute::load(config::env, &aws, &secrets).await?;
-    ws::run(|event| message::handle(&state, event)).await
+    ws::run::<message::Message>(state).await
 }

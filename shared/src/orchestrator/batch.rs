@@ -222,16 +222,12 @@ pub async fn invoke(
 /// by its deadline.
 pub async fn run(state: OrchestratorState) -> Result<(), lambda_runtime::Error> {
     let state = &state;
-    lambda_runtime::run(lambda_runtime::service_fn(
+    crate::lambda::serve(
         move |event: lambda_runtime::LambdaEvent<SqsEvent>| async move {
             let deadline = deadline_from_epoch_ms(event.context.deadline);
-            // Boxed: the whole job's future inlined into the runtime's overflows the
-            // compiler's layout depth in release builds.
-            let response = Box::pin(invoke(state, event.payload, deadline)).await;
-            crate::telemetry::flush();
-            Ok::<_, std::convert::Infallible>(response)
+            Ok(invoke(state, event.payload, deadline).await)
         },
-    ))
+    )
     .await
 }
 

@@ -5,7 +5,7 @@
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 
-use super::{AuthRoute, RouteEvent, reply, status};
+use super::{AuthRoute, Edge, Handler, RouteEvent, reply, status};
 use crate::Error;
 use crate::db::message_path::Sent;
 use crate::db::messages::{Message, MessageView};
@@ -14,24 +14,35 @@ use crate::delivery::{Posted, encode};
 use crate::domain::ConversationId;
 use crate::frame::{ChunkOf, ClientFrame, MAX_SERVER_FRAME_BYTES, ServerFrame};
 
-#[tracing::instrument(skip_all, fields(connection_id, conversation_id))]
-pub async fn handle(
-    state: &AuthRoute,
-    event: ApiGatewayWebsocketProxyRequest,
-) -> ApiGatewayProxyResponse {
-    let route = match RouteEvent::parse(&event, state.edge.management_endpoint.as_deref()) {
-        Ok(route) => route,
-        Err(err) => return reply(&ServerFrame::error(&err)),
-    };
-    tracing::Span::current().record("connection_id", route.connection_id.as_str());
-    match auth(state, &route).await {
-        Ok(Some(frame)) => reply(&frame),
-        Ok(None) => status(200),
-        Err(err) => {
-            tracing::info!(error = %err, "auth refused");
-            refuse(state, &route, &err).await;
-            status(200)
-        }
+/// The `auth` route.
+pub struct Auth;
+
+impl Handler for Auth {
+    type State = AuthRoute;
+    const NAME: &'static str = "auth";
+
+    fn edge(state: &AuthRoute) -> &Edge {
+        &state.edge
+    }
+
+    async fn answer(state: &AuthRoute, route: &RouteEvent) -> Result<Option<ServerFrame>, Error> {
+        auth(state, route).await
+    }
+
+    /// The `error` frame is posted and the socket closed; an event refused before it named a
+    /// connection gets the frame as the route response.
+    async fn refuse(
+        state: &AuthRoute,
+        _: &ApiGatewayWebsocketProxyRequest,
+        route: Option<&RouteEvent>,
+        err: Error,
+    ) -> ApiGatewayProxyResponse {
+        let Some(route) = route else {
+            return reply(&ServerFrame::error(&err));
+        };
+        tracing::info!(error = %err, "auth refused");
+        refuse(state, route, &err).await;
+        status(200)
     }
 }
 

@@ -4,35 +4,46 @@
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 
-use super::{Edge, RouteEvent, reply, status};
+use super::{Edge, Handler, RouteEvent, reply};
 use crate::Error;
 use crate::db::{Scope, connections};
 use crate::domain::ConversationId;
 use crate::frame::ServerFrame;
 
-#[tracing::instrument(skip_all, fields(connection_id))]
-pub async fn handle(
-    state: &Edge,
-    event: ApiGatewayWebsocketProxyRequest,
-) -> ApiGatewayProxyResponse {
-    match connect(state, &event).await {
-        Ok(()) => status(200),
-        Err(err) => {
-            tracing::info!(error = %err, "connection refused");
-            // A non-2xx answer makes API Gateway refuse the WebSocket handshake.
-            let mut response = reply(&ServerFrame::error(&err));
-            response.status_code = i64::from(err.code().http_status());
-            response
-        }
+/// The `$connect` route.
+pub struct Connect;
+
+impl Handler for Connect {
+    type State = Edge;
+    const NAME: &'static str = "connect";
+
+    fn edge(state: &Edge) -> &Edge {
+        state
+    }
+
+    async fn answer(state: &Edge, route: &RouteEvent) -> Result<Option<ServerFrame>, Error> {
+        connect(state, route).await?;
+        Ok(None)
+    }
+
+    async fn refuse(
+        _: &Edge,
+        _: &ApiGatewayWebsocketProxyRequest,
+        _: Option<&RouteEvent>,
+        err: Error,
+    ) -> ApiGatewayProxyResponse {
+        tracing::info!(error = %err, "connection refused");
+        // A non-2xx answer makes API Gateway refuse the WebSocket handshake.
+        let mut response = reply(&ServerFrame::error(&err));
+        response.status_code = i64::from(err.code().http_status());
+        response
     }
 }
 
-async fn connect(state: &Edge, event: &ApiGatewayWebsocketProxyRequest) -> Result<(), Error> {
-    let route = RouteEvent::parse(event, state.management_endpoint.as_deref())?;
-    tracing::Span::current().record("connection_id", route.connection_id.as_str());
-    let conversation_id: ConversationId = event
-        .query_string_parameters
-        .first("conversation_id")
+async fn connect(state: &Edge, route: &RouteEvent) -> Result<(), Error> {
+    let conversation_id: ConversationId = route
+        .conversation_id
+        .as_deref()
         .ok_or_else(|| Error::BadRequest("conversation_id is required".into()))?
         .parse()?;
     let mut tx = state

@@ -2,27 +2,39 @@
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 
-use super::{Edge, RouteEvent, status};
+use super::{Edge, Handler, RouteEvent, status};
 use crate::Error;
 use crate::db::{Scope, connections};
+use crate::frame::ServerFrame;
 
-#[tracing::instrument(skip_all, fields(connection_id))]
-pub async fn handle(
-    state: &Edge,
-    event: ApiGatewayWebsocketProxyRequest,
-) -> ApiGatewayProxyResponse {
-    match disconnect(state, &event).await {
-        Ok(()) => status(200),
-        Err(err) => {
-            tracing::warn!(error = &err as &dyn std::error::Error, "disconnect failed");
-            status(err.code().http_status())
-        }
+/// The `$disconnect` route.
+pub struct Disconnect;
+
+impl Handler for Disconnect {
+    type State = Edge;
+    const NAME: &'static str = "disconnect";
+
+    fn edge(state: &Edge) -> &Edge {
+        state
+    }
+
+    async fn answer(state: &Edge, route: &RouteEvent) -> Result<Option<ServerFrame>, Error> {
+        disconnect(state, route).await?;
+        Ok(None)
+    }
+
+    async fn refuse(
+        _: &Edge,
+        _: &ApiGatewayWebsocketProxyRequest,
+        _: Option<&RouteEvent>,
+        err: Error,
+    ) -> ApiGatewayProxyResponse {
+        tracing::warn!(error = &err as &dyn std::error::Error, "disconnect failed");
+        status(err.code().http_status())
     }
 }
 
-async fn disconnect(state: &Edge, event: &ApiGatewayWebsocketProxyRequest) -> Result<(), Error> {
-    let route = RouteEvent::parse(event, state.management_endpoint.as_deref())?;
-    tracing::Span::current().record("connection_id", route.connection_id.as_str());
+async fn disconnect(state: &Edge, route: &RouteEvent) -> Result<(), Error> {
     let mut tx = state
         .db
         .begin(Scope::Connection(&route.connection_id))

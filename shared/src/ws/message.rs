@@ -15,7 +15,7 @@
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 
-use super::{MessageRoute, RouteEvent, reply, status};
+use super::{Edge, Handler, MessageRoute, RouteEvent, reply};
 use crate::Error;
 use crate::db::messages::MessageRole;
 use crate::db::{Scope, message_path};
@@ -26,29 +26,37 @@ use crate::job::Job;
 use crate::konstruct_message::{WebEvent, normalize_web_event};
 use crate::telemetry::{self, Event};
 
-#[tracing::instrument(skip_all, fields(connection_id, conversation_id, message_id))]
-pub async fn handle(
-    state: &MessageRoute,
-    event: ApiGatewayWebsocketProxyRequest,
-) -> ApiGatewayProxyResponse {
-    let frame = match RouteEvent::parse(&event, state.edge.management_endpoint.as_deref()) {
-        Ok(route) => {
-            tracing::Span::current().record("connection_id", route.connection_id.as_str());
-            route_frame(state, &route).await
-        }
-        Err(err) => Err(err),
-    };
-    match frame {
-        Ok(Some(frame)) => reply(&frame),
-        Ok(None) => status(200),
-        Err(err) => {
-            telemetry::record(Event::MessageRefused(err.code()));
-            let refused = event
-                .body
-                .as_deref()
-                .and_then(ClientFrame::client_message_id_of);
-            reply(&ServerFrame::refusal(&err, refused))
-        }
+/// The `message` route (and `ping`, `$default`).
+pub struct Message;
+
+impl Handler for Message {
+    type State = MessageRoute;
+    const NAME: &'static str = "message";
+
+    fn edge(state: &MessageRoute) -> &Edge {
+        &state.edge
+    }
+
+    async fn answer(
+        state: &MessageRoute,
+        route: &RouteEvent,
+    ) -> Result<Option<ServerFrame>, Error> {
+        route_frame(state, route).await
+    }
+
+    /// The refusal names the frame's `client_message_id` when it had one.
+    async fn refuse(
+        _: &MessageRoute,
+        event: &ApiGatewayWebsocketProxyRequest,
+        _: Option<&RouteEvent>,
+        err: Error,
+    ) -> ApiGatewayProxyResponse {
+        telemetry::record(Event::MessageRefused(err.code()));
+        let refused = event
+            .body
+            .as_deref()
+            .and_then(ClientFrame::client_message_id_of);
+        reply(&ServerFrame::refusal(&err, refused))
     }
 }
 

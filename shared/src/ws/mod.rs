@@ -1,6 +1,7 @@
 //! The four WebSocket routes as API Gateway invokes them: an
-//! `ApiGatewayWebsocketProxyRequest` in, an `ApiGatewayProxyResponse` out. The Lambdas and the
-//! local gateway call these same functions.
+//! `ApiGatewayWebsocketProxyRequest` in, an `ApiGatewayProxyResponse` out, through one edge
+//! ([`answer`], with a [`Handler`] per route). The Lambdas ([`run`]) and the local gateway
+//! ([`Route::handle`]) call that same edge.
 //!
 //! A route's response body is the route response (`auth_ok`, `ack`, `pong`, `error`) that API
 //! Gateway sends back to the caller; frames that must arrive earlier (`typing`) or before the
@@ -15,10 +16,12 @@ pub mod sweep;
 
 pub use routes::{ROUTES, Route, route_key};
 
+use std::future::Future;
 use std::sync::Arc;
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use aws_lambda_events::encodings::Body;
+use tracing::Instrument;
 
 use crate::Error;
 use crate::auth::TokenVerifier;
@@ -187,30 +190,84 @@ impl Route {
         // Boxed: the nested futures of a route are deep enough to exhaust the compiler's layout
         // recursion in release builds; one allocation per event is nothing beside the I/O.
         match self {
-            Self::Connect => Box::pin(connect::handle(state.edge(), event)).await,
-            Self::Auth => Box::pin(auth::handle(&state.auth, event)).await,
-            Self::Message => Box::pin(message::handle(&state.message, event)).await,
-            Self::Disconnect => Box::pin(disconnect::handle(state.edge(), event)).await,
+            Self::Connect => Box::pin(answer::<connect::Connect>(state.edge(), event)).await,
+            Self::Auth => Box::pin(answer::<auth::Auth>(&state.auth, event)).await,
+            Self::Message => Box::pin(answer::<message::Message>(&state.message, event)).await,
+            Self::Disconnect => {
+                Box::pin(answer::<disconnect::Disconnect>(state.edge(), event)).await
+            }
         }
     }
 }
 
+/// A route's own work behind the edge every route shares ([`answer`]): the edge checks the
+/// event (its connection, its endpoint, a text body), opens the route's span, and answers with
+/// the frame [`Handler::answer`] returns (nothing: a bare 200); a refusal is the handler's to
+/// answer ([`Handler::refuse`]).
+pub trait Handler {
+    /// What the handler runs on.
+    type State: Sync;
+    /// The route's name in its span.
+    const NAME: &'static str;
+
+    fn edge(state: &Self::State) -> &Edge;
+
+    /// The frame the route answers with (its route response), if any.
+    fn answer(
+        state: &Self::State,
+        route: &RouteEvent,
+    ) -> impl Future<Output = Result<Option<ServerFrame>, Error>> + Send;
+
+    /// How a refusal is answered; `route` is `None` when the event itself was refused. By
+    /// default, the `error` frame as the route response.
+    fn refuse(
+        state: &Self::State,
+        event: &ApiGatewayWebsocketProxyRequest,
+        route: Option<&RouteEvent>,
+        err: Error,
+    ) -> impl Future<Output = ApiGatewayProxyResponse> + Send {
+        let _ = (state, event, route);
+        std::future::ready(reply(&ServerFrame::error(&err)))
+    }
+}
+
+/// Serves one event with `H`: the one edge of every route, in the Lambdas and the local
+/// gateway alike.
+pub async fn answer<H: Handler>(
+    state: &H::State,
+    event: ApiGatewayWebsocketProxyRequest,
+) -> ApiGatewayProxyResponse {
+    let span = tracing::info_span!(
+        "route",
+        route = H::NAME,
+        connection_id = tracing::field::Empty,
+        conversation_id = tracing::field::Empty,
+        message_id = tracing::field::Empty,
+    );
+    async {
+        let route = match RouteEvent::parse(&event, H::edge(state).management_endpoint.as_deref()) {
+            Ok(route) => route,
+            Err(err) => return H::refuse(state, &event, None, err).await,
+        };
+        tracing::Span::current().record("connection_id", route.connection_id.as_str());
+        match H::answer(state, &route).await {
+            Ok(Some(frame)) => reply(&frame),
+            Ok(None) => status(200),
+            Err(err) => H::refuse(state, &event, Some(&route), err).await,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
 /// Runs one route's handler as a Lambda function until the runtime stops it.
-pub async fn run<F, Fut>(handler: F) -> Result<(), lambda_runtime::Error>
-where
-    F: Fn(ApiGatewayWebsocketProxyRequest) -> Fut,
-    Fut: std::future::Future<Output = ApiGatewayProxyResponse>,
-{
-    let handler = &handler;
-    lambda_runtime::run(lambda_runtime::service_fn(
+pub async fn run<H: Handler>(state: H::State) -> Result<(), lambda_runtime::Error> {
+    let state = &state;
+    crate::lambda::serve(
         move |event: lambda_runtime::LambdaEvent<ApiGatewayWebsocketProxyRequest>| async move {
-            // Boxed, as in `Route::handle`: a route's nested futures are deep enough to exhaust
-            // the compiler's layout recursion in release builds.
-            let response = Box::pin(handler(event.payload)).await;
-            crate::telemetry::flush();
-            Ok::<_, std::convert::Infallible>(response)
+            Ok(answer::<H>(state, event.payload).await)
         },
-    ))
+    )
     .await
 }
 
@@ -221,6 +278,8 @@ pub struct RouteEvent {
     /// The connection-management endpoint that reaches this connection.
     pub endpoint: String,
     pub body: Option<String>,
+    /// The URL's `conversation_id` (only `$connect`'s event has a URL).
+    pub conversation_id: Option<String>,
 }
 
 impl RouteEvent {
@@ -256,6 +315,10 @@ impl RouteEvent {
             connection_id,
             endpoint,
             body: event.body.clone(),
+            conversation_id: event
+                .query_string_parameters
+                .first("conversation_id")
+                .map(str::to_owned),
         })
     }
 

@@ -119,16 +119,15 @@ impl Sweeper {
 /// Runs the sweeper as a Lambda function on its schedule until the runtime stops it.
 pub async fn run(sweeper: Sweeper) -> Result<(), lambda_runtime::Error> {
     let (edge, deadline, stale_after) = (&sweeper.edge, sweeper.deadline, sweeper.stale_after);
-    lambda_runtime::run(lambda_runtime::service_fn(
+    crate::lambda::serve(
         move |_: lambda_runtime::LambdaEvent<serde_json::Value>| async move {
             let swept = sweep(edge, deadline).await;
             let ended = end_stale_replies(edge, stale_after).await;
-            crate::telemetry::flush();
-            Ok::<_, lambda_runtime::Error>(serde_json::json!({
+            Ok(serde_json::json!({
                 "swept": swept?,
                 "stale_replies_ended": ended?,
             }))
         },
-    ))
+    )
     .await
 }
