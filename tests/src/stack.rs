@@ -187,6 +187,21 @@ pub async fn store_history(
     .await?)
 }
 
+/// The portal taking the user out of the tenant (the portal writes memberships; the functions
+/// only read them). Run it as the tables' owner, in the tenant's scope. Whether there was one.
+pub async fn revoke_membership(
+    conn: &mut sqlx::PgConnection,
+    tenant_id: TenantId,
+    user_id: UserId,
+) -> Result<bool, shared::Error> {
+    let done = sqlx::query("delete from user_tenant_roles where tenant_id = $1 and user_id = $2")
+        .bind(tenant_id)
+        .bind(user_id)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
+
 /// A whole reply stored at once (not streamed), through the statement the orchestrator's
 /// stream ends with ([`message_path::write_reply`] with `Complete`).
 pub async fn store_reply(

@@ -26,22 +26,6 @@ pub async fn grant(
     Ok(())
 }
 
-pub async fn revoke(
-    conn: &mut PgConnection,
-    tenant_id: TenantId,
-    user_id: UserId,
-) -> Result<bool, Error> {
-    let done = crate::checked!(
-        query,
-        "delete from user_tenant_roles where tenant_id = $1 and user_id = $2",
-        tenant_id,
-        user_id
-    )
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() > 0)
-}
-
 /// The user's role in the tenant, if they are a member.
 pub async fn role_of(
     conn: &mut PgConnection,

@@ -1,7 +1,7 @@
 use chrono::{DateTime, Duration, Utc};
 use shared::Error;
 use shared::config::routes::{Limits, SocketCaps};
-use shared::db::{Db, Scope, connections, memberships, message_path};
+use shared::db::{Db, Scope, connections, message_path};
 use shared::domain::{ConnectionId, ConversationId, Role, TenantId, UserId};
 
 use crate::helpers::seed::owner;
@@ -113,7 +113,7 @@ async fn only_sockets_still_authorized_are_recipients() {
 
     // The owner leaves the tenant: their sockets stop receiving, the platform admin's do not.
     let mut tx = owner(&db).begin(Scope::Tenant(s.tenant)).await.unwrap();
-    memberships::revoke(&mut tx, s.tenant, s.user)
+    tests::stack::revoke_membership(&mut tx, s.tenant, s.user)
         .await
         .unwrap();
     tx.commit().await.unwrap();

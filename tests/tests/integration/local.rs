@@ -261,7 +261,7 @@ async fn an_expired_or_removed_user_gets_no_more_frames_and_may_authenticate_aga
 
     // Removed from the tenant: refused, and nothing more arrives.
     let mut tx = owner(&db).begin(Scope::Tenant(s.tenant)).await.unwrap();
-    shared::db::memberships::revoke(&mut tx, s.tenant, s.user)
+    tests::stack::revoke_membership(&mut tx, s.tenant, s.user)
         .await
         .unwrap();
     tx.commit().await.unwrap();

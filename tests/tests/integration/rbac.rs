@@ -1,4 +1,4 @@
-use shared::db::{Scope, conversations, memberships};
+use shared::db::{Scope, conversations};
 use shared::domain::{Role, TenantId, TenantRole};
 use shared::rbac::{
     TenantAccess, require_conversation_access, require_tenant_admin, require_tenant_member,
@@ -130,7 +130,7 @@ async fn a_conversation_is_open_to_its_owner_and_platform_admins_only() {
 
     // An owner who has left the tenant loses the conversation too.
     let mut portal = owner(&db).begin(Scope::Tenant(a.tenant)).await.unwrap();
-    memberships::revoke(&mut portal, a.tenant, a.user)
+    tests::stack::revoke_membership(&mut portal, a.tenant, a.user)
         .await
         .unwrap();
     portal.commit().await.unwrap();

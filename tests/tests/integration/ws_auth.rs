@@ -3,7 +3,7 @@
 //! every delivery.
 
 use serde_json::{Value, json};
-use shared::db::{Scope, memberships};
+use shared::db::Scope;
 use shared::domain::{ConversationId, Role};
 use shared::ws::Route;
 
@@ -85,7 +85,7 @@ async fn another_users_conversation_and_a_foreign_tenant_are_forbidden() {
         .begin(Scope::Tenant(h.seed.tenant))
         .await
         .unwrap();
-    memberships::revoke(&mut tx, h.seed.tenant, h.seed.user)
+    tests::stack::revoke_membership(&mut tx, h.seed.tenant, h.seed.user)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -249,7 +249,7 @@ async fn authorization_is_checked_on_every_message_and_every_delivery() {
         .begin(Scope::Tenant(h.seed.tenant))
         .await
         .unwrap();
-    memberships::revoke(&mut tx, h.seed.tenant, user)
+    tests::stack::revoke_membership(&mut tx, h.seed.tenant, user)
         .await
         .unwrap();
     tx.commit().await.unwrap();
