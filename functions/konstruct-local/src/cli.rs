@@ -10,6 +10,7 @@ use serde_json::json;
 use shared::api::{self, ApiState};
 use shared::auth::{TokenVerifier, issue_token};
 use shared::config::routes::{Limits, SocketCaps};
+use shared::config::variables::default_of;
 use shared::config::{self, AuthConfig, DatabaseConfig, Mode, env, redis_prefix};
 use shared::db::{Db, seed};
 use shared::domain::{Role, TenantRole, UserId};
@@ -74,7 +75,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    #[arg(long, env = "KONSTRUCT_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "KONSTRUCT_LISTEN", default_value = default_of("KONSTRUCT_LISTEN"))]
     listen: SocketAddr,
     /// Run no worker here: start `konstruct-local worker` separately (they meet through Redis).
     #[arg(long)]
@@ -87,11 +88,11 @@ struct ServeArgs {
     #[arg(long, default_value_t = 10)]
     auth_timeout: u64,
     /// Seconds a socket may live, as API Gateway's 2-hour limit (closed with 1001).
-    #[arg(long, env = "KONSTRUCT_WS_MAX_SECONDS", default_value_t = 7200)]
+    #[arg(long, env = "KONSTRUCT_WS_MAX_SECONDS", default_value = default_of("KONSTRUCT_WS_MAX_SECONDS"))]
     max_connection: u64,
     /// Seconds without a frame from the client before its socket is closed (1001), as API
     /// Gateway's 10-minute idle timeout.
-    #[arg(long, env = "KONSTRUCT_WS_IDLE_SECONDS", default_value_t = 600)]
+    #[arg(long, env = "KONSTRUCT_WS_IDLE_SECONDS", default_value = default_of("KONSTRUCT_WS_IDLE_SECONDS"))]
     idle_timeout: u64,
     /// Posts a second the connection-management API accepts, as the account's `@connections`
     /// quota: past it a post is answered 429 `LimitExceededException` (none when unset; AWS's

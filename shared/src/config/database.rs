@@ -1,11 +1,15 @@
 //! The Postgres connection: the URL or the RDS secret, the pool, the pooler, the timeouts.
 
 use std::str::FromStr;
+use std::time::Duration;
 
 use secrecy::ExposeSecret;
 use sqlx::postgres::PgConnectOptions;
 
-use super::{ConfigError, Lookup, deployed, load_secret, optional, positive, warn_if_plain};
+use super::{
+    ConfigError, Lookup, defaulted, defaulted_number, deployed, load_secret, optional,
+    warn_if_plain,
+};
 use crate::secrets::{Secret, Secrets};
 
 /// The Postgres connection. Lambdas keep their pools tiny: Postgres, not Lambda, is what does
@@ -27,37 +31,28 @@ pub struct DatabaseConfig {
 /// round trip), so no bug can hold a conversation, or a function's connection, for long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TxTimeouts {
-    pub lock: std::time::Duration,
-    pub statement: std::time::Duration,
+    pub lock: Duration,
+    pub statement: Duration,
 }
 
+/// The table's defaults.
 impl Default for TxTimeouts {
     fn default() -> Self {
-        Self {
-            lock: std::time::Duration::from_secs(3),
-            statement: std::time::Duration::from_secs(5),
-        }
+        Self::from_lookup(&|_: &str| None).expect("the variables table's defaults read")
     }
 }
 
 impl TxTimeouts {
     fn from_lookup(lookup: &impl Lookup) -> Result<Self, ConfigError> {
-        let default = Self::default();
-        let ms = |var, default: std::time::Duration| {
-            Ok::<_, ConfigError>(
-                positive(lookup, var)?.map_or(default, std::time::Duration::from_millis),
-            )
-        };
+        let ms = |var| Ok::<_, ConfigError>(Duration::from_millis(defaulted(lookup, var)?));
         Ok(Self {
-            lock: ms("DATABASE_LOCK_TIMEOUT_MS", default.lock)?,
-            statement: ms("DATABASE_STATEMENT_TIMEOUT_MS", default.statement)?,
+            lock: ms("DATABASE_LOCK_TIMEOUT_MS")?,
+            statement: ms("DATABASE_STATEMENT_TIMEOUT_MS")?,
         })
     }
 }
 
 impl DatabaseConfig {
-    pub const DEFAULT_MAX_CONNECTIONS: u32 = 2;
-
     /// The functions' connection, from the plain `DATABASE_URL`.
     pub fn from_lookup(lookup: impl Lookup) -> Result<Self, ConfigError> {
         let secret = optional(&lookup, "DATABASE_URL").map(|v| Secret::fixed("DATABASE_URL", v));
@@ -110,9 +105,7 @@ impl DatabaseConfig {
         let secret = secret.ok_or_else(|| ConfigError::new(var, "is not set"))?;
         let options = connect_options(secret.current().expose_secret())
             .map_err(|problem| ConfigError::new(var, problem))?;
-        let max_connections = positive(lookup, "DATABASE_MAX_CONNECTIONS")?
-            .map_or(Ok(Self::DEFAULT_MAX_CONNECTIONS), u32::try_from)
-            .map_err(|_| ConfigError::new("DATABASE_MAX_CONNECTIONS", "is too large"))?;
+        let max_connections = defaulted_number(lookup, "DATABASE_MAX_CONNECTIONS")?;
         let pooled = match optional(lookup, "DATABASE_POOLED")
             .as_deref()
             .map(str::trim)
@@ -203,6 +196,6 @@ mod tests {
             "postgres://app@127.0.0.1:5432/app",
         )]))
         .unwrap();
-        assert_eq!(ok.max_connections, DatabaseConfig::DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(ok.max_connections, 2);
     }
 }

@@ -55,9 +55,17 @@ pub fn raw(lookup: &impl Lookup, var: &'static str) -> Option<String> {
     lookup(var)
 }
 
-/// A variable's value; blank counts as unset.
+/// A variable's value; blank counts as unset, and unset reads as the table's default for it
+/// ([`variables::default_of`], the one place defaults are written), if it has one.
 pub fn optional(lookup: &impl Lookup, var: &'static str) -> Option<String> {
-    raw(lookup, var).filter(|v| !v.trim().is_empty())
+    raw(lookup, var)
+        .filter(|v| !v.trim().is_empty())
+        .or_else(|| variables::default_of(var).map(str::to_owned))
+}
+
+/// A positive integer the table gives a default to (so it is always there).
+pub fn defaulted(lookup: &impl Lookup, var: &'static str) -> Result<u64, ConfigError> {
+    positive(lookup, var)?.ok_or_else(|| ConfigError::new(var, "has no default in the table"))
 }
 
 /// An optional positive integer.
@@ -73,11 +81,9 @@ pub fn positive(lookup: &impl Lookup, var: &'static str) -> Result<Option<u64>, 
         .transpose()
 }
 
-/// An optional positive number that fits a `u32`.
-pub fn number(lookup: &impl Lookup, var: &'static str) -> Result<Option<u32>, ConfigError> {
-    positive(lookup, var)?
-        .map(|n| u32::try_from(n).map_err(|_| ConfigError::new(var, "is too large")))
-        .transpose()
+/// A defaulted positive number that fits a `u32`.
+pub fn defaulted_number(lookup: &impl Lookup, var: &'static str) -> Result<u32, ConfigError> {
+    u32::try_from(defaulted(lookup, var)?).map_err(|_| ConfigError::new(var, "is too large"))
 }
 
 /// The secret `var` names: read from Secrets Manager when `arn_var` (its ARN) is set, else the
@@ -241,9 +247,9 @@ pub fn http_url(lookup: &impl Lookup, var: &'static str) -> Result<Option<String
 }
 
 /// Prefix of every Redis key the system owns besides the per-tenant ones
-/// (`KONSTRUCT_REDIS_PREFIX`, default `konstruct:`); separate stacks can share one Redis.
+/// (`KONSTRUCT_REDIS_PREFIX`); separate stacks can share one Redis.
 pub fn redis_prefix(lookup: &impl Lookup) -> String {
-    optional(lookup, "KONSTRUCT_REDIS_PREFIX").unwrap_or_else(|| "konstruct:".to_owned())
+    optional(lookup, "KONSTRUCT_REDIS_PREFIX").unwrap_or_default()
 }
 
 /// `WS_MANAGEMENT_ENDPOINT`: where the connection-management API is, e.g.

@@ -97,10 +97,6 @@ pub struct Sweeper {
     pub stale_after: Duration,
 }
 
-/// How long a streaming reply may go unwritten (`REPLY_STALE_SECONDS`): longer than the
-/// orchestrator's timeout, which no producer outlives.
-pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(360);
-
 impl Sweeper {
     pub async fn load(
         lookup: impl Lookup,
@@ -110,8 +106,11 @@ impl Sweeper {
         Ok(Self {
             edge: Edge::load(&lookup, aws, secrets).await?,
             deadline: routes::auth_deadline(&lookup)?,
-            stale_after: crate::config::positive(&lookup, "REPLY_STALE_SECONDS")?
-                .map_or(DEFAULT_STALE_AFTER, Duration::from_secs),
+            // Longer than the orchestrator's timeout, which no producer outlives.
+            stale_after: Duration::from_secs(crate::config::defaulted(
+                &lookup,
+                "REPLY_STALE_SECONDS",
+            )?),
         })
     }
 }

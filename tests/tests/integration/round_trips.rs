@@ -205,8 +205,8 @@ async fn functions_through(proxy: &PgProxy, h: &mut Harness, llm: &FakeLlm) -> O
         retry: RetryPolicy::default(),
         context: ContextLimits::default(),
         output: OutputLimits::default(),
-        max_receives: OrchestratorSettings::DEFAULT_MAX_RECEIVES,
-        job_budget: OrchestratorSettings::DEFAULT_JOB_BUDGET,
+        max_receives: OrchestratorSettings::default().max_receives,
+        job_budget: OrchestratorSettings::default().job_budget,
         redrive: None,
     }
 }

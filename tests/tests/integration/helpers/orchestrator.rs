@@ -51,8 +51,8 @@ pub fn orchestrator(h: &Harness, llm: &FakeLlm) -> OrchestratorState {
         },
         context: ContextLimits::default(),
         output: OutputLimits::default(),
-        max_receives: OrchestratorSettings::DEFAULT_MAX_RECEIVES,
-        job_budget: OrchestratorSettings::DEFAULT_JOB_BUDGET,
+        max_receives: OrchestratorSettings::default().max_receives,
+        job_budget: OrchestratorSettings::default().job_budget,
         redrive: None,
     }
 }
