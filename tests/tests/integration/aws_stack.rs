@@ -80,7 +80,19 @@ async fn a_conversation_runs_on_the_aws_shaped_stack() {
                 break;
             }
         }
-        assert_eq!(seen, ["typing", "ack", "response"], "{text}");
+        // The ack is the route's answer, posted when the function returns: on a busy machine
+        // the reply may beat it (the client takes either order).
+        if !seen.iter().any(|kind| kind == "ack") {
+            let late = next(&mut socket, Duration::from_secs(10)).await;
+            seen.push(
+                late.map(|f| f["type"].as_str().unwrap_or_default().to_owned())
+                    .unwrap_or_default(),
+            );
+        }
+        assert_eq!(seen[0], "typing", "{text}: {seen:?}");
+        let mut kinds = seen.clone();
+        kinds.sort();
+        assert_eq!(kinds, ["ack", "response", "typing"], "{text}: {seen:?}");
     }
     assert!(
         sim.lambda.cold_starts() >= 4,
