@@ -55,12 +55,15 @@ pub fn raw(lookup: &impl Lookup, var: &'static str) -> Option<String> {
     lookup(var)
 }
 
-/// A variable's value; blank counts as unset, and unset reads as the table's default for it
+/// A variable's value as set; blank counts as unset.
+pub fn set(lookup: &impl Lookup, var: &'static str) -> Option<String> {
+    raw(lookup, var).filter(|v| !v.trim().is_empty())
+}
+
+/// A variable's value ([`set`]), or else the table's default for it
 /// ([`variables::default_of`], the one place defaults are written), if it has one.
 pub fn optional(lookup: &impl Lookup, var: &'static str) -> Option<String> {
-    raw(lookup, var)
-        .filter(|v| !v.trim().is_empty())
-        .or_else(|| variables::default_of(var).map(str::to_owned))
+    set(lookup, var).or_else(|| variables::default_of(var).map(str::to_owned))
 }
 
 /// A positive integer the table gives a default to (so it is always there).

@@ -5,7 +5,7 @@
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use super::{ConfigError, Lookup, defaulted, http_url, positive, raw};
+use super::{ConfigError, Lookup, defaulted, http_url, positive, raw, set};
 
 /// Everything the orchestrator reads besides the database, the mode and its secrets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,8 +119,7 @@ impl OutputLimits {
         let default_max_tokens = tokens(defaulted(lookup, "AGENT_DEFAULT_MAX_TOKENS")?);
         // Set above the maximum is refused; the table's default above a lower maximum that is
         // set is lowered to it.
-        let set = optional_as_set(lookup, "AGENT_DEFAULT_MAX_TOKENS");
-        if set && default_max_tokens > max_tokens {
+        if set(lookup, "AGENT_DEFAULT_MAX_TOKENS").is_some() && default_max_tokens > max_tokens {
             return Err(ConfigError::new(
                 "AGENT_DEFAULT_MAX_TOKENS",
                 format!("must not exceed AGENT_MAX_TOKENS ({max_tokens})"),
@@ -133,11 +132,6 @@ impl OutputLimits {
                 .unwrap_or(usize::MAX),
         })
     }
-}
-
-/// Whether `var` is set (not blank): its value, not the table's default.
-fn optional_as_set(lookup: &impl Lookup, var: &'static str) -> bool {
-    raw(lookup, var).is_some_and(|v| !v.trim().is_empty())
 }
 
 /// How frames reach the sockets of a conversation through the connection-management API.

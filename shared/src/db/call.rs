@@ -1,6 +1,5 @@
 //! A call of one of the schema's functions as one simple query (no prepare round trip).
 
-use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::domain::{
@@ -53,7 +52,7 @@ escaped_literal!(
     AgentId,
     ConversationId
 );
-escaped_literal!(MessageId, ClientMessageId, DateTime<Utc>);
+escaped_literal!(MessageId, ClientMessageId);
 
 impl Literal for i64 {
     fn literal(&self) -> String {

@@ -59,6 +59,19 @@ checked_as!(DateTime<Utc>: DateTime<Utc>);
 checked_as!(Value: Value);
 checked_as!(&'static [Uuid]: Vec<Uuid>);
 
+/// sqlx's build-time check of a statement, in code that never runs: what [`checked!`] and
+/// [`call!`] share.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! check_sql {
+    ([$($sql:tt)+] $(, $arg:expr)*) => {
+        #[allow(unreachable_code, clippy::diverging_sub_expression)]
+        if false {
+            let _ = ::sqlx::query!($($sql)+ $(, $crate::db::checked::checked(&($arg)))*);
+        }
+    };
+}
+
 /// A statement of one literal, checked at build time (see the module), as one of
 /// [`super::query`], [`super::query_as`] or [`super::query_scalar`] with its arguments bound:
 /// `checked!(query_as, "select * from tenants where id = $1", id)`. A statement written in
@@ -66,10 +79,7 @@ checked_as!(&'static [Uuid]: Vec<Uuid>);
 #[macro_export]
 macro_rules! checked {
     ($kind:ident $(::<$out:ty>)?, [$sql:tt $(, $more:tt)*] $(, $arg:expr)* $(,)?) => {{
-        #[allow(unreachable_code, clippy::diverging_sub_expression)]
-        if false {
-            let _ = ::sqlx::query!($sql $(+ $more)* $(, $crate::db::checked::checked(&($arg)))*);
-        }
+        $crate::check_sql!([$sql $(+ $more)*] $(, $arg)*);
         $crate::db::$kind$(::<$out>)?(concat!($sql $(, $more)*))$(.bind($arg))*
     }};
     ($kind:ident $(::<$out:ty>)?, $sql:tt $(, $arg:expr)* $(,)?) => {
@@ -84,10 +94,7 @@ macro_rules! checked {
 #[macro_export]
 macro_rules! call {
     ($sql:literal $(, $arg:expr)* $(,)?) => {{
-        #[allow(unreachable_code, clippy::diverging_sub_expression)]
-        if false {
-            let _ = ::sqlx::query!($sql $(, $crate::db::checked::checked(&($arg)))*);
-        }
+        $crate::check_sql!([$sql] $(, $arg)*);
         $crate::db::Call::new($sql)$(.arg($arg))*
     }};
 }

@@ -5,7 +5,7 @@
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 
-use super::{AuthRoute, Edge, Handler, RouteEvent, reply, status};
+use super::{AuthRoute, Handler, RouteEvent, reply, status};
 use crate::Error;
 use crate::db::message_path::Sent;
 use crate::db::messages::{Message, MessageView};
@@ -20,10 +20,6 @@ pub struct Auth;
 impl Handler for Auth {
     type State = AuthRoute;
     const NAME: &'static str = "auth";
-
-    fn edge(state: &AuthRoute) -> &Edge {
-        &state.edge
-    }
 
     async fn answer(state: &AuthRoute, route: &RouteEvent) -> Result<Option<ServerFrame>, Error> {
         auth(state, route).await

@@ -17,12 +17,24 @@ impl Handler for Connect {
     type State = Edge;
     const NAME: &'static str = "connect";
 
-    fn edge(state: &Edge) -> &Edge {
-        state
-    }
-
     async fn answer(state: &Edge, route: &RouteEvent) -> Result<Option<ServerFrame>, Error> {
-        connect(state, route).await?;
+        let conversation_id: ConversationId = route
+            .conversation_id
+            .as_deref()
+            .ok_or_else(|| Error::BadRequest("conversation_id is required".into()))?
+            .parse()?;
+        let mut tx = state
+            .db
+            .begin(Scope::Connection(&route.connection_id))
+            .await?;
+        connections::insert(
+            &mut tx,
+            &route.connection_id,
+            conversation_id,
+            &route.endpoint,
+        )
+        .await?;
+        tx.commit().await?;
         Ok(None)
     }
 
@@ -38,25 +50,4 @@ impl Handler for Connect {
         response.status_code = i64::from(err.code().http_status());
         response
     }
-}
-
-async fn connect(state: &Edge, route: &RouteEvent) -> Result<(), Error> {
-    let conversation_id: ConversationId = route
-        .conversation_id
-        .as_deref()
-        .ok_or_else(|| Error::BadRequest("conversation_id is required".into()))?
-        .parse()?;
-    let mut tx = state
-        .db
-        .begin(Scope::Connection(&route.connection_id))
-        .await?;
-    connections::insert(
-        &mut tx,
-        &route.connection_id,
-        conversation_id,
-        &route.endpoint,
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(())
 }

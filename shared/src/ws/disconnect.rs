@@ -14,12 +14,13 @@ impl Handler for Disconnect {
     type State = Edge;
     const NAME: &'static str = "disconnect";
 
-    fn edge(state: &Edge) -> &Edge {
-        state
-    }
-
     async fn answer(state: &Edge, route: &RouteEvent) -> Result<Option<ServerFrame>, Error> {
-        disconnect(state, route).await?;
+        let mut tx = state
+            .db
+            .begin(Scope::Connection(&route.connection_id))
+            .await?;
+        connections::delete(&mut tx, &route.connection_id).await?;
+        tx.commit().await?;
         Ok(None)
     }
 
@@ -32,14 +33,4 @@ impl Handler for Disconnect {
         tracing::warn!(error = &err as &dyn std::error::Error, "disconnect failed");
         status(err.code().http_status())
     }
-}
-
-async fn disconnect(state: &Edge, route: &RouteEvent) -> Result<(), Error> {
-    let mut tx = state
-        .db
-        .begin(Scope::Connection(&route.connection_id))
-        .await?;
-    connections::delete(&mut tx, &route.connection_id).await?;
-    tx.commit().await?;
-    Ok(())
 }

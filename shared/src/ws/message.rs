@@ -15,7 +15,7 @@
 
 use aws_lambda_events::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 
-use super::{Edge, Handler, MessageRoute, RouteEvent, reply};
+use super::{Handler, MessageRoute, RouteEvent, reply};
 use crate::Error;
 use crate::db::messages::MessageRole;
 use crate::db::{Scope, message_path};
@@ -32,10 +32,6 @@ pub struct Message;
 impl Handler for Message {
     type State = MessageRoute;
     const NAME: &'static str = "message";
-
-    fn edge(state: &MessageRoute) -> &Edge {
-        &state.edge
-    }
 
     async fn answer(
         state: &MessageRoute,

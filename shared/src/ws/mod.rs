@@ -205,12 +205,10 @@ impl Route {
 /// the frame [`Handler::answer`] returns (nothing: a bare 200); a refusal is the handler's to
 /// answer ([`Handler::refuse`]).
 pub trait Handler {
-    /// What the handler runs on.
-    type State: Sync;
+    /// What the handler runs on: every route's state holds the [`Edge`].
+    type State: AsRef<Edge> + Sync;
     /// The route's name in its span.
     const NAME: &'static str;
-
-    fn edge(state: &Self::State) -> &Edge;
 
     /// The frame the route answers with (its route response), if any.
     fn answer(
@@ -218,16 +216,30 @@ pub trait Handler {
         route: &RouteEvent,
     ) -> impl Future<Output = Result<Option<ServerFrame>, Error>> + Send;
 
-    /// How a refusal is answered; `route` is `None` when the event itself was refused. By
-    /// default, the `error` frame as the route response.
+    /// How a refusal is answered; `route` is `None` when the event itself was refused.
     fn refuse(
         state: &Self::State,
         event: &ApiGatewayWebsocketProxyRequest,
         route: Option<&RouteEvent>,
         err: Error,
-    ) -> impl Future<Output = ApiGatewayProxyResponse> + Send {
-        let _ = (state, event, route);
-        std::future::ready(reply(&ServerFrame::error(&err)))
+    ) -> impl Future<Output = ApiGatewayProxyResponse> + Send;
+}
+
+impl AsRef<Edge> for Edge {
+    fn as_ref(&self) -> &Edge {
+        self
+    }
+}
+
+impl AsRef<Edge> for AuthRoute {
+    fn as_ref(&self) -> &Edge {
+        &self.edge
+    }
+}
+
+impl AsRef<Edge> for MessageRoute {
+    fn as_ref(&self) -> &Edge {
+        &self.edge
     }
 }
 
@@ -245,7 +257,7 @@ pub async fn answer<H: Handler>(
         message_id = tracing::field::Empty,
     );
     async {
-        let route = match RouteEvent::parse(&event, H::edge(state).management_endpoint.as_deref()) {
+        let route = match RouteEvent::parse(&event, state.as_ref().management_endpoint.as_deref()) {
             Ok(route) => route,
             Err(err) => return H::refuse(state, &event, None, err).await,
         };
