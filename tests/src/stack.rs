@@ -163,18 +163,17 @@ pub async fn store_history(
 ) -> Result<Message, shared::Error> {
     Ok(sqlx::query_as(
         "with locked as (
-             select id, last_seq, head_id from web_conversations where id = $1
+             select id, head_id from web_conversations where id = $1
              for no key update
          ), inserted as (
              insert into web_conversation_messages
-                 (conversation_id, tenant_id, role, content, seq, author_id, parent_id, reply_id)
-             select $1, $2, 'user', $3, l.last_seq + 1, $4, next_parent(l.id, l.head_id),
-                    gen_random_uuid()
+                 (conversation_id, tenant_id, role, content, author_id, parent_id, reply_id)
+             select $1, $2, 'user', $3, $4, next_parent(l.id, l.head_id), gen_random_uuid()
              from locked l
              returning *
          ), touched as (
              update web_conversations c
-             set updated_at = i.created_at, last_seq = i.seq, head_id = i.id
+             set updated_at = i.created_at, head_id = i.id
              from inserted i where c.id = i.conversation_id
          )
          select * from inserted",

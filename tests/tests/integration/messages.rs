@@ -253,3 +253,61 @@ async fn reset_deletes_the_messages_and_keeps_the_conversation() {
         "other conversations untouched"
     );
 }
+
+/// The table numbers what it stores (the `number_message` trigger): a number a statement
+/// names is not the one kept, an insert that conflicts takes none, and a reset does not start
+/// numbering over (a client resuming from before it would miss what comes after).
+#[tokio::test]
+async fn the_table_numbers_every_message_and_a_reset_does_not_renumber() {
+    let (_test, db) = TestDb::migrated().await;
+    let s = seed(&db, "acme").await;
+    // A statement that names a number, as the steps did before the table gave it.
+    let insert = |seq: i64, client: uuid::Uuid| {
+        let (db, s) = (db.clone(), s);
+        async move {
+            let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+            let seq: Option<i64> = sqlx::query_scalar(
+                "insert into web_conversation_messages
+                     (conversation_id, tenant_id, role, content, seq, client_message_id)
+                 values ($1, $2, 'user', 'x', $3, $4)
+                 on conflict (conversation_id, client_message_id) do nothing
+                 returning seq",
+            )
+            .bind(s.conversation)
+            .bind(s.tenant)
+            .bind(seq)
+            .bind(client)
+            .fetch_optional(&mut *tx)
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+            seq
+        }
+    };
+    let once = uuid::Uuid::new_v4();
+    assert_eq!(insert(999, once).await, Some(1), "the table's number");
+    assert_eq!(insert(2, once).await, None, "a conflict stores nothing");
+    assert_eq!(
+        insert(0, uuid::Uuid::new_v4()).await,
+        Some(2),
+        "and took no number"
+    );
+
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    assert_eq!(messages::reset(&mut tx, s.conversation).await.unwrap(), 2);
+    tx.commit().await.unwrap();
+    let after = store(&db, &s, 1).await;
+    let mut tx = db.begin(Scope::Tenant(s.tenant)).await.unwrap();
+    let page = messages::page(
+        &mut tx,
+        s.conversation,
+        Branch::All,
+        PageFrom::Newest,
+        PageLimit::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].message.id, after[0]);
+    assert_eq!(page[0].message.seq, 3, "numbering goes on after a reset");
+}

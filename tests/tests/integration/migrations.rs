@@ -29,7 +29,7 @@ async fn migrations_go_up_from_empty_down_to_empty_and_up_again() {
     let (tables, functions) = public_objects(&test).await;
     assert_eq!(tables, 9, "every table of the schema");
     assert_eq!(
-        functions, 18,
+        functions, 20,
         "the row-level security helpers, the authorization rule and the message path's steps"
     );
 

@@ -142,7 +142,7 @@ pub async fn fail_reply(
     let row: Row = crate::checked!(
         query_as,
         "with locked as (
-             select id, tenant_id, last_seq from web_conversations where id = $1
+             select id, tenant_id from web_conversations where id = $1
              for no key update
          ), ended as (
              update web_conversation_messages m
@@ -153,10 +153,9 @@ pub async fn fail_reply(
              returning m.*
          ), inserted as (
              insert into web_conversation_messages
-                 (id, conversation_id, tenant_id, role, content, reply_to, parent_id, seq,
-                  status, stop_reason)
-             select $3, l.id, l.tenant_id, 'assistant', '', $2, $2, l.last_seq + 1, 'failed',
-                    'error'
+                 (id, conversation_id, tenant_id, role, content, reply_to, parent_id, status,
+                  stop_reason)
+             select $3, l.id, l.tenant_id, 'assistant', '', $2, $2, 'failed', 'error'
              from locked l
              where $4::timestamptz is null
                and exists (select 1 from web_conversation_messages q
@@ -167,7 +166,7 @@ pub async fn fail_reply(
              returning *
          ), touched as (
              update web_conversations v
-             set updated_at = i.created_at, last_seq = i.seq,
+             set updated_at = i.created_at,
                  head_id = case when v.head_id = i.reply_to then i.id else v.head_id end
              from inserted i where v.id = i.conversation_id
          )
