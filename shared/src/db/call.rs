@@ -1,4 +1,5 @@
-//! A call of one of the schema's functions as one simple query (no prepare round trip).
+//! A call of one of the schema's functions, or a scope's setting, as one simple query (no
+//! prepare round trip).
 
 use uuid::Uuid;
 
@@ -54,17 +55,17 @@ escaped_literal!(
 );
 escaped_literal!(MessageId, ClientMessageId);
 
-impl Literal for i64 {
-    fn literal(&self) -> String {
-        self.to_string()
-    }
+macro_rules! written_literal {
+    ($($type:ty),+) => {
+        $(impl Literal for $type {
+            fn literal(&self) -> String {
+                self.to_string()
+            }
+        })+
+    };
 }
 
-impl Literal for bool {
-    fn literal(&self) -> String {
-        self.to_string()
-    }
-}
+written_literal!(i64, i32, bool);
 
 /// A finite number (Rust writes it in full, which Postgres parses exactly).
 impl Literal for f64 {

@@ -280,7 +280,10 @@ impl Db {
     /// Whether the database answers.
     pub async fn ping(&self) -> Result<(), Error> {
         // A simple query: one message, whatever pools the connection.
-        sqlx::raw_sql("select 1").execute(&self.pool).await?;
+        let ping = crate::call!("select 1 as alive");
+        sqlx::raw_sql(AssertSqlSafe(ping.sql()))
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

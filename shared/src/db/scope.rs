@@ -2,7 +2,9 @@
 //! first round trip, and the advisory locks that order a user's or a conversation's work.
 
 use crate::auth::PlatformAdmin;
+use crate::call;
 use crate::config::TxTimeouts;
+use crate::db::Call;
 use crate::domain::{ConnectionId, ConversationId, TenantId, UserId};
 
 /// What a transaction may see. Each variant sets one setting that the row-level security
@@ -50,48 +52,80 @@ impl Scope<'_> {
     }
 
     /// The transaction's timeouts and this scope's settings (and locks), as statements of a
-    /// simple query. Values are quoted literals (a simple query takes no parameters); every one
-    /// of them is a parsed UUID or connection id.
+    /// simple query, each checked at build time (`call!`) and its values written in as
+    /// literals (a simple query takes no parameters).
     pub(super) fn settings(&self, timeouts: TxTimeouts) -> String {
+        let millis = |timeout: std::time::Duration| timeout.as_millis().to_string();
+        let mut statements = vec![
+            call!(
+                "select set_config('lock_timeout', $1::text, true)",
+                millis(timeouts.lock)
+            ),
+            call!(
+                "select set_config('statement_timeout', $1::text, true)",
+                millis(timeouts.statement)
+            ),
+        ];
         let set = |name: &str, value: &str| {
-            format!("select set_config('{name}', {}, true)", literal(value))
+            call!("select set_config($1::text, $2::text, true)", name, value)
         };
-        let setting = match self {
-            Self::Tenant(id) => set("app.current_tenant", &id.to_string()),
-            Self::AllTenants(_) => set("app.platform_admin", "on"),
-            Self::Conversation(id) => set("app.current_conversation", &id.to_string()),
-            Self::Connection(id) => set("app.current_connection", id.as_str()),
-            Self::Unauthenticated => set("app.sweep", "on"),
+        match self {
+            Self::Tenant(id) => statements.push(set("app.current_tenant", &id.to_string())),
+            Self::AllTenants(_) => statements.push(set("app.platform_admin", "on")),
+            Self::Conversation(id) => {
+                statements.push(set("app.current_conversation", &id.to_string()));
+            }
+            Self::Connection(id) => statements.push(set("app.current_connection", id.as_str())),
+            Self::Unauthenticated => statements.push(set("app.sweep", "on")),
             // The tenant is read from the row the connection key has just made visible: a
-            // later statement of the same query sees the earlier one's setting.
-            Self::BoundConnection(id) => format!(
-                "{}; select set_config('app.current_tenant', coalesce((\
-                     select tenant_id::text from ws_connections \
-                     where connection_id = current_setting('app.current_connection')), ''), true); \
-                 select pg_advisory_xact_lock({USER_LOCKS}, hashtext(coalesce((\
-                     select user_id::text from ws_connections \
-                     where connection_id = current_setting('app.current_connection')), '')))",
-                set("app.current_connection", id.as_str())
-            ),
-            Self::Binding { connection, user } => format!(
-                "{}; select pg_advisory_xact_lock({USER_LOCKS}, hashtext({})); \
-                 select pg_advisory_xact_lock({CONVERSATION_LOCKS}, \
-                     hashtext(current_setting('app.current_conversation')))",
-                connecting(connection),
-                literal(&user.to_string())
-            ),
-            Self::CatchingUp(connection) => format!(
-                "{}; select 1 from web_conversations \
-                     where id = nullif(current_setting('app.current_conversation'), '')::uuid \
-                     for share",
-                connecting(connection)
-            ),
-        };
-        format!(
-            "set local lock_timeout = {}; set local statement_timeout = {}; {setting}",
-            timeouts.lock.as_millis(),
-            timeouts.statement.as_millis()
-        )
+            // later statement of the same query sees the earlier one's setting. (Settings are
+            // read `missing_ok`, which changes nothing here, since the statement before always
+            // sets them, and lets the build-time check describe the statement.)
+            Self::BoundConnection(id) => statements.extend([
+                set("app.current_connection", id.as_str()),
+                call!(
+                    "select set_config('app.current_tenant', coalesce((
+                         select tenant_id::text from ws_connections
+                         where connection_id
+                             = current_setting('app.current_connection', true)), ''), true)"
+                ),
+                call!(
+                    "select pg_advisory_xact_lock($1::int4, hashtext(coalesce((
+                         select user_id::text from ws_connections
+                         where connection_id
+                             = current_setting('app.current_connection', true)), '')))",
+                    USER_LOCKS
+                ),
+            ]),
+            Self::Binding { connection, user } => {
+                statements.extend(connecting(connection));
+                statements.extend([
+                    call!(
+                        "select pg_advisory_xact_lock($1::int4, hashtext($2::text))",
+                        USER_LOCKS,
+                        user.to_string()
+                    ),
+                    call!(
+                        "select pg_advisory_xact_lock($1::int4,
+                             hashtext(current_setting('app.current_conversation', true)))",
+                        CONVERSATION_LOCKS
+                    ),
+                ]);
+            }
+            Self::CatchingUp(connection) => {
+                statements.extend(connecting(connection));
+                statements.push(call!(
+                    "select 1 as locked from web_conversations
+                     where id = nullif(current_setting('app.current_conversation', true), '')::uuid
+                     for share"
+                ));
+            }
+        }
+        statements
+            .iter()
+            .map(Call::sql)
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 
@@ -101,23 +135,26 @@ const CONVERSATION_LOCKS: i32 = 2;
 
 /// The settings that make one connection row, the conversation it named at `$connect`, and
 /// that conversation's tenant visible, each setting making the next row visible.
-fn connecting(id: &ConnectionId) -> String {
-    format!(
-        "select set_config('app.current_connection', {}, true); \
-         select set_config('app.current_conversation', coalesce((\
-             select conversation_id::text from ws_connections \
-             where connection_id = current_setting('app.current_connection')), ''), true); \
-         select set_config('app.current_tenant', coalesce((\
-             select tenant_id::text from web_conversations \
-             where id = nullif(current_setting('app.current_conversation'), '')::uuid), ''), \
-             true)",
-        literal(id.as_str())
-    )
-}
-
-/// A string as an SQL literal (`standard_conforming_strings` is on, as it is by default).
-fn literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
+fn connecting(id: &ConnectionId) -> [Call; 3] {
+    [
+        call!(
+            "select set_config('app.current_connection', $1::text, true)",
+            id
+        ),
+        call!(
+            "select set_config('app.current_conversation', coalesce((
+                 select conversation_id::text from ws_connections
+                 where connection_id
+                     = current_setting('app.current_connection', true)), ''), true)"
+        ),
+        call!(
+            "select set_config('app.current_tenant', coalesce((
+                 select tenant_id::text from web_conversations
+                 where id
+                     = nullif(current_setting('app.current_conversation', true), '')::uuid), ''),
+                 true)"
+        ),
+    ]
 }
 
 #[cfg(test)]
@@ -125,23 +162,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_scope_opens_in_one_simple_query_with_quoted_values() {
+    fn a_scope_opens_in_one_simple_query_with_its_values_written_in() {
         let tenant = TenantId::new();
         assert_eq!(
             Scope::Tenant(tenant).begin_statement(TxTimeouts::default()),
             format!(
-                "begin; set local lock_timeout = 3000; set local statement_timeout = 5000; \
-                 select set_config('app.current_tenant', '{tenant}', true)"
+                "begin; select set_config('lock_timeout', E'3000'::text, true); \
+                 select set_config('statement_timeout', E'5000'::text, true); \
+                 select set_config(E'app.current_tenant'::text, E'{tenant}'::text, true)"
             )
         );
         let id = ConnectionId::parse("L0SM9cOFvHcCIhw=").unwrap();
         let bound = Scope::BoundConnection(&id).begin_statement(TxTimeouts::default());
-        assert!(
-            bound.contains(
-                "; select set_config('app.current_connection', 'L0SM9cOFvHcCIhw=', true); "
-            )
-        );
+        assert!(bound.contains(
+            "; select set_config(E'app.current_connection'::text, E'L0SM9cOFvHcCIhw='::text, \
+             true); "
+        ));
         assert!(bound.contains("set_config('app.current_tenant'"));
-        assert_eq!(literal("it's"), "'it''s'");
+        assert!(bound.contains("pg_advisory_xact_lock(1::int4,"));
     }
 }
