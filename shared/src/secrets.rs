@@ -7,7 +7,9 @@
 //! A value read from Secrets Manager is kept for the life of the process and read again when
 //! it fails to authenticate something (a token's signature, a database login, a model call
 //! answered 401): a rotated secret takes effect without a redeploy. Reads after a failure are
-//! spaced by [`Secret::MIN_REFRESH`], so a stream of forged tokens costs one read per interval.
+//! spaced by [`Secret::MIN_REFRESH`] (a reader may space them otherwise:
+//! [`Secrets::refreshing_at_most_every`]), so a stream of forged tokens costs one read per
+//! interval.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -27,6 +29,7 @@ pub async fn aws_config() -> (aws_config::SdkConfig, Secrets) {
 #[derive(Clone, Debug)]
 pub struct Secrets {
     client: Option<aws_sdk_secretsmanager::Client>,
+    min_refresh: Duration,
 }
 
 impl Secrets {
@@ -35,12 +38,26 @@ impl Secrets {
     pub fn new(aws: &aws_config::SdkConfig) -> Self {
         Self {
             client: Some(aws_sdk_secretsmanager::Client::new(aws)),
+            min_refresh: Secret::MIN_REFRESH,
+        }
+    }
+
+    /// The secrets this reader reads are read again at most once per `interval` after failures
+    /// ([`Secret::MIN_REFRESH`] unless set): a test of a rotation waits that long, not the
+    /// production interval.
+    pub fn refreshing_at_most_every(self, interval: Duration) -> Self {
+        Self {
+            min_refresh: interval,
+            ..self
         }
     }
 
     /// Plain variables only: a `…_SECRET_ARN` variable is refused.
     pub fn none() -> Self {
-        Self { client: None }
+        Self {
+            client: None,
+            min_refresh: Secret::MIN_REFRESH,
+        }
     }
 
     /// The secret `var` stands for, read from Secrets Manager by its ARN; the problem, to be
@@ -54,6 +71,7 @@ impl Secrets {
             client,
             arn: arn.trim().to_owned(),
             last_read: tokio::sync::Mutex::new(Instant::now()),
+            min_refresh: self.min_refresh,
         };
         let value = managed.read().await?;
         Ok(Secret(Arc::new(Inner {
@@ -79,6 +97,7 @@ struct Managed {
     client: aws_sdk_secretsmanager::Client,
     arn: String,
     last_read: tokio::sync::Mutex<Instant>,
+    min_refresh: Duration,
 }
 
 impl Managed {
@@ -113,7 +132,7 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Secret {
-    /// The shortest interval between two reads after failures.
+    /// The shortest interval between two reads after failures, unless the reader sets another.
     pub const MIN_REFRESH: Duration = Duration::from_secs(5);
 
     /// A value given directly (local mode, tests); [`Secret::refresh`] never changes it.
@@ -140,14 +159,14 @@ impl Secret {
     }
 
     /// After the current value failed to authenticate: reads the secret again, unless it was
-    /// read less than [`Secret::MIN_REFRESH`] ago or is not managed. True when the value
+    /// read less than its reader's interval ([`Secret::MIN_REFRESH`]) ago or is not managed. True when the value
     /// changed (the caller then tries again with it).
     pub async fn refresh(&self) -> bool {
         let Some(managed) = &self.0.managed else {
             return false;
         };
         let mut last_read = managed.last_read.lock().await;
-        if last_read.elapsed() < Self::MIN_REFRESH {
+        if last_read.elapsed() < managed.min_refresh {
             return false;
         }
         *last_read = Instant::now();

@@ -115,8 +115,9 @@ pub struct Db {
     role_verified: Arc<OnceCell<()>>,
     /// Read again when a login fails, so a rotated password takes effect.
     credentials: Option<Secret>,
-    /// The last health check and when it ran (see [`Db::health`]).
+    /// The last health check and when it ran (see [`Db::health`]), and how long it holds.
     health: Arc<tokio::sync::Mutex<Option<(std::time::Instant, bool)>>>,
+    health_ttl: Duration,
     timeouts: TxTimeouts,
 }
 
@@ -178,6 +179,7 @@ impl Db {
             role_verified: Arc::default(),
             credentials: None,
             health: Arc::default(),
+            health_ttl: Self::HEALTH_TTL,
             timeouts: TxTimeouts::default(),
         }
     }
@@ -287,16 +289,25 @@ impl Db {
         Ok(())
     }
 
-    /// How long a health check's answer is reused.
+    /// How long a health check's answer is reused, unless [`Db::with_health_ttl`] says.
     pub const HEALTH_TTL: Duration = Duration::from_secs(5);
 
+    /// This handle's health answers reused for `ttl` instead of [`Db::HEALTH_TTL`]: a test of
+    /// the interval waits that long, not the production one.
+    pub fn with_health_ttl(self, ttl: Duration) -> Self {
+        Self {
+            health_ttl: ttl,
+            ..self
+        }
+    }
+
     /// Whether the database answered its last ping, pinging at most once per
-    /// [`Db::HEALTH_TTL`] however often it is asked: the health check takes no token, so its
+    /// [`Db::HEALTH_TTL`] (or the handle's own TTL) however often it is asked: the health check takes no token, so its
     /// callers must not be able to turn it into load on the database.
     pub async fn health(&self) -> bool {
         let mut last = self.health.lock().await;
         if let Some((at, healthy)) = *last
-            && at.elapsed() < Self::HEALTH_TTL
+            && at.elapsed() < self.health_ttl
         {
             return healthy;
         }

@@ -10,7 +10,9 @@ use shared::domain::Role;
 use tests::aws_sim::{AwsSim, Latencies, Settings};
 
 use crate::helpers::local::{next, send};
-use crate::helpers::{TestDb, conversation_for, redis_prefix, seed, seed_agent_with, token};
+use crate::helpers::{
+    TestDb, conversation_for, eventually, redis_prefix, seed, seed_agent_with, token,
+};
 
 fn settings(test: &TestDb) -> Settings {
     let env = |name: &str| {
@@ -99,10 +101,10 @@ async fn a_conversation_runs_on_the_aws_shaped_stack() {
         "each function ran in its own environment"
     );
     // The reply is posted before its invocation returns.
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    while sim.source.invocations().len() < 2 && tokio::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("both orchestrator invocations returned", || async {
+        sim.source.invocations().len() >= 2
+    })
+    .await;
     let invocations = sim.source.invocations();
     assert_eq!(
         invocations.len(),

@@ -24,6 +24,7 @@ use crate::helpers::llm::{FakeLlm, Reply, last_user_text, pieces};
 use crate::helpers::orchestrator::{
     conversation_with, of_type, orchestrator, queued_jobs, replies,
 };
+use crate::helpers::within;
 use shared::db::agents::Provider;
 
 /// A work queue as the template makes it (visibility six minutes, redrive to a FIFO dead-letter
@@ -68,22 +69,22 @@ async fn deferrals(h: &Harness, job: &Job) -> i32 {
         .unwrap()
 }
 
-async fn wait_for_replies(h: &Harness, conversation: ConversationId, n: usize, within: Duration) {
-    let until = Instant::now() + within;
-    while replies(h, conversation).await.len() < n {
-        assert!(Instant::now() < until, "{n} replies within {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+async fn wait_for_replies(h: &Harness, conversation: ConversationId, n: usize, limit: Duration) {
+    within(limit, &format!("{n} replies"), || async {
+        replies(h, conversation).await.len() >= n
+    })
+    .await;
 }
 
 /// Waits for `n` invocations to have returned: a reply is stored before its invocation sends
 /// back what it did not settle and returns.
 async fn wait_for_invocations(source: &EventSource, n: usize) {
-    let until = Instant::now() + Duration::from_secs(30);
-    while source.invocations().len() < n {
-        assert!(Instant::now() < until, "{n} invocations returned");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    within(
+        Duration::from_secs(30),
+        &format!("{n} invocations returned"),
+        || async { source.invocations().len() >= n },
+    )
+    .await;
 }
 
 /// Four messages of one conversation arrive in one batch. Two fit the first invocation; the

@@ -19,7 +19,7 @@ use crate::helpers::token;
 /// Far more than any step here takes; only a hang reaches it.
 const STALL: Duration = Duration::from_secs(20);
 
-async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+async fn before_stall<T>(what: &str, future: impl Future<Output = T>) -> T {
     tokio::time::timeout(STALL, future)
         .await
         .unwrap_or_else(|_| panic!("{what} hung"))
@@ -41,7 +41,7 @@ async fn a_socket_gone_before_its_replay_holds_nothing() {
     h.connect("gone").await;
     h.api.close("gone");
     let token = token(h.seed.user, Role::CustomerOperator);
-    let answer = within(
+    let answer = before_stall(
         "auth to a gone socket",
         h.auth_with(
             "gone",
@@ -55,7 +55,7 @@ async fn a_socket_gone_before_its_replay_holds_nothing() {
         "forgotten when found gone"
     );
 
-    let ack = within(
+    let ack = before_stall(
         "the other tab's message",
         h.send("tab", &message_frame("three")),
     )
@@ -105,7 +105,7 @@ async fn a_message_stored_during_a_replay_reaches_the_socket_once_after_it() {
         });
     }
     let token = token(h.seed.user, Role::CustomerOperator);
-    let answer = within(
+    let answer = before_stall(
         "auth while another tab writes",
         h.auth_with(
             "back",
@@ -173,7 +173,7 @@ async fn concurrent_binds_of_one_user_stop_at_the_cap() {
         let (h, token, socket) = (h.clone(), token.clone(), socket.clone());
         tokio::spawn(async move { h.auth(&socket, &token).await })
     });
-    let answers = within("50 binds", futures::future::join_all(binds)).await;
+    let answers = before_stall("50 binds", futures::future::join_all(binds)).await;
     let bound = answers
         .into_iter()
         .filter(|a| {
@@ -212,7 +212,7 @@ async fn concurrent_messages_of_one_user_stop_at_the_limit() {
         let (h, socket) = (h.clone(), sockets[i % 5].clone());
         tokio::spawn(async move { h.send(&socket, &message_frame(&format!("m{i}"))).await })
     });
-    let answers = within("100 messages", futures::future::join_all(sends)).await;
+    let answers = before_stall("100 messages", futures::future::join_all(sends)).await;
     let kinds: Vec<String> = answers
         .iter()
         .map(|a| a.as_ref().unwrap()["type"].as_str().unwrap().to_owned())

@@ -33,14 +33,17 @@ fn signed_with(secret: &str) -> String {
 const OLD: &str = "the-old-portal-secret-0123456789abcdef";
 const NEW: &str = "the-new-portal-secret-0123456789abcdef";
 
+/// How often the tests' secrets may be read again after failures: a test waits this, not
+/// `Secret::MIN_REFRESH`, for a rotation to be read.
+const REFRESH: Duration = Duration::from_secs(1);
+
 #[tokio::test]
 async fn the_token_secret_is_read_by_arn_and_a_rotation_takes_effect_without_a_restart() {
     let client = client();
     let arn = create(&client, OLD).await;
     let lookup = |name: &str| (name == "PORTAL_JWT_SECRET_ARN").then(|| arn.clone());
-    let config = AuthConfig::load(lookup, &Secrets::new(&config()))
-        .await
-        .unwrap();
+    let secrets = Secrets::new(&config()).refreshing_at_most_every(REFRESH);
+    let config = AuthConfig::load(lookup, &secrets).await.unwrap();
     assert!(config.secret.is_managed());
     let tokens = TokenVerifier::new(&config);
     tokens.verify_fresh(&signed_with(OLD)).await.unwrap();
@@ -49,7 +52,7 @@ async fn the_token_secret_is_read_by_arn_and_a_rotation_takes_effect_without_a_r
     // Read again at most once per interval: a token right after the start is judged by the
     // value read at start.
     assert!(tokens.verify_fresh(&signed_with(NEW)).await.is_err());
-    tokio::time::sleep(Secret::MIN_REFRESH).await;
+    tokio::time::sleep(REFRESH).await;
     tokens
         .verify_fresh(&signed_with(NEW))
         .await
@@ -128,7 +131,7 @@ async fn the_database_secret_may_be_rds_json_and_a_rotated_login_is_read_again()
     let arn = create(&client, &rds("konstruct_nobody")).await;
     let config = DatabaseConfig::load_role(
         |name: &str| (name == "DATABASE_URL_SECRET_ARN").then(|| arn.clone()),
-        &Secrets::new(&config()),
+        &Secrets::new(&config()).refreshing_at_most_every(REFRESH),
         "DATABASE_URL",
         "DATABASE_URL_SECRET_ARN",
     )
@@ -138,7 +141,7 @@ async fn the_database_secret_may_be_rds_json_and_a_rotated_login_is_read_again()
     assert!(db.begin(Scope::Tenant(TenantId::new())).await.is_err());
 
     rotate(&client, &arn, &rds("konstruct_app")).await;
-    tokio::time::sleep(Secret::MIN_REFRESH).await;
+    tokio::time::sleep(REFRESH).await;
     let tx = db
         .begin(Scope::Tenant(TenantId::new()))
         .await

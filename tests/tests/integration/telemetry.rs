@@ -16,7 +16,7 @@ use crate::helpers::harness::Harness;
 use crate::helpers::llm::FakeLlm;
 use crate::helpers::local::{Env, Local, authenticated, converse, expect, open, send};
 use crate::helpers::orchestrator::{conversation_with, orchestrator, records_for, run};
-use crate::helpers::{Captured, TestDb, seed, token};
+use crate::helpers::{Captured, TestDb, eventually, seed, token};
 
 /// One metric as CloudWatch would extract it from a document.
 #[derive(Debug, Clone, PartialEq)]
@@ -247,9 +247,16 @@ async fn konstruct_local_serves_prometheus_metrics_and_logs_no_secret_no_text_no
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the refused auth in the log", || async {
+        server
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains("auth refused"))
+    })
+    .await;
     let log = server.log.lock().unwrap().join("\n");
-    assert!(log.contains("auth refused"), "the log is empty:\n{log}");
     assert!(
         !log.contains('\u{1b}'),
         "colour codes in a piped log:\n{log}"

@@ -17,7 +17,7 @@ use crate::helpers::llm::{FakeLlm, Reply, last_user_text, pieces};
 use crate::helpers::orchestrator::{
     conversation_with, conversation_with_named, orchestrator, queued_jobs, replies,
 };
-use crate::helpers::redis_prefix;
+use crate::helpers::{eventually, redis_prefix};
 
 fn worker(prefix: &str) -> Worker {
     let queue = RedisQueue::new(&std::env::var("REDIS_URL").unwrap(), prefix).unwrap();
@@ -67,14 +67,6 @@ async fn running<T>(
 }
 
 /// Waits until `check` holds, for at most 15 s.
-async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn dead_letters(worker: &Worker) -> i64 {
     let mut conn = worker.queue.connection().await.unwrap();
     redis::cmd("XLEN")

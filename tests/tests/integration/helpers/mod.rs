@@ -17,6 +17,7 @@
 //! - [`rest`]: the REST router in-process
 //! - [`local`]: `konstruct-local` as a process, its sockets, a Redis of a test's own
 //! - [`fixtures`]: the ids and secret of the event fixtures
+//! - [`wait`]: waiting for what a test cannot be told of ([`eventually`], [`within`])
 
 pub mod aws;
 pub mod fixtures;
@@ -30,10 +31,12 @@ pub mod secrets;
 pub mod seed;
 pub mod streams;
 pub mod tokens;
+pub mod wait;
 
 pub use logs::Captured;
 pub use seed::*;
 pub use tokens::*;
+pub use wait::{eventually, within};
 
 use std::str::FromStr;
 use std::sync::Once;

@@ -19,7 +19,7 @@ use shared::orchestrator::{ContextLimits, OrchestratorState, handle};
 use crate::helpers::aws::{Queued, drain, sdk_config};
 use crate::helpers::harness::Harness;
 use crate::helpers::llm::FakeLlm;
-use crate::helpers::seed_agent_with;
+use crate::helpers::{eventually, seed_agent_with};
 
 /// Every provider, talking to the fake model server.
 pub fn agents(llm: &FakeLlm) -> Agents {
@@ -156,22 +156,14 @@ pub async fn replies(h: &Harness, conversation: ConversationId) -> Vec<messages:
 /// The conversation's reply once it streams with some text stored: what a test that acts in
 /// the middle of a stream waits for (the model's next pieces are still to come).
 pub async fn streaming_reply(h: &Harness, conversation: ConversationId) -> messages::Message {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let streaming = stored(h, conversation).await.into_iter().find(|m| {
+    eventually("a reply streaming with text", || async {
+        stored(h, conversation).await.into_iter().find(|m| {
             m.role == MessageRole::Assistant
                 && m.status == MessageStatus::Streaming
                 && !m.content.is_empty()
-        });
-        if let Some(reply) = streaming {
-            return reply;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no reply streamed with text in 15 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        })
+    })
+    .await
 }
 
 pub fn of_type<'a>(frames: &'a [Value], kind: &str) -> Vec<&'a Value> {
