@@ -10,6 +10,8 @@
 #   infra/local/services.sh reset   stop both and delete their data
 #   infra/local/services.sh up-postgres | restart-postgres | reset-postgres
 #                                   the same for Postgres alone (the fault tests restart it)
+#   infra/local/services.sh psql ARGS...
+#                                   psql against that Postgres (quiet, stops at the first error)
 #
 # PgBouncer in transaction mode runs in front of that Postgres (`up` starts it too), standing
 # in for RDS Proxy: it multiplexes transactions over at most KONSTRUCT_POOL_SIZE (20) server
@@ -229,5 +231,6 @@ case "${1:-}" in
   up-postgres) install_missing; pg_up ;;
   restart-postgres) pg_down; pg_up ;;
   reset-postgres) pg_down; rm -rf "$dir" ;;
-  *) echo "usage: $0 up|env|down|reset|up-postgres|restart-postgres|reset-postgres" >&2; exit 2 ;;
+  psql) shift; "$(pg_bindir)/psql" -q -X -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pg_port" "$@" ;;
+  *) echo "usage: $0 up|env|down|reset|up-postgres|restart-postgres|reset-postgres|psql" >&2; exit 2 ;;
 esac

@@ -26,8 +26,7 @@ export KONSTRUCT_PG_PORT=${KONSTRUCT_SQLX_PG_PORT:-61359}
 trap 'infra/local/services.sh down >/dev/null 2>&1 || true' EXIT
 infra/local/services.sh up-postgres
 
-bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r | head -n 1)
-psql() { "$bin/psql" -q -X -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$KONSTRUCT_PG_PORT" "$@"; }
+psql() { infra/local/services.sh psql "$@"; }
 db=konstruct_sqlx
 psql -U postgres -d postgres -c "drop database if exists $db" -c "create database $db owner konstruct_migrator" >/dev/null
 # The ledger sqlx's migrator keeps (a migration revokes it from the runtime role).
