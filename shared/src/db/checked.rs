@@ -1,7 +1,8 @@
 //! SQL the compiler checks.
 //!
 //! Every statement is written once, as a literal, through [`checked!`](crate::checked) or
-//! [`call!`](crate::call). At build time sqlx's `query!` describes it to the schema the
+//! [`call!`](crate::call), or, when it is long, in a `.sql` file beside its module, through
+//! [`checked_file!`](crate::checked_file). At build time sqlx's `query!` describes it to the schema the
 //! migrations build (from `shared/.sqlx`, the committed offline cache; `make sqlx-prepare`
 //! writes it, `make sqlx-check` in CI fails when it is stale): a table, column or function that
 //! is not there, a syntax error, a wrong number of arguments, or an argument of the wrong type
@@ -85,6 +86,21 @@ macro_rules! checked {
     ($kind:ident $(::<$out:ty>)?, $sql:tt $(, $arg:expr)* $(,)?) => {
         $crate::checked!($kind$(::<$out>)?, [$sql] $(, $arg)*)
     };
+}
+
+/// A statement long enough for a file of its own, beside its module, checked as
+/// [`checked!`]'s are (sqlx's `query_file!`) and compiled in: `checked_file!(query_as,
+/// "src/db/message_path/bind.sql", connection, user)`, the path from the crate's root.
+#[macro_export]
+macro_rules! checked_file {
+    ($kind:ident $(::<$out:ty>)?, $path:literal $(, $arg:expr)* $(,)?) => {{
+        #[allow(unreachable_code, clippy::diverging_sub_expression)]
+        if false {
+            let _ = ::sqlx::query_file!($path $(, $crate::db::checked::checked(&($arg)))*);
+        }
+        $crate::db::$kind$(::<$out>)?(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/", $path)))
+            $(.bind($arg))*
+    }};
 }
 
 /// A call of one of the schema's functions for [`Db::call`](super::Db::call), checked at build

@@ -244,35 +244,9 @@ pub async fn page(
         PageFrom::Newest => (None, limit, None),
     };
     let newest_first = after.is_none();
-    Ok(crate::checked!(
+    Ok(crate::checked_file!(
         query_as,
-        "with candidates as (
-             select m.* from web_conversation_messages m
-             where $2 and m.conversation_id = $1
-             union all
-             select m.* from branch_path($1, coalesce($3, (select c.head_id
-                                                         from web_conversations c
-                                                         where c.id = $1)), $4) b
-             join web_conversation_messages m on m.conversation_id = $1 and m.id = b.id
-             where not $2
-         ), window_ as (
-             select * from candidates
-             where ($5::bigint is null or seq > $5) and ($6::bigint is null or seq < $6)
-             order by case when $7 then -seq else seq end
-             limit $8
-         ), sized as (
-             select w.*, sum(octet_length(w.content))
-                             over (order by case when $7 then -w.seq else w.seq end) as bytes
-             from window_ w
-         )
-         select s.*,
-                (select coalesce(jsonb_agg(o.id order by o.seq), '[]')
-                 from web_conversation_messages o
-                 where o.conversation_id = $1
-                   and o.parent_id is not distinct from s.parent_id) as siblings
-         from sized s
-         where s.bytes - octet_length(s.content) < $9
-         order by s.seq",
+        "src/db/messages_page.sql",
         conversation_id,
         branch == Branch::All,
         start,
