@@ -1,15 +1,9 @@
--- Back to numbering in each step: the conversation row keeps `last_seq` again, and migration
--- 16's steps take `last_seq + 1` themselves.
+-- Back to numbering in each step: migration 16's steps take `last_seq + 1` and touch the
+-- conversation themselves.
+drop trigger message_stored on web_conversation_messages;
 drop trigger number_message on web_conversation_messages;
+drop function message_stored();
 drop function number_message();
-
-alter table web_conversations no force row level security;
-alter table web_conversation_messages no force row level security;
-update web_conversations c set reset_seq = last_seq(c.id);
-alter table web_conversations force row level security;
-alter table web_conversation_messages force row level security;
-drop function last_seq(uuid);
-alter table web_conversations rename column reset_seq to last_seq;
 
 -- The message route's step (migration 15's, which it replaces) for `message` and `edit`: a
 -- new message follows the head (or, while the head's reply has not started, that reply); an

@@ -1,43 +1,64 @@
--- The numbering in one place (PROTOCOL §2 "Resume"): the table numbers each message it stores.
--- `seq` is a message's place in its conversation, strictly increasing and gap-free, in commit
--- order. The trigger takes the conversation row's lock (`for no key update`; a writer that
--- holds it already keeps it), then the conversation's largest number with a snapshot of its
--- own, so concurrent writers of one conversation queue up on that lock and each numbers after
--- the one committed before it. An insert that conflicts stores nothing and takes no number.
+-- The numbering in one place (PROTOCOL §2 "Resume"), and what storing a message does to its
+-- conversation: the table does both, and no statement that stores a message names a number or
+-- touches the conversation for it. `seq` is a message's place in its conversation, strictly
+-- increasing and gap-free, in commit order.
 --
--- The steps that stored a message each took `last_seq + 1` from the conversation row and wrote
--- it back, so the row kept the largest number even after a reset deleted the messages. The row
--- now keeps only what a reset deleted (`reset_seq`, written by the reset), and the steps name no
--- number: `last_seq(conversation)` is the larger of that and the largest stored.
--- (Rows keep their `last_seq` there: never less than what is stored, so nothing renumbers.)
-
-alter table web_conversations rename column last_seq to reset_seq;
-
-create function last_seq(p_conversation uuid)
-    returns bigint
-    language sql stable
-    as $$
-    select greatest(c.reset_seq,
-                    (select max(m.seq) from web_conversation_messages m
-                     where m.conversation_id = c.id))
-    from web_conversations c where c.id = p_conversation
-    $$;
+-- Before an insert, `number_message` locks the conversation row (`for no key update`; a writer
+-- that holds it already keeps it) and takes the row's `last_seq` + 1: concurrent writers of one
+-- conversation queue up on that lock, and each reads the number the one before it committed.
+-- After the insert, `message_stored` stores the number back and touches the conversation: its
+-- `updated_at`, and its head (a user message becomes the head; a reply does when its user
+-- message is the head and the reply is that message's current request, so the empty reply a
+-- regenerate stores for a request that never started does not). It runs at the end of the
+-- statement, after the statement's own updates: a trigger that updated the conversation row
+-- before them would make a later update of it in the same statement fail (SQLSTATE 27000).
+--
+-- An insert that conflicts stores nothing and counts nothing, so no number is lost; a reset
+-- deletes the messages and keeps `last_seq`, so numbering goes on after it. A statement stores
+-- at most one message per conversation (a second would take the same number and fail on the
+-- seq key).
 
 create function number_message()
     returns trigger
     language plpgsql
     as $$
+    declare
+        last bigint;
     begin
-        perform 1 from web_conversations where id = new.conversation_id for no key update;
-        new.seq := coalesce(last_seq(new.conversation_id), 0) + 1;
+        select c.last_seq into last from web_conversations c
+        where c.id = new.conversation_id
+        for no key update;
+        new.seq := coalesce(last, 0) + 1;
         return new;
+    end
+    $$;
+
+create function message_stored()
+    returns trigger
+    language plpgsql
+    as $$
+    begin
+        update web_conversations c
+        set last_seq = new.seq, updated_at = new.created_at,
+            head_id = case
+                when new.role = 'user' then new.id
+                when c.head_id = new.reply_to and exists (
+                    select 1 from web_conversation_messages q
+                    where q.conversation_id = new.conversation_id and q.id = new.reply_to
+                      and q.reply_id = new.id)
+                    then new.id
+                else c.head_id end
+        where c.id = new.conversation_id;
+        return null;
     end
     $$;
 
 create trigger number_message before insert on web_conversation_messages
     for each row execute function number_message();
+create trigger message_stored after insert on web_conversation_messages
+    for each row execute function message_stored();
 
--- The message route's step (migration 16's, numbered by the table) for `message` and `edit`: a
+-- The message route's step (migration 16's, numbered and counted by the table) for `message` and `edit`: a
 -- new message follows the head (or, while the head's reply has not started, that reply); an
 -- edit (`p_edit_of`) stands beside the message it edits, at most `p_max_siblings` of them. The
 -- new message becomes the head.
@@ -85,10 +106,6 @@ create or replace function accept_message(
             from checked k join locked l on l.id = k.conversation_id
             on conflict (conversation_id, client_message_id) do nothing
             returning id, conversation_id, tenant_id, created_at, seq, parent_id, reply_id
-        ), touched as (
-            update web_conversations v
-            set updated_at = i.created_at, head_id = i.id
-            from inserted i where v.id = i.conversation_id
         ), earlier as (
             select m.id, m.created_at, m.seq, m.parent_id, m.reply_id
             from web_conversation_messages m join checked k using (conversation_id)
@@ -117,7 +134,7 @@ create or replace function accept_message(
 -- for user message `p_message`: its reply not started yet is stored empty and `cancelled`
 -- (never started), one streaming stops at its next flush (its request is no longer current),
 -- and the message takes a new `reply_id`; it becomes the head. At most `p_max_siblings`
--- replies per message. (Migration 16's, numbered by the table.)
+-- replies per message. (Migration 16's, the new reply numbered and counted by the table.)
 create or replace function regenerate_reply(
     p_connection text, p_window_seconds float8, p_message uuid, p_connection_limit bigint,
     p_user_limit bigint, p_user_window_seconds float8, p_max_siblings bigint)
@@ -183,7 +200,7 @@ create or replace function regenerate_reply(
     end
     $$;
 
--- A reply's first write (migration 16's, numbered by the table): the reply is identified by
+-- A reply's first write (migration 16's, numbered and counted by the table): the reply is identified by
 -- its id (the request's), follows its user message, and becomes the head when its user message
 -- is the head.
 create or replace function write_reply(
@@ -219,11 +236,6 @@ create or replace function write_reply(
             where not exists (select 1 from existing)
             on conflict (id) do nothing
             returning *
-        ), touched as (
-            update web_conversations v
-            set updated_at = i.created_at,
-                head_id = case when v.head_id = i.reply_to then i.id else v.head_id end
-            from inserted i where v.id = i.conversation_id
         )
         select coalesce((select to_jsonb(i) from inserted i),
                         (select to_jsonb(t) from taken t),

@@ -171,10 +171,6 @@ pub async fn store_history(
              select $1, $2, 'user', $3, $4, next_parent(l.id, l.head_id), gen_random_uuid()
              from locked l
              returning *
-         ), touched as (
-             update web_conversations c
-             set updated_at = i.created_at, head_id = i.id
-             from inserted i where c.id = i.conversation_id
          )
          select * from inserted",
     )

@@ -10,7 +10,7 @@ pub const RUNTIME_GRANTS: &[(&str, &[&str])] = &[
     ("portal_users", &["SELECT"]),
     ("tenants", &["SELECT"]),
     ("user_tenant_roles", &["SELECT"]),
-    // Conversations are created (get-or-create) and touched (`updated_at`, `head_id`, a reset's `reset_seq`).
+    // Conversations are created (get-or-create) and touched (`updated_at`, `head_id`, `last_seq`).
     ("web_conversations", &["INSERT", "SELECT", "UPDATE"]),
     // Messages are stored, updated as replies stream, deleted by a reset.
     (

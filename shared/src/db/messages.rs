@@ -262,25 +262,23 @@ pub async fn page(
 }
 
 /// Deletes every message of the conversation and bumps its `updated_at`; the conversation
-/// itself stays, and keeps the largest `seq` it gave (`reset_seq`), so numbering goes on after
-/// it and a client resuming from before the reset misses nothing stored since. Returns how many
-/// messages were deleted.
+/// itself stays, and keeps its `last_seq`, so numbering goes on after a reset and a client
+/// resuming from before it misses nothing stored since. Returns how many messages were deleted.
 pub async fn reset(conn: &mut PgConnection, conversation_id: ConversationId) -> Result<u64, Error> {
-    crate::checked!(
-        query,
-        "update web_conversations
-         set updated_at = clock_timestamp(), head_id = null, reset_seq = last_seq(id)
-         where id = $1",
-        conversation_id
-    )
-    .execute(&mut *conn)
-    .await?;
-    Ok(crate::checked!(
+    let deleted = crate::checked!(
         query,
         "delete from web_conversation_messages where conversation_id = $1",
         conversation_id
     )
-    .execute(conn)
+    .execute(&mut *conn)
     .await?
-    .rows_affected())
+    .rows_affected();
+    crate::checked!(
+        query,
+        "update web_conversations set updated_at = clock_timestamp(), head_id = null where id = $1",
+        conversation_id
+    )
+    .execute(conn)
+    .await?;
+    Ok(deleted)
 }

@@ -25,11 +25,6 @@ with locked as (
                       where r.conversation_id = l.id and r.id = $3)
     on conflict (id) do nothing
     returning *
-), touched as (
-    update web_conversations v
-    set updated_at = i.created_at,
-        head_id = case when v.head_id = i.reply_to then i.id else v.head_id end
-    from inserted i where v.id = i.conversation_id
 )
 select coalesce((select to_jsonb(e) from ended e),
                 (select to_jsonb(i) from inserted i)) as reply,

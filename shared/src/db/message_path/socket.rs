@@ -167,7 +167,7 @@ macro_rules! owed {
                  order by m.seq desc limit 1) as streaming
      )",
                 $ctes,
-                "select last_seq(c.id) as last_seq, o.too_many,
+                "select c.last_seq, o.too_many,
      case when o.too_many then '[]'::jsonb
           else (select coalesce(jsonb_agg(to_jsonb(m) - 'bytes' order by m.seq), '[]')
                 from missed m)
