@@ -24,7 +24,8 @@ pub async fn run(
             return;
         }
     };
-    // Short waits: a publisher finding no subscriber retries for about a second.
+    // Short waits (at most 100 ms: a refused local connect costs nothing): a publisher finding
+    // no subscriber retries for about a second.
     let first = Duration::from_millis(20);
     let mut backoff = first;
     loop {
@@ -77,6 +78,6 @@ pub async fn run(
         // Subscription changes made while disconnected are covered by the resubscribe above.
         while changes.try_recv().is_ok() {}
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(250));
+        backoff = (backoff * 2).min(Duration::from_millis(100));
     }
 }

@@ -164,6 +164,17 @@ async fn load_through_fault<T>(
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let outcome = fault.await;
     let report = run.await.unwrap().unwrap();
+    // What the server said of the fault (its bridge, dropped frames, failed jobs): with a
+    // failure, where the time and the frames went.
+    let said = || {
+        let log = server.log.lock().unwrap();
+        let lines: Vec<&str> = log
+            .iter()
+            .map(String::as_str)
+            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("bridge"))
+            .collect();
+        lines.join("\n")
+    };
     assert!(report.acked > 0);
     assert_eq!(
         report.acked + report.errors.len(),
@@ -175,8 +186,13 @@ async fn load_through_fault<T>(
         "{:?}",
         report.errors
     );
-    assert_eq!(report.lost, 0, "{report:#?}");
-    assert_eq!(report.out_of_order, 0, "{report:#?}");
+    assert_eq!(report.lost, 0, "{report:#?}\nthe server said:\n{}", said());
+    assert_eq!(
+        report.out_of_order,
+        0,
+        "{report:#?}\nthe server said:\n{}",
+        said()
+    );
     // Redis can fail after storing a job and before answering: the sender is told `internal`,
     // and the job is answered anyway.
     assert!(
