@@ -2,8 +2,8 @@
 //!
 //! Every statement is written once, as a literal, through [`checked!`](crate::checked) or
 //! [`call!`](crate::call), or, when it is long, in a `.sql` file beside its module, through
-//! [`checked_file!`](crate::checked_file). At build time sqlx's `query!` describes it to the schema the
-//! migrations build (from `shared/.sqlx`, the committed offline cache; `make sqlx-prepare`
+//! [`checked_file!`](crate::checked_file). At build time sqlx's `query!` describes it to the
+//! schema the migrations build (from `shared/.sqlx`, the committed offline cache; `make sqlx-prepare`
 //! writes it, `make sqlx-check` in CI fails when it is stale): a table, column or function that
 //! is not there, a syntax error, a wrong number of arguments, or an argument of the wrong type
 //! fails the build. At run time the same text runs, decoded by the row types' `FromRow`.
@@ -60,8 +60,8 @@ checked_as!(DateTime<Utc>: DateTime<Utc>);
 checked_as!(Value: Value);
 checked_as!(&'static [Uuid]: Vec<Uuid>);
 
-/// sqlx's build-time check of a statement, in code that never runs: what [`checked!`] and
-/// [`call!`] share.
+/// sqlx's build-time check of a statement (or of a file's, `file "path"`), in code that never
+/// runs: what [`checked!`], [`checked_file!`] and [`call!`] share.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! check_sql {
@@ -69,6 +69,12 @@ macro_rules! check_sql {
         #[allow(unreachable_code, clippy::diverging_sub_expression)]
         if false {
             let _ = ::sqlx::query!($($sql)+ $(, $crate::db::checked::checked(&($arg)))*);
+        }
+    };
+    (file $path:literal $(, $arg:expr)*) => {
+        #[allow(unreachable_code, clippy::diverging_sub_expression)]
+        if false {
+            let _ = ::sqlx::query_file!($path $(, $crate::db::checked::checked(&($arg)))*);
         }
     };
 }
@@ -94,10 +100,7 @@ macro_rules! checked {
 #[macro_export]
 macro_rules! checked_file {
     ($kind:ident $(::<$out:ty>)?, $path:literal $(, $arg:expr)* $(,)?) => {{
-        #[allow(unreachable_code, clippy::diverging_sub_expression)]
-        if false {
-            let _ = ::sqlx::query_file!($path $(, $crate::db::checked::checked(&($arg)))*);
-        }
+        $crate::check_sql!(file $path $(, $arg)*);
         $crate::db::$kind$(::<$out>)?(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/", $path)))
             $(.bind($arg))*
     }};

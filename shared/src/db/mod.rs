@@ -302,8 +302,8 @@ impl Db {
     }
 
     /// Whether the database answered its last ping, pinging at most once per
-    /// [`Db::HEALTH_TTL`] (or the handle's own TTL) however often it is asked: the health check takes no token, so its
-    /// callers must not be able to turn it into load on the database.
+    /// [`Db::HEALTH_TTL`] (or the handle's own TTL) however often it is asked: the health check
+    /// takes no token, so its callers must not be able to turn it into load on the database.
     pub async fn health(&self) -> bool {
         let mut last = self.health.lock().await;
         if let Some((at, healthy)) = *last

@@ -84,15 +84,15 @@ impl Scope<'_> {
             Self::BoundConnection(id) => statements.extend([
                 set("app.current_connection", id.as_str()),
                 call!(
-                    "select set_config('app.current_tenant', coalesce((
-                         select tenant_id::text from ws_connections
-                         where connection_id
+                    "select set_config('app.current_tenant', coalesce(( \
+                         select tenant_id::text from ws_connections \
+                         where connection_id \
                              = current_setting('app.current_connection', true)), ''), true)"
                 ),
                 call!(
-                    "select pg_advisory_xact_lock($1::int4, hashtext(coalesce((
-                         select user_id::text from ws_connections
-                         where connection_id
+                    "select pg_advisory_xact_lock($1::int4, hashtext(coalesce(( \
+                         select user_id::text from ws_connections \
+                         where connection_id \
                              = current_setting('app.current_connection', true)), '')))",
                     USER_LOCKS
                 ),
@@ -106,7 +106,7 @@ impl Scope<'_> {
                         user.to_string()
                     ),
                     call!(
-                        "select pg_advisory_xact_lock($1::int4,
+                        "select pg_advisory_xact_lock($1::int4, \
                              hashtext(current_setting('app.current_conversation', true)))",
                         CONVERSATION_LOCKS
                     ),
@@ -115,8 +115,8 @@ impl Scope<'_> {
             Self::CatchingUp(connection) => {
                 statements.extend(connecting(connection));
                 statements.push(call!(
-                    "select 1 as locked from web_conversations
-                     where id = nullif(current_setting('app.current_conversation', true), '')::uuid
+                    "select 1 as locked from web_conversations \
+                     where id = nullif(current_setting('app.current_conversation', true), '')::uuid \
                      for share"
                 ));
             }
@@ -142,16 +142,16 @@ fn connecting(id: &ConnectionId) -> [Call; 3] {
             id
         ),
         call!(
-            "select set_config('app.current_conversation', coalesce((
-                 select conversation_id::text from ws_connections
-                 where connection_id
+            "select set_config('app.current_conversation', coalesce(( \
+                 select conversation_id::text from ws_connections \
+                 where connection_id \
                      = current_setting('app.current_connection', true)), ''), true)"
         ),
         call!(
-            "select set_config('app.current_tenant', coalesce((
-                 select tenant_id::text from web_conversations
-                 where id
-                     = nullif(current_setting('app.current_conversation', true), '')::uuid), ''),
+            "select set_config('app.current_tenant', coalesce(( \
+                 select tenant_id::text from web_conversations \
+                 where id \
+                     = nullif(current_setting('app.current_conversation', true), '')::uuid), ''), \
                  true)"
         ),
     ]
